@@ -1,0 +1,169 @@
+"""Built-in benchmarks (`gram-ray bench ...`): side-by-side measurements in one run, never timed tests."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gram_ray.volume import gram_volume
+
+__all__ = ["paper_volume", "VOLUME_VARIANTS", "bench_volume", "VolumeBenchResult", "hardware_name"]
+
+
+def paper_volume(anchor: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """The GRAM paper's construction, kept here only as the baseline: every pair's k x k Gram matrix is
+    stacked into a [B1, B2, k, k] tensor, then torch.det and sqrt(|det|)."""
+    b1, b2 = anchor.shape[0], others[0].shape[0]
+    vectors = [anchor, *others]
+    rows = []
+    for i, u in enumerate(vectors):
+        row = []
+        for j, v in enumerate(vectors):
+            if i == 0 and j == 0:
+                entry = (u * u).sum(-1)[:, None].expand(b1, b2)
+            elif i == 0:
+                entry = u @ v.T
+            elif j == 0:
+                entry = v @ u.T
+            else:
+                entry = (u * v).sum(-1)[None, :].expand(b1, b2)
+            row.append(entry)
+        rows.append(torch.stack(row, -1))
+    gram = torch.stack(rows, -2)  # [B1, B2, k, k]
+    return torch.det(gram).abs().sqrt()
+
+
+def _cosine_logits(anchor: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    return anchor @ others[0].T
+
+
+def _volume_logits(fn: Callable) -> Callable:
+    return lambda anchor, *others: -fn(anchor, *others)
+
+
+# name -> (logits function, what it is). All three feed the same bidirectional cross-entropy.
+VOLUME_VARIANTS: dict[str, tuple[Callable, str]] = {
+    "paper": (_volume_logits(paper_volume), "stacked k x k Gram + torch.det (the paper's code)"),
+    "gram_volume": (_volume_logits(gram_volume), "gram_ray.volume.gram_volume"),
+    "cosine": (_cosine_logits, "cosine InfoNCE of the same shapes (the floor)"),
+}
+
+
+def _loss(logits: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    b1, b2 = logits.shape
+    logits = logits / temperature
+    rows = torch.arange(b1, device=logits.device) % b2
+    cols = torch.arange(b2, device=logits.device) % b1
+    return 0.5 * (F.cross_entropy(logits, rows) + F.cross_entropy(logits.T, cols))
+
+
+def _inputs(k: int, b1: int, b2: int, dim: int, device: str, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    anchor = F.normalize(torch.randn(b1, dim, generator=g), dim=-1)
+    others = [F.normalize(torch.randn(b2, dim, generator=g), dim=-1) for _ in range(k - 1)]
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (anchor, *others)]
+
+
+def _step(fn: Callable, inputs: list[torch.Tensor]) -> None:
+    for t in inputs:
+        t.grad = None
+    _loss(fn(*inputs)).backward()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_memory(variant: str, k: int, b1: int, b2: int, dim: int, device: str, dtype: str) -> int:
+    """Peak extra memory of one forward+backward step (inputs excluded)."""
+    fn = VOLUME_VARIANTS[variant][0]
+    inputs = _inputs(k, b1, b2, dim, device, getattr(torch, dtype))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _step(fn, inputs)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    # The CPU allocator keeps no peak statistic: this runs in a fresh process, so the high-water mark of its
+    # resident set during the first step, minus the resident set before it, is the step's peak.
+    base = _rss_bytes()
+    _step(fn, inputs)
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, 0)
+
+
+def _peak_memory_in_child(args: tuple, threads: int) -> int:
+    torch.set_num_threads(threads)
+    return _peak_memory(*args)
+
+
+@dataclass
+class VolumeBenchResult:
+    variant: str
+    description: str
+    seconds: float
+    peak_bytes: int
+
+
+def hardware_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def bench_volume(
+    *,
+    device: str = "cpu",
+    k: int = 3,
+    b1: int = 256,
+    b2: int = 1024,
+    dim: int = 512,
+    dtype: str = "float32",
+    reps: int = 5,
+    progress: Callable[[str], None] = print,
+) -> list[VolumeBenchResult]:
+    """Forward + backward of the bidirectional loss on each variant's logits.
+
+    Timed repetitions are interleaved (paper, ours, floor, paper, ...) so that a noisy machine slows every
+    variant alike and the ratios stay meaningful; the median of each is reported."""
+    names = list(VOLUME_VARIANTS)
+    peaks = {}
+    ctx = mp.get_context("spawn")
+    for name in names:
+        progress(f"  {name}: peak memory of one step (k={k}, B1={b1}, B2={b2}, D={dim}, {dtype}, {device}) ...")
+        args = (name, k, b1, b2, dim, device, dtype)
+        if device.startswith("cuda"):
+            peaks[name] = _peak_memory(*args)
+        else:
+            with ctx.Pool(1) as pool:
+                peaks[name] = pool.apply(_peak_memory_in_child, (args, torch.get_num_threads()))
+
+    inputs = _inputs(k, b1, b2, dim, device, getattr(torch, dtype))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:  # warm-up: first-call allocations and kernel selection are not timed
+        _step(VOLUME_VARIANTS[name][0], inputs)
+    progress(f"  timing {reps} interleaved repetitions of each ...")
+    for _ in range(reps):
+        for name in names:
+            _sync(device)
+            start = time.perf_counter()
+            _step(VOLUME_VARIANTS[name][0], inputs)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return [
+        VolumeBenchResult(name, VOLUME_VARIANTS[name][1], statistics.median(times[name]), peaks[name]) for name in names
+    ]
