@@ -15,3 +15,22 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session: more logical CPUs than the machine's 2 cores, so Ray Data
+    tasks and Train workers never wait on each other."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory):
+    """A small synthetic dataset, generated once per session."""
+    from gram_ray.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synth"), n=24, seed=0)

@@ -1,0 +1,1 @@
+"""Data: annotation manifests, media decoding, the Ray Data preprocessing pipeline, synthetic data."""

@@ -1,0 +1,220 @@
+"""Ray Data preprocessing: manifest rows -> decoded clips -> Parquet cache (or a lazily decoded dataset).
+
+Decoding runs inside `map_batches` over the manifest rows, one row per video, so Ray Data spreads it over every
+CPU of the cluster and streams: only a few batches per worker are in flight whatever the dataset's size.
+A clip that cannot be used is left out of the output and recorded, with its reason, in a small side file
+(idempotent under task retries); report.json gathers them. Nothing is zero-filled silently: clips without
+audible audio are either skipped or kept with an explicit has_audio=false, as the config says.
+
+Cache: `<out>/shards/*.parquet` plus `<out>/report.json`, whose `cache_key` hashes the annotations, the media
+files' names, sizes and mtimes, and the data config. The same inputs and config reuse the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gram_ray.config import DataConfig
+from gram_ray.data.audio import decode_audio
+from gram_ray.data.errors import DecodeError
+from gram_ray.data.manifest import ManifestRow, read_annotations, resolve_media
+from gram_ray.data.video import Mode, decode_video
+
+__all__ = ["PreprocessError", "decode_batch", "build_dataset", "preprocess", "cache_key", "SHARDS", "REPORT"]
+
+SHARDS = "shards"
+REPORT = "report.json"
+_SKIPPED = "_skipped"
+
+
+class PreprocessError(RuntimeError):
+    """Preprocessing stopped; the message says why and where the report is."""
+
+
+def _text_list(value) -> list[str]:
+    return [str(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+
+
+def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | None) -> dict:
+    """The map_batches UDF: decode each row, keep those that decode, record the others with their reason."""
+    rng = np.random.default_rng() if mode == "train" else None
+    keep, failures = {"id": [], "captions": [], "frames": [], "audio_fbank": [], "has_audio": [], "subtitle": []}, []
+    for i, media_id in enumerate(batch["id"]):
+        video_path, audio_path = str(batch["video_path"][i]) or None, str(batch["audio_path"][i]) or None
+        try:
+            frames = decode_video(video_path, data.video.num_frames, data.video.size, mode, rng)
+        except DecodeError as e:
+            failures.append({"id": str(media_id), "reason": str(e)})
+            continue
+        try:
+            fbank, has_audio = decode_audio(audio_path, video_path, data.audio), True
+        except DecodeError as e:
+            if not data.audio.allow_missing:
+                failures.append({"id": str(media_id), "reason": f"{e} (set data.audio.allow_missing=true to keep it)"})
+                continue
+            shape = (data.audio.windows, data.audio.window_frames, data.audio.mel_bins)
+            fbank, has_audio = np.zeros(shape, dtype=np.float32), False  # flagged, never used as real audio
+        keep["id"].append(str(media_id))
+        keep["captions"].append(_text_list(batch["captions"][i]))
+        keep["frames"].append(frames)
+        keep["audio_fbank"].append(fbank)
+        keep["has_audio"].append(has_audio)
+        keep["subtitle"].append(str(batch["subtitle"][i] or ""))
+    if failures and skipped_dir:
+        # Named by the batch's ids, so a retried task overwrites its own record instead of adding a second one.
+        name = hashlib.sha1("\n".join(map(str, batch["id"])).encode()).hexdigest()[:16]
+        Path(skipped_dir, f"{name}.jsonl").write_text("".join(json.dumps(f) + "\n" for f in failures))
+    video, audio = data.video, data.audio
+    return {
+        "id": np.array(keep["id"], dtype=object),
+        "captions": np.array(keep["captions"] + [None], dtype=object)[:-1],  # a 1-D array of lists
+        "frames": np.stack(keep["frames"])
+        if keep["frames"]
+        else np.zeros((0, video.num_frames, 3, video.size, video.size), np.uint8),
+        "audio_fbank": np.stack(keep["audio_fbank"])
+        if keep["audio_fbank"]
+        else np.zeros((0, audio.windows, audio.window_frames, audio.mel_bins), np.float32),
+        "has_audio": np.array(keep["has_audio"], dtype=bool),
+        "subtitle": np.array(keep["subtitle"], dtype=object),
+    }
+
+
+def _manifest_items(rows: list[ManifestRow]) -> list[dict]:
+    # Empty strings, not None: an all-None column would reach the UDF as float NaN.
+    return [
+        {
+            "id": r.id,
+            "captions": r.captions,
+            "subtitle": r.subtitle or "",
+            "video_path": r.video_path or "",
+            "audio_path": r.audio_path or "",
+        }
+        for r in rows
+    ]
+
+
+def build_dataset(rows: list[ManifestRow], data: DataConfig, mode: Mode = "eval", skipped_dir: str | None = None):
+    """A lazy Ray Dataset of decoded clips: the cache writer's input, or (decode_on_the_fly) training's input,
+    re-decoded with fresh random frames every time it is iterated in train mode."""
+    import ray.data
+
+    ds = ray.data.from_items(_manifest_items(rows), override_num_blocks=max(1, len(rows) // data.decode_batch_size))
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=data.decode_batch_size,
+        batch_format="numpy",
+        fn_kwargs={"data": data, "mode": mode, "skipped_dir": skipped_dir},
+        num_cpus=1,
+    )
+    return ds if any(r.subtitle for r in rows) else ds.drop_columns(["subtitle"])
+
+
+def rows_per_shard(data: DataConfig) -> int:
+    """Clips per Parquet file for data.shard_mb of decoded tensors."""
+    v, a = data.video, data.audio
+    clip_bytes = v.num_frames * 3 * v.size * v.size + 4 * a.windows * a.window_frames * a.mel_bins
+    return max(1, int(data.shard_mb * 2**20 // clip_bytes))
+
+
+def _file_signature(path: str | None) -> list:
+    if path is None:
+        return [None]
+    st = os.stat(path)
+    return [os.path.basename(path), st.st_size, int(st.st_mtime)]
+
+
+def cache_key(annotations: str | Path, rows: list[ManifestRow], data: DataConfig, mode: Mode) -> str:
+    h = hashlib.sha256()
+    h.update(Path(annotations).read_bytes())
+    for r in rows:
+        h.update(json.dumps([r.id, _file_signature(r.video_path), _file_signature(r.audio_path)]).encode())
+    # Fields that only steer how the work is scheduled do not change the cached content.
+    content = data.model_dump(exclude={"decode_on_the_fly", "shard_mb", "decode_batch_size", "max_failure_share"})
+    h.update(json.dumps([content, mode], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _load_report(out: Path) -> dict | None:
+    try:
+        return json.loads((out / REPORT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def preprocess(
+    annotations: str | Path,
+    video_dir: str | Path,
+    out: str | Path,
+    data: DataConfig | None = None,
+    audio_dir: str | Path | None = None,
+    mode: Mode = "eval",
+    force: bool = False,
+    log=print,
+) -> dict:
+    """Decode every clip of an annotation file into a Parquet cache under `out`; returns the report.
+
+    Reuses an existing cache of the same inputs and config unless force. Raises PreprocessError (after writing
+    the report and keeping every shard written) when more than data.max_failure_share of the clips failed."""
+    data = data or DataConfig()
+    out = Path(out)
+    rows = read_annotations(annotations)
+    resolve_media(rows, video_dir, audio_dir)
+    key = cache_key(annotations, rows, data, mode)
+    previous = _load_report(out)
+    if previous and previous.get("cache_key") == key and previous.get("status") == "complete" and not force:
+        log(f"cache hit: {out} already holds these {previous['rows_written']} clips (use --force to decode again)")
+        return previous | {"reused": True}
+
+    for stale in (out / SHARDS, out / _SKIPPED):
+        shutil.rmtree(stale, ignore_errors=True)
+    (out / _SKIPPED).mkdir(parents=True, exist_ok=True)
+    log(f"decoding {len(rows)} clips from {annotations} into {out / SHARDS} with Ray Data ...")
+    start = time.perf_counter()
+    ds = build_dataset(rows, data, mode, skipped_dir=str(out / _SKIPPED))
+    ds.write_parquet(str(out / SHARDS), min_rows_per_file=rows_per_shard(data))
+    wall = time.perf_counter() - start
+
+    skipped = []
+    for f in sorted((out / _SKIPPED).glob("*.jsonl")):
+        skipped.extend(json.loads(line) for line in f.read_text().splitlines() if line)
+    shutil.rmtree(out / _SKIPPED, ignore_errors=True)
+    written = len(rows) - len(skipped)
+    share = len(skipped) / len(rows)
+    report = {
+        "status": "complete" if share <= data.max_failure_share else "failed",
+        "cache_key": key,
+        "annotations": str(annotations),
+        "video_dir": str(video_dir),
+        "audio_dir": str(audio_dir) if audio_dir else None,
+        "mode": mode,
+        "rows_total": len(rows),
+        "rows_written": written,
+        "rows_skipped": sorted(skipped, key=lambda s: s["id"]),
+        "config": data.model_dump(),
+        "wall_seconds": round(wall, 3),
+        "clips_per_second": round(len(rows) / wall, 3) if wall > 0 else None,
+        "columns": ["id", "captions", "frames", "audio_fbank", "has_audio"]
+        + (["subtitle"] if any(r.subtitle for r in rows) else []),
+    }
+    (out / REPORT).write_text(json.dumps(report, indent=2))
+    log(
+        f"wrote {written} clips, skipped {len(skipped)}, in {wall:.1f} s ({report['clips_per_second']} clips/s); "
+        f"report: {out / REPORT}"
+    )
+    for s in skipped[:10]:
+        log(f"  skipped {s['id']}: {s['reason']}")
+    if report["status"] == "failed":
+        raise PreprocessError(
+            f"{len(skipped)} of {len(rows)} clips ({share:.0%}) could not be decoded, more than "
+            f"data.max_failure_share={data.max_failure_share:.0%}. "
+            f"The {written} good clips are kept in {out / SHARDS}; "
+            f"the reasons are in {out / REPORT}. Fix the inputs, or raise data.max_failure_share to accept them."
+        )
+    return report

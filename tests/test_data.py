@@ -1,0 +1,170 @@
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from gram_ray.config import AudioConfig, DataConfig
+from gram_ray.data.audio import decode_audio
+from gram_ray.data.errors import DecodeError
+from gram_ray.data.manifest import ManifestError, read_annotations, resolve_media
+from gram_ray.data.preprocess import PreprocessError, preprocess
+from gram_ray.data.synthetic import AUDIO_COMBOS
+from gram_ray.data.video import decode_video, segment_indices
+
+
+def test_real_annotation_files_parse(shared_data):
+    msrvtt = read_annotations(shared_data / "annotations" / "msrvtt_descs_ret_test.json")
+    assert len(msrvtt) == 1000 and all(len(r.captions) == 1 for r in msrvtt)
+    assert sum(r.subtitle is not None for r in msrvtt) > 500
+    audiocaps = read_annotations(shared_data / "annotations" / "audiocaps_descs_ret_test.json")
+    assert len(audiocaps) == 729 and all(len(r.captions) >= 1 for r in audiocaps)
+    assert max(len(r.captions) for r in audiocaps) == 5
+    clips = read_annotations(shared_data / "real-clips" / "annotations.json")
+    assert [len(r.captions) for r in clips] == [1, 2, 1, 1]
+
+
+def test_jsonl_and_csv_with_the_same_fields(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"video_id": "v1", "caption": ["x", "y"]}\n\n{"video_id": "v2", "desc": "z"}\n')
+    rows = read_annotations(tmp_path / "a.jsonl")
+    assert [(r.id, r.captions) for r in rows] == [("v1", ["x", "y"]), ("v2", ["z"])]
+    (tmp_path / "a.csv").write_text("video_id,desc,subtitle\nv1,a dog ||| a puppy,hello\nv1,another,\n")
+    (row,) = read_annotations(tmp_path / "a.csv")
+    assert row.captions == ["a dog", "a puppy", "another"] and row.subtitle == "hello"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"a": 1}', "JSON list"),
+        ('[{"desc": "x"}]', "video_id"),
+        ('[{"video_id": "v"}]', "desc"),
+        ("[", "not valid JSON"),
+    ],
+)
+def test_bad_annotation_files_name_the_problem(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ManifestError, match=message):
+        read_annotations(path)
+
+
+def test_real_clips_decode(shared_data):
+    for i in range(1, 5):
+        video = str(shared_data / "real-clips" / "videos" / f"video{i}.mp4")
+        frames = decode_video(video, 8, 224, "eval")
+        assert frames.shape == (8, 3, 224, 224) and frames.dtype == np.uint8
+        assert frames.std() > 10 and all(f.std() > 5 for f in frames)  # not blank
+        for fbank in (
+            decode_audio(None, video, AudioConfig()),  # the video's own track
+            decode_audio(str(shared_data / "real-clips" / "audios" / f"audio{i}.mp3"), None, AudioConfig()),
+        ):
+            assert fbank.shape == (1, 1024, 64) and fbank.dtype == np.float32
+            assert np.isfinite(fbank).all() and fbank.std() > 0.1
+
+
+def test_segment_sampling():
+    eval_idx = segment_indices(100, 8, "eval")
+    assert (eval_idx == segment_indices(100, 8, "eval")).all()
+    edges = np.linspace(0, 100, 9)
+    assert ((eval_idx >= edges[:-1]) & (eval_idx < edges[1:])).all()
+    draws = np.stack([segment_indices(100, 8, "train", np.random.default_rng(s)) for s in range(50)])
+    assert ((draws >= np.floor(edges[:-1])) & (draws < edges[1:])).all()  # one frame inside each segment
+    assert all(len(set(draws[:, k])) > 5 for k in range(8))  # and random within it
+    with pytest.raises(DecodeError, match="fewer than the 8"):
+        segment_indices(5, 8, "eval")
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path, synth_small, shared_data):
+    """A video folder with one good clip and each kind of bad file, named by id."""
+    videos, audios = tmp_path / "videos", tmp_path / "audios"
+    videos.mkdir()
+    audios.mkdir()
+    real = shared_data / "real-clips" / "videos" / "video1.mp4"
+    shutil.copy(real, videos / "good.mp4")
+    (videos / "notvideo.mp4").write_text("this is not a video")
+    (videos / "truncated.mp4").write_bytes(real.read_bytes()[: real.stat().st_size // 3])
+    shutil.copy(synth_small["videos"] + "/synth00000.mp4", videos / "noaudio.mp4")  # no audio track
+    shutil.copy(synth_small["videos"] + "/synth00001.mp4", videos / "silent.mp4")
+    n = 16000
+    import wave
+
+    with wave.open(str(audios / "silent.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(b"\0\0" * n)
+    ids = ["good", "notvideo", "truncated", "missing", "noaudio", "silent"]
+    (tmp_path / "ann.json").write_text(json.dumps([{"video_id": i, "desc": f"clip {i}"} for i in ids]))
+    return tmp_path
+
+
+def test_each_bad_input_is_skipped_with_its_reason(bad_inputs, ray_session):
+    data = DataConfig(max_failure_share=1.0)
+    report = preprocess(
+        bad_inputs / "ann.json", bad_inputs / "videos", bad_inputs / "out", data, audio_dir=bad_inputs / "audios"
+    )
+    reasons = {s["id"]: s["reason"] for s in report["rows_skipped"]}
+    assert report["rows_written"] == 1 and set(reasons) == {"notvideo", "truncated", "missing", "noaudio", "silent"}
+    assert "not a readable video" in reasons["notvideo"]
+    assert "cannot be decoded" in reasons["truncated"] or "not a readable video" in reasons["truncated"]
+    assert "not found" in reasons["missing"]
+    assert "audio" in reasons["noaudio"] and "silent" in reasons["silent"]
+
+    import ray.data
+
+    rows = ray.data.read_parquet(str(bad_inputs / "out" / "shards")).take_all()
+    assert [r["id"] for r in rows] == ["good"] and rows[0]["frames"].shape == (8, 3, 224, 224)
+
+
+def test_missing_audio_kept_with_flag_when_allowed(bad_inputs, ray_session):
+    data = DataConfig(max_failure_share=1.0)
+    data.audio.allow_missing = True
+    report = preprocess(
+        bad_inputs / "ann.json", bad_inputs / "videos", bad_inputs / "out", data, audio_dir=bad_inputs / "audios"
+    )
+    import ray.data
+
+    rows = {r["id"]: r for r in ray.data.read_parquet(str(bad_inputs / "out" / "shards")).take_all()}
+    assert set(rows) == {"good", "noaudio", "silent"} and report["rows_written"] == 3
+    assert rows["good"]["has_audio"] and not rows["noaudio"]["has_audio"] and not rows["silent"]["has_audio"]
+
+
+def test_too_many_failures_stop_with_a_clear_message_and_keep_the_good_rows(bad_inputs, ray_session):
+    out = bad_inputs / "out"
+    with pytest.raises(PreprocessError, match="max_failure_share"):
+        preprocess(bad_inputs / "ann.json", bad_inputs / "videos", out, DataConfig(), audio_dir=bad_inputs / "audios")
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed" and len(report["rows_skipped"]) == 5
+    assert list((out / "shards").glob("*.parquet"))  # the good clip is not lost
+
+
+def test_cache_reused_unless_forced_or_changed(synth_small, ray_session, tmp_path):
+    data = DataConfig()
+    data.video.size, data.audio.window_frames = 32, 256
+    args = (synth_small["val"], synth_small["videos"], tmp_path / "cache")
+    first = preprocess(*args, data, audio_dir=synth_small["audios"])
+    assert first["rows_written"] == len(read_annotations(synth_small["val"])) == 8 and "reused" not in first
+    again = preprocess(*args, data, audio_dir=synth_small["audios"])
+    assert again["reused"] and again["cache_key"] == first["cache_key"]
+    assert "reused" not in preprocess(*args, data, audio_dir=synth_small["audios"], force=True)
+    data.video.num_frames = 4
+    assert "reused" not in preprocess(*args, data, audio_dir=synth_small["audios"])
+
+
+def test_synthetic_val_captions_unique_and_need_the_audio(synth_small):
+    entries = json.loads(open(synth_small["all"]).read())
+    val = [e["attributes"] for e in entries if e["split"] == "val"]
+    full = Counter(tuple(sorted(a.items())) for a in val)
+    assert max(full.values()) == 1  # every val caption identifies exactly one clip
+    visual = Counter((a["shape"], a["colour"], a["direction"]) for a in val)
+    assert min(visual.values()) >= len(AUDIO_COMBOS) == 4  # by text + video alone, >= 4 clips fit
+    assert {e["split"] for e in entries} == {"train", "val"}
+
+
+def test_synthetic_clips_decode_with_audible_audio(synth_small):
+    rows = read_annotations(synth_small["val"])
+    resolve_media(rows, synth_small["videos"], synth_small["audios"])
+    frames = decode_video(rows[0].video_path, 8, 64, "eval")
+    assert frames.shape == (8, 3, 64, 64) and frames.std() > 5
+    assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).sum() > 0  # the shape moves
+    assert decode_audio(rows[0].audio_path, None, AudioConfig()).std() > 0.1
