@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo demo-tv bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gram_ray tests
+
+# The main job on generated data: text + video + audio (add the text-video row with `make demo-tv`).
+demo: $(STAMP)
+	$(BIN)/gram-ray demo --out demo-out
+
+demo-tv: $(STAMP)
+	$(BIN)/gram-ray demo --out demo-out --modalities text,video
 
 bench: $(STAMP)
 	$(BIN)/gram-ray bench volume

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -16,11 +17,23 @@ def main() -> None:
 
 
 def _init_ray() -> None:
-    """Attach to the cluster a job was submitted to (RAY_ADDRESS), else start a local Ray in-process."""
+    """Attach to the cluster a job was submitted to (RAY_ADDRESS), else start a local Ray in-process with more
+    logical CPUs than cores, so Ray Data decode tasks and Train workers never wait on each other."""
     import ray
+    import ray.data
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    # Ray Data's progress bars are for terminals; elsewhere (logs, CI, `ray job` output) it logs progress lines.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
+
+
+_CONFIG = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+_SET = click.option("--set", "overrides", multiple=True, help="override a config key, e.g. --set train.lr=2e-5")
 
 
 def _config(config_path, overrides):
@@ -52,8 +65,8 @@ def synth(out, n, seed, size, seconds) -> None:
 @click.option("--video-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--audio-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="else: video tracks")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="cache folder (shards/ + report.json)")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--set", "overrides", multiple=True, help="override a config key, e.g. --set data.video.num_frames=4")
+@_CONFIG
+@_SET
 @click.option(
     "--mode",
     type=click.Choice(["eval", "train"]),
@@ -74,6 +87,76 @@ def preprocess(annotations, video_dir, audio_dir, out, config_path, overrides, m
         run(annotations, video_dir, out, cfg.data, audio_dir=audio_dir, mode=mode, force=force, log=click.echo)
     except (ManifestError, PreprocessError) as e:
         raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@_CONFIG
+@_SET
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="run folder: checkpoints, metrics, W&B")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False), help="a checkpoint folder to continue from")
+def train(config_path, overrides, out, resume) -> None:
+    """Train GRAM with Ray Train (TorchTrainer) on the data the config names."""
+    from gram_ray.train.trainer import fit
+
+    cfg = _config(config_path, overrides)
+    _init_ray()
+    try:
+        _, summary = fit(cfg, out, resume_from=resume, log=click.echo)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(summary["best_metrics"], indent=2))
+    click.echo(f"best checkpoint: {summary['checkpoint']}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="a preprocess --out folder")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the metrics JSON here")
+def evaluate(checkpoint, data, json_path) -> None:
+    """Retrieval metrics of a checkpoint on a Parquet cache (Ray Data batch inference)."""
+    from gram_ray.demo import results_table
+    from gram_ray.evaluate import evaluate_checkpoint, write_metrics
+
+    _init_ray()
+    metrics = evaluate_checkpoint(checkpoint, data)
+    click.echo(results_table(metrics))
+    if json_path:
+        write_metrics(metrics, json_path)
+
+
+@main.command("evaluate-embeddings")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the metrics JSON here")
+def evaluate_embeddings_cmd(directory, json_path) -> None:
+    """Metrics of precomputed <modality>.npy embeddings (optional text_to_video.npy)."""
+    from gram_ray.demo import results_table
+    from gram_ray.evaluate import evaluate_embeddings, load_embedding_dir, write_metrics
+
+    try:
+        metrics = evaluate_embeddings(*load_embedding_dir(directory))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(results_table(metrics))
+    if json_path:
+        write_metrics(metrics, json_path)
+
+
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path))
+@click.option("--modalities", default="text,video,audio", show_default=True, help="text plus one or more others")
+@_CONFIG
+@_SET
+def demo(out, modalities, config_path, overrides) -> None:
+    """The main job on generated data: synth, preprocess, train (2 workers), evaluate, summarise."""
+    from gram_ray.demo import run_demo
+
+    mods = [m.strip() for m in modalities.split(",") if m.strip()]
+    if "text" not in mods or len(mods) < 2 or not set(mods) <= {"text", "video", "audio"}:
+        raise click.BadParameter(
+            "text and at least one of video, audio (e.g. text,video,audio)", param_hint="--modalities"
+        )
+    _init_ray()
+    run_demo(out, mods, config_path, overrides, log=click.echo)
 
 
 @main.group()

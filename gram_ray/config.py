@@ -7,12 +7,28 @@ default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["ConfigError", "VideoConfig", "AudioConfig", "DataConfig", "GramConfig", "load_config", "apply_overrides"]
+__all__ = [
+    "ConfigError",
+    "VideoConfig",
+    "AudioConfig",
+    "DataConfig",
+    "EncoderConfig",
+    "VisionEncoderConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "ScalingSection",
+    "RunSection",
+    "WandbConfig",
+    "GramConfig",
+    "load_config",
+    "apply_overrides",
+    "save_config",
+]
 
 
 class ConfigError(ValueError):
@@ -26,6 +42,7 @@ class _Section(BaseModel):
 class VideoConfig(_Section):
     num_frames: int = Field(8, ge=1, description="frames per clip, one from each of N equal segments")
     size: int = Field(224, ge=8, description="short side resized to this, then centre-cropped to size x size")
+    eval_num_frames: int | None = Field(None, ge=1, description="frames per val/test clip; default num_frames")
 
 
 class AudioConfig(_Section):
@@ -60,10 +77,113 @@ class DataConfig(_Section):
         "Parquet copies) before writing, so it bounds each decode worker's memory",
     )
     decode_batch_size: int = Field(4, ge=1, description="clips per Ray Data decode task batch")
+    materialize: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="keep the decoded train/val data in Ray's object store instead of re-reading Parquet every "
+        "epoch; auto: when the cache takes less than a quarter of the object store",
+    )
+    # Where a training run finds its data (preprocessed into cache_dir/<split> on first use).
+    train_annotations: str | None = None
+    val_annotations: str | None = None
+    video_dir: str | None = None
+    audio_dir: str | None = None
+    cache_dir: str | None = Field(None, description="Parquet caches; default <run output>/cache")
+
+
+MODALITIES = ("text", "video", "audio", "subtitle")
+
+
+class EncoderConfig(_Section):
+    """A Hugging Face encoder: pretrained by name or local path, or random weights from a config."""
+
+    pretrained: str | None = Field(None, description="Hugging Face name or local path of pretrained weights")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="random init: Hugging Face config fields, with model_type (e.g. 'bert')"
+    )
+    pooling: Literal["cls", "mean"] = "mean"
+    freeze: bool = False
+
+
+class VisionEncoderConfig(EncoderConfig):
+    temporal_pooling: Literal["mean", "concat"] = Field(
+        "mean", description="mean: order-free average of frames (the paper's); concat: keeps frame order"
+    )
+    # CLIP's pixel statistics; frames arrive as uint8.
+    pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ModelConfig(_Section):
+    modalities: list[Literal["text", "video", "audio", "subtitle"]] = ["text", "video", "audio"]
+    text: EncoderConfig = EncoderConfig(pretrained="bert-base-uncased", pooling="cls")
+    vision: VisionEncoderConfig = VisionEncoderConfig(pretrained="openai/clip-vit-base-patch16", pooling="cls")
+    audio: EncoderConfig = EncoderConfig(pretrained="MIT/ast-finetuned-audioset-10-10-0.4593", pooling="cls")
+    tokenizer: str | None = Field(
+        None,
+        description="Hugging Face tokenizer name/path; default: text.pretrained, or a word vocabulary built "
+        "from the training captions when the text encoder has random weights",
+    )
+    max_text_length: int = Field(40, ge=4)
+    embed_dim: int = Field(512, ge=8)
+    gradient_checkpointing: bool = False
+    temperature: float = Field(0.07, gt=0)
+    learnable_temperature: bool = True
+    temperature_bounds: tuple[float, float] | None = None
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    gather: Literal["exact", "local", "none"] = "exact"
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=2, description="per worker")
+    lr: float = Field(1e-4, gt=0, description="new layers: projections, temperature, randomly initialised encoders")
+    encoder_lr: float = Field(2e-5, gt=0, description="pretrained encoders")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    grad_clip: float = Field(2.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="best K kept by val R@1")
+    log_every_steps: int = Field(10, ge=1)
+    eval_every_epochs: int = Field(1, ge=1, description="evaluate (and checkpoint) every N epochs and at the end")
+    eval_batch_size: int = Field(64, ge=1)
+    prefetch_batches: int = Field(2, ge=0)
+    seed: int = 0
+    threads_per_worker: int | None = Field(None, ge=1, description="torch CPU threads per worker")
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
+
+
+class RunSection(_Section):
+    name: str = "gram"
+    storage_path: str | None = Field(None, description="local path or s3:// / gs:// URI; default <output>/ray")
+
+
+class WandbConfig(_Section):
+    enabled: bool = True
+    project: str = "gram-ray"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = []
+    mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="auto: online when an API key is configured, else offline into the run folder"
+    )
 
 
 class GramConfig(_Section):
     data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    wandb: WandbConfig = WandbConfig()
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -115,3 +235,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except ValidationError as e:
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{where}:\n{_describe(e)}") from None
+
+
+def save_config(cfg: GramConfig, path: str | Path) -> None:
+    """A complete YAML that load_config reads back to the same config."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -50,15 +50,16 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.nda
 
 
 def _frames(a: dict, size: int, num_frames: int, rng: np.random.Generator) -> np.ndarray:
-    r = size * 0.16
-    (vx, vy), travel = DIRECTIONS[a["direction"]], size - 4 * r
-    # Start on the side the shape moves away from, with a random offset across the motion.
-    across = rng.uniform(2 * r, size - 2 * r)
+    # Large enough to stay recognisable when decoded down to 32 px, travelling across the whole frame.
+    r = size * 0.2
+    (vx, vy), lo, hi = DIRECTIONS[a["direction"]], r + 1, size - r - 1
+    across = rng.uniform(lo, hi)  # a random offset across the motion
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
     background = rng.integers(20, 60)
     for t in range(num_frames):
-        progress = 2 * r + travel * t / max(num_frames - 1, 1)
-        along = progress if (vx > 0 or vy > 0) else size - progress
+        along = lo + (hi - lo) * t / max(num_frames - 1, 1)
+        if vx < 0 or vy < 0:
+            along = size - along
         cx, cy = (along, across) if vx else (across, along)
         frame = np.full((size, size, 3), background, dtype=np.uint8)
         frame[_shape_mask(a["shape"], size, cx, cy, r)] = COLOURS[a["colour"]]

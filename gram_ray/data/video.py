@@ -13,6 +13,8 @@ from typing import Literal
 
 import av
 import numpy as np
+import torch
+import torch.nn.functional as F
 from decord import DECORDError, VideoReader, cpu
 
 from gram_ray.data.errors import DecodeError
@@ -54,15 +56,32 @@ def _scaled(width: int, height: int, size: int) -> tuple[int, int]:
     return max(size, round(width * scale)), max(size, round(height * scale))
 
 
+def _read(reader: VideoReader, num_frames: int, mode: Mode, rng) -> np.ndarray:
+    return reader.get_batch(list(segment_indices(len(reader), num_frames, mode, rng))).asnumpy()  # [N, H, W, 3]
+
+
+def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def decode_video(path: str | None, num_frames: int, size: int, mode: Mode, rng: np.random.Generator | None = None):
     """uint8 [num_frames, 3, size, size]. Raises DecodeError with the reason for any file it cannot use."""
     if path is None or not Path(path).is_file():
         raise DecodeError("video file not found")
     width, height = _scaled(*probe_size(path), size)
     try:
-        reader = VideoReader(path, ctx=cpu(0), width=width, height=height, num_threads=1)
-        indices = segment_indices(len(reader), num_frames, mode, rng)
-        frames = reader.get_batch(list(indices)).asnumpy()  # [N, H, W, 3]
+        try:
+            frames = _read(
+                VideoReader(path, ctx=cpu(0), width=width, height=height, num_threads=1), num_frames, mode, rng
+            )
+        except DECORDError as e:
+            if "must exactly match" not in str(e):
+                raise
+            # decord's scaler mis-sizes some small outputs (e.g. 16, 24, 48 px wide): decode at the native size
+            # and resize here instead.
+            frames = _resize(_read(VideoReader(path, ctx=cpu(0), num_threads=1), num_frames, mode, rng), width, height)
     except DECORDError as e:
         raise DecodeError(f"video cannot be decoded (truncated or corrupt?): {str(e).splitlines()[0][:200]}") from None
     top, left = (frames.shape[1] - size) // 2, (frames.shape[2] - size) // 2

@@ -1,0 +1,1 @@
+"""The GRAM model: Hugging Face encoders, projection heads, the volume contrastive loss."""

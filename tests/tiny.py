@@ -1,0 +1,52 @@
+"""A tiny GRAM config and in-memory batches for tests that run the model or the loop without Ray."""
+
+import numpy as np
+
+from gram_ray.config import load_config
+from gram_ray.data.audio import decode_audio
+from gram_ray.data.manifest import read_annotations, resolve_media
+from gram_ray.data.video import decode_video
+from gram_ray.demo import DEMO_CONFIG
+
+TINY = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+SIZES = ", ".join(f"{k}: {v}" for k, v in TINY.items())
+OVERRIDES = [
+    "data.video.num_frames=2",
+    "data.video.size=16",
+    "data.audio.window_frames=64",
+    "model.embed_dim=16",
+    "train.batch_size=4",
+    "train.eval_batch_size=8",
+    "train.warmup_steps=2",
+    "train.log_every_steps=1",
+    "train.eval_every_epochs=1",
+    "wandb.enabled=false",
+    f"model.text.config={{model_type: bert, max_position_embeddings: 32, {SIZES}}}",
+    f"model.vision.config={{model_type: vit, image_size: 16, patch_size: 8, {SIZES}}}",
+    "model.audio.config={model_type: audio-spectrogram-transformer, max_length: 64, num_mel_bins: 64, "
+    f"frequency_stride: 16, time_stride: 16, {SIZES}}}",
+]
+
+
+def tiny_config(*extra: str):
+    return load_config(DEMO_CONFIG, [*OVERRIDES, *extra])
+
+
+def load_split(paths: dict, split: str, cfg) -> dict:
+    """A synthetic split decoded into one numpy batch, as a Parquet cache row batch would arrive."""
+    rows = read_annotations(paths[split])
+    resolve_media(rows, paths["videos"], paths["audios"])
+    v = cfg.data.video
+    return {
+        "id": np.array([r.id for r in rows], dtype=object),
+        "captions": np.array([r.captions for r in rows] + [None], dtype=object)[:-1],
+        "frames": np.stack([decode_video(r.video_path, v.num_frames, v.size, "eval") for r in rows]),
+        "audio_fbank": np.stack([decode_audio(r.audio_path, None, cfg.data.audio) for r in rows]),
+        "has_audio": np.ones(len(rows), dtype=bool),
+    }
+
+
+def batches(data: dict, size: int, collate, drop_last: bool = True):
+    n = len(data["id"])
+    for start in range(0, n - (size - 1 if drop_last else 0), size):
+        yield collate({k: v[start : start + size] for k, v in data.items()})
