@@ -43,3 +43,16 @@ def test_synth_then_preprocess_commands(tmp_path, ray_session):
 
     bad = runner.invoke(main, args[:-2] + ["--set", "data.video.sise=32"])
     assert bad.exit_code != 0 and "data.video.sise: unknown key" in bad.output
+
+
+def test_evaluate_embeddings_command(shared_data, tmp_path):
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(
+        main, ["evaluate-embeddings", str(shared_data / "gram-msrvtt-embeddings"), "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "text-video-audio-subtitles" in result.output
+    metrics = json.loads(out.read_text())
+    assert metrics["volume"]["text-video-audio"]["t2v"]["R@1"] > 20
+    bad = CliRunner().invoke(main, ["evaluate-embeddings", str(tmp_path)])
+    assert bad.exit_code != 0 and "no <modality>.npy files" in bad.output
