@@ -109,6 +109,26 @@ def train(config_path, overrides, out, resume) -> None:
 
 
 @main.command()
+@_CONFIG
+@_SET
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="sweep folder: trials.csv, best_config.yaml"
+)
+@click.option("--resume", is_flag=True, help="continue an interrupted sweep in --out; finished trials are kept")
+def tune(config_path, overrides, out, resume) -> None:
+    """Sweep learning rate, temperature (any config key) with Ray Tune and ASHA, one TorchTrainer per trial."""
+    from gram_ray.config import ConfigError
+    from gram_ray.tune import run_sweep
+
+    cfg = _config(config_path, overrides)
+    _init_ray()
+    try:
+        run_sweep(cfg, out, resume=resume, log=click.echo)
+    except (ConfigError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="a preprocess --out folder")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the metrics JSON here")

@@ -24,6 +24,7 @@ __all__ = [
     "ScalingSection",
     "RunSection",
     "WandbConfig",
+    "TuneSection",
     "GramConfig",
     "load_config",
     "apply_overrides",
@@ -177,6 +178,23 @@ class WandbConfig(_Section):
     )
 
 
+class TuneSection(_Section):
+    """A sweep: dotted config keys -> a distribution ({"loguniform": [lo, hi]}, {"uniform": [lo, hi]},
+    {"choice": [...]}, {"grid": [...]})."""
+
+    search_space: dict[str, dict[Literal["loguniform", "uniform", "choice", "grid"], list]] = {
+        "train.lr": {"loguniform": [1e-4, 3e-3]},
+        "model.temperature": {"loguniform": [0.01, 0.2]},
+        "model.learnable_temperature": {"choice": [True, False]},
+    }
+    metric: str | None = Field(None, description="default: val t2v R@1 by volume over every modality")
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster's CPUs/GPUs fit")
+    grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial can be stopped")
+    reduction_factor: float = Field(2, gt=1)
+
+
 class GramConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -184,6 +202,7 @@ class GramConfig(_Section):
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
     wandb: WandbConfig = WandbConfig()
+    tune: TuneSection = TuneSection()
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -217,18 +236,33 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML file's mapping; `extends: other.yaml` (relative to the file) is read first and deep-merged under it."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} extends itself through {' -> '.join(map(str, seen))}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    parent = tree.pop("extends", None)
+    if parent:
+        tree = _merge(_read_tree(path.parent / parent, (*seen, path.resolve())), tree)
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> GramConfig:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    tree: dict[str, Any] = _read_tree(Path(path)) if path is not None else {}
     apply_overrides(tree, overrides)
     try:
         return GramConfig.model_validate(tree)

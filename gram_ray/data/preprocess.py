@@ -135,8 +135,9 @@ def cache_key(annotations: str | Path, rows: list[ManifestRow], data: DataConfig
     h.update(Path(annotations).read_bytes())
     for r in rows:
         h.update(json.dumps([r.id, _file_signature(r.video_path), _file_signature(r.audio_path)]).encode())
-    # Fields that only steer how the work is scheduled do not change the cached content.
-    content = data.model_dump(exclude={"decode_on_the_fly", "shard_mb", "decode_batch_size", "max_failure_share"})
+    # Only what changes the decoded content: inputs are covered above by their bytes and file signatures, so
+    # paths may be spelled differently and scheduling knobs may change without invalidating the cache.
+    content = {"video": data.video.model_dump(), "audio": data.audio.model_dump()}
     h.update(json.dumps([content, mode], sort_keys=True).encode())
     return h.hexdigest()
 

@@ -87,7 +87,9 @@ def _storage_path(cfg: GramConfig, output_dir: Path) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def build_trainer(cfg: GramConfig, data: TrainingData, output_dir: Path, resume_from: str | None = None):
+def build_trainer(
+    cfg: GramConfig, data: TrainingData, output_dir: Path, resume_from: str | None = None, callbacks: list | None = None
+):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -121,6 +123,7 @@ def build_trainer(cfg: GramConfig, data: TrainingData, output_dir: Path, resume_
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            callbacks=callbacks,
         ),
         # Only train is sharded: sharding drops rows to equalise shards, and evaluation must see every clip.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

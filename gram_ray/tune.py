@@ -1,0 +1,202 @@
+"""Ray Tune sweeps (the Ray >= 2.51 "Train V2" pattern): a Tuner over a driver function that builds and fits
+one TorchTrainer per trial and reports through TuneReportCallback. ASHA stops poor trials early on the val
+metric; the Parquet caches are decoded once, before the sweep, and shared by every trial.
+
+Outputs in <out>: trials.csv (each trial's swept values, best metric, evaluations, status), best_config.yaml (a
+complete config that `gram-ray train` accepts) and sweep.png (the metric over learning rate and temperature).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+from pathlib import Path
+
+from gram_ray.config import ConfigError, GramConfig, apply_overrides, save_config
+from gram_ray.train.loop import main_metric_name
+
+__all__ = ["search_space", "run_sweep", "trial_driver", "write_outputs"]
+
+SWEEP_NAME = "sweep"
+
+
+def search_space(cfg: GramConfig) -> dict:
+    from ray import tune
+
+    makers = {
+        "loguniform": lambda v: tune.loguniform(*v),
+        "uniform": lambda v: tune.uniform(*v),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    space = {}
+    for key, spec in cfg.tune.search_space.items():
+        if len(spec) != 1:
+            raise ConfigError(f"tune.search_space.{key}: give exactly one of loguniform, uniform, choice, grid")
+        ((kind, values),) = spec.items()
+        space[key] = makers[kind](values)
+    return space
+
+
+def trial_driver(config: dict) -> None:
+    """One trial: the base config with this trial's values, fitted by its own TorchTrainer."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from gram_ray.train.trainer import build_trainer, prepare_data
+
+    tree = copy.deepcopy(config["base"])
+    apply_overrides(tree, [f"{k}={v}" for k, v in config["params"].items()])
+    cfg = GramConfig.model_validate(tree)  # a bad value fails this trial only, with pydantic's message
+    trial_dir = Path(ray.tune.get_context().get_trial_dir())
+    cfg.run.name = f"train-{ray.tune.get_context().get_trial_id()}"
+    cfg.run.storage_path = str(trial_dir / "ray")
+    cfg.wandb.enabled = False  # the sweep logs every trial through WandbLoggerCallback
+    data = prepare_data(cfg, trial_dir, log=lambda *_: None)  # cache hits: decoded once before the sweep
+    build_trainer(cfg, data, trial_dir, callbacks=[TuneReportCallback()]).fit()
+
+
+def _max_concurrent(cfg: GramConfig) -> int:
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    resources = ray.cluster_resources()
+    per_trial_gpu = cfg.scaling.num_workers if cfg.scaling.use_gpu else 0
+    per_trial_cpu = cfg.scaling.num_workers + 2  # workers, the trial driver, the train controller
+    fits = resources.get("CPU", 1) // per_trial_cpu
+    if per_trial_gpu:
+        fits = min(fits, resources.get("GPU", 0) // per_trial_gpu)
+    return max(1, int(fits))
+
+
+def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print):
+    """Decode the data once, run (or resume) the sweep, write the outputs; returns the ResultGrid."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from gram_ray.tracking import wandb_mode
+    from gram_ray.train.trainer import prepare_data
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.cache_dir = cfg.data.cache_dir or str(out / "cache")
+    for key in ("train_annotations", "val_annotations", "video_dir", "audio_dir", "cache_dir"):
+        value = getattr(cfg.data, key)
+        if value and "://" not in value:  # trials run in their own working directories
+            setattr(cfg.data, key, str(Path(value).resolve()))
+    metric = cfg.tune.metric or main_metric_name(cfg)
+    evaluations = math.ceil(cfg.train.epochs / cfg.train.eval_every_epochs)
+    storage = str(out / "ray")
+    trainable = tune.with_resources(trial_driver, {"cpu": 1})
+
+    if resume:
+        path = Path(storage) / SWEEP_NAME
+        if not tune.Tuner.can_restore(str(path)):
+            raise ConfigError(f"no sweep to resume at {path}; run without --resume first")
+        log(f"resuming the sweep in {path}: finished trials are kept, unfinished ones run")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        log("decoding the data once for every trial ...")
+        prepare_data(cfg, out, log=log)
+        callbacks = []
+        mode = wandb_mode(cfg)
+        if mode != "disabled":
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            if mode == "offline":
+                os.environ["WANDB_MODE"] = "offline"  # the callback demands an API key unless told it is offline
+            callbacks.append(
+                WandbLoggerCallback(
+                    project=cfg.wandb.project, group=cfg.wandb.group or f"sweep-{out.name}", mode=mode, dir=str(out)
+                )
+            )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"base": cfg.model_dump(mode="json"), "params": search_space(cfg)},
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=cfg.tune.mode,
+                scheduler=ASHAScheduler(
+                    max_t=evaluations, grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor
+                ),
+                num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=_max_concurrent(cfg),
+            ),
+            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=storage, callbacks=callbacks),
+        )
+    results = tuner.fit()
+    write_outputs(results, cfg, metric, evaluations, out, log)
+    return results
+
+
+def _status(result, evaluations: int) -> str:
+    if result.error is not None:
+        return "error"
+    done = (result.metrics or {}).get("training_iteration", 0)
+    return "completed" if done >= evaluations else "stopped_early"
+
+
+def write_outputs(results, cfg: GramConfig, metric: str, evaluations: int, out: Path, log=print) -> None:
+    keys = list(cfg.tune.search_space)
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        best = float(history[metric].max()) if history is not None and metric in history else None
+        rows.append(
+            {
+                "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+                **{k: result.config["params"].get(k) for k in keys},
+                "best_metric": best,
+                "evaluations": (result.metrics or {}).get("training_iteration", 0),
+                "status": _status(result, evaluations),
+                "error": str(result.error).strip().splitlines()[-1][:300] if result.error else "",
+            }
+        )
+    with (out / "trials.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    scored = [r for r in rows if r["best_metric"] is not None]
+    if not scored:
+        log(f"no trial reported {metric}; see {out / 'trials.csv'} for the errors")
+        return
+    best = (
+        max(scored, key=lambda r: r["best_metric"])
+        if cfg.tune.mode == "max"
+        else min(scored, key=lambda r: r["best_metric"])
+    )
+    tree = cfg.model_dump(mode="json")
+    apply_overrides(tree, [f"{k}={best[k]}" for k in keys])
+    save_config(GramConfig.model_validate(tree), out / "best_config.yaml")
+    _plot(scored, metric, out / "sweep.png")
+    log(
+        f"best trial {best['trial_id']}: {metric} = {best['best_metric']:.1f} with "
+        + ", ".join(f"{k}={best[k]}" for k in keys)
+    )
+    log(f"wrote {out / 'trials.csv'}, {out / 'best_config.yaml'}, {out / 'sweep.png'}")
+
+
+def _plot(rows: list[dict], metric: str, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    lr = [r.get("train.lr") for r in rows]
+    temp = [r.get("model.temperature") for r in rows]
+    if None in lr or None in temp:  # swept something else: metric per trial
+        ax.bar(range(len(rows)), [r["best_metric"] for r in rows])
+        ax.set(xlabel="trial", ylabel=metric)
+    else:
+        points = ax.scatter(lr, temp, c=[r["best_metric"] for r in rows], cmap="viridis", s=80, vmin=0, vmax=100)
+        ax.set(xscale="log", yscale="log", xlabel="train.lr", ylabel="model.temperature (initial)")
+        fig.colorbar(points, label=metric)
+    ax.set_title("sweep")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
