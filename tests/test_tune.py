@@ -2,7 +2,8 @@
 best_config.yaml loads, and a resumed sweep runs only what was unfinished.
 
 Not in `make test` yet (marker `tune`; run with `pytest -m tune`): on the 2-core machine the sweep stalls after
-one or two trials, with the next trial's TrainController never getting its workers. Issue 5 stays open on it."""
+one or two trials: the next trial's TrainController hits Ray Train's 60 s worker-group start-up limit
+(WorkerGroupStartupTimeoutError) while the raylet starts workers two at a time. Issue 5 stays open on it."""
 
 import csv
 
