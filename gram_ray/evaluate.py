@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gram_ray.data.preprocess import object_column
 from gram_ray.volume import gram_volume
 
 __all__ = ["retrieval_metrics", "rank_metrics", "evaluate_embeddings", "load_embedding_dir", "volume_scores"]
@@ -139,9 +140,7 @@ class _EmbedClips:
         out["num_captions"] = out["num_captions"][: len(model_batch["ids"])]
         for m, e in emb.items():
             if m == "text":  # several captions per clip: a ragged list per row
-                out["text"] = np.array(
-                    [e[t2v == i].numpy().ravel() for i in range(len(model_batch["ids"]))] + [None], dtype=object
-                )[:-1]
+                out["text"] = object_column([e[t2v == i].numpy().ravel() for i in range(len(model_batch["ids"]))])
             else:
                 out[m] = e.numpy()
         return out

@@ -78,7 +78,7 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
     from ray.tune.schedulers import ASHAScheduler
 
     from gram_ray.tracking import wandb_mode
-    from gram_ray.train.trainer import prepare_data
+    from gram_ray.train.trainer import decode_caches
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         log("decoding the data once for every trial ...")
-        prepare_data(cfg, out, log=log)
+        decode_caches(cfg, out, log=log)
         callbacks = []
         mode = wandb_mode(cfg)
         if mode != "disabled":

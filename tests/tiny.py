@@ -5,6 +5,7 @@ import numpy as np
 from gram_ray.config import load_config
 from gram_ray.data.audio import decode_audio
 from gram_ray.data.manifest import read_annotations, resolve_media
+from gram_ray.data.preprocess import object_column
 from gram_ray.data.video import decode_video
 from gram_ray.demo import DEMO_CONFIG
 
@@ -39,7 +40,7 @@ def load_split(paths: dict, split: str, cfg) -> dict:
     v = cfg.data.video
     return {
         "id": np.array([r.id for r in rows], dtype=object),
-        "captions": np.array([r.captions for r in rows] + [None], dtype=object)[:-1],
+        "captions": object_column([r.captions for r in rows]),
         "frames": np.stack([decode_video(r.video_path, v.num_frames, v.size, "eval") for r in rows]),
         "audio_fbank": np.stack([decode_audio(r.audio_path, None, cfg.data.audio) for r in rows]),
         "has_audio": np.ones(len(rows), dtype=bool),

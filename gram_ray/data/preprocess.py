@@ -27,7 +27,16 @@ from gram_ray.data.errors import DecodeError
 from gram_ray.data.manifest import ManifestRow, read_annotations, resolve_media
 from gram_ray.data.video import Mode, decode_video
 
-__all__ = ["PreprocessError", "decode_batch", "build_dataset", "preprocess", "cache_key", "SHARDS", "REPORT"]
+__all__ = [
+    "PreprocessError",
+    "object_column",
+    "decode_batch",
+    "build_dataset",
+    "preprocess",
+    "cache_key",
+    "SHARDS",
+    "REPORT",
+]
 
 SHARDS = "shards"
 REPORT = "report.json"
@@ -36,6 +45,14 @@ _SKIPPED = "_skipped"
 
 class PreprocessError(RuntimeError):
     """Preprocessing stopped; the message says why and where the report is."""
+
+
+def object_column(items: list) -> np.ndarray:
+    """A 1-D object array holding one Python object (e.g. a list of captions) per row; np.array alone would try
+    to build a 2-D array from equal-length lists."""
+    column = np.empty(len(items), dtype=object)
+    column[:] = items
+    return column
 
 
 def _text_list(value) -> list[str]:
@@ -74,7 +91,7 @@ def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | N
     video, audio = data.video, data.audio
     return {
         "id": np.array(keep["id"], dtype=object),
-        "captions": np.array(keep["captions"] + [None], dtype=object)[:-1],  # a 1-D array of lists
+        "captions": object_column(keep["captions"]),
         "frames": np.stack(keep["frames"])
         if keep["frames"]
         else np.zeros((0, video.num_frames, 3, video.size, video.size), np.uint8),

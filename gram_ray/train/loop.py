@@ -160,9 +160,10 @@ def _flatten(metrics: dict, prefix: str) -> dict[str, float]:
     for kind, by_name in metrics.items():
         for name, directions in by_name.items():
             for direction, values in directions.items():
+                # Volume metrics are the main ones: val/<modalities>/<direction>/<metric>; cosine ones say so.
+                base = f"{prefix}/{name}" if kind == "volume" else f"{prefix}/cosine/{name}"
                 for k, v in values.items():
-                    key = f"{prefix}/{name}/{direction}/{k}"
-                    flat[key if kind == "volume" else f"{prefix}/cosine/{name}/{direction}/{k}"] = v
+                    flat[f"{base}/{direction}/{k}"] = v
     return flat
 
 

@@ -16,7 +16,7 @@ from gram_ray.data.preprocess import REPORT, SHARDS, build_dataset, preprocess
 from gram_ray.data.text import build_word_vocab
 from gram_ray.train.loop import main_metric_name, train_loop_per_worker
 
-__all__ = ["TrainingData", "prepare_data", "build_trainer", "fit"]
+__all__ = ["TrainingData", "decode_caches", "prepare_data", "build_trainer", "fit"]
 
 
 @dataclass
@@ -33,31 +33,48 @@ def _require(value: str | None, key: str) -> str:
     return value
 
 
-def prepare_data(cfg: GramConfig, output_dir: Path, log=print) -> TrainingData:
-    """Decode (or reuse) the Parquet caches of the train and val splits; build the vocabulary if needed."""
-    import ray.data
+def _cache_root(cfg: GramConfig, output_dir: Path) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else output_dir / "cache"
 
+
+def decode_caches(cfg: GramConfig, output_dir: Path, log=print) -> int | None:
+    """Decode (or reuse) the Parquet caches of the train and val splits; returns the train rows written
+    (None when the train split is decoded on the fly instead)."""
     d = cfg.data
     video_dir = _require(d.video_dir, "data.video_dir")
-    train_ann = _require(d.train_annotations, "data.train_annotations")
-    cache = Path(d.cache_dir) if d.cache_dir else output_dir / "cache"
-    if d.decode_on_the_fly:
-        rows = read_annotations(train_ann)
-        resolve_media(rows, video_dir, d.audio_dir)
-        train = build_dataset(rows, d, mode="train")  # re-decoded, with new random frames, every epoch
-        train_rows = len(rows)
-    else:
+    cache = _cache_root(cfg, output_dir)
+    train_rows = None
+    if not d.decode_on_the_fly:
+        train_ann = _require(d.train_annotations, "data.train_annotations")
         report = preprocess(train_ann, video_dir, cache / "train", d, audio_dir=d.audio_dir, mode="train", log=log)
-        train = _maybe_materialize(
-            ray.data.read_parquet(str(cache / "train" / SHARDS)), cache / "train" / SHARDS, cfg, log
-        )
         train_rows = report["rows_written"]
-    val = None
     if d.val_annotations:
         val_data = d.model_copy(deep=True)
         val_data.video.num_frames = d.video.eval_num_frames or d.video.num_frames
         preprocess(d.val_annotations, video_dir, cache / "val", val_data, audio_dir=d.audio_dir, mode="eval", log=log)
-        val = _maybe_materialize(ray.data.read_parquet(str(cache / "val" / SHARDS)), cache / "val" / SHARDS, cfg, log)
+    return train_rows
+
+
+def prepare_data(cfg: GramConfig, output_dir: Path, log=print) -> TrainingData:
+    """The caches (decoded or reused), opened as Ray Datasets; the vocabulary if the text encoder needs one."""
+    import ray.data
+
+    d = cfg.data
+    train_ann = _require(d.train_annotations, "data.train_annotations")
+    cache = _cache_root(cfg, output_dir)
+    train_rows = decode_caches(cfg, output_dir, log)
+    if train_rows is None:
+        rows = read_annotations(train_ann)
+        resolve_media(rows, _require(d.video_dir, "data.video_dir"), d.audio_dir)
+        train = build_dataset(rows, d, mode="train")  # re-decoded, with new random frames, every epoch
+        train_rows = len(rows)
+    else:
+        shards = cache / "train" / SHARDS
+        train = _maybe_materialize(ray.data.read_parquet(str(shards)), shards, cfg, log)
+    val = None
+    if d.val_annotations:
+        shards = cache / "val" / SHARDS
+        val = _maybe_materialize(ray.data.read_parquet(str(shards)), shards, cfg, log)
     vocab = None
     if not (cfg.model.tokenizer or cfg.model.text.pretrained):
         vocab = build_word_vocab(c for r in read_annotations(train_ann) for c in r.captions)
@@ -148,7 +165,7 @@ def fit(cfg: GramConfig, output_dir: str | Path, resume_from: str | None = None,
         "best_metrics": {k: v for k, v in best[1].items() if k != "val_eval"},
         "best_eval": json.loads(best[1]["val_eval"]) if "val_eval" in best[1] else None,
         "last_metrics": {k: v for k, v in (result.metrics or {}).items() if k != "val_eval"},
-        "train_cache_report": str(Path(cfg.data.cache_dir or output_dir / "cache") / "train" / REPORT),
+        "train_cache_report": str(_cache_root(cfg, output_dir) / "train" / REPORT),
     }
     (output_dir / "result.json").write_text(json.dumps(summary, indent=2))
     return result, summary
