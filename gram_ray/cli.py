@@ -242,7 +242,7 @@ def bench_decode_cmd(videos, num_frames, size, reps) -> None:
 
     result = bench_decode(videos, num_frames=num_frames, size=size, reps=reps, progress=click.echo)
     click.echo(f"\n{'path':<28} {'clips/s/core':>13}")
-    for name in ("naive_seek", "gram_ray_decode", "parquet_cache"):
+    for name in ("naive_seek", "gram_ray_decode", "decord_batch", "parquet_cache"):
         click.echo(f"{name:<28} {result[name]:>13.2f}")
     click.echo(
         f"\ndecode is {result['gram_ray_decode'] / result['naive_seek']:.2f}x the per-frame seek loop; reading the "

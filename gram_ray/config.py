@@ -44,6 +44,11 @@ class VideoConfig(_Section):
     num_frames: int = Field(8, ge=1, description="frames per clip, one from each of N equal segments")
     size: int = Field(224, ge=8, description="short side resized to this, then centre-cropped to size x size")
     eval_num_frames: int | None = Field(None, ge=1, description="frames per val/test clip; default num_frames")
+    decoder: Literal["pyav", "decord"] = Field(
+        "pyav",
+        description="pyav decodes only the reference frames and the sampled ones (same frames, ~2x faster on "
+        "H.264 with B-frames); decord decodes every frame up to the last sampled one",
+    )
 
 
 class AudioConfig(_Section):

@@ -148,10 +148,10 @@ class _EmbedClips:
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, data_dir: str | Path, batch_size: int = 64) -> dict:
     """Embed a Parquet cache with a checkpoint's model through Ray Data, then compute the metrics JSON."""
-    import ray.data
+    from gram_ray.data.parquet_layout import read_cache
 
     shards = Path(data_dir) / "shards"
-    ds = ray.data.read_parquet(str(shards if shards.is_dir() else data_dir))
+    ds = read_cache(str(shards if shards.is_dir() else data_dir))
     rows = ds.map_batches(
         _EmbedClips,
         fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir)},

@@ -6,7 +6,8 @@ A clip that cannot be used is left out of the output and recorded, with its reas
 (idempotent under task retries); report.json gathers them. Nothing is zero-filled silently: clips without
 audible audio are either skipped or kept with an explicit has_audio=false, as the config says.
 
-Cache: `<out>/shards/*.parquet` plus `<out>/report.json`, whose `cache_key` hashes the annotations, the media
+Cache: `<out>/shards/*.parquet` (tensor columns as fixed-size binary, see parquet_layout; read it back with
+`parquet_layout.read_cache`) plus `<out>/report.json`, whose `cache_key` hashes the annotations, the media
 files' names, sizes and mtimes, and the data config. The same inputs and config reuse the cache.
 """
 
@@ -25,6 +26,7 @@ from gram_ray.config import DataConfig
 from gram_ray.data.audio import decode_audio
 from gram_ray.data.errors import DecodeError
 from gram_ray.data.manifest import ManifestRow, read_annotations, resolve_media
+from gram_ray.data.parquet_layout import to_parquet_layout
 from gram_ray.data.video import Mode, decode_video
 
 __all__ = [
@@ -66,7 +68,9 @@ def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | N
     for i, media_id in enumerate(batch["id"]):
         video_path, audio_path = str(batch["video_path"][i]) or None, str(batch["audio_path"][i]) or None
         try:
-            frames = decode_video(video_path, data.video.num_frames, data.video.size, mode, rng)
+            frames = decode_video(
+                video_path, data.video.num_frames, data.video.size, mode, rng, decoder=data.video.decoder
+            )
         except DecodeError as e:
             failures.append({"id": str(media_id), "reason": str(e)})
             continue
@@ -196,7 +200,9 @@ def preprocess(
     log(f"decoding {len(rows)} clips from {annotations} into {out / SHARDS} with Ray Data ...")
     start = time.perf_counter()
     ds = build_dataset(rows, data, mode, skipped_dir=str(out / _SKIPPED))
-    ds.write_parquet(str(out / SHARDS), min_rows_per_file=rows_per_shard(data))
+    ds = ds.map_batches(to_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    # No dictionary pages: the values are megabyte-sized blobs that never repeat.
+    ds.write_parquet(str(out / SHARDS), min_rows_per_file=rows_per_shard(data), use_dictionary=False)
     wall = time.perf_counter() - start
 
     skipped = []

@@ -1,9 +1,16 @@
-"""Video clips -> uint8 frames [N, 3, S, S] with decord, decoded small.
+"""Video clips -> uint8 frames [N, 3, S, S], decoding only what the sampled frames need.
 
 N frames come from N equal segments of the clip: the middle frame of each in eval mode (deterministic), a
-random frame of each in train mode (temporal augmentation). decord is asked for frames whose short side is
-already S, so the decoder's scaler does the resize and full-resolution frames are never materialised; the
-centre crop is a slice.
+random frame of each in train mode (temporal augmentation). Short side resized to S, then centre-cropped.
+
+Two decoders give the same frames:
+- "pyav" (default): demux the packets, rank their timestamps to find the sampled frames, then decode in one
+  forward pass that tells FFmpeg to skip every non-reference frame that is not sampled (AVDISCARD_NONREF, set
+  per packet). No other frame depends on a non-reference frame, so the sampled frames are bit-identical to a
+  full decode, and in typical H.264 (B-frames in 40-60% of frames) this is ~2x faster than decoding them all.
+  Only the sampled frames are converted to RGB, by swscale straight to the target size.
+- "decord": decord's VideoReader asked for frames whose short side is already S (its scaler resizes); it
+  decodes every frame up to the last sampled one.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from decord import DECORDError, VideoReader, cpu
 
 from gram_ray.data.errors import DecodeError
 
-__all__ = ["segment_indices", "decode_video", "probe_size"]
+__all__ = ["segment_indices", "decode_video", "probe_size", "DECODERS"]
 
 Mode = Literal["train", "eval"]
+DECODERS = ("pyav", "decord")
 
 
 def segment_indices(num_total: int, num_frames: int, mode: Mode, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -39,6 +47,10 @@ def segment_indices(num_total: int, num_frames: int, mode: Mode, rng: np.random.
     return rng.integers(starts, ends)
 
 
+def _not_readable(e: Exception) -> DecodeError:
+    return DecodeError(f"not a readable video ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
 def probe_size(path: str) -> tuple[int, int]:
     """(width, height) from the container header, without decoding a frame."""
     try:
@@ -48,7 +60,7 @@ def probe_size(path: str) -> tuple[int, int]:
             stream = container.streams.video[0]
             return stream.codec_context.width, stream.codec_context.height
     except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise DecodeError(f"not a readable video ({type(e).__name__}: {e})") from None
+        raise _not_readable(e) from None
 
 
 def _scaled(width: int, height: int, size: int) -> tuple[int, int]:
@@ -56,7 +68,62 @@ def _scaled(width: int, height: int, size: int) -> tuple[int, int]:
     return max(size, round(width * scale)), max(size, round(height * scale))
 
 
-def _read(reader: VideoReader, num_frames: int, mode: Mode, rng) -> np.ndarray:
+def _crop(frames: np.ndarray, size: int) -> np.ndarray:
+    """[N, H, W, 3] -> centre crop, channels first: [N, 3, size, size]."""
+    top, left = (frames.shape[1] - size) // 2, (frames.shape[2] - size) // 2
+    return np.ascontiguousarray(frames[:, top : top + size, left : left + size].transpose(0, 3, 1, 2))
+
+
+def _decode_pyav(path: str, num_frames: int, size: int, mode: Mode, rng) -> np.ndarray:
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise _not_readable(e) from None
+    try:
+        with container:
+            if not container.streams.video:
+                raise DecodeError("file has no video stream")
+            stream = container.streams.video[0]
+            codec = stream.codec_context
+            codec.thread_count = 1  # one Ray Data task per CPU: threads would only contend
+            packets = [p for p in container.demux(stream) if p.size > 0]
+            listed = stream.frames  # the container's index (0 where it has none, e.g. WebM)
+            if listed and len(packets) < listed - 2:  # a little slack for edit lists and empty packets
+                raise DecodeError(
+                    f"video is truncated: its index lists {listed} frames but only {len(packets)} are in the file"
+                )
+            if any(p.pts is None for p in packets):
+                return _decode_decord(path, num_frames, size, mode, rng)  # no timestamps to find frames by
+            timeline = sorted(p.pts for p in packets)  # presentation order
+            wanted = [timeline[i] for i in segment_indices(len(timeline), num_frames, mode, rng)]
+            targets = set(wanted)
+            width, height = _scaled(codec.width, codec.height, size)
+            got: dict[int, np.ndarray] = {}
+
+            def keep(frames) -> None:
+                for f in frames:
+                    if f.pts in targets and f.pts not in got:
+                        got[f.pts] = f.to_ndarray(width=width, height=height, format="rgb24", interpolation="BILINEAR")
+
+            for packet in packets:
+                codec.skip_frame = "DEFAULT" if packet.pts in targets else "NONREF"
+                keep(codec.decode(packet))
+                if len(got) == len(targets):
+                    break
+            else:
+                codec.skip_frame = "DEFAULT"
+                keep(codec.decode(None))  # flush the frames still held back for reordering
+    except av.FFmpegError as e:
+        raise DecodeError(f"video cannot be decoded (truncated or corrupt?): {str(e).splitlines()[0][:200]}") from None
+    if len(got) < len(targets):
+        raise DecodeError(
+            f"video cannot be decoded (truncated or corrupt?): only {len(got)} of the {len(targets)} sampled "
+            "frames came out of the decoder"
+        )
+    return _crop(np.stack([got[pts] for pts in wanted]), size)
+
+
+def _read_decord(reader: VideoReader, num_frames: int, mode: Mode, rng) -> np.ndarray:
     return reader.get_batch(list(segment_indices(len(reader), num_frames, mode, rng))).asnumpy()  # [N, H, W, 3]
 
 
@@ -66,24 +133,37 @@ def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def decode_video(path: str | None, num_frames: int, size: int, mode: Mode, rng: np.random.Generator | None = None):
-    """uint8 [num_frames, 3, size, size]. Raises DecodeError with the reason for any file it cannot use."""
-    if path is None or not Path(path).is_file():
-        raise DecodeError("video file not found")
+def _decode_decord(path: str, num_frames: int, size: int, mode: Mode, rng) -> np.ndarray:
     width, height = _scaled(*probe_size(path), size)
     try:
         try:
-            frames = _read(
-                VideoReader(path, ctx=cpu(0), width=width, height=height, num_threads=1), num_frames, mode, rng
-            )
+            reader = VideoReader(path, ctx=cpu(0), width=width, height=height, num_threads=1)
+            frames = _read_decord(reader, num_frames, mode, rng)
         except DECORDError as e:
             if "must exactly match" not in str(e):
                 raise
             # decord's scaler mis-sizes some small outputs (e.g. 16, 24, 48 px wide): decode at the native size
             # and resize here instead.
-            frames = _resize(_read(VideoReader(path, ctx=cpu(0), num_threads=1), num_frames, mode, rng), width, height)
+            reader = VideoReader(path, ctx=cpu(0), num_threads=1)
+            frames = _resize(_read_decord(reader, num_frames, mode, rng), width, height)
     except DECORDError as e:
         raise DecodeError(f"video cannot be decoded (truncated or corrupt?): {str(e).splitlines()[0][:200]}") from None
-    top, left = (frames.shape[1] - size) // 2, (frames.shape[2] - size) // 2
-    frames = frames[:, top : top + size, left : left + size]
-    return np.ascontiguousarray(frames.transpose(0, 3, 1, 2))
+    return _crop(frames, size)
+
+
+def decode_video(
+    path: str | None,
+    num_frames: int,
+    size: int,
+    mode: Mode,
+    rng: np.random.Generator | None = None,
+    decoder: str = "pyav",
+) -> np.ndarray:
+    """uint8 [num_frames, 3, size, size]. Raises DecodeError with the reason for any file it cannot use."""
+    if path is None or not Path(path).is_file():
+        raise DecodeError("video file not found")
+    if decoder == "pyav":
+        return _decode_pyav(path, num_frames, size, mode, rng)
+    if decoder == "decord":
+        return _decode_decord(path, num_frames, size, mode, rng)
+    raise ValueError(f"unknown video decoder {decoder!r}: use one of {', '.join(DECODERS)} (data.video.decoder)")

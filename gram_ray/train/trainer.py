@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gram_ray.config import GramConfig, save_config
 from gram_ray.data.manifest import read_annotations, resolve_media
+from gram_ray.data.parquet_layout import read_cache
 from gram_ray.data.preprocess import REPORT, SHARDS, build_dataset, preprocess
 from gram_ray.data.text import build_word_vocab
 from gram_ray.train.loop import main_metric_name, train_loop_per_worker
@@ -57,8 +58,6 @@ def decode_caches(cfg: GramConfig, output_dir: Path, log=print) -> int | None:
 
 def prepare_data(cfg: GramConfig, output_dir: Path, log=print) -> TrainingData:
     """The caches (decoded or reused), opened as Ray Datasets; the vocabulary if the text encoder needs one."""
-    import ray.data
-
     d = cfg.data
     train_ann = _require(d.train_annotations, "data.train_annotations")
     cache = _cache_root(cfg, output_dir)
@@ -70,11 +69,11 @@ def prepare_data(cfg: GramConfig, output_dir: Path, log=print) -> TrainingData:
         train_rows = len(rows)
     else:
         shards = cache / "train" / SHARDS
-        train = _maybe_materialize(ray.data.read_parquet(str(shards)), shards, cfg, log)
+        train = _maybe_materialize(read_cache(str(shards)), shards, cfg, log)
     val = None
     if d.val_annotations:
         shards = cache / "val" / SHARDS
-        val = _maybe_materialize(ray.data.read_parquet(str(shards)), shards, cfg, log)
+        val = _maybe_materialize(read_cache(str(shards)), shards, cfg, log)
     vocab = None
     if not (cfg.model.tokenizer or cfg.model.text.pretrained):
         vocab = build_word_vocab(c for r in read_annotations(train_ann) for c in r.captions)

@@ -1,0 +1,67 @@
+"""How tensor columns are laid out in the Parquet cache: one fixed-size binary value per row.
+
+In Arrow (Ray Data batches, training) frames and filterbanks are tensor columns (Ray's ArrowTensorType). Parquet
+would store those as list<uint8> / list<float>, with a repetition and a definition level for every byte, and
+reading them back runs at ~120 MB/s per core: slower per clip than the GPU consumes. Stored instead as one
+fixed-size binary value per row, with the shape and dtype in the field's metadata, a page is a plain memcpy
+(~20x faster here), and reading restores the same tensor columns without copying.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+from ray.data.extensions import ArrowTensorArray, ArrowTensorType, ArrowTensorTypeV2
+
+__all__ = ["TENSOR_KEY", "to_parquet_layout", "from_parquet_layout", "read_cache"]
+
+TENSOR_KEY = b"gram_ray.tensor"  # field metadata: {"shape": per-row shape, "dtype": numpy dtype name}
+
+
+def _tensor_to_binary(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, dict]:
+    rows = np.ascontiguousarray(column.combine_chunks().to_numpy())
+    meta = {"shape": list(rows.shape[1:]), "dtype": rows.dtype.name}
+    width = rows[0].nbytes if len(rows) else int(np.prod(meta["shape"])) * rows.itemsize
+    buffer = pa.py_buffer(rows.reshape(-1).view(np.uint8))
+    return pa.chunked_array([pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(rows), [None, buffer])]), meta
+
+
+def _binary_to_tensor(chunk: pa.FixedSizeBinaryArray, meta: dict) -> pa.ExtensionArray:
+    dtype, shape = np.dtype(meta["dtype"]), tuple(meta["shape"])
+    width = chunk.type.byte_width
+    values = np.frombuffer(chunk.buffers()[1], np.uint8, count=len(chunk) * width, offset=chunk.offset * width)
+    return ArrowTensorArray.from_numpy(values.view(dtype).reshape((len(chunk), *shape)))
+
+
+def to_parquet_layout(table: pa.Table) -> pa.Table:
+    """Tensor columns -> fixed-size binary columns carrying their shape and dtype in the field metadata."""
+    for i, field in enumerate(table.schema):
+        if isinstance(field.type, (ArrowTensorType, ArrowTensorTypeV2)):
+            column, meta = _tensor_to_binary(table.column(i))
+            new_field = pa.field(field.name, column.type, nullable=False, metadata={TENSOR_KEY: json.dumps(meta)})
+            table = table.set_column(i, new_field, column)
+    return table
+
+
+def from_parquet_layout(table: pa.Table) -> pa.Table:
+    """The inverse of to_parquet_layout: binary columns marked with TENSOR_KEY back to tensor columns."""
+    for i, field in enumerate(table.schema):
+        if field.metadata and TENSOR_KEY in field.metadata:
+            meta = json.loads(field.metadata[TENSOR_KEY])
+            chunks = [_binary_to_tensor(c, meta) for c in table.column(i).chunks]
+            column = pa.chunked_array(chunks) if chunks else ArrowTensorArray.from_numpy(
+                np.zeros((0, *meta["shape"]), meta["dtype"])
+            )
+            table = table.set_column(i, field.name, column)
+    return table
+
+
+def read_cache(shards: str):
+    """A Ray Dataset over a cache's Parquet shards, with its tensor columns restored."""
+    import ray.data
+
+    return ray.data.read_parquet(shards).map_batches(
+        from_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True
+    )
