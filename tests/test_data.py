@@ -71,7 +71,9 @@ def _full_decode(path: str, num_frames: int) -> np.ndarray:
 
     with av.open(path) as container:
         frames = sorted(container.decode(video=0), key=lambda f: f.pts)
-        return np.stack([frames[i].to_ndarray(format="rgb24") for i in segment_indices(len(frames), num_frames, "eval")])
+        return np.stack(
+            [frames[i].to_ndarray(format="rgb24") for i in segment_indices(len(frames), num_frames, "eval")]
+        )
 
 
 def test_pyav_decoder_skips_only_frames_nothing_depends_on(shared_data):
@@ -91,7 +93,9 @@ def test_pyav_decoder_skips_only_frames_nothing_depends_on(shared_data):
 
 def test_pyav_train_mode_samples_within_segments(shared_data):
     video = str(shared_data / "real-clips" / "videos" / "video2.mp4")
-    draws = {decode_video(video, 4, 32, "train", np.random.default_rng(seed), decoder="pyav").tobytes() for seed in range(4)}
+    draws = {
+        decode_video(video, 4, 32, "train", np.random.default_rng(seed), decoder="pyav").tobytes() for seed in range(4)
+    }
     assert len(draws) > 1  # random frames
     seeded = [decode_video(video, 4, 32, "train", np.random.default_rng(7), decoder=d) for d in ("pyav", "decord")]
     assert np.abs(seeded[0].astype(int) - seeded[1]).mean() < 4  # the same frames from both decoders

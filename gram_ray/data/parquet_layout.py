@@ -51,8 +51,10 @@ def from_parquet_layout(table: pa.Table) -> pa.Table:
         if field.metadata and TENSOR_KEY in field.metadata:
             meta = json.loads(field.metadata[TENSOR_KEY])
             chunks = [_binary_to_tensor(c, meta) for c in table.column(i).chunks]
-            column = pa.chunked_array(chunks) if chunks else ArrowTensorArray.from_numpy(
-                np.zeros((0, *meta["shape"]), meta["dtype"])
+            column = (
+                pa.chunked_array(chunks)
+                if chunks
+                else ArrowTensorArray.from_numpy(np.zeros((0, *meta["shape"]), meta["dtype"]))
             )
             table = table.set_column(i, field.name, column)
     return table
