@@ -29,7 +29,16 @@ def _init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
+        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls: without it, the
+        # workers' placement group of every trial that Tune stops (ASHA, or its last report) is never released and
+        # a sweep stalls once they fill the node. Bound to this machine only.
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def run_job(command: str) -> None:
+    """The body of jobs/<command>.py: `gram-ray <command>` with the job's arguments, for `ray job submit`. Exits
+    non-zero on failure, so the job is marked FAILED."""
+    main([command, *sys.argv[1:]], prog_name=f"jobs/{command}.py")
 
 
 _CONFIG = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -92,17 +101,21 @@ def preprocess(annotations, video_dir, audio_dir, out, config_path, overrides, m
 @main.command()
 @_CONFIG
 @_SET
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="run folder: checkpoints, metrics, W&B")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False), help="a checkpoint folder to continue from")
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="run folder: metrics, result.json, W&B [default: runs/<run.name>]"
+)
+@click.option("--resume", help="a checkpoint folder or storage URI to continue from")
 def train(config_path, overrides, out, resume) -> None:
     """Train GRAM with Ray Train (TorchTrainer) on the data the config names."""
+    from gram_ray.data.preprocess import PreprocessError
     from gram_ray.train.trainer import fit
 
     cfg = _config(config_path, overrides)
+    out = out or Path("runs") / cfg.run.name
     _init_ray()
     try:
         _, summary = fit(cfg, out, resume_from=resume, log=click.echo)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError, PreprocessError) as e:  # bad config or data: the message says which
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(summary["best_metrics"], indent=2))
     click.echo(f"best checkpoint: {summary['checkpoint']}")
@@ -112,7 +125,9 @@ def train(config_path, overrides, out, resume) -> None:
 @_CONFIG
 @_SET
 @click.option(
-    "--out", required=True, type=click.Path(path_type=Path), help="sweep folder: trials.csv, best_config.yaml"
+    "--out",
+    type=click.Path(path_type=Path),
+    help="sweep folder: trials.csv, best_config.yaml, sweep.png [default: runs/<run.name>-sweep]",
 )
 @click.option("--resume", is_flag=True, help="continue an interrupted sweep in --out; finished trials are kept")
 def tune(config_path, overrides, out, resume) -> None:
@@ -121,6 +136,7 @@ def tune(config_path, overrides, out, resume) -> None:
     from gram_ray.tune import run_sweep
 
     cfg = _config(config_path, overrides)
+    out = out or Path("runs") / f"{cfg.run.name}-sweep"
     _init_ray()
     try:
         run_sweep(cfg, out, resume=resume, log=click.echo)
@@ -129,8 +145,8 @@ def tune(config_path, overrides, out, resume) -> None:
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="a preprocess --out folder")
+@click.option("--checkpoint", required=True, help="a checkpoint folder or storage URI")
+@click.option("--data", required=True, help="a preprocess --out folder (or storage URI)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the metrics JSON here")
 def evaluate(checkpoint, data, json_path) -> None:
     """Retrieval metrics of a checkpoint on a Parquet cache (Ray Data batch inference)."""
@@ -138,7 +154,10 @@ def evaluate(checkpoint, data, json_path) -> None:
     from gram_ray.evaluate import evaluate_checkpoint, write_metrics
 
     _init_ray()
-    metrics = evaluate_checkpoint(checkpoint, data)
+    try:
+        metrics = evaluate_checkpoint(checkpoint, data)
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(results_table(metrics))
     if json_path:
         write_metrics(metrics, json_path)

@@ -14,10 +14,11 @@ import math
 import os
 from pathlib import Path
 
+from gram_ray import storage
 from gram_ray.config import ConfigError, GramConfig, apply_overrides, save_config
 from gram_ray.train.loop import main_metric_name
 
-__all__ = ["search_space", "run_sweep", "trial_driver", "write_outputs"]
+__all__ = ["search_space", "run_sweep", "trial_driver", "write_outputs", "sweep_root"]
 
 SWEEP_NAME = "sweep"
 
@@ -43,19 +44,33 @@ def search_space(cfg: GramConfig) -> dict:
 def trial_driver(config: dict) -> None:
     """One trial: the base config with this trial's values, fitted by its own TorchTrainer."""
     import ray.tune
+    from pydantic import ValidationError
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from gram_ray.train.trainer import build_trainer, prepare_data
 
     tree = copy.deepcopy(config["base"])
     apply_overrides(tree, [f"{k}={v}" for k, v in config["params"].items()])
-    cfg = GramConfig.model_validate(tree)  # a bad value fails this trial only, with pydantic's message
+    try:
+        cfg = GramConfig.model_validate(tree)
+    except ValidationError as e:  # a bad value fails this trial only, with one line that says what is wrong
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err['input']!r})" for err in e.errors()
+        )
+        raise ConfigError(f"invalid trial config: {problems}") from None
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
+    # Each trial's checkpoints: beside the sweep on shared storage when there is one (any node may run a trial).
+    shared = cfg.run.storage_path
+    cfg.run.storage_path = storage.join(sweep_root(cfg), "trials") if shared else str(trial_dir / "ray")
     cfg.run.name = f"train-{ray.tune.get_context().get_trial_id()}"
-    cfg.run.storage_path = str(trial_dir / "ray")
     cfg.wandb.enabled = False  # the sweep logs every trial through WandbLoggerCallback
     data = prepare_data(cfg, trial_dir, log=lambda *_: None)  # cache hits: decoded once before the sweep
     build_trainer(cfg, data, trial_dir, callbacks=[TuneReportCallback()]).fit()
+
+
+def sweep_root(cfg: GramConfig) -> str:
+    """<run.storage_path>/<run.name>-sweep: the sweep's Tune state, caches and trial checkpoints on shared storage."""
+    return storage.join(cfg.run.storage_path, f"{cfg.run.name}-sweep")
 
 
 def _max_concurrent(cfg: GramConfig) -> int:
@@ -83,22 +98,23 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(deep=True)
-    cfg.data.cache_dir = cfg.data.cache_dir or str(out / "cache")
+    root = sweep_root(cfg) if cfg.run.storage_path else str(out)
+    cfg.data.cache_dir = cfg.data.cache_dir or storage.join(root, "cache")
     for key in ("train_annotations", "val_annotations", "video_dir", "audio_dir", "cache_dir"):
         value = getattr(cfg.data, key)
-        if value and "://" not in value:  # trials run in their own working directories
-            setattr(cfg.data, key, str(Path(value).resolve()))
+        if value:  # trials run in their own working directories
+            setattr(cfg.data, key, storage.absolute(value))
     metric = cfg.tune.metric or main_metric_name(cfg)
     evaluations = math.ceil(cfg.train.epochs / cfg.train.eval_every_epochs)
-    storage = str(out / "ray")
+    tune_storage = storage.join(root, "ray")
     trainable = tune.with_resources(trial_driver, {"cpu": 1})
 
     if resume:
-        path = Path(storage) / SWEEP_NAME
-        if not tune.Tuner.can_restore(str(path)):
+        path = storage.join(tune_storage, SWEEP_NAME)
+        if not tune.Tuner.can_restore(path):
             raise ConfigError(f"no sweep to resume at {path}; run without --resume first")
         log(f"resuming the sweep in {path}: finished trials are kept, unfinished ones run")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         log("decoding the data once for every trial ...")
         decode_caches(cfg, out, log=log)
@@ -126,7 +142,7 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=_max_concurrent(cfg),
             ),
-            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=storage, callbacks=callbacks),
+            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=tune_storage, callbacks=callbacks),
         )
     results = tuner.fit()
     write_outputs(results, cfg, metric, evaluations, out, log)
@@ -137,7 +153,16 @@ def _status(result, evaluations: int) -> str:
     if result.error is not None:
         return "error"
     done = (result.metrics or {}).get("training_iteration", 0)
+    if done == 0:
+        return "not_started"  # the sweep was interrupted first: --resume runs it
     return "completed" if done >= evaluations else "stopped_early"
+
+
+def _error_line(error: BaseException) -> str:
+    """The line of a trial's traceback that says what went wrong (Ray wraps it in its own text)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    own = [line for line in lines if line.startswith(("gram_ray.", "ConfigError", "ValueError", "RuntimeError"))]
+    return (own or lines or [type(error).__name__])[-1][:300]
 
 
 def write_outputs(results, cfg: GramConfig, metric: str, evaluations: int, out: Path, log=print) -> None:
@@ -145,7 +170,8 @@ def write_outputs(results, cfg: GramConfig, metric: str, evaluations: int, out: 
     rows = []
     for result in results:
         history = result.metrics_dataframe
-        best = float(history[metric].max()) if history is not None and metric in history else None
+        values = history[metric] if history is not None and metric in history else None
+        best = None if values is None else float(values.max() if cfg.tune.mode == "max" else values.min())
         rows.append(
             {
                 "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
@@ -153,7 +179,7 @@ def write_outputs(results, cfg: GramConfig, metric: str, evaluations: int, out: 
                 "best_metric": best,
                 "evaluations": (result.metrics or {}).get("training_iteration", 0),
                 "status": _status(result, evaluations),
-                "error": str(result.error).strip().splitlines()[-1][:300] if result.error else "",
+                "error": _error_line(result.error) if result.error else "",
             }
         )
     with (out / "trials.csv").open("w", newline="") as f:
@@ -177,6 +203,9 @@ def write_outputs(results, cfg: GramConfig, metric: str, evaluations: int, out: 
         f"best trial {best['trial_id']}: {metric} = {best['best_metric']:.1f} with "
         + ", ".join(f"{k}={best[k]}" for k in keys)
     )
+    if cfg.run.storage_path:  # also beside the sweep's state, which outlives the driver's folder
+        for name in ("trials.csv", "best_config.yaml"):
+            storage.write_text(storage.join(sweep_root(cfg), name), (out / name).read_text())
     log(f"wrote {out / 'trials.csv'}, {out / 'best_config.yaml'}, {out / 'sweep.png'}")
 
 
@@ -193,7 +222,7 @@ def _plot(rows: list[dict], metric: str, png: Path) -> None:
         ax.bar(range(len(rows)), [r["best_metric"] for r in rows])
         ax.set(xlabel="trial", ylabel=metric)
     else:
-        points = ax.scatter(lr, temp, c=[r["best_metric"] for r in rows], cmap="viridis", s=80, vmin=0, vmax=100)
+        points = ax.scatter(lr, temp, c=[r["best_metric"] for r in rows], cmap="viridis", s=80)
         ax.set(xscale="log", yscale="log", xlabel="train.lr", ylabel="model.temperature (initial)")
         fig.colorbar(points, label=metric)
     ax.set_title("sweep")

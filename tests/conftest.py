@@ -23,7 +23,10 @@ def ray_session():
     tasks and Train workers never wait on each other."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # The dashboard (state API) lets Ray Train release the placement groups of trials Tune stops; see cli._init_ray.
+    ray.init(
+        num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False
+    )
     yield ray
     ray.shutdown()
 
