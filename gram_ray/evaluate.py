@@ -148,13 +148,19 @@ class _EmbedClips:
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, data_dir: str | Path, batch_size: int = 64) -> dict:
     """Embed a Parquet cache with a checkpoint's model through Ray Data, then compute the metrics JSON."""
+    from gram_ray import storage
     from gram_ray.data.parquet_layout import read_cache
+    from gram_ray.train.loop import STATE_FILE
 
-    shards = Path(data_dir) / "shards"
-    ds = read_cache(str(shards if shards.is_dir() else data_dir))
+    if not storage.exists(storage.join(checkpoint_dir, STATE_FILE)):
+        raise FileNotFoundError(f"{checkpoint_dir} is not a gram-ray checkpoint folder (no {STATE_FILE} in it)")
+    if not storage.exists(data_dir):
+        raise FileNotFoundError(f"{data_dir} not found: give a `gram-ray preprocess --out` folder")
+    shards = storage.join(data_dir, "shards")
+    ds = read_cache(shards if storage.exists(shards) else storage.absolute(data_dir))
     rows = ds.map_batches(
         _EmbedClips,
-        fn_constructor_kwargs={"checkpoint_dir": str(checkpoint_dir)},
+        fn_constructor_kwargs={"checkpoint_dir": storage.absolute(checkpoint_dir)},
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=1,

@@ -1,8 +1,10 @@
-"""`ray job submit --working-dir . -- python jobs/tune.py --config configs/tune-demo.yaml --out DIR [--set k=v]`"""
+"""Sweep as a Ray job:
 
-import sys
+    ray job submit --working-dir . -- python jobs/tune.py --config configs/tune-demo.yaml [--out DIR] [--set k=v]
 
-from gram_ray.cli import main
+Attaches to the cluster the job was submitted to (RAY_ADDRESS) and exits non-zero on failure."""
+
+from gram_ray.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    run_job("tune")

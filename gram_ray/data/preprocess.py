@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from gram_ray import storage
 from gram_ray.config import DataConfig
 from gram_ray.data.audio import decode_audio
 from gram_ray.data.errors import DecodeError
@@ -90,8 +90,9 @@ def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | N
         keep["subtitle"].append(str(batch["subtitle"][i] or ""))
     if failures and skipped_dir:
         # Named by the batch's ids, so a retried task overwrites its own record instead of adding a second one.
+        # Through storage: on a cluster this task may run on another node than the driver that reads them.
         name = hashlib.sha1("\n".join(map(str, batch["id"])).encode()).hexdigest()[:16]
-        Path(skipped_dir, f"{name}.jsonl").write_text("".join(json.dumps(f) + "\n" for f in failures))
+        storage.write_text(storage.join(skipped_dir, f"{name}.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
     video, audio = data.video, data.audio
     return {
         "id": np.array(keep["id"], dtype=object),
@@ -163,9 +164,9 @@ def cache_key(annotations: str | Path, rows: list[ManifestRow], data: DataConfig
     return h.hexdigest()
 
 
-def _load_report(out: Path) -> dict | None:
+def _load_report(out: str) -> dict | None:
     try:
-        return json.loads((out / REPORT).read_text())
+        return json.loads(storage.read_text(storage.join(out, REPORT)))
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -185,7 +186,8 @@ def preprocess(
     Reuses an existing cache of the same inputs and config unless force. Raises PreprocessError (after writing
     the report and keeping every shard written) when more than data.max_failure_share of the clips failed."""
     data = data or DataConfig()
-    out = Path(out)
+    out = storage.absolute(out)
+    shards, skipped_dir, report_path = (storage.join(out, name) for name in (SHARDS, _SKIPPED, REPORT))
     rows = read_annotations(annotations)
     resolve_media(rows, video_dir, audio_dir)
     key = cache_key(annotations, rows, data, mode)
@@ -194,21 +196,20 @@ def preprocess(
         log(f"cache hit: {out} already holds these {previous['rows_written']} clips (use --force to decode again)")
         return previous | {"reused": True}
 
-    for stale in (out / SHARDS, out / _SKIPPED):
-        shutil.rmtree(stale, ignore_errors=True)
-    (out / _SKIPPED).mkdir(parents=True, exist_ok=True)
-    log(f"decoding {len(rows)} clips from {annotations} into {out / SHARDS} with Ray Data ...")
+    for stale in (shards, skipped_dir):
+        storage.delete_dir(stale)
+    log(f"decoding {len(rows)} clips from {annotations} into {shards} with Ray Data ...")
     start = time.perf_counter()
-    ds = build_dataset(rows, data, mode, skipped_dir=str(out / _SKIPPED))
+    ds = build_dataset(rows, data, mode, skipped_dir=skipped_dir)
     ds = ds.map_batches(to_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     # No dictionary pages: the values are megabyte-sized blobs that never repeat.
-    ds.write_parquet(str(out / SHARDS), min_rows_per_file=rows_per_shard(data), use_dictionary=False)
+    ds.write_parquet(shards, min_rows_per_file=rows_per_shard(data), use_dictionary=False)
     wall = time.perf_counter() - start
 
     skipped = []
-    for f in sorted((out / _SKIPPED).glob("*.jsonl")):
-        skipped.extend(json.loads(line) for line in f.read_text().splitlines() if line)
-    shutil.rmtree(out / _SKIPPED, ignore_errors=True)
+    for f in storage.list_files(skipped_dir, ".jsonl"):
+        skipped.extend(json.loads(line) for line in storage.read_text(f).splitlines() if line)
+    storage.delete_dir(skipped_dir)
     written = len(rows) - len(skipped)
     share = len(skipped) / len(rows)
     report = {
@@ -227,10 +228,10 @@ def preprocess(
         "columns": ["id", "captions", "frames", "audio_fbank", "has_audio"]
         + (["subtitle"] if any(r.subtitle for r in rows) else []),
     }
-    (out / REPORT).write_text(json.dumps(report, indent=2))
+    storage.write_text(report_path, json.dumps(report, indent=2))
     log(
         f"wrote {written} clips, skipped {len(skipped)}, in {wall:.1f} s ({report['clips_per_second']} clips/s); "
-        f"report: {out / REPORT}"
+        f"report: {report_path}"
     )
     for s in skipped[:10]:
         log(f"  skipped {s['id']}: {s['reason']}")
@@ -238,7 +239,7 @@ def preprocess(
         raise PreprocessError(
             f"{len(skipped)} of {len(rows)} clips ({share:.0%}) could not be decoded, more than "
             f"data.max_failure_share={data.max_failure_share:.0%}. "
-            f"The {written} good clips are kept in {out / SHARDS}; "
-            f"the reasons are in {out / REPORT}. Fix the inputs, or raise data.max_failure_share to accept them."
+            f"The {written} good clips are kept in {shards}; "
+            f"the reasons are in {report_path}. Fix the inputs, or raise data.max_failure_share to accept them."
         )
     return report

@@ -7,6 +7,7 @@ runs the same code; torch.distributed (set up by Ray Train, torchrun or nothing)
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import tempfile
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gram_ray import storage
 from gram_ray.config import GramConfig, save_config
 from gram_ray.data.text import make_tokenizer, tokenize
 from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, is_distributed
@@ -183,10 +185,15 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, epo
 
 
 def load_checkpoint(directory: str | Path, map_location="cpu") -> dict:
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
+    """A checkpoint's state from a local folder or a storage URI (s3://.../checkpoint_000003)."""
+    path = storage.join(directory, STATE_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: is {directory} a gram-ray checkpoint folder?")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    if not storage.is_uri(path):
+        return torch.load(path, map_location=map_location, weights_only=False)
+    fs, inner = storage.resolve(path)
+    with fs.open_input_file(inner) as f:
+        return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=False)
 
 
 def run_training(

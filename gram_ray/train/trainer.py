@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from gram_ray import storage
 from gram_ray.config import GramConfig, save_config
 from gram_ray.data.manifest import read_annotations, resolve_media
 from gram_ray.data.parquet_layout import read_cache
@@ -34,8 +35,18 @@ def _require(value: str | None, key: str) -> str:
     return value
 
 
-def _cache_root(cfg: GramConfig, output_dir: Path) -> Path:
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else output_dir / "cache"
+def run_root(cfg: GramConfig, output_dir: Path) -> str:
+    """Where this run's checkpoints, results and (by default) caches live: <run.storage_path>/<run.name> on
+    shared or cloud storage when storage_path is set (clusters), else <output>/ray/<run.name>."""
+    return storage.join(_storage_path(cfg, output_dir), cfg.run.name)
+
+
+def _cache_root(cfg: GramConfig, output_dir: Path) -> str:
+    if cfg.data.cache_dir:
+        return storage.absolute(cfg.data.cache_dir)
+    if cfg.run.storage_path:  # every node reads the cache: it lives beside the checkpoints
+        return storage.join(run_root(cfg, output_dir), "cache")
+    return str((output_dir / "cache").resolve())
 
 
 def decode_caches(cfg: GramConfig, output_dir: Path, log=print) -> int | None:
@@ -47,12 +58,22 @@ def decode_caches(cfg: GramConfig, output_dir: Path, log=print) -> int | None:
     train_rows = None
     if not d.decode_on_the_fly:
         train_ann = _require(d.train_annotations, "data.train_annotations")
-        report = preprocess(train_ann, video_dir, cache / "train", d, audio_dir=d.audio_dir, mode="train", log=log)
+        report = preprocess(
+            train_ann, video_dir, storage.join(cache, "train"), d, audio_dir=d.audio_dir, mode="train", log=log
+        )
         train_rows = report["rows_written"]
     if d.val_annotations:
         val_data = d.model_copy(deep=True)
         val_data.video.num_frames = d.video.eval_num_frames or d.video.num_frames
-        preprocess(d.val_annotations, video_dir, cache / "val", val_data, audio_dir=d.audio_dir, mode="eval", log=log)
+        preprocess(
+            d.val_annotations,
+            video_dir,
+            storage.join(cache, "val"),
+            val_data,
+            audio_dir=d.audio_dir,
+            mode="eval",
+            log=log,
+        )
     return train_rows
 
 
@@ -68,39 +89,34 @@ def prepare_data(cfg: GramConfig, output_dir: Path, log=print) -> TrainingData:
         train = build_dataset(rows, d, mode="train")  # re-decoded, with new random frames, every epoch
         train_rows = len(rows)
     else:
-        shards = cache / "train" / SHARDS
-        train = _maybe_materialize(read_cache(str(shards)), shards, cfg, log)
+        shards = storage.join(cache, "train", SHARDS)
+        train = _maybe_materialize(read_cache(shards), shards, cfg, log)
     val = None
     if d.val_annotations:
-        shards = cache / "val" / SHARDS
-        val = _maybe_materialize(read_cache(str(shards)), shards, cfg, log)
+        shards = storage.join(cache, "val", SHARDS)
+        val = _maybe_materialize(read_cache(shards), shards, cfg, log)
     vocab = None
     if not (cfg.model.tokenizer or cfg.model.text.pretrained):
         vocab = build_word_vocab(c for r in read_annotations(train_ann) for c in r.captions)
     return TrainingData(train, val, train_rows, vocab)
 
 
-def _parquet_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.glob("*.parquet"))
-
-
-def _maybe_materialize(ds, shards: Path, cfg: GramConfig, log):
+def _maybe_materialize(ds, shards: str, cfg: GramConfig, log):
     """Re-reading Parquet through Ray Data costs seconds of fixed overhead per epoch (measured: 5.5-8 s for 848
     clips on 2 cores, against 0.1-0.3 s for a materialized dataset), so small caches are kept in memory."""
     import ray
 
     mode = cfg.data.materialize
-    size = _parquet_bytes(shards)
+    size = storage.total_bytes(shards, ".parquet")
     budget = ray.cluster_resources().get("object_store_memory", 0) / 4
     if mode == "always" or (mode == "auto" and size < budget):
-        log(f"keeping {shards.parent.name} ({size / 2**20:.0f} MiB) in Ray's object store for every epoch")
+        log(f"keeping {shards} ({size / 2**20:.0f} MiB) in Ray's object store for every epoch")
         return ds.materialize()
     return ds
 
 
 def _storage_path(cfg: GramConfig, output_dir: Path) -> str:
-    path = cfg.run.storage_path or str(output_dir / "ray")
-    return path if "://" in path else str(Path(path).resolve())
+    return storage.absolute(cfg.run.storage_path or output_dir / "ray")
 
 
 def build_trainer(
@@ -117,7 +133,7 @@ def build_trainer(
             f"{s.num_workers} workers; lower train.batch_size or scaling.num_workers"
         )
     datasets = {"train": data.train} | ({"val": data.val} if data.val is not None else {})
-    checkpoint = ray.train.Checkpoint.from_directory(resume_from) if resume_from else None
+    checkpoint = ray.train.Checkpoint(storage.absolute(resume_from)) if resume_from else None  # folder or URI
     return TorchTrainer(
         train_loop_per_worker,
         datasets=datasets,
@@ -164,7 +180,13 @@ def fit(cfg: GramConfig, output_dir: str | Path, resume_from: str | None = None,
         "best_metrics": {k: v for k, v in best[1].items() if k != "val_eval"},
         "best_eval": json.loads(best[1]["val_eval"]) if "val_eval" in best[1] else None,
         "last_metrics": {k: v for k, v in (result.metrics or {}).items() if k != "val_eval"},
-        "train_cache_report": str(_cache_root(cfg, output_dir) / "train" / REPORT),
+        "train_cache_report": storage.join(_cache_root(cfg, output_dir), "train", REPORT),
     }
-    (output_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    text = json.dumps(summary, indent=2)
+    (output_dir / "result.json").write_text(text)
+    if cfg.run.storage_path:  # the driver's folder may be gone with the head node: keep a copy beside the checkpoints
+        storage.write_text(storage.join(run_root(cfg, output_dir), "result.json"), text)
+        storage.write_text(
+            storage.join(run_root(cfg, output_dir), "config.yaml"), (output_dir / "config.yaml").read_text()
+        )
     return result, summary

@@ -1,0 +1,11 @@
+"""Decode clips into a Parquet cache as a Ray job:
+
+    ray job submit --working-dir . -- python jobs/preprocess.py --annotations FILE --video-dir DIR \
+        --out DIR_OR_URI [--config YAML] [--set k=v]
+
+Attaches to the cluster the job was submitted to (RAY_ADDRESS) and exits non-zero on failure."""
+
+from gram_ray.cli import run_job
+
+if __name__ == "__main__":
+    run_job("preprocess")

@@ -1,0 +1,245 @@
+"""What users copy to run on clusters: the autoscaler YAMLs (Ray's own validator), the KubeRay manifests, and
+`ray job submit` of jobs/train.py against a real Ray head started here on 127.0.0.1 with token authentication."""
+
+import copy
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny import OVERRIDES
+
+REPO = Path(__file__).resolve().parents[1]
+AUTOSCALER_YAMLS = sorted((REPO / "cluster").glob("*.yaml"))
+KUBERAY = REPO / "cluster" / "kuberay"
+
+
+def test_there_is_an_aws_and_a_gcp_cluster():
+    providers = {yaml.safe_load(p.read_text())["provider"]["type"] for p in AUTOSCALER_YAMLS}
+    assert {"aws", "gcp"} <= providers
+
+
+@pytest.mark.parametrize("path", AUTOSCALER_YAMLS, ids=lambda p: p.name)
+def test_autoscaler_yaml_passes_rays_validator_and_gpus_scale_from_zero(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(path.read_text())
+    prepared = prepare_config(copy.deepcopy(raw))
+    validate_config(prepared)
+    types = prepared["available_node_types"]
+    gpu = [t for t in types.values() if t.get("resources", {}).get("GPU")]
+    cpu = [n for n, t in types.items() if n != prepared["head_node_type"] and not t["resources"].get("GPU")]
+    assert gpu and all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in gpu)
+    assert cpu  # CPU workers for Ray Data decoding
+    head_start = " ".join(prepared["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start  # reached through `ray dashboard` (SSH), not the internet
+    text = path.read_text()
+    assert "RAY_AUTH_MODE=token" in text and "auth_token" in text
+    assert not any(secret in text.lower() for secret in ("aws_secret", "access_key", "private_key"))
+
+
+def test_kuberay_manifests_parse_and_agree_on_image_and_entrypoint():
+    cluster = yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())
+    job = yaml.safe_load((KUBERAY / "rayjob.yaml").read_text())
+    assert (cluster["kind"], job["kind"]) == ("RayCluster", "RayJob")
+
+    def images(spec):
+        pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        return {c["image"] for pod in pods for c in pod["spec"]["containers"]}
+
+    (image,) = images(cluster["spec"])
+    assert images(job["spec"]["rayClusterSpec"]) == {image}
+    assert {c["image"] for c in job["spec"]["submitterPodTemplate"]["spec"]["containers"]} == {image}
+    assert image.split(":")[-1] in (REPO / "cluster" / "Dockerfile").read_text()  # the tag the Dockerfile builds
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        assert spec["enableInTreeAutoscaling"] and spec["authOptions"]["mode"] == "token"
+        gpu = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in str(g)]
+        assert gpu and all(g["minReplicas"] == 0 for g in gpu)
+    entry = shlex.split(job["spec"]["entrypoint"])
+    assert entry[:2] == ["python", "jobs/train.py"] and (REPO / entry[1]).is_file()
+    assert (REPO / entry[entry.index("--config") + 1]).is_file()
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == "/home/ray/gram-ray"
+    assert "WORKDIR /home/ray/gram-ray" in (REPO / "cluster" / "Dockerfile").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_head():
+    """`ray start --head` bound to 127.0.0.1 with token auth, in its own process group so that exactly this head
+    (and nothing else Ray on the machine, e.g. the test session's own instance) is stopped afterwards."""
+    token = secrets.token_hex(32)
+    ports = {name: _free_port() for name in ("gcs", "dashboard", "client", "agent", "metrics")}
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix sockets live under it
+    env = os.environ | {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "WANDB_MODE": "disabled",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # jobs run this venv's python
+    }
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={ports['gcs']}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={ports['dashboard']}",
+            f"--ray-client-server-port={ports['client']}",
+            f"--dashboard-agent-listen-port={ports['agent']}",
+            f"--metrics-export-port={ports['metrics']}",
+            "--num-cpus=8",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    address = f"http://127.0.0.1:{ports['dashboard']}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            JobSubmissionClient(address, headers={"authorization": f"Bearer {token}"}).list_jobs()
+            break
+        except Exception:
+            if time.time() > deadline or head.poll() is not None:
+                os.killpg(head.pid, signal.SIGKILL)
+                pytest.fail("the local Ray head did not come up within 120 s")
+            time.sleep(1)
+    try:
+        yield {"address": address, "token": token, "env": env}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # anything of this head left in its group
+        except ProcessLookupError:
+            pass
+
+
+def _train_args(synth_small, out: Path, *extra: str) -> list[str]:
+    sets = [
+        *OVERRIDES,
+        "train.epochs=2",
+        f"data.train_annotations={synth_small['train']}",
+        f"data.val_annotations={synth_small['val']}",
+        f"data.video_dir={synth_small['videos']}",
+        f"data.audio_dir={synth_small['audios']}",
+        *extra,
+    ]
+    return ["--config", "configs/demo.yaml", "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+
+
+def _wait(client, job_id: str, timeout: float = 600) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, f"job {job_id} still {status} after {timeout} s"
+        time.sleep(2)
+    return status
+
+
+def _assert_trained(result_json: Path) -> dict:
+    result = json.loads(result_json.read_text())
+    assert "val/text-video-audio/t2v/R@1" in result["best_metrics"]
+    return result
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_job_submitted_with_the_cli_trains_and_writes_its_outputs(local_head, synth_small, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    job_id = f"cli-{uuid.uuid4().hex[:8]}"
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        local_head["address"],
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--no-wait",
+        "--",
+        "python",
+        "jobs/train.py",
+        *_train_args(synth_small, tmp_path / "run"),
+    ]
+    submitted = subprocess.run(cmd, cwd=REPO, env=local_head["env"], capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    client = JobSubmissionClient(local_head["address"], headers={"authorization": f"Bearer {local_head['token']}"})
+    status = _wait(client, job_id)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+    result = _assert_trained(tmp_path / "run" / "result.json")
+    assert (Path(result["checkpoint"]) / "state.pt").is_file()
+    assert "best checkpoint:" in client.get_job_logs(job_id)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_job_submitted_with_the_sdk_keeps_checkpoints_results_and_cache_in_storage(local_head, synth_small, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(local_head["address"], headers={"authorization": f"Bearer {local_head['token']}"})
+    store = f"file://{tmp_path / 'store'}"  # a storage URI: the same code path as s3:// and gs://
+    args = _train_args(synth_small, tmp_path / "run", f"run.storage_path={store}", "run.name=sdk-run")
+    job_id = client.submit_job(
+        entrypoint=shlex.join(["python", "jobs/train.py", *args]), runtime_env={"working_dir": str(REPO)}
+    )
+    status = _wait(client, job_id)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+    run = tmp_path / "store" / "sdk-run"
+    result = _assert_trained(run / "result.json")
+    assert result["checkpoint"].startswith(str(run)) and (Path(result["checkpoint"]) / "state.pt").is_file()
+    assert list((run / "cache" / "train" / "shards").glob("*.parquet"))
+    assert (run / "cache" / "val" / "report.json").is_file()
+    assert (run / "config.yaml").is_file()
+
+
+@pytest.mark.ray
+def test_the_job_server_refuses_a_wrong_token(local_head):
+    from ray.job_submission import JobSubmissionClient
+
+    with pytest.raises(Exception, match="(?i)auth"):
+        JobSubmissionClient(local_head["address"], headers={"authorization": "Bearer not-the-token"}).list_jobs()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_failing_job_exits_non_zero(local_head, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(local_head["address"], headers={"authorization": f"Bearer {local_head['token']}"})
+    job_id = client.submit_job(
+        entrypoint="python jobs/train.py --config configs/demo.yaml --set data.train_annotations=/nonexistent.json "
+        f"--out {tmp_path}",
+        runtime_env={"working_dir": str(REPO)},
+    )
+    assert _wait(client, job_id, timeout=300) == JobStatus.FAILED
+    assert "nonexistent.json" in client.get_job_logs(job_id)
