@@ -46,6 +46,13 @@ def main_metric_name(cfg: GramConfig) -> str:
     return "val/" + "-".join(cfg.model.modalities) + "/t2v/R@1"
 
 
+def _writable_tensor(values) -> torch.Tensor:
+    """A tensor over a batch column; copied only when the array is a read-only zero-copy view of the Arrow cache
+    (torch cannot promise not to write into it)."""
+    array = np.asarray(values)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def _captions(value) -> list[str]:
     return [str(c) for c in (value.tolist() if isinstance(value, np.ndarray) else value)]
 
@@ -70,9 +77,9 @@ def make_collate(tokenizer, cfg: GramConfig, train: bool, seed: int = 0) -> Call
         out = tokenize(tokenizer, texts, cfg.model.max_text_length)
         out["text_to_video"] = torch.from_numpy(text_to_video)
         if "video" in cfg.model.modalities:
-            out["frames"] = torch.as_tensor(np.asarray(batch["frames"]))
+            out["frames"] = _writable_tensor(batch["frames"])
         if use_audio:
-            out["audio_fbank"] = torch.as_tensor(np.asarray(batch["audio_fbank"]), dtype=torch.float32)
+            out["audio_fbank"] = _writable_tensor(batch["audio_fbank"]).float()
         if "subtitle" in cfg.model.modalities:
             subs = tokenize(tokenizer, [str(s) for s in batch["subtitle"]], cfg.model.max_text_length)
             out["subtitle_input_ids"], out["subtitle_attention_mask"] = subs["input_ids"], subs["attention_mask"]
@@ -286,6 +293,18 @@ def run_training(
     return last
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every ray.train.report at INFO with all its metrics (here: ~100 keys and the evaluation
+    JSON, twice per epoch), which buries the job's own progress lines; its logger is named by file path."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module logs differently: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: config = {"cfg": GramConfig as a dict, "vocab": [...] | None,
     "steps_per_epoch": int, "output_dir": str}."""
@@ -298,6 +317,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = GramConfig.model_validate(config["cfg"])
     vocab = config.get("vocab")
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers write to logs, not terminals
+    _quiet_ray_train_reports()
     torch.set_num_threads(cfg.train.threads_per_worker or 1)
     device = ray.train.torch.get_device()
     tokenizer = make_tokenizer(cfg.model.tokenizer or cfg.model.text.pretrained, vocab)
