@@ -83,6 +83,12 @@ class DataConfig(_Section):
         "Parquet copies) before writing, so it bounds each decode worker's memory",
     )
     decode_batch_size: int = Field(4, ge=1, description="clips per Ray Data decode task batch")
+    decode_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="decode tasks at once; default one per CPU of the cluster, but at most one per core on a "
+        "single machine whose Ray offers more logical CPUs than it has cores",
+    )
     materialize: Literal["auto", "always", "never"] = Field(
         "auto",
         description="keep the decoded train/val data in Ray's object store instead of re-reading Parquet every "
