@@ -41,16 +41,17 @@ def search_space(cfg: GramConfig) -> dict:
     return space
 
 
-def trial_driver(config: dict) -> None:
-    """One trial: the base config with this trial's values, fitted by its own TorchTrainer."""
+def trial_driver(config: dict, base: dict) -> None:
+    """One trial: the base config (passed once, by Tune's object store) with this trial's values (`config`, the
+    swept dotted keys only), fitted by its own TorchTrainer."""
     import ray.tune
     from pydantic import ValidationError
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from gram_ray.train.trainer import build_trainer, prepare_data
 
-    tree = copy.deepcopy(config["base"])
-    apply_overrides(tree, [f"{k}={v}" for k, v in config["params"].items()])
+    tree = copy.deepcopy(base)
+    apply_overrides(tree, [f"{k}={v}" for k, v in config.items()])
     try:
         cfg = GramConfig.model_validate(tree)
     except ValidationError as e:  # a bad value fails this trial only, with one line that says what is wrong
@@ -107,7 +108,9 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
     metric = cfg.tune.metric or main_metric_name(cfg)
     evaluations = math.ceil(cfg.train.epochs / cfg.train.eval_every_epochs)
     tune_storage = storage.join(root, "ray")
-    trainable = tune.with_resources(trial_driver, {"cpu": 1})
+    # The base config goes through with_parameters, not the search space: Tune prints and stores each trial's
+    # config, which should be the swept values only.
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, base=cfg.model_dump(mode="json")), {"cpu": 1})
 
     if resume:
         path = storage.join(tune_storage, SWEEP_NAME)
@@ -132,7 +135,7 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
             )
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": cfg.model_dump(mode="json"), "params": search_space(cfg)},
+            param_space=search_space(cfg),
             tune_config=tune.TuneConfig(
                 metric=metric,
                 mode=cfg.tune.mode,
@@ -167,15 +170,19 @@ def _error_line(error: BaseException) -> str:
 
 def write_outputs(results, cfg: GramConfig, metric: str, evaluations: int, out: Path, log=print) -> None:
     keys = list(cfg.tune.search_space)
+    # A trial that never started (sweep interrupted) has no Result.config; its values are in Tune's trial list.
+    analysis = getattr(results, "_experiment_analysis", None)
+    planned = {str(t.path): t.config for t in getattr(analysis, "trials", [])}
     rows = []
     for result in results:
+        swept = result.config or planned.get(str(result.path)) or {}
         history = result.metrics_dataframe
         values = history[metric] if history is not None and metric in history else None
         best = None if values is None else float(values.max() if cfg.tune.mode == "max" else values.min())
         rows.append(
             {
                 "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
-                **{k: result.config["params"].get(k) for k in keys},
+                **{k: swept.get(k) for k in keys},
                 "best_metric": best,
                 "evaluations": (result.metrics or {}).get("training_iteration", 0),
                 "status": _status(result, evaluations),
