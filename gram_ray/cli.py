@@ -74,7 +74,7 @@ def synth(out, n, seed, size, seconds) -> None:
 @click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--video-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--audio-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="else: video tracks")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="cache folder (shards/ + report.json)")
+@click.option("--out", required=True, help="cache folder or storage URI (shards/ + report.json)")
 @_CONFIG
 @_SET
 @click.option(
@@ -152,13 +152,14 @@ def tune(config_path, overrides, out, resume) -> None:
 def evaluate(checkpoint, data, json_path) -> None:
     """Retrieval metrics of a checkpoint on a Parquet cache (Ray Data batch inference)."""
     from gram_ray.demo import results_table
-    from gram_ray.evaluate import evaluate_checkpoint, write_metrics
+    from gram_ray.evaluate import check_inputs, evaluate_checkpoint, write_metrics
 
-    _init_ray()
     try:
-        metrics = evaluate_checkpoint(checkpoint, data)
+        check_inputs(checkpoint, data)
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from None
+    _init_ray()
+    metrics = evaluate_checkpoint(checkpoint, data)
     click.echo(results_table(metrics))
     if json_path:
         write_metrics(metrics, json_path)

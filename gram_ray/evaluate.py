@@ -19,7 +19,15 @@ import torch
 from gram_ray.data.preprocess import object_column
 from gram_ray.volume import gram_volume
 
-__all__ = ["retrieval_metrics", "rank_metrics", "evaluate_embeddings", "load_embedding_dir", "volume_scores"]
+__all__ = [
+    "retrieval_metrics",
+    "rank_metrics",
+    "evaluate_embeddings",
+    "load_embedding_dir",
+    "volume_scores",
+    "check_inputs",
+    "evaluate_checkpoint",
+]
 
 _CHUNK = 1024
 
@@ -146,16 +154,23 @@ class _EmbedClips:
         return out
 
 
-def evaluate_checkpoint(checkpoint_dir: str | Path, data_dir: str | Path, batch_size: int = 64) -> dict:
-    """Embed a Parquet cache with a checkpoint's model through Ray Data, then compute the metrics JSON."""
+def check_inputs(checkpoint_dir: str | Path, data_dir: str | Path) -> None:
+    """FileNotFoundError naming what is missing, before any Ray work starts."""
     from gram_ray import storage
-    from gram_ray.data.parquet_layout import read_cache
     from gram_ray.train.loop import STATE_FILE
 
     if not storage.exists(storage.join(checkpoint_dir, STATE_FILE)):
         raise FileNotFoundError(f"{checkpoint_dir} is not a gram-ray checkpoint folder (no {STATE_FILE} in it)")
     if not storage.exists(data_dir):
         raise FileNotFoundError(f"{data_dir} not found: give a `gram-ray preprocess --out` folder")
+
+
+def evaluate_checkpoint(checkpoint_dir: str | Path, data_dir: str | Path, batch_size: int = 64) -> dict:
+    """Embed a Parquet cache with a checkpoint's model through Ray Data, then compute the metrics JSON."""
+    from gram_ray import storage
+    from gram_ray.data.parquet_layout import read_cache
+
+    check_inputs(checkpoint_dir, data_dir)
     shards = storage.join(data_dir, "shards")
     ds = read_cache(shards if storage.exists(shards) else storage.absolute(data_dir))
     rows = ds.map_batches(
