@@ -16,7 +16,7 @@ def main() -> None:
     """Train GRAM (Gramian multimodal alignment) models on Ray clusters."""
 
 
-def _init_ray(dashboard: bool = False) -> None:
+def _init_ray() -> None:
     """Attach to the cluster a job was submitted to (RAY_ADDRESS), else start a local Ray in-process with more
     logical CPUs than cores, so Ray Data decode tasks and Train workers never wait on each other."""
     import ray
@@ -29,11 +29,11 @@ def _init_ray(dashboard: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        # Sweeps need the dashboard: it serves Ray's state API, which Ray Train's placement-group cleaner polls;
-        # without it the workers' placement group of every trial Tune stops (ASHA, or its last report) is never
-        # released and a sweep stalls once they fill the node. Other commands skip its processes (on 2 cores
-        # they cost the demo ~20% of its time). Bound to this machine only.
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=dashboard, dashboard_host="127.0.0.1")
+        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls every second:
+        # without it the cleaner logs a warning each time, and the workers' placement group of every trial Tune
+        # stops (ASHA, or its last report) is never released, so a sweep stalls once they fill the node.
+        # Bound to this machine only.
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def run_job(command: str) -> None:
@@ -138,7 +138,7 @@ def tune(config_path, overrides, out, resume) -> None:
 
     cfg = _config(config_path, overrides)
     out = out or Path("runs") / f"{cfg.run.name}-sweep"
-    _init_ray(dashboard=True)
+    _init_ray()
     try:
         run_sweep(cfg, out, resume=resume, log=click.echo)
     except (ConfigError, ValueError) as e:

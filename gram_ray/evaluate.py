@@ -167,6 +167,8 @@ def check_inputs(checkpoint_dir: str | Path, data_dir: str | Path) -> None:
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, data_dir: str | Path, batch_size: int = 64) -> dict:
     """Embed a Parquet cache with a checkpoint's model through Ray Data, then compute the metrics JSON."""
+    import ray.data
+
     from gram_ray import storage
     from gram_ray.data.parquet_layout import read_cache
 
@@ -178,7 +180,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_dir: str | Path, batch_
         fn_constructor_kwargs={"checkpoint_dir": storage.absolute(checkpoint_dir)},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
     ).take_all()
     rows.sort(key=lambda r: r["id"])
     emb: dict[str, list] = {}

@@ -150,7 +150,7 @@ def build_dataset(rows: list[ManifestRow], data: DataConfig, mode: Mode = "eval"
         batch_format="numpy",
         fn_kwargs={"data": data, "mode": mode, "skipped_dir": skipped_dir},
         num_cpus=1,
-        concurrency=decode_concurrency(data),
+        compute=ray.data.TaskPoolStrategy(size=decode_concurrency(data)),
     )
     return ds if any(r.subtitle for r in rows) else ds.drop_columns(["subtitle"])
 
