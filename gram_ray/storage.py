@@ -18,6 +18,7 @@ __all__ = [
     "join",
     "absolute",
     "exists",
+    "read_bytes",
     "read_text",
     "write_text",
     "delete_dir",
@@ -54,10 +55,14 @@ def exists(path: str | Path) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
-def read_text(path: str | Path) -> str:
+def read_bytes(path: str | Path) -> bytes:
     fs, p = resolve(path)
     with fs.open_input_stream(p) as f:
-        return f.read().decode()
+        return f.read()
+
+
+def read_text(path: str | Path) -> str:
+    return read_bytes(path).decode()
 
 
 def write_text(path: str | Path, text: str) -> None:

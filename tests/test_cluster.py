@@ -113,13 +113,11 @@ def local_head():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    address = f"http://127.0.0.1:{ports['dashboard']}"
-    from ray.job_submission import JobSubmissionClient
-
+    info = {"address": f"http://127.0.0.1:{ports['dashboard']}", "token": token, "env": env}
     deadline = time.time() + 120
     while True:
         try:
-            JobSubmissionClient(address, headers={"authorization": f"Bearer {token}"}).list_jobs()
+            _client(info).list_jobs()
             break
         except Exception:
             if time.time() > deadline or head.poll() is not None:
@@ -127,7 +125,7 @@ def local_head():
                 pytest.fail("the local Ray head did not come up within 120 s")
             time.sleep(1)
     try:
-        yield {"address": address, "token": token, "env": env}
+        yield info
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
         try:
@@ -138,6 +136,13 @@ def local_head():
             os.killpg(head.pid, signal.SIGKILL)  # anything of this head left in its group
         except ProcessLookupError:
             pass
+
+
+def _client(head: dict, token: str | None = None):
+    """A JobSubmissionClient for the local head, authenticated with its token (or the one given)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head["address"], headers={"authorization": f"Bearer {token or head['token']}"})
 
 
 def _train_args(synth_small, out: Path, *extra: str) -> list[str]:
@@ -172,7 +177,7 @@ def _assert_trained(result_json: Path) -> dict:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_job_submitted_with_the_cli_trains_and_writes_its_outputs(local_head, synth_small, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     job_id = f"cli-{uuid.uuid4().hex[:8]}"
     cmd = [
@@ -193,7 +198,7 @@ def test_job_submitted_with_the_cli_trains_and_writes_its_outputs(local_head, sy
     ]
     submitted = subprocess.run(cmd, cwd=REPO, env=local_head["env"], capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
-    client = JobSubmissionClient(local_head["address"], headers={"authorization": f"Bearer {local_head['token']}"})
+    client = _client(local_head)
     status = _wait(client, job_id)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
     result = _assert_trained(tmp_path / "run" / "result.json")
@@ -204,9 +209,9 @@ def test_job_submitted_with_the_cli_trains_and_writes_its_outputs(local_head, sy
 @pytest.mark.ray
 @pytest.mark.slow
 def test_job_submitted_with_the_sdk_keeps_checkpoints_results_and_cache_in_storage(local_head, synth_small, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(local_head["address"], headers={"authorization": f"Bearer {local_head['token']}"})
+    client = _client(local_head)
     store = f"file://{tmp_path / 'store'}"  # a storage URI: the same code path as s3:// and gs://
     args = _train_args(synth_small, tmp_path / "run", f"run.storage_path={store}", "run.name=sdk-run")
     job_id = client.submit_job(
@@ -224,18 +229,16 @@ def test_job_submitted_with_the_sdk_keeps_checkpoints_results_and_cache_in_stora
 
 @pytest.mark.ray
 def test_the_job_server_refuses_a_wrong_token(local_head):
-    from ray.job_submission import JobSubmissionClient
-
     with pytest.raises(Exception, match="(?i)auth"):
-        JobSubmissionClient(local_head["address"], headers={"authorization": "Bearer not-the-token"}).list_jobs()
+        _client(local_head, token="not-the-token").list_jobs()
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_failing_job_exits_non_zero(local_head, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(local_head["address"], headers={"authorization": f"Bearer {local_head['token']}"})
+    client = _client(local_head)
     job_id = client.submit_job(
         entrypoint="python jobs/train.py --config configs/demo.yaml --set data.train_annotations=/nonexistent.json "
         f"--out {tmp_path}",

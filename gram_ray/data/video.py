@@ -51,6 +51,10 @@ def _not_readable(e: Exception) -> DecodeError:
     return DecodeError(f"not a readable video ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
+def _undecodable(detail: object) -> DecodeError:
+    return DecodeError(f"video cannot be decoded (truncated or corrupt?): {str(detail).splitlines()[0][:200]}")
+
+
 def probe_size(path: str) -> tuple[int, int]:
     """(width, height) from the container header, without decoding a frame."""
     try:
@@ -114,12 +118,9 @@ def _decode_pyav(path: str, num_frames: int, size: int, mode: Mode, rng) -> np.n
                 codec.skip_frame = "DEFAULT"
                 keep(codec.decode(None))  # flush the frames still held back for reordering
     except av.FFmpegError as e:
-        raise DecodeError(f"video cannot be decoded (truncated or corrupt?): {str(e).splitlines()[0][:200]}") from None
+        raise _undecodable(e) from None
     if len(got) < len(targets):
-        raise DecodeError(
-            f"video cannot be decoded (truncated or corrupt?): only {len(got)} of the {len(targets)} sampled "
-            "frames came out of the decoder"
-        )
+        raise _undecodable(f"only {len(got)} of the {len(targets)} sampled frames came out of the decoder")
     return _crop(np.stack([got[pts] for pts in wanted]), size)
 
 
@@ -147,7 +148,7 @@ def _decode_decord(path: str, num_frames: int, size: int, mode: Mode, rng) -> np
             reader = VideoReader(path, ctx=cpu(0), num_threads=1)
             frames = _resize(_read_decord(reader, num_frames, mode, rng), width, height)
     except DECORDError as e:
-        raise DecodeError(f"video cannot be decoded (truncated or corrupt?): {str(e).splitlines()[0][:200]}") from None
+        raise _undecodable(e) from None
     return _crop(frames, size)
 
 

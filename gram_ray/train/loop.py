@@ -196,11 +196,7 @@ def load_checkpoint(directory: str | Path, map_location="cpu") -> dict:
     path = storage.join(directory, STATE_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: is {directory} a gram-ray checkpoint folder?")
-    if not storage.is_uri(path):
-        return torch.load(path, map_location=map_location, weights_only=False)
-    fs, inner = storage.resolve(path)
-    with fs.open_input_file(inner) as f:
-        return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=False)
+    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location=map_location, weights_only=False)
 
 
 def run_training(
