@@ -16,24 +16,41 @@ def main() -> None:
     """Train GRAM (Gramian multimodal alignment) models on Ray clusters."""
 
 
-def _init_ray() -> None:
+def _init_ray(verbose: bool = False) -> None:
     """Attach to the cluster a job was submitted to (RAY_ADDRESS), else start a local Ray in-process with more
-    logical CPUs than cores, so Ray Data decode tasks and Train workers never wait on each other."""
+    logical CPUs than cores, so Ray Data decode tasks and Train workers never wait on each other.
+
+    Unless verbose, Ray's own INFO lines and the workers' output stay in Ray's session logs (the console says
+    where); gram-ray prints its progress lines itself."""
+    import logging
+    import warnings
+
     import ray
     import ray.data
 
-    # Ray Data's progress bars are for terminals; elsewhere (logs, CI, `ray job` output) it logs progress lines.
+    # Ray Data's progress bars are for terminals; elsewhere (logs, CI, `ray job` output) they stay off.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls every second:
-        # without it the cleaner logs a warning each time, and the workers' placement group of every trial Tune
-        # stops (ASHA, or its last report) is never released, so a sweep stalls once they fill the node.
-        # Bound to this machine only.
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
+    level = logging.INFO if verbose else logging.WARNING
+    if not verbose:
+        from ray.util.annotations import RayDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+    if not ray.is_initialized():
+        options = {"log_to_driver": verbose, "logging_level": level}
+        if os.environ.get("RAY_ADDRESS"):
+            info = ray.init(address=os.environ["RAY_ADDRESS"], **options)
+        else:
+            # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls every second:
+            # without it the cleaner logs a warning each time, and the workers' placement group of every trial
+            # Tune stops (ASHA, or its last report) is never released, so a sweep stalls once they fill the
+            # node. Bound to this machine only.
+            info = ray.init(
+                num_cpus=max(8, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1", **options
+            )
+        if not verbose:
+            click.echo(f"Ray's full logs: {info.address_info['session_dir']}/logs (--verbose shows them here)")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(level)
 
 
 def run_job(command: str) -> None:
@@ -44,6 +61,7 @@ def run_job(command: str) -> None:
 
 _CONFIG = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 _SET = click.option("--set", "overrides", multiple=True, help="override a config key, e.g. --set train.lr=2e-5")
+_VERBOSE = click.option("--verbose", "-v", is_flag=True, help="also show Ray's INFO logs and the workers' output")
 
 
 def _config(config_path, overrides):
@@ -85,14 +103,15 @@ def synth(out, n, seed, size, seconds) -> None:
     help="eval: middle frame of each segment; train: a random one",
 )
 @click.option("--force", is_flag=True, help="decode again even if the cache matches")
-def preprocess(annotations, video_dir, audio_dir, out, config_path, overrides, mode, force) -> None:
+@_VERBOSE
+def preprocess(annotations, video_dir, audio_dir, out, config_path, overrides, mode, force, verbose) -> None:
     """Decode clips with Ray Data into a Parquet cache that every epoch and Tune trial reuses."""
     from gram_ray.data.manifest import ManifestError
     from gram_ray.data.preprocess import PreprocessError
     from gram_ray.data.preprocess import preprocess as run
 
     cfg = _config(config_path, overrides)
-    _init_ray()
+    _init_ray(verbose)
     try:
         run(annotations, video_dir, out, cfg.data, audio_dir=audio_dir, mode=mode, force=force, log=click.echo)
     except (ManifestError, PreprocessError) as e:
@@ -106,16 +125,20 @@ def preprocess(annotations, video_dir, audio_dir, out, config_path, overrides, m
     "--out", type=click.Path(path_type=Path), help="run folder: metrics, result.json, W&B [default: runs/<run.name>]"
 )
 @click.option("--resume", help="a checkpoint folder or storage URI to continue from")
-def train(config_path, overrides, out, resume) -> None:
+@_VERBOSE
+def train(config_path, overrides, out, resume, verbose) -> None:
     """Train GRAM with Ray Train (TorchTrainer) on the data the config names."""
     from gram_ray.data.preprocess import PreprocessError
+    from gram_ray.train.console import Console
+    from gram_ray.train.loop import main_metric_name
     from gram_ray.train.trainer import fit
 
     cfg = _config(config_path, overrides)
     out = out or Path("runs") / cfg.run.name
-    _init_ray()
+    _init_ray(verbose)
+    console = Console(click.echo, main_metric=main_metric_name(cfg))
     try:
-        _, summary = fit(cfg, out, resume_from=resume, log=click.echo)
+        _, summary = fit(cfg, out, resume_from=resume, log=click.echo, console=console)
     except (ValueError, FileNotFoundError, PreprocessError) as e:  # bad config or data: the message says which
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(summary["best_metrics"], indent=2))
@@ -131,14 +154,15 @@ def train(config_path, overrides, out, resume) -> None:
     help="sweep folder: trials.csv, best_config.yaml, sweep.png [default: runs/<run.name>-sweep]",
 )
 @click.option("--resume", is_flag=True, help="continue an interrupted sweep in --out; finished trials are kept")
-def tune(config_path, overrides, out, resume) -> None:
+@_VERBOSE
+def tune(config_path, overrides, out, resume, verbose) -> None:
     """Sweep learning rate, temperature (any config key) with Ray Tune and ASHA, one TorchTrainer per trial."""
     from gram_ray.config import ConfigError
     from gram_ray.tune import run_sweep
 
     cfg = _config(config_path, overrides)
     out = out or Path("runs") / f"{cfg.run.name}-sweep"
-    _init_ray()
+    _init_ray(verbose)
     try:
         run_sweep(cfg, out, resume=resume, log=click.echo)
     except (ConfigError, ValueError) as e:
@@ -149,16 +173,18 @@ def tune(config_path, overrides, out, resume) -> None:
 @click.option("--checkpoint", required=True, help="a checkpoint folder or storage URI")
 @click.option("--data", required=True, help="a preprocess --out folder (or storage URI)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the metrics JSON here")
-def evaluate(checkpoint, data, json_path) -> None:
+@_VERBOSE
+def evaluate(checkpoint, data, json_path, verbose) -> None:
     """Retrieval metrics of a checkpoint on a Parquet cache (Ray Data batch inference)."""
     from gram_ray.demo import results_table
-    from gram_ray.evaluate import check_inputs, evaluate_checkpoint, write_metrics
+    from gram_ray.evaluate import write_metrics
+    from gram_ray.train.inference import check_inputs, evaluate_checkpoint
 
     try:
         check_inputs(checkpoint, data)
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from None
-    _init_ray()
+    _init_ray(verbose)
     metrics = evaluate_checkpoint(checkpoint, data)
     click.echo(results_table(metrics))
     if json_path:
@@ -187,7 +213,8 @@ def evaluate_embeddings_cmd(directory, json_path) -> None:
 @click.option("--modalities", default="text,video,audio", show_default=True, help="text plus one or more others")
 @_CONFIG
 @_SET
-def demo(out, modalities, config_path, overrides) -> None:
+@_VERBOSE
+def demo(out, modalities, config_path, overrides, verbose) -> None:
     """The main job on generated data: synth, preprocess, train (2 workers), evaluate, summarise."""
     from gram_ray.demo import run_demo
 
@@ -196,7 +223,7 @@ def demo(out, modalities, config_path, overrides) -> None:
         raise click.BadParameter(
             "text and at least one of video, audio (e.g. text,video,audio)", param_hint="--modalities"
         )
-    _init_ray()
+    _init_ray(verbose)
     run_demo(out, mods, config_path, overrides, log=click.echo)
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gram_ray.data.schema import MODALITY_NAMES
 
 __all__ = [
     "ConfigError",
@@ -58,9 +60,17 @@ class AudioConfig(_Section):
     frame_shift_ms: float = Field(10.0, gt=0)
     windows: int = Field(1, ge=1, description="A: the filterbank is cut into this many windows")
     window_frames: int = Field(1024, ge=16, description="L: filterbank frames per window (padded or sliced)")
-    # The paper's code normalises filterbanks with AudioSet statistics: (fbank - mean) / (2 * std).
-    norm_mean: float = 15.41663
-    norm_std: float = 6.55582
+    frontend: Literal["ast", "beats"] = Field(
+        "ast",
+        description="the audio encoder's filterbank recipe (GRAM's code, one per encoder): ast = waveform mean "
+        "removed, hanning window, htk_compat, (x + 4.2677393) / (2 x 4.5689974); beats = waveform x 2^15, Kaldi's "
+        "povey window, (x - 15.41663) / (2 x 6.55582)",
+    )
+    train_windows: Literal["random", "middle"] = Field(
+        "random",
+        description="which L-frame slice of each of the A equal parts of a long clip a train-mode decode keeps "
+        "(GRAM: random); eval-mode decodes always keep the middle one",
+    )
     silence_threshold: float = Field(1e-4, ge=0, description="peak |amplitude| below this counts as silent")
     allow_missing: bool = Field(
         False, description="keep clips without (audible) audio, flagged has_audio=false, instead of skipping them"
@@ -102,9 +112,6 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(None, description="Parquet caches; default <run output>/cache")
 
 
-MODALITIES = ("text", "video", "audio", "subtitle")
-
-
 class EncoderConfig(_Section):
     """A Hugging Face encoder: pretrained by name or local path, or random weights from a config."""
 
@@ -126,7 +133,9 @@ class VisionEncoderConfig(EncoderConfig):
 
 
 class ModelConfig(_Section):
-    modalities: list[Literal["text", "video", "audio", "subtitle"]] = ["text", "video", "audio"]
+    modalities: list[str] = Field(
+        ["text", "video", "audio"], description=f"text and one or more of {', '.join(MODALITY_NAMES[1:])}"
+    )
     text: EncoderConfig = EncoderConfig(pretrained="bert-base-uncased", pooling="cls")
     vision: VisionEncoderConfig = VisionEncoderConfig(pretrained="openai/clip-vit-base-patch16", pooling="cls")
     audio: EncoderConfig = EncoderConfig(pretrained="MIT/ast-finetuned-audioset-10-10-0.4593", pooling="cls")
@@ -144,6 +153,16 @@ class ModelConfig(_Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     gather: Literal["exact", "local", "none"] = "exact"
 
+    @field_validator("modalities")
+    @classmethod
+    def _known_modalities(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in MODALITY_NAMES]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; known: {list(MODALITY_NAMES)}")
+        if "text" not in value or len(value) < 2 or len(set(value)) != len(value):
+            raise ValueError(f"need 'text' and at least one other modality, each once; got {value}")
+        return value
+
 
 class TrainConfig(_Section):
     epochs: int = Field(5, ge=1)
@@ -151,8 +170,16 @@ class TrainConfig(_Section):
     lr: float = Field(1e-4, gt=0, description="new layers: projections, temperature, randomly initialised encoders")
     encoder_lr: float = Field(2e-5, gt=0, description="pretrained encoders")
     weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps; when set, wins over warmup_ratio")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="warmup as a share of the run's steps (GRAM: 0.1)")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup, to 0")
+    shuffle: Literal["blocks", "full", "none"] = Field(
+        "blocks",
+        description="new order every epoch, from train.seed and the epoch: blocks = Ray Data block order "
+        "randomised plus a local shuffle buffer on each worker (cheap); full = Ray Data random_shuffle of every "
+        "row (moves the whole split through the object store every epoch)",
+    )
+    shuffle_buffer: int = Field(256, ge=1, description="rows in each worker's local shuffle buffer (shuffle: blocks)")
     grad_clip: float = Field(2.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")

@@ -98,7 +98,9 @@ def results_table(evaluation: dict) -> str:
 
 
 def run_demo(out: str | Path, modalities: list[str], config_path=None, overrides=(), log=print) -> dict:
-    from gram_ray.evaluate import evaluate_checkpoint
+    from gram_ray.train.console import Console
+    from gram_ray.train.inference import evaluate_checkpoint
+    from gram_ray.train.layout import RunLayout
     from gram_ray.train.loop import main_metric_name
     from gram_ray.train.trainer import fit
 
@@ -110,10 +112,11 @@ def run_demo(out: str | Path, modalities: list[str], config_path=None, overrides
     cfg.data.train_annotations, cfg.data.val_annotations = paths["train"], paths["val"]
     cfg.data.video_dir, cfg.data.audio_dir = paths["videos"], paths["audios"]
     cfg.data.cache_dir = str(out / "cache")
-    result, summary = fit(cfg, run_dir, log=log)
+    layout = RunLayout.of(cfg, run_dir)
+    result, summary = fit(cfg, run_dir, log=log, console=Console(log, main_metric=main_metric_name(cfg)))
     log("evaluating the best checkpoint on the val split (Ray Data batch inference) ...")
-    final_eval = evaluate_checkpoint(summary["checkpoint"], out / "cache" / "val")
-    plot_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png", main_metric_name(cfg))
+    final_eval = evaluate_checkpoint(summary["checkpoint"], layout.cache("val"))
+    plot_curves(layout.metrics, run_dir / "training_curves.png", main_metric_name(cfg))
     plot_retrieval(final_eval, run_dir / "retrieval.png")
     report = {
         "modalities": modalities,
@@ -123,7 +126,7 @@ def run_demo(out: str | Path, modalities: list[str], config_path=None, overrides
         "paths": {
             "run": str(run_dir),
             "checkpoint": summary["checkpoint"],
-            "metrics": str(run_dir / "metrics.jsonl"),
+            "metrics": str(layout.metrics),
             "training_curves": str(run_dir / "training_curves.png"),
             "retrieval_chart": str(run_dir / "retrieval.png"),
             "wandb": str(run_dir / "wandb"),

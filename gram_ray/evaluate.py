@@ -1,4 +1,5 @@
-"""Retrieval evaluation: R@1/5/10, MedR and MeanR, by volume and by cosine, both directions.
+"""Retrieval evaluation: R@1/5/10, MedR and MeanR, by volume and by cosine, both directions. Pure numpy/torch:
+embedding a dataset with a checkpoint (Ray Data batch inference) lives in train/inference.py.
 
 Metrics JSON (DESIGN.md): {"volume": {"text-video-audio": {"t2v": {...}, "v2t": {...}}, ...},
 "cosine": {"text-video": {...}, ...}}. R@K in percent, ranks 1-based. Volume scores: lower is better.
@@ -16,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gram_ray.data.preprocess import object_column
 from gram_ray.volume import gram_volume
 
 __all__ = [
@@ -25,8 +25,7 @@ __all__ = [
     "evaluate_embeddings",
     "load_embedding_dir",
     "volume_scores",
-    "check_inputs",
-    "evaluate_checkpoint",
+    "write_metrics",
 ]
 
 _CHUNK = 1024
@@ -121,75 +120,3 @@ def load_embedding_dir(directory: str | Path) -> tuple[dict[str, np.ndarray], np
 
 def write_metrics(metrics: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(metrics, indent=2))
-
-
-class _EmbedClips:
-    """Ray Data batch-inference UDF: a checkpoint's model embedding each clip's modalities and captions."""
-
-    def __init__(self, checkpoint_dir: str) -> None:
-        from gram_ray.config import GramConfig
-        from gram_ray.data.text import make_tokenizer
-        from gram_ray.train.loop import build_model, load_checkpoint, make_collate
-
-        state = load_checkpoint(checkpoint_dir)
-        self.cfg = GramConfig.model_validate(state["config"])
-        self.model = build_model(self.cfg, state["vocab"])
-        self.model.load_state_dict(state["model"])
-        self.model.eval()
-        tokenizer = make_tokenizer(self.cfg.model.tokenizer or self.cfg.model.text.pretrained, state["vocab"])
-        self.collate = make_collate(tokenizer, self.cfg, train=False)
-
-    def __call__(self, batch: dict) -> dict:
-        model_batch = self.collate(batch)
-        with torch.no_grad():
-            emb = self.model.embed(model_batch)
-        t2v = model_batch["text_to_video"].numpy()
-        out = {"id": np.asarray(model_batch["ids"], dtype=object), "num_captions": np.bincount(t2v, minlength=len(t2v))}
-        out["num_captions"] = out["num_captions"][: len(model_batch["ids"])]
-        for m, e in emb.items():
-            if m == "text":  # several captions per clip: a ragged list per row
-                out["text"] = object_column([e[t2v == i].numpy().ravel() for i in range(len(model_batch["ids"]))])
-            else:
-                out[m] = e.numpy()
-        return out
-
-
-def check_inputs(checkpoint_dir: str | Path, data_dir: str | Path) -> None:
-    """FileNotFoundError naming what is missing, before any Ray work starts."""
-    from gram_ray import storage
-    from gram_ray.train.loop import STATE_FILE
-
-    if not storage.exists(storage.join(checkpoint_dir, STATE_FILE)):
-        raise FileNotFoundError(f"{checkpoint_dir} is not a gram-ray checkpoint folder (no {STATE_FILE} in it)")
-    if not storage.exists(data_dir):
-        raise FileNotFoundError(f"{data_dir} not found: give a `gram-ray preprocess --out` folder")
-
-
-def evaluate_checkpoint(checkpoint_dir: str | Path, data_dir: str | Path, batch_size: int = 64) -> dict:
-    """Embed a Parquet cache with a checkpoint's model through Ray Data, then compute the metrics JSON."""
-    import ray.data
-
-    from gram_ray import storage
-    from gram_ray.data.parquet_layout import read_cache
-
-    check_inputs(checkpoint_dir, data_dir)
-    shards = storage.join(data_dir, "shards")
-    ds = read_cache(shards if storage.exists(shards) else storage.absolute(data_dir))
-    rows = ds.map_batches(
-        _EmbedClips,
-        fn_constructor_kwargs={"checkpoint_dir": storage.absolute(checkpoint_dir)},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
-    ).take_all()
-    rows.sort(key=lambda r: r["id"])
-    emb: dict[str, list] = {}
-    text_rows, text_to_video = [], []
-    for i, r in enumerate(rows):
-        text_rows.append(np.asarray(r["text"], dtype=np.float32).reshape(r["num_captions"], -1))
-        text_to_video.extend([i] * r["num_captions"])
-        for m, v in r.items():
-            if m not in ("id", "text", "num_captions"):
-                emb.setdefault(m, []).append(np.asarray(v))
-    embeddings = {m: np.stack(v) for m, v in emb.items()} | {"text": np.concatenate(text_rows)}
-    return evaluate_embeddings(embeddings, np.asarray(text_to_video))

@@ -41,13 +41,14 @@ def search_space(cfg: GramConfig) -> dict:
     return space
 
 
-def trial_driver(config: dict, base: dict) -> None:
+def trial_driver(config: dict, base: dict, progress=None) -> None:
     """One trial: the base config (passed once, by Tune's object store) with this trial's values (`config`, the
     swept dotted keys only), fitted by its own TorchTrainer."""
     import ray.tune
     from pydantic import ValidationError
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from gram_ray.train.layout import RunLayout
     from gram_ray.train.trainer import build_trainer, prepare_data
 
     tree = copy.deepcopy(base)
@@ -63,10 +64,15 @@ def trial_driver(config: dict, base: dict) -> None:
     # Each trial's checkpoints: beside the sweep on shared storage when there is one (any node may run a trial).
     shared = cfg.run.storage_path
     cfg.run.storage_path = storage.join(sweep_root(cfg), "trials") if shared else str(trial_dir / "ray")
-    cfg.run.name = f"train-{ray.tune.get_context().get_trial_id()}"
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg.run.name = f"train-{trial_id}"
     cfg.wandb.enabled = False  # the sweep logs every trial through WandbLoggerCallback
-    data = prepare_data(cfg, trial_dir, log=lambda *_: None)  # cache hits: decoded once before the sweep
-    build_trainer(cfg, data, trial_dir, callbacks=[TuneReportCallback()]).fit()
+    layout = RunLayout.of(cfg, trial_dir)
+    data = prepare_data(cfg, layout, log=lambda *_: None)  # cache hits: decoded once before the sweep
+    trainer = build_trainer(
+        cfg, data, layout, callbacks=[TuneReportCallback()], progress=progress, source=f"trial {trial_id}"
+    )
+    trainer.fit()
 
 
 def sweep_root(cfg: GramConfig) -> str:
@@ -94,6 +100,8 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
     from ray.tune.schedulers import ASHAScheduler
 
     from gram_ray.tracking import wandb_mode
+    from gram_ray.train.console import Console, ProgressQueue, run_with_progress
+    from gram_ray.train.layout import RunLayout
     from gram_ray.train.trainer import decode_caches
 
     out = Path(out).resolve()
@@ -110,7 +118,10 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
     tune_storage = storage.join(root, "ray")
     # The base config goes through with_parameters, not the search space: Tune prints and stores each trial's
     # config, which should be the swept values only.
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, base=cfg.model_dump(mode="json")), {"cpu": 1})
+    progress = ProgressQueue()
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, base=cfg.model_dump(mode="json"), progress=progress), {"cpu": 1}
+    )
 
     if resume:
         path = storage.join(tune_storage, SWEEP_NAME)
@@ -120,7 +131,7 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         log("decoding the data once for every trial ...")
-        decode_caches(cfg, out, log=log)
+        decode_caches(cfg, RunLayout.of(cfg, out), log=log)
         callbacks = []
         mode = wandb_mode(cfg)
         if mode != "disabled":
@@ -145,9 +156,10 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=_max_concurrent(cfg),
             ),
-            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=tune_storage, callbacks=callbacks),
+            # gram-ray prints a line per trial step and evaluation; Tune's status table stays off the console.
+            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=tune_storage, callbacks=callbacks, verbose=0),
         )
-    results = tuner.fit()
+    results = run_with_progress(tuner.fit, progress, Console(log, main_metric=metric))
     write_outputs(results, cfg, metric, evaluations, out, log)
     return results
 

@@ -1,11 +1,14 @@
-"""One rank of the DDP gradient-equivalence test: `python ddp_worker.py RANK WORLD STORE GATHER OUT`.
+"""One rank of the DDP gradient tests: `python ddp_worker.py RANK WORLD STORE MODE OUT`.
 
-Runs in its own process (gloo on CPU) so that the test exercises a real process group and real DDP."""
+MODE is a gather mode (one backward of the rank's rows), or "accum": two micro-batches per rank through the
+training loop's accumulate_gradients, with a DDP comm hook counting gradient all-reduces. Runs in its own
+process (gloo on CPU) so that the test exercises a real process group and real DDP."""
 
 import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from gram_ray.loss import VolumeContrastiveLoss
@@ -34,6 +37,24 @@ def batch():
     return [torch.randn(N, D_IN, generator=g, dtype=torch.float64) for _ in range(3)]
 
 
+class MicroBatchTowers(Towers):
+    """Towers called as the training loop calls the model: model(batch) -> an output with .loss."""
+
+    def forward(self, batch):
+        norm = torch.nn.functional.normalize
+        t, v, a = (norm(tower(x), dim=-1) for tower, x in zip((self.text, self.video, self.audio), batch))
+        return self.loss.compute(t, v, a)
+
+
+def micro_batches(rank: int, world: int, accum: int):
+    """Rank r's rows of global micro-batch i: micro-batch i is rows [i*N/accum, (i+1)*N/accum) of batch()."""
+    rows = N // accum // world
+    return [
+        [x[i * rows * world + rank * rows : i * rows * world + (rank + 1) * rows] for x in batch()]
+        for i in range(accum)
+    ]
+
+
 def grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
@@ -42,12 +63,30 @@ def main():
     rank, world, store, gather, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     # A file rendezvous: no port to pick, so no race with other processes on the machine.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    model = DistributedDataParallel(Towers(gather))
-    rows = N // world
-    local = [x[rank * rows : (rank + 1) * rows] for x in batch()]
-    model(*local).backward()
+    if gather == "accum":
+        from gram_ray.train.loop import accumulate_gradients
+
+        model = DistributedDataParallel(MicroBatchTowers("exact"))
+        allreduces = []
+
+        def counting_hook(state, bucket):
+            allreduces.append(bucket.index())
+            return default_hooks.allreduce_hook(dist.group.WORLD, bucket)
+
+        model.register_comm_hook(None, counting_hook)
+        micros = micro_batches(rank, world, accum=2)
+        accumulate_gradients(model, micros[0], grad_accum=2, sync=False)
+        after_first = len(allreduces)
+        accumulate_gradients(model, micros[1], grad_accum=2, sync=True)
+        extra = {"allreduces_after_first": after_first, "allreduces_after_last": len(allreduces)}
+    else:
+        model = DistributedDataParallel(Towers(gather))
+        rows = N // world
+        local = [x[rank * rows : (rank + 1) * rows] for x in batch()]
+        model(*local).backward()
+        extra = {}
     if rank == 0:
-        torch.save({k.removeprefix("module."): v for k, v in grads(model).items()}, out)
+        torch.save({k.removeprefix("module."): v for k, v in grads(model).items()} | extra, out)
     dist.destroy_process_group()
 
 

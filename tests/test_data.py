@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from gram_ray.config import AudioConfig, DataConfig
-from gram_ray.data.audio import decode_audio
+from gram_ray.data.audio import decode_audio, fbank_windows, window_starts
 from gram_ray.data.errors import DecodeError
 from gram_ray.data.manifest import ManifestError, read_annotations, resolve_media
 from gram_ray.data.parquet_layout import read_cache
-from gram_ray.data.preprocess import PreprocessError, preprocess
+from gram_ray.data.preprocess import PreprocessError, cache_key, preprocess
 from gram_ray.data.synthetic import AUDIO_COMBOS
 from gram_ray.data.video import decode_video, segment_indices
 
@@ -222,3 +222,56 @@ def test_synthetic_clips_decode_with_audible_audio(synth_small):
     assert frames.shape == (8, 3, 64, 64) and frames.std() > 5
     assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).sum() > 0  # the shape moves
     assert decode_audio(rows[0].audio_path, None, AudioConfig()).std() > 0.1
+
+
+def test_beats_front_end_reproduces_grams_filterbank(shared_data):
+    import torch
+
+    ref = torch.load(shared_data / "gram-reference" / "beats_tiny.pt", weights_only=True)["reference"]
+    cfg = AudioConfig(frontend="beats", window_frames=1024, windows=1)
+    ours = fbank_windows(ref["waveform"][0].numpy(), cfg, mode="eval")
+    np.testing.assert_allclose(ours, ref["gram_fbank"].numpy(), atol=1e-4)
+
+
+def test_ast_and_beats_front_ends_use_their_own_recipes():
+    import torch
+    import torchaudio.compliance.kaldi as kaldi
+
+    rng = np.random.default_rng(0)
+    wave = (0.3 * np.sin(np.arange(16000) * 0.05) + 0.1 + 0.01 * rng.standard_normal(16000)).astype(np.float32)
+    ast = fbank_windows(wave, AudioConfig(frontend="ast", window_frames=128), mode="eval")[0, :98]
+    beats = fbank_windows(wave, AudioConfig(frontend="beats", window_frames=128), mode="eval")[0, :98]
+    w = torch.from_numpy(wave)[None]
+    expected_ast = kaldi.fbank(
+        w - w.mean(),
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=64,
+        dither=0.0,
+        frame_shift=10,
+    )
+    expected_beats = kaldi.fbank(w * 2**15, num_mel_bins=64, sample_frequency=16000, frame_length=25, frame_shift=10)
+    np.testing.assert_allclose(ast, ((expected_ast + 4.2677393) / (2 * 4.5689974)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(beats, ((expected_beats - 15.41663) / (2 * 6.55582)).numpy(), atol=1e-4)
+
+
+def test_audio_windows_random_in_training_middle_in_evaluation():
+    cfg = AudioConfig(window_frames=100, windows=2)
+    # 950 frames -> padded to 10 slices of 100 -> two runs of 5: the middle slices are 2 and 7.
+    assert window_starts(950, cfg, "eval") == [200, 700]
+    draws = {tuple(window_starts(950, cfg, "train", np.random.default_rng(s))) for s in range(200)}
+    assert {a for a, _ in draws} == {0, 100, 200, 300, 400} and {b for _, b in draws} == {500, 600, 700, 800, 900}
+    assert window_starts(950, cfg.model_copy(update={"train_windows": "middle"}), "train") == [200, 700]
+    # A filterbank ending on a slice boundary gets one more (zero) slice, as in GRAM's code.
+    assert window_starts(1000, AudioConfig(window_frames=100, windows=1), "eval") == [500]
+
+
+def test_cache_key_follows_the_audio_front_end(synth_small):
+    rows = read_annotations(synth_small["val"])
+    resolve_media(rows, synth_small["videos"], synth_small["audios"])
+    keys = {
+        cache_key(synth_small["val"], rows, DataConfig(audio=AudioConfig(frontend=f)), "eval") for f in ("ast", "beats")
+    }
+    assert len(keys) == 2

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from ddp_worker import Towers, batch, grads
+from ddp_worker import MicroBatchTowers, Towers, batch, grads, micro_batches
 
 from gram_ray.loss import VolumeContrastiveLoss
 from gram_ray.volume import gram_volume
@@ -119,3 +119,18 @@ def test_ddp_local_gather_drops_part_of_the_gradient(tmp_path):
     # "local" (gather without gradient, as the paper's code) loses the terms where a rank's features are
     # negatives in the other rank's rows: its gradients measurably differ from the full-batch ones.
     assert _max_rel_diff(_ddp_grads("local", tmp_path), _full_batch_grads()) > 0.05
+
+
+def test_ddp_gradient_accumulation_syncs_once_and_equals_the_big_batch(tmp_path):
+    # Two ranks x two micro-batches through the loop's accumulate_gradients: the first micro-batch must not
+    # all-reduce (no_sync), and the accumulated gradients must equal one process's gradients of the same two
+    # global micro-batches, each scaled by 1/2: what one big step over them means for a contrastive loss.
+    ddp = _ddp_grads("accum", tmp_path)
+    assert ddp.pop("allreduces_after_first") == 0
+    assert ddp.pop("allreduces_after_last") >= 1
+    reference = MicroBatchTowers("exact")
+    for micro in micro_batches(rank=0, world=1, accum=2):
+        (reference(micro).loss / 2).backward()
+    expected = grads(reference)
+    assert ddp.keys() == expected.keys()
+    assert _max_rel_diff(ddp, expected) < 1e-12

@@ -1,16 +1,22 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tiny import batches, load_split, tiny_config
+from wandb_records import history, read_records
 
 from gram_ray.config import EncoderConfig, load_config, save_config
-from gram_ray.data.text import build_word_vocab, make_tokenizer
+from gram_ray.data.collate import Collate, epoch_batches
+from gram_ray.data.schema import MODALITIES
+from gram_ray.data.text import build_word_vocab
 from gram_ray.evaluate import evaluate_embeddings, load_embedding_dir, retrieval_metrics
+from gram_ray.model.checkpoint import load_checkpoint
 from gram_ray.model.encoders import load_backbone
+from gram_ray.model.gram import build_model
 from gram_ray.tracking import Tracker
-from gram_ray.train.loop import build_model, load_checkpoint, main_metric_name, make_collate, run_training
+from gram_ray.train.loop import main_metric_name, run_training
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +24,13 @@ def setup(synth_small):
     cfg = tiny_config()
     train, val = load_split(synth_small, "train", cfg), load_split(synth_small, "val", cfg)
     vocab = build_word_vocab(c for caps in train["captions"] for c in caps)
-    return cfg, train, val, vocab, make_tokenizer(None, vocab)
+    return cfg, train, val, vocab
 
 
 def test_model_forward_backward(setup):
-    cfg, train, _, vocab, tok = setup
+    cfg, train, _, vocab = setup
     model = build_model(cfg, vocab)
-    batch = make_collate(tok, cfg, train=True)({k: v[:4] for k, v in train.items()})
+    batch = Collate(cfg, vocab, train=True)({k: v[:4] for k, v in train.items()})
     out = model(batch)
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.logits_t2v.shape == (4, 4)
@@ -33,6 +39,17 @@ def test_model_forward_backward(setup):
     assert all(torch.allclose(e.norm(dim=-1), torch.ones(4)) for e in emb.values())
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+
+
+def test_data_contract_table_drives_collate_and_model(setup):
+    cfg, train, _, vocab = setup
+    model = build_model(cfg, vocab)
+    batch = Collate(cfg, vocab, train=True)({k: v[:4] for k, v in train.items()})
+    for name in cfg.model.modalities:
+        spec = MODALITIES[name]
+        assert spec.cache_column in train, name
+        assert set(spec.batch_keys) <= set(batch), name
+        assert isinstance(getattr(model, spec.encoder), torch.nn.Module), name
 
 
 def test_pretrained_encoders_load_from_disk_by_path(setup, tmp_path):
@@ -53,17 +70,18 @@ def test_pretrained_encoders_load_from_disk_by_path(setup, tmp_path):
     assert len(model.pretrained_parameters()) == len(list(model.text.parameters()))
 
 
-def _run(cfg, train, val, vocab, tok, resume=None, reports=None, epochs_batches=None):
+def _run(cfg, train, val, vocab, resume=None, reports=None):
     reports = [] if reports is None else reports
 
     def report(metrics, ckpt):
         saved = load_checkpoint(ckpt) if ckpt else None
         reports.append((metrics, saved))
 
+    collate = Collate(cfg, vocab, train=True)
     last = run_training(
         cfg,
-        train_batches=lambda epoch: batches(train, cfg.train.batch_size, make_collate(tok, cfg, True, epoch)),
-        val_batches=lambda: batches(val, cfg.train.eval_batch_size, make_collate(tok, cfg, False), drop_last=False),
+        train_batches=lambda epoch, skip: epoch_batches(train, cfg.train.batch_size, collate, epoch, skip),
+        val_batches=lambda: batches(val, cfg.train.eval_batch_size, Collate(cfg, vocab, False), drop_last=False),
         steps_per_epoch=len(train["id"]) // cfg.train.batch_size,
         report=report,
         vocab=vocab,
@@ -73,10 +91,10 @@ def _run(cfg, train, val, vocab, tok, resume=None, reports=None, epochs_batches=
 
 
 def test_loop_runs_directly_and_reports_checkpoints(setup):
-    cfg, train, val, vocab, tok = setup
+    cfg, train, val, vocab = setup
     cfg = cfg.model_copy(deep=True)
     cfg.train.epochs = 2
-    last, reports = _run(cfg, train, val, vocab, tok)
+    last, reports = _run(cfg, train, val, vocab)
     steps = len(train["id"]) // cfg.train.batch_size
     assert [m["step"] for m, _ in reports] == [steps, 2 * steps]
     metrics, saved = reports[-1]
@@ -87,13 +105,13 @@ def test_loop_runs_directly_and_reports_checkpoints(setup):
 
 
 def test_resume_continues_step_count_and_optimizer_state(setup):
-    cfg, train, val, vocab, tok = setup
+    cfg, train, val, vocab = setup
     cfg = cfg.model_copy(deep=True)
     cfg.train.epochs = 1
-    _, first = _run(cfg, train, val, vocab, tok)
+    _, first = _run(cfg, train, val, vocab)
     checkpoint = first[-1][1]
     cfg.train.epochs = 2
-    _, resumed = _run(cfg, train, val, vocab, tok, resume=checkpoint)
+    _, resumed = _run(cfg, train, val, vocab, resume=checkpoint)
     steps = len(train["id"]) // cfg.train.batch_size
     assert [m["step"] for m, _ in resumed] == [2 * steps]  # only epoch 1 ran, counting on from the checkpoint
     state = resumed[-1][1]
@@ -142,11 +160,17 @@ def test_offline_wandb_run_written_and_read_back(tmp_path, monkeypatch):
     tracker.log({"step": 2, "train/loss": 2.0})
     tracker.finish()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    # The offline run file is a log of protobuf records; history items keep their keys and JSON values as bytes.
-    record_log = next(runs[0].glob("*.wandb")).read_bytes()
-    assert b"train/loss" in record_log and b"2.5" in record_log and b"offline-test" in record_log
-    assert b"api_key" not in record_log.lower() and b"WANDB_API_KEY" not in record_log
+    assert len(runs) == 1
+    (run_file,) = runs[0].glob("*.wandb")
+    records = read_records(run_file)
+    kinds = {r.WhichOneof("record_type") for r in records}
+    assert {"run", "history", "exit"} <= kinds
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.display_name == "offline-test"
+    logged = [row for row in history(records) if "train/loss" in row]
+    assert [(row["step"], row["train/loss"]) for row in logged] == [(1, 2.5), (2, 2.0)]
+    raw = run_file.read_bytes()
+    assert b"api_key" not in raw.lower() and b"WANDB_API_KEY" not in raw
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["train/loss"] for x in lines] == [2.5, 2.0]
 
@@ -155,3 +179,81 @@ def test_best_config_round_trip(tmp_path):
     cfg = tiny_config("train.lr=3e-4")
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _resume_run(cfg, train, vocab, resume=None, stop_at=None):
+    """run_training over in-memory rows; stop_at: raise right after the mid-epoch checkpoint of that step, as
+    a killed run would. Returns (lr of every optimizer step, checkpoints reported, ids trained on per epoch)."""
+    lrs, checkpoints, seen = [], [], {}
+    collate = Collate(cfg, vocab, train=True)
+
+    def train_batches(epoch, skip):
+        for batch in epoch_batches(train, cfg.train.batch_size, collate, epoch, skip):
+            seen.setdefault(epoch, []).extend(batch["ids"])
+            yield batch
+
+    def report(metrics, ckpt):
+        if ckpt is not None:
+            checkpoints.append(load_checkpoint(ckpt))
+        if stop_at is not None and metrics["step"] == stop_at:
+            raise _Interrupted
+
+    try:
+        run_training(
+            cfg,
+            train_batches=train_batches,
+            val_batches=None,
+            steps_per_epoch=len(train["id"]) // cfg.train.batch_size,
+            report=report,
+            vocab=vocab,
+            resume=resume,
+            log=lambda m: lrs.append((m["step"], m["train/lr"])),
+        )
+    except _Interrupted:
+        pass
+    return lrs, checkpoints, seen
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(setup):
+    cfg, train, _, vocab = setup
+    cfg = cfg.model_copy(deep=True)
+    # 16 clips / batch 4 = 4 steps an epoch, 3 epochs; a checkpoint every 3 steps lands mid-epoch (step 3, 6).
+    cfg.train.epochs, cfg.train.checkpoint_every_steps = 3, 3
+    cfg.train.warmup_steps, cfg.train.schedule = None, "linear"  # warmup_ratio 0.1 of 12 steps
+    assert cfg.model.text.config.get("hidden_dropout_prob", 0.1) > 0  # dropout on: the RNG state must carry over
+    full_lrs, full_ckpts, full_seen = _resume_run(cfg, train, vocab)
+    first_lrs, first_ckpts, first_seen = _resume_run(cfg, train, vocab, stop_at=6)
+    mid = first_ckpts[-1]
+    assert (mid["step"], mid["epoch"], mid["epoch_complete"]) == (6, 1, False)
+    assert len(mid["consumed_ids"]) == 2 * cfg.train.batch_size  # steps 5 and 6 of epoch 1
+    rest_lrs, rest_ckpts, rest_seen = _resume_run(cfg, train, vocab, resume=mid)
+
+    # No batch replayed or skipped: the resumed epoch trains on exactly the clips the full run had left.
+    assert first_seen[1] + rest_seen[1] == full_seen[1] and set(mid["consumed_ids"]) == set(first_seen[1])
+    assert rest_seen[2] == full_seen[2] and full_seen[1] != full_seen[2]  # and a new order every epoch
+    # The same step count, the same learning rate at every step, ending at 0 on the planned last step.
+    assert [s for s, _ in first_lrs + rest_lrs] == [s for s, _ in full_lrs] == list(range(1, 13))
+    np.testing.assert_allclose([lr for _, lr in first_lrs + rest_lrs], [lr for _, lr in full_lrs], rtol=1e-12)
+    assert full_lrs[-1][1] == 0.0 and rest_ckpts[-1]["step"] == full_ckpts[-1]["step"] == 12
+    # The same final weights, to rounding.
+    final, expected = rest_ckpts[-1]["model"], full_ckpts[-1]["model"]
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_warmup_ratio_and_a_warmup_longer_than_the_run(setup):
+    from gram_ray.train.loop import lr_factor, warmup_steps
+
+    cfg = setup[0].model_copy(deep=True)
+    cfg.train.warmup_steps, cfg.train.warmup_ratio = None, 0.1
+    assert warmup_steps(cfg, 175) == 18  # msrvtt-sized: 10% of 175 steps, not 1,000
+    assert [lr_factor(s, 2, 10, "linear") for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    cfg.train.warmup_steps = 1000
+    with pytest.raises(ValueError, match="longer than the whole run"):
+        warmup_steps(cfg, 175)
+    msrvtt = load_config(Path(__file__).parents[1] / "configs" / "msrvtt.yaml")
+    assert msrvtt.train.warmup_steps is None and msrvtt.train.warmup_ratio == 0.1

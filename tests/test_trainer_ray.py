@@ -7,7 +7,8 @@ from click.testing import CliRunner
 from tiny import tiny_config
 
 from gram_ray.cli import main
-from gram_ray.train.loop import load_checkpoint, main_metric_name
+from gram_ray.model.checkpoint import load_checkpoint
+from gram_ray.train.loop import main_metric_name
 from gram_ray.train.trainer import fit
 
 

@@ -5,7 +5,7 @@ import numpy as np
 from gram_ray.config import load_config
 from gram_ray.data.audio import decode_audio
 from gram_ray.data.manifest import read_annotations, resolve_media
-from gram_ray.data.preprocess import object_column
+from gram_ray.data.schema import object_column
 from gram_ray.data.video import decode_video
 from gram_ray.demo import DEMO_CONFIG
 
@@ -48,6 +48,7 @@ def load_split(paths: dict, split: str, cfg) -> dict:
 
 
 def batches(data: dict, size: int, collate, drop_last: bool = True):
+    """In file order, unshuffled: for evaluation."""
     n = len(data["id"])
     for start in range(0, n - (size - 1 if drop_last else 0), size):
         yield collate({k: v[start : start + size] for k, v in data.items()})

@@ -1,14 +1,18 @@
-"""Audio -> normalised log-mel filterbank windows [A, L, mel_bins], as the GRAM paper's code prepares it.
+"""Audio -> normalised log-mel filterbank windows [A, L, mel_bins], as GRAM's code prepares it for each encoder.
 
 decord's AudioReader resamples to 16 kHz mono (from a separate audio file or the video's own track), then
-torchaudio's Kaldi-compatible fbank (25 ms window, 10 ms hop, 64 mel bins), normalised with the AudioSet
-statistics the paper uses: (fbank - 15.41663) / (2 * 6.55582). The result is zero-padded or cut into A windows
-of L frames (evenly spaced over the clip when it is longer than A * L frames).
+torchaudio's Kaldi-compatible fbank (25 ms window, 10 ms hop, 64 mel bins) by the audio encoder's recipe
+(data.audio.frontend):
+- ast: waveform mean removed, hanning window, htk_compat, then (x + 4.2677393) / (2 * 4.5689974);
+- beats: waveform x 2^15, Kaldi's default povey window, then (x - 15.41663) / (2 * 6.55582).
+The filterbank is cut into L-frame slices and A windows are chosen among them as GRAM does: the middle slice of
+each of A equal runs (evaluation), or a random one of each run (training).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,7 +22,9 @@ from decord import AudioReader, DECORDError, cpu
 from gram_ray.config import AudioConfig
 from gram_ray.data.errors import DecodeError
 
-__all__ = ["load_waveform", "fbank_windows", "decode_audio"]
+__all__ = ["NORMALISATION", "load_waveform", "filterbank", "window_starts", "fbank_windows", "decode_audio"]
+
+Mode = Literal["train", "eval"]
 
 
 def load_waveform(path: str, sample_rate: int) -> np.ndarray:
@@ -32,36 +38,72 @@ def load_waveform(path: str, sample_rate: int) -> np.ndarray:
     return samples.reshape(-1).astype(np.float32)
 
 
-def fbank_windows(waveform: np.ndarray, cfg: AudioConfig) -> np.ndarray:
+# (mean, std) of each recipe's filterbanks over AudioSet, as GRAM's code normalises them: (x - mean) / (2 std).
+NORMALISATION = {"ast": (-4.2677393, 4.5689974), "beats": (15.41663, 6.55582)}
+
+
+def filterbank(waveform: np.ndarray, cfg: AudioConfig) -> torch.Tensor:
+    """[frames, mel_bins] normalised log-mel filterbank of a 16 kHz mono waveform, by the audio encoder's recipe."""
+    samples = torch.from_numpy(waveform)[None]
+    common = {
+        "sample_frequency": cfg.sample_rate,
+        "num_mel_bins": cfg.mel_bins,
+        "frame_length": cfg.frame_length_ms,
+        "frame_shift": cfg.frame_shift_ms,
+        "dither": 0.0,
+    }
+    if cfg.frontend == "ast":
+        fbank = kaldi.fbank(
+            samples - samples.mean(), htk_compat=True, use_energy=False, window_type="hanning", **common
+        )
+    else:  # beats: int16-scaled samples, Kaldi's default (povey) window
+        fbank = kaldi.fbank(samples * 2**15, **common)
+    mean, std = NORMALISATION[cfg.frontend]
+    return (fbank - mean) / (2 * std)
+
+
+def window_starts(frames: int, cfg: AudioConfig, mode: Mode, rng: np.random.Generator | None = None) -> list[int]:
+    """Start frame of each of the A windows, as GRAM's code picks them: the (padded) filterbank is cut into
+    L-frame slices, the slices into A equal runs, and each run gives its middle slice (eval) or a random one
+    (train, unless train_windows is middle)."""
+    length, count = cfg.window_frames, cfg.windows
+    # GRAM pads to at least A slices and past the next slice boundary (a whole zero slice when the filterbank
+    # ends exactly on one); kept as is so that the same clip gives the same windows.
+    slices = (frames + max(length * count - frames, length - frames % length)) // length
+    runs = np.array_split(np.arange(slices), count)
+    if mode == "train" and cfg.train_windows == "random":
+        rng = rng or np.random.default_rng()
+        picks = [int(rng.choice(run)) for run in runs]
+    else:
+        picks = [int(run[(len(run) + 1) // 2 - 1]) for run in runs]
+    return [p * length for p in picks]
+
+
+def fbank_windows(
+    waveform: np.ndarray, cfg: AudioConfig, mode: Mode = "eval", rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """[A, L, mel_bins] float32 windows of the clip's filterbank (zero-padded past its end)."""
     if waveform.size == 0 or np.abs(waveform).max() < cfg.silence_threshold:
         raise DecodeError("audio is silent")
     minimum = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
     if waveform.size < minimum:
         raise DecodeError(f"audio is shorter than one {cfg.frame_length_ms} ms filterbank window")
-    fbank = kaldi.fbank(
-        torch.from_numpy(waveform)[None],
-        htk_compat=True,
-        sample_frequency=cfg.sample_rate,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=cfg.mel_bins,
-        dither=0.0,
-        frame_length=cfg.frame_length_ms,
-        frame_shift=cfg.frame_shift_ms,
-    )
-    fbank = ((fbank - cfg.norm_mean) / (2 * cfg.norm_std)).numpy()
-    total, length = cfg.windows * cfg.window_frames, cfg.window_frames
-    if fbank.shape[0] <= total:
-        padded = np.zeros((total, cfg.mel_bins), dtype=np.float32)
-        padded[: fbank.shape[0]] = fbank
-        return padded.reshape(cfg.windows, length, cfg.mel_bins)
-    starts = np.linspace(0, fbank.shape[0] - length, cfg.windows).astype(int)
-    return np.stack([fbank[s : s + length] for s in starts]).astype(np.float32)
+    fbank = filterbank(waveform, cfg).numpy()
+    starts = window_starts(fbank.shape[0], cfg, mode, rng)
+    padded = np.zeros((max(max(starts) + cfg.window_frames, fbank.shape[0]), cfg.mel_bins), dtype=np.float32)
+    padded[: fbank.shape[0]] = fbank
+    return np.stack([padded[s : s + cfg.window_frames] for s in starts])
 
 
-def decode_audio(audio_path: str | None, video_path: str | None, cfg: AudioConfig) -> np.ndarray:
+def decode_audio(
+    audio_path: str | None,
+    video_path: str | None,
+    cfg: AudioConfig,
+    mode: Mode = "eval",
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """[A, L, mel_bins] from the separate audio file when there is one, else from the video's own track."""
     source = audio_path or video_path
     if source is None:
         raise DecodeError("no audio file and no video to take the audio track from")
-    return fbank_windows(load_waveform(source, cfg.sample_rate), cfg)
+    return fbank_windows(load_waveform(source, cfg.sample_rate), cfg, mode, rng)

@@ -27,11 +27,11 @@ from gram_ray.data.audio import decode_audio
 from gram_ray.data.errors import DecodeError
 from gram_ray.data.manifest import ManifestRow, read_annotations, resolve_media
 from gram_ray.data.parquet_layout import to_parquet_layout
+from gram_ray.data.schema import object_column
 from gram_ray.data.video import Mode, decode_video
 
 __all__ = [
     "PreprocessError",
-    "object_column",
     "decode_batch",
     "decode_concurrency",
     "build_dataset",
@@ -48,14 +48,6 @@ _SKIPPED = "_skipped"
 
 class PreprocessError(RuntimeError):
     """Preprocessing stopped; the message says why and where the report is."""
-
-
-def object_column(items: list) -> np.ndarray:
-    """A 1-D object array holding one Python object (e.g. a list of captions) per row; np.array alone would try
-    to build a 2-D array from equal-length lists."""
-    column = np.empty(len(items), dtype=object)
-    column[:] = items
-    return column
 
 
 def _text_list(value) -> list[str]:
@@ -76,7 +68,7 @@ def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | N
             failures.append({"id": str(media_id), "reason": str(e)})
             continue
         try:
-            fbank, has_audio = decode_audio(audio_path, video_path, data.audio), True
+            fbank, has_audio = decode_audio(audio_path, video_path, data.audio, mode, rng), True
         except DecodeError as e:
             if not data.audio.allow_missing:
                 failures.append({"id": str(media_id), "reason": f"{e} (set data.audio.allow_missing=true to keep it)"})

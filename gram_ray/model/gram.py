@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gram_ray.config import ModelConfig
+from gram_ray.config import GramConfig, ModelConfig
+from gram_ray.data.schema import MODALITIES
 from gram_ray.loss import VolumeContrastiveLoss, VolumeLossOutput
 from gram_ray.model.encoders import AudioEncoder, TextEncoder, VisionEncoder, load_backbone
 
-__all__ = ["GramModel"]
+__all__ = ["GramModel", "build_model"]
 
 
 class GramModel(nn.Module):
@@ -28,7 +29,7 @@ class GramModel(nn.Module):
         self.modalities = list(cfg.modalities)
         text_overrides = {"vocab_size": vocab_size} if vocab_size and not cfg.text.pretrained else {}
         self.text = TextEncoder(load_backbone(cfg.text, "text", **text_overrides), cfg.text.pooling)
-        self.video = (
+        self.vision = (
             VisionEncoder(load_backbone(cfg.vision, "vision"), cfg.vision, num_frames)
             if "video" in self.modalities
             else None
@@ -37,8 +38,8 @@ class GramModel(nn.Module):
             AudioEncoder(load_backbone(cfg.audio, "audio"), cfg.audio.pooling) if "audio" in self.modalities else None
         )
         widths = {"text": self.text.out_dim, "subtitle": self.text.out_dim}
-        if self.video is not None:
-            widths["video"] = self.video.out_dim
+        if self.vision is not None:
+            widths["video"] = self.vision.out_dim
         if self.audio is not None:
             widths["audio"] = self.audio.out_dim
         self.projections = nn.ModuleDict({m: nn.Linear(widths[m], cfg.embed_dim) for m in self.modalities})
@@ -50,23 +51,18 @@ class GramModel(nn.Module):
             temperature_bounds=cfg.temperature_bounds,
         )
         if cfg.gradient_checkpointing:
-            for encoder in (self.text, self.video, self.audio):
+            for encoder in (self.text, self.vision, self.audio):
                 if encoder is not None and hasattr(encoder.backbone, "gradient_checkpointing_enable"):
                     encoder.backbone.gradient_checkpointing_enable()
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         """Parameters of encoders loaded with pretrained weights (trained at train.encoder_lr)."""
-        groups = [(self.text, self.cfg.text), (self.video, self.cfg.vision), (self.audio, self.cfg.audio)]
+        groups = [(self.text, self.cfg.text), (self.vision, self.cfg.vision), (self.audio, self.cfg.audio)]
         return [p for enc, c in groups if enc is not None and c.pretrained for p in enc.parameters() if p.requires_grad]
 
     def _features(self, modality: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if modality == "text":
-            return self.text(batch["input_ids"], batch["attention_mask"])
-        if modality == "subtitle":
-            return self.text(batch["subtitle_input_ids"], batch["subtitle_attention_mask"])
-        if modality == "video":
-            return self.video(batch["frames"])
-        return self.audio(batch["audio_fbank"])
+        spec = MODALITIES[modality]  # which encoder reads which batch keys: the data contract's table
+        return getattr(self, spec.encoder)(*(batch[key] for key in spec.batch_keys))
 
     def embed(self, batch: dict[str, torch.Tensor], modalities: list[str] | None = None) -> dict[str, torch.Tensor]:
         """L2-normalised float32 embeddings [B, embed_dim] of each modality."""
@@ -78,3 +74,8 @@ class GramModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> VolumeLossOutput:
         emb = self.embed(batch)
         return self.loss_fn.compute(emb["text"], *[emb[m] for m in self.modalities if m != "text"])
+
+
+def build_model(cfg: GramConfig, vocab: list[str] | None) -> GramModel:
+    """The model a config describes; `vocab` sizes a randomly initialised text encoder's embeddings."""
+    return GramModel(cfg.model, num_frames=cfg.data.video.num_frames, vocab_size=len(vocab) if vocab else None)

@@ -1,13 +1,17 @@
 """The training loop: nanoGPT-short, and free of Ray so that tests and notebooks can call it directly.
 
-`run_training` takes iterables of batches and a `report(metrics, checkpoint_dir)` callback; the Ray Train
-entry point `train_loop_per_worker` feeds it dataset shards and reports through ray.train.report. Every rank
+`run_training` takes a function giving each epoch's batches and a `report(metrics, checkpoint_dir)` callback;
+the Ray Train entry point (trainer.py) feeds it dataset shards and reports through ray.train.report. Every rank
 runs the same code; torch.distributed (set up by Ray Train, torchrun or nothing) decides what is gathered.
+
+Resuming is exact: a checkpoint records the optimizer step, the epoch, and, when taken mid-epoch, the clips every
+rank has trained on in that epoch and every rank's RNG state. The resumed run trains on the rest of that epoch
+(never a clip twice, never one skipped), and its learning-rate schedule ends at the planned total steps.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import math
 import tempfile
@@ -15,30 +19,30 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from gram_ray import storage
-from gram_ray.config import GramConfig, save_config
-from gram_ray.data.text import make_tokenizer, tokenize
+from gram_ray.config import GramConfig
+from gram_ray.data.schema import IDS, TEXT_TO_VIDEO
 from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, is_distributed
 from gram_ray.evaluate import evaluate_embeddings
-from gram_ray.model.gram import GramModel
+from gram_ray.model.checkpoint import save_checkpoint
+from gram_ray.model.gram import GramModel, build_model
 
 __all__ = [
     "main_metric_name",
-    "make_collate",
-    "build_model",
+    "warmup_steps",
+    "lr_factor",
     "build_optimizer",
+    "accumulate_gradients",
     "run_training",
     "embed_batches",
-    "save_checkpoint",
-    "load_checkpoint",
-    "train_loop_per_worker",
+    "flatten_metrics",
 ]
 
-STATE_FILE = "state.pt"
+# train_batches(epoch, skip_ids): this rank's batches of an epoch, without the clips in skip_ids (the ones a
+# resumed epoch already trained on).
+TrainBatches = Callable[[int, frozenset], Iterable[dict]]
 
 
 def main_metric_name(cfg: GramConfig) -> str:
@@ -46,51 +50,26 @@ def main_metric_name(cfg: GramConfig) -> str:
     return "val/" + "-".join(cfg.model.modalities) + "/t2v/R@1"
 
 
-def _writable_tensor(values) -> torch.Tensor:
-    """A tensor over a batch column; copied only when the array is a read-only zero-copy view of the Arrow cache
-    (torch cannot promise not to write into it)."""
-    array = np.asarray(values)
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
+def warmup_steps(cfg: GramConfig, total_steps: int) -> int:
+    t = cfg.train
+    steps = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * total_steps)
+    if steps > total_steps:
+        raise ValueError(
+            f"train.warmup_steps={steps} is longer than the whole run ({total_steps} optimizer steps): the learning "
+            "rate would never reach its peak. Lower train.warmup_steps, or use train.warmup_ratio (e.g. 0.1)."
+        )
+    return steps
 
 
-def _captions(value) -> list[str]:
-    return [str(c) for c in (value.tolist() if isinstance(value, np.ndarray) else value)]
-
-
-def make_collate(tokenizer, cfg: GramConfig, train: bool, seed: int = 0) -> Callable[[dict], dict]:
-    """numpy batch (a Parquet cache row per video) -> model batch. Train: one caption drawn per video per step.
-    Eval: every caption, with text_to_video mapping each caption to its video."""
-    rng = np.random.default_rng(seed)
-    use_audio = "audio" in cfg.model.modalities
-
-    def collate(batch: dict) -> dict:
-        if use_audio and "has_audio" in batch and not np.all(batch["has_audio"]):
-            keep = np.asarray(batch["has_audio"], dtype=bool)  # no audio: cannot take part in an audio volume
-            batch = {k: v[keep] for k, v in batch.items()}
-        per_video = [_captions(c) for c in batch["captions"]]
-        if train:
-            texts = [c[rng.integers(len(c))] for c in per_video]
-            text_to_video = np.arange(len(per_video))
-        else:
-            texts = [c for caps in per_video for c in caps]
-            text_to_video = np.repeat(np.arange(len(per_video)), [len(c) for c in per_video])
-        out = tokenize(tokenizer, texts, cfg.model.max_text_length)
-        out["text_to_video"] = torch.from_numpy(text_to_video)
-        if "video" in cfg.model.modalities:
-            out["frames"] = _writable_tensor(batch["frames"])
-        if use_audio:
-            out["audio_fbank"] = _writable_tensor(batch["audio_fbank"]).float()
-        if "subtitle" in cfg.model.modalities:
-            subs = tokenize(tokenizer, [str(s) for s in batch["subtitle"]], cfg.model.max_text_length)
-            out["subtitle_input_ids"], out["subtitle_attention_mask"] = subs["input_ids"], subs["attention_mask"]
-        out["ids"] = [str(i) for i in batch["id"]]
-        return out
-
-    return collate
-
-
-def build_model(cfg: GramConfig, vocab: list[str] | None) -> GramModel:
-    return GramModel(cfg.model, num_frames=cfg.data.video.num_frames, vocab_size=len(vocab) if vocab else None)
+def lr_factor(step: int, warmup: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based): linear warmup to 1, then
+    linear or cosine decay reaching 0 at total_steps (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model: GramModel, cfg: GramConfig, total_steps: int):
@@ -107,16 +86,11 @@ def build_optimizer(model: GramModel, cfg: GramConfig, total_steps: int):
             for (is_pre, decay), ps in groups.items()
         ]
     )
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
-        return 1.0 - progress if t.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    warmup = warmup_steps(cfg, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total_steps, t.schedule)
+    )
+    return optimizer, scheduler
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -129,6 +103,26 @@ def _unwrap(model) -> GramModel:
 
 def _autocast(device: torch.device, cfg: GramConfig):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
+
+
+def accumulate_gradients(model, batch: dict, grad_accum: int, sync: bool):
+    """Forward and backward of one micro-batch, its loss scaled by 1/grad_accum so that the accumulated gradient
+    is the mean over micro-batches. DDP all-reduces gradients on every backward unless told not to, so every
+    micro-batch but the last of a group runs under no_sync (forward included: DDP decides in forward)."""
+    skip = not sync and hasattr(model, "no_sync")
+    with model.no_sync() if skip else contextlib.nullcontext():
+        out = model(batch)
+        (out.loss / grad_accum).backward()
+    return out
+
+
+def _gather_objects(value) -> list:
+    """value of every rank, in rank order ([value] without a process group)."""
+    if not is_distributed():
+        return [value]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 @torch.no_grad()
@@ -144,65 +138,52 @@ def embed_batches(model: GramModel, batches: Iterable[dict], device: torch.devic
             emb = model.embed(batch)
         for m, e in emb.items():
             parts.setdefault(m, []).append(e.float())
-        text_to_video.append(batch["text_to_video"].cpu() + offset)
-        offset += len(batch["ids"])
-        ids.extend(batch["ids"])
+        text_to_video.append(batch[TEXT_TO_VIDEO].cpu() + offset)
+        offset += len(batch[IDS])
+        ids.extend(batch[IDS])
     dim = cfg.model.embed_dim
     local = {m: torch.cat(parts[m]) if m in parts else torch.zeros(0, dim, device=device) for m in model.modalities}
     t2v = torch.cat(text_to_video) if text_to_video else torch.zeros(0, dtype=torch.long)
     if is_distributed():
         # Shift this rank's caption -> video indices past the videos of lower ranks, then gather everything.
-        counts = [None] * get_world_size()
-        dist.all_gather_object(counts, len(ids))
+        counts = _gather_objects(len(ids))
         t2v = t2v + sum(counts[: get_rank()])
         local = {m: all_gather_no_grad(e.contiguous()) for m, e in local.items()}
         t2v = all_gather_no_grad(t2v.to(device)).cpu()
-        all_ids = [None] * get_world_size()
-        dist.all_gather_object(all_ids, ids)
-        ids = [i for part in all_ids for i in part]
+        ids = [i for part in _gather_objects(ids) for i in part]
     model.train()
     return {m: e.cpu().numpy() for m, e in local.items()}, t2v.numpy(), ids
 
 
-def _flatten(metrics: dict, prefix: str) -> dict[str, float]:
+def flatten_metrics(metrics: dict, prefix: str) -> dict[str, float]:
+    """Metrics JSON -> flat keys: <prefix>/<modalities>/<direction>/<metric> for volume, <prefix>/<kind>/... else."""
     flat = {}
     for kind, by_name in metrics.items():
         for name, directions in by_name.items():
+            base = f"{prefix}/{name}" if kind == "volume" else f"{prefix}/{kind}/{name}"
             for direction, values in directions.items():
-                # Volume metrics are the main ones: val/<modalities>/<direction>/<metric>; cosine ones say so.
-                base = f"{prefix}/{name}" if kind == "volume" else f"{prefix}/cosine/{name}"
                 for k, v in values.items():
                     flat[f"{base}/{direction}/{k}"] = v
     return flat
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, epoch: int, cfg: GramConfig, vocab):
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": _unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "step": step,
-        "epoch": epoch,
-        "config": cfg.model_dump(mode="json"),
-        "vocab": vocab,
+def _rng_state(device: torch.device) -> dict:
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
-    torch.save(state, directory / STATE_FILE)
-    save_config(cfg, directory / "config.yaml")
 
 
-def load_checkpoint(directory: str | Path, map_location="cpu") -> dict:
-    """A checkpoint's state from a local folder or a storage URI (s3://.../checkpoint_000003)."""
-    path = storage.join(directory, STATE_FILE)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {directory} a gram-ray checkpoint folder?")
-    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location=map_location, weights_only=False)
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def run_training(
     cfg: GramConfig,
     *,
-    train_batches: Callable[[int], Iterable[dict]],
+    train_batches: TrainBatches,
     val_batches: Callable[[], Iterable[dict]] | None,
     steps_per_epoch: int,
     report: Callable[[dict, Path | None], None],
@@ -212,54 +193,98 @@ def run_training(
     prepare_model: Callable = lambda m: m,
     log: Callable[[dict], None] = lambda metrics: None,
 ) -> dict:
-    """Train for cfg.train.epochs; returns the last metrics. report() is called on every rank at each epoch end
-    (and every checkpoint_every_steps), with a checkpoint folder from rank 0 only."""
+    """Train for cfg.train.epochs; returns the last metrics.
+
+    steps_per_epoch: batches per rank in a full epoch (every rank the same). report() is called on every rank at
+    each epoch end (and every checkpoint_every_steps), with a checkpoint folder from rank 0 only. log() gets the
+    step metrics every log_every_steps on rank 0."""
     t = cfg.train
     device = device or torch.device("cpu")
     torch.manual_seed(t.seed)
     model = build_model(cfg, vocab).to(device)
-    total_steps = t.epochs * max(1, steps_per_epoch // t.grad_accum)
+    updates_per_epoch = steps_per_epoch // t.grad_accum
+    if updates_per_epoch < 1:
+        raise ValueError(
+            f"an epoch has {steps_per_epoch} batches per worker, fewer than train.grad_accum={t.grad_accum}: "
+            "lower train.grad_accum or train.batch_size"
+        )
+    total_steps = t.epochs * updates_per_epoch
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
-    step, start_epoch = 0, 0
+    step, start_epoch, skip_ids = 0, 0, frozenset()
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        step, start_epoch = resume["step"], resume["epoch"] + 1
+        step = resume["step"]
+        if resume.get("epoch_complete", True):
+            start_epoch = resume["epoch"] + 1
+        else:  # mid-epoch: the rest of that epoch, in the state every rank had
+            start_epoch, skip_ids = resume["epoch"], frozenset(resume["consumed_ids"])
+            states = resume.get("rng_states") or []
+            if len(states) == get_world_size():
+                _set_rng_state(states[get_rank()], device)
     model = prepare_model(model)
     rank0 = get_rank() == 0
     metric_name = main_metric_name(cfg)
-    last: dict = {}
+    last: dict = {"step": step, "total_steps": total_steps}
 
-    def checkpoint_and_report(metrics: dict, epoch: int) -> None:
+    def checkpoint_and_report(metrics: dict, epoch: int, consumed: list[str] | None) -> None:
+        # Mid-epoch (consumed is not None) every rank contributes its clips and RNG state: a collective.
+        all_consumed = [i for part in _gather_objects(consumed) for i in part] if consumed is not None else []
+        rng_states = _gather_objects(_rng_state(device)) if consumed is not None else None
         if not rank0:
             report(metrics, None)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), model, optimizer, scheduler, step, epoch, cfg, vocab)
+            save_checkpoint(
+                Path(tmp),
+                model,
+                cfg,
+                vocab,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                step=step,
+                epoch=epoch,
+                epoch_complete=consumed is None,
+                consumed_ids=sorted(skip_ids | set(all_consumed)),
+                rng_states=rng_states,
+            )
             report(metrics, Path(tmp))
 
     for epoch in range(start_epoch, t.epochs):
         model.train()
+        # Only whole accumulation groups: a partial group's gradients would leak into the next epoch.
+        updates_left = updates_per_epoch - (step - epoch * updates_per_epoch)
+        consumed: list[str] = []
         window_start, window_samples, micro = time.perf_counter(), 0, 0
-        for batch in train_batches(epoch):
+        batches = iter(train_batches(epoch, skip_ids))
+        while updates_left > 0:
+            batch = next(batches, None)
+            if batch is None:
+                raise RuntimeError(
+                    f"epoch {epoch} ran out of batches on rank {get_rank()} with {updates_left} optimizer steps "
+                    "left: every rank must get steps_per_epoch batches (drop_last, equal shards)"
+                )
             batch = _to_device(batch, device)
-            with _autocast(device, cfg):
-                out = model(batch)
-            (out.loss / t.grad_accum).backward()
             micro += 1
-            window_samples += len(batch["ids"]) * get_world_size()
-            if micro % t.grad_accum:
+            last_micro = micro % t.grad_accum == 0
+            with _autocast(device, cfg):
+                out = accumulate_gradients(model, batch, t.grad_accum, sync=last_micro)
+            consumed.extend(batch[IDS])
+            window_samples += len(batch[IDS]) * get_world_size()
+            if not last_micro:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            updates_left -= 1
             if step % t.log_every_steps == 0:
                 elapsed = time.perf_counter() - window_start
                 last = {
                     "step": step,
+                    "total_steps": total_steps,
                     "epoch": epoch,
                     "train/loss": out.loss.item(),
                     "train/temperature": out.temperature.item(),
@@ -271,100 +296,20 @@ def run_training(
                 if rank0:
                     log(last)
                 window_start, window_samples = time.perf_counter(), 0
-            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
-                checkpoint_and_report({**last, "step": step, "epoch": epoch}, epoch - 1)
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and updates_left > 0:
+                checkpoint_and_report({**last, "step": step, "epoch": epoch}, epoch, consumed)
+        skip_ids = frozenset()
         if (epoch + 1) % t.eval_every_epochs and epoch + 1 < t.epochs:
             continue
         metrics = {**last, "step": step, "epoch": epoch}
         if val_batches is not None:
             emb, text_to_video, _ = embed_batches(_unwrap(model), val_batches(), device, cfg)
             evaluation = evaluate_embeddings(emb, text_to_video)
-            metrics |= _flatten(evaluation, "val")
+            metrics |= flatten_metrics(evaluation, "val")
             metrics["val_eval"] = json.dumps(evaluation)
             if rank0:
                 log({k: v for k, v in metrics.items() if k.startswith("val/")} | {"step": step, "epoch": epoch})
         metrics.setdefault(metric_name, 0.0)
-        checkpoint_and_report(metrics, epoch)
+        checkpoint_and_report(metrics, epoch, None)
         last = metrics
     return last
-
-
-def _quiet_ray_train_reports() -> None:
-    """Ray Train logs every ray.train.report at INFO with all its metrics (here: ~100 keys and the evaluation
-    JSON, twice per epoch), which buries the job's own progress lines; its logger is named by file path."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a Ray without that module logs differently: nothing to quiet
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: config = {"cfg": GramConfig as a dict, "vocab": [...] | None,
-    "steps_per_epoch": int, "output_dir": str}."""
-    import ray.data
-    import ray.train
-    import ray.train.torch
-
-    from gram_ray.tracking import Tracker
-
-    cfg = GramConfig.model_validate(config["cfg"])
-    vocab = config.get("vocab")
-    ray.data.DataContext.get_current().enable_progress_bars = False  # workers write to logs, not terminals
-    _quiet_ray_train_reports()
-    torch.set_num_threads(cfg.train.threads_per_worker or 1)
-    device = ray.train.torch.get_device()
-    tokenizer = make_tokenizer(cfg.model.tokenizer or cfg.model.text.pretrained, vocab)
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val")
-
-    def train_batches(epoch: int):
-        return train_shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size,
-            collate_fn=make_collate(tokenizer, cfg, train=True, seed=cfg.train.seed + 1000 * epoch + rank),
-            drop_last=True,  # equal steps on every rank, so the gathers in the loss always pair up
-            prefetch_batches=cfg.train.prefetch_batches,
-        )
-
-    val_cache: list[dict] = []
-
-    def val_batches():
-        # The val split is not sharded (sharding drops rows to equalise shards); each rank embeds every
-        # world-th batch, and the embeddings are gathered exactly. A rank keeps its collated share in memory
-        # after the first pass: re-reading through Ray Data every evaluation costs seconds of fixed overhead.
-        if not val_cache:
-            collate = make_collate(tokenizer, cfg, train=False)
-            batches = val_data.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy")
-            val_cache.extend(collate(b) for i, b in enumerate(batches) if i % world == rank)
-        return val_cache
-
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = load_checkpoint(d)
-
-    tracker = Tracker(cfg, Path(config["output_dir"]), enabled=rank == 0, resume=resume is not None)
-
-    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report({k: v for k, v in metrics.items()}, checkpoint=ckpt)
-
-    try:
-        run_training(
-            cfg,
-            train_batches=train_batches,
-            val_batches=val_batches if val_data is not None else None,
-            steps_per_epoch=config["steps_per_epoch"],
-            report=report,
-            vocab=vocab,
-            resume=resume,
-            device=device,
-            prepare_model=ray.train.torch.prepare_model,
-            log=tracker.log,
-        )
-    finally:
-        tracker.finish()

@@ -1,24 +1,51 @@
 """TorchTrainer assembly: data caches -> Ray Datasets -> TorchTrainer(train_loop_per_worker) -> Result.
 
 The driver prepares everything that must be decided once (the Parquet caches, the word vocabulary of a
-randomly initialised text encoder, steps per epoch) and hands it to the workers in train_loop_config.
+randomly initialised text encoder, steps per epoch, the shuffle) and hands it to the workers in
+train_loop_config; each worker runs the Ray-free loop (loop.py) over its shard of the train split.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
 from gram_ray import storage
 from gram_ray.config import GramConfig, save_config
+from gram_ray.data.collate import Collate
 from gram_ray.data.manifest import read_annotations, resolve_media
 from gram_ray.data.parquet_layout import read_cache
 from gram_ray.data.preprocess import REPORT, SHARDS, build_dataset, preprocess
+from gram_ray.data.schema import ID
 from gram_ray.data.text import build_word_vocab
-from gram_ray.train.loop import main_metric_name, train_loop_per_worker
+from gram_ray.model.checkpoint import load_checkpoint
+from gram_ray.train.console import Console, ProgressQueue, progress_callback, run_with_progress, step_record
+from gram_ray.train.layout import RunLayout
+from gram_ray.train.loop import main_metric_name, run_training
 
-__all__ = ["TrainingData", "decode_caches", "prepare_data", "build_trainer", "fit"]
+__all__ = [
+    "TrainingData",
+    "RayCollate",
+    "decode_caches",
+    "prepare_data",
+    "keep_in_memory",
+    "shuffled",
+    "rest_of_epoch",
+    "train_iter_options",
+    "train_loop_per_worker",
+    "build_trainer",
+    "fit",
+]
+
+REST = "train_rest"  # the rest of the epoch a mid-epoch checkpoint was taken in
 
 
 @dataclass
@@ -29,71 +56,53 @@ class TrainingData:
     vocab: list[str] | None
 
 
+class RayCollate(Collate, NumpyBatchCollateFn):
+    """Collate in the class form Ray Data (>= 2.47) expects for iter_torch_batches(collate_fn=...)."""
+
+
 def _require(value: str | None, key: str) -> str:
     if not value:
         raise ValueError(f"{key} is not set: give it in the config or with --set {key}=...")
     return value
 
 
-def run_root(cfg: GramConfig, output_dir: Path) -> str:
-    """Where this run's checkpoints, results and (by default) caches live: <run.storage_path>/<run.name> on
-    shared or cloud storage when storage_path is set (clusters), else <output>/ray/<run.name>."""
-    return storage.join(_storage_path(cfg, output_dir), cfg.run.name)
-
-
-def _cache_root(cfg: GramConfig, output_dir: Path) -> str:
-    if cfg.data.cache_dir:
-        return storage.absolute(cfg.data.cache_dir)
-    if cfg.run.storage_path:  # every node reads the cache: it lives beside the checkpoints
-        return storage.join(run_root(cfg, output_dir), "cache")
-    return str((output_dir / "cache").resolve())
-
-
-def decode_caches(cfg: GramConfig, output_dir: Path, log=print) -> int | None:
+def decode_caches(cfg: GramConfig, layout: RunLayout, log=print) -> int | None:
     """Decode (or reuse) the Parquet caches of the train and val splits; returns the train rows written
     (None when the train split is decoded on the fly instead)."""
     d = cfg.data
     video_dir = _require(d.video_dir, "data.video_dir")
-    cache = _cache_root(cfg, output_dir)
     train_rows = None
     if not d.decode_on_the_fly:
         train_ann = _require(d.train_annotations, "data.train_annotations")
         report = preprocess(
-            train_ann, video_dir, storage.join(cache, "train"), d, audio_dir=d.audio_dir, mode="train", log=log
+            train_ann, video_dir, layout.cache("train"), d, audio_dir=d.audio_dir, mode="train", log=log
         )
         train_rows = report["rows_written"]
     if d.val_annotations:
         val_data = d.model_copy(deep=True)
         val_data.video.num_frames = d.video.eval_num_frames or d.video.num_frames
         preprocess(
-            d.val_annotations,
-            video_dir,
-            storage.join(cache, "val"),
-            val_data,
-            audio_dir=d.audio_dir,
-            mode="eval",
-            log=log,
+            d.val_annotations, video_dir, layout.cache("val"), val_data, audio_dir=d.audio_dir, mode="eval", log=log
         )
     return train_rows
 
 
-def prepare_data(cfg: GramConfig, output_dir: Path, log=print) -> TrainingData:
+def prepare_data(cfg: GramConfig, layout: RunLayout, log=print) -> TrainingData:
     """The caches (decoded or reused), opened as Ray Datasets; the vocabulary if the text encoder needs one."""
     d = cfg.data
     train_ann = _require(d.train_annotations, "data.train_annotations")
-    cache = _cache_root(cfg, output_dir)
-    train_rows = decode_caches(cfg, output_dir, log)
+    train_rows = decode_caches(cfg, layout, log)
     if train_rows is None:
         rows = read_annotations(train_ann)
         resolve_media(rows, _require(d.video_dir, "data.video_dir"), d.audio_dir)
         train = build_dataset(rows, d, mode="train")  # re-decoded, with new random frames, every epoch
         train_rows = len(rows)
     else:
-        shards = storage.join(cache, "train", SHARDS)
+        shards = storage.join(layout.cache("train"), SHARDS)
         train = _maybe_materialize(read_cache(shards), shards, cfg, log)
     val = None
     if d.val_annotations:
-        shards = storage.join(cache, "val", SHARDS)
+        shards = storage.join(layout.cache("val"), SHARDS)
         val = _maybe_materialize(read_cache(shards), shards, cfg, log)
     vocab = None
     if not (cfg.model.tokenizer or cfg.model.text.pretrained):
@@ -111,16 +120,167 @@ def _maybe_materialize(ds, shards: str, cfg: GramConfig, log):
     budget = ray.cluster_resources().get("object_store_memory", 0) / 4
     if mode == "always" or (mode == "auto" and size < budget):
         log(f"keeping {shards} ({size / 2**20:.0f} MiB) in Ray's object store for every epoch")
-        return ds.materialize()
+        return keep_in_memory(ds, cfg)
     return ds
 
 
-def _storage_path(cfg: GramConfig, output_dir: Path) -> str:
-    return storage.absolute(cfg.run.storage_path or output_dir / "ray")
+def keep_in_memory(ds, cfg: GramConfig):
+    """The dataset materialized in the object store, in blocks of one batch: randomising the block order then
+    mixes the split (a 32 MB Parquet file would otherwise be one block of hundreds of small clips)."""
+    return ds.repartition(target_num_rows_per_block=cfg.train.batch_size).materialize()
+
+
+def _seed(*parts: int) -> int:
+    return zlib.crc32(json.dumps(parts).encode())
+
+
+def shuffled(ds, cfg: GramConfig, start_epoch: int):
+    """The train split with a new order every epoch. Ray Data reseeds these operators on every execution (one
+    per epoch) from a base seed; the base includes the epoch a run starts at, so a resumed run does not replay
+    the orders of the epochs it already did."""
+    from ray.data import RandomSeedConfig
+
+    seed = RandomSeedConfig(seed=_seed(cfg.train.seed, start_epoch), reseed_after_execution=True)
+    if cfg.train.shuffle == "full":
+        return ds.random_shuffle(seed=seed)
+    if cfg.train.shuffle == "blocks":
+        return ds.randomize_block_order(seed=seed)
+    return ds
+
+
+def _drop_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch[ID], value_set=pa.array(ids, pa.string()))))
+
+
+def rest_of_epoch(ds, consumed_ids: list[str]):
+    """The train split without the clips a mid-epoch checkpoint says were already trained on."""
+    return ds.map_batches(_drop_ids, fn_kwargs={"ids": consumed_ids}, batch_format="pyarrow", zero_copy_batch=True)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every ray.train.report at INFO with all its metrics (here: ~100 keys and the evaluation
+    JSON), which buries the job's own output; its logger is named by file path."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module logs differently: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_iter_options(cfg: GramConfig, vocab: list[str] | None, epoch: int, rank: int) -> dict:
+    """iter_torch_batches arguments of a worker's train shard in an epoch."""
+    shuffle = cfg.train.shuffle == "blocks"
+    return {
+        "batch_size": cfg.train.batch_size,
+        "collate_fn": RayCollate(cfg, vocab, train=True, epoch=epoch),
+        "drop_last": True,  # equal steps on every rank, so the gathers in the loss always pair up
+        "prefetch_batches": cfg.train.prefetch_batches,
+        "local_shuffle_buffer_size": cfg.train.shuffle_buffer if shuffle else None,
+        "local_shuffle_seed": _seed(cfg.train.seed, epoch, rank) if shuffle else None,
+    }
+
+
+def _optional_shard(name: str):
+    import ray.train
+
+    try:
+        return ray.train.get_dataset_shard(name)
+    except KeyError:  # not passed to this run's trainer
+        return None
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: config = {"cfg": GramConfig as a dict, "vocab": [...] | None, "steps_per_epoch":
+    int, "output_dir": str, "progress": a ray.util.queue.Queue or None}."""
+    import ray.data
+    import ray.train
+    import ray.train.torch
+
+    from gram_ray.tracking import Tracker
+
+    cfg = GramConfig.model_validate(config["cfg"])
+    vocab = config.get("vocab")
+    ray.data.DataContext.get_current().enable_progress_bars = False  # workers write to logs, not terminals
+    _quiet_ray_train_reports()
+    torch.set_num_threads(cfg.train.threads_per_worker or 1)
+    device = ray.train.torch.get_device()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    train_shard = ray.train.get_dataset_shard("train")
+    rest_shard = _optional_shard(REST)
+    val_data = _optional_shard("val")
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = load_checkpoint(d)
+    resume_epoch = resume["epoch"] if resume is not None and not resume.get("epoch_complete", True) else None
+
+    def train_batches(epoch: int, skip_ids: frozenset):
+        shard = train_shard
+        if skip_ids:
+            if rest_shard is not None and epoch == resume_epoch:
+                shard = rest_shard  # the driver already left out the clips trained on before the checkpoint
+            else:
+                logging.getLogger("gram_ray").warning(
+                    "epoch %d restarts from its beginning: this restart has no rest-of-epoch dataset", epoch
+                )
+        return shard.iter_torch_batches(**train_iter_options(cfg, vocab, epoch, rank))
+
+    val_cache: list[dict] = []
+    world = context.get_world_size()
+
+    def val_batches():
+        # The val split is not sharded (sharding drops rows to equalise shards); each rank embeds every
+        # world-th batch, and the embeddings are gathered exactly. A rank keeps its collated share in memory
+        # after the first pass: re-reading through Ray Data every evaluation costs seconds of fixed overhead.
+        if not val_cache:
+            collate = Collate(cfg, vocab, train=False)
+            batches = val_data.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy")
+            val_cache.extend(collate(b) for i, b in enumerate(batches) if i % world == rank)
+        return val_cache
+
+    tracker = Tracker(cfg, Path(config["output_dir"]), enabled=rank == 0, resume=resume is not None)
+    progress = config.get("progress")
+
+    def log(metrics: dict) -> None:
+        tracker.log(metrics)
+        if progress is not None and "train/loss" in metrics and "val_eval" not in metrics:
+            try:
+                progress.put_nowait(step_record(metrics, cfg.train.epochs) | {"source": config.get("source", "")})
+            except Exception:  # progress display must never fail a training run
+                pass
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(dict(metrics), checkpoint=ckpt)
+
+    try:
+        run_training(
+            cfg,
+            train_batches=train_batches,
+            val_batches=val_batches if val_data is not None else None,
+            steps_per_epoch=config["steps_per_epoch"],
+            report=report,
+            vocab=vocab,
+            resume=resume,
+            device=device,
+            prepare_model=ray.train.torch.prepare_model,
+            log=log,
+        )
+    finally:
+        tracker.finish()
 
 
 def build_trainer(
-    cfg: GramConfig, data: TrainingData, output_dir: Path, resume_from: str | None = None, callbacks: list | None = None
+    cfg: GramConfig,
+    data: TrainingData,
+    layout: RunLayout,
+    resume_from: str | None = None,
+    callbacks: list | None = None,
+    progress=None,
+    source: str = "",
 ):
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -132,8 +292,18 @@ def build_trainer(
             f"{data.train_rows} training clips cannot fill one step of {cfg.train.batch_size} per worker x "
             f"{s.num_workers} workers; lower train.batch_size or scaling.num_workers"
         )
-    datasets = {"train": data.train} | ({"val": data.val} if data.val is not None else {})
-    checkpoint = ray.train.Checkpoint(storage.absolute(resume_from)) if resume_from else None  # folder or URI
+    checkpoint, start_epoch, datasets = None, 0, {}
+    if resume_from:
+        checkpoint = ray.train.Checkpoint(storage.absolute(resume_from))  # folder or URI
+        state = load_checkpoint(resume_from)
+        start_epoch = state["epoch"] + (1 if state.get("epoch_complete", True) else 0)
+        if not state.get("epoch_complete", True):
+            datasets[REST] = shuffled(rest_of_epoch(data.train, state["consumed_ids"]), cfg, start_epoch)
+    datasets["train"] = shuffled(data.train, cfg, start_epoch + (1 if REST in datasets else 0))
+    if data.val is not None:
+        datasets["val"] = data.val
+    if progress is not None:
+        callbacks = [*(callbacks or []), progress_callback(progress, main_metric_name(cfg), cfg.train.epochs, source)]
     return TorchTrainer(
         train_loop_per_worker,
         datasets=datasets,
@@ -141,14 +311,16 @@ def build_trainer(
             "cfg": cfg.model_dump(mode="json"),
             "vocab": data.vocab,
             "steps_per_epoch": data.train_rows // per_step,
-            "output_dir": str(output_dir.resolve()),
+            "output_dir": str(layout.output_dir),
+            "progress": progress,
+            "source": source,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.resources_per_worker
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=_storage_path(cfg, output_dir),
+            storage_path=layout.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=main_metric_name(cfg),
@@ -157,20 +329,26 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             callbacks=callbacks,
         ),
-        # Only train is sharded: sharding drops rows to equalise shards, and evaluation must see every clip.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Only the train splits are sharded: sharding drops rows to equalise shards, and evaluation must see
+        # every clip.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k != "val"]),
         resume_from_checkpoint=checkpoint,
     )
 
 
-def fit(cfg: GramConfig, output_dir: str | Path, resume_from: str | None = None, log=print):
-    """Prepare data, train with TorchTrainer, write <output>/result.json; returns the Ray Train Result."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output_dir / "config.yaml")
-    data = prepare_data(cfg, output_dir, log=log)
-    log(f"training on {data.train_rows} clips with {cfg.scaling.num_workers} workers ...")
-    result = build_trainer(cfg, data, output_dir, resume_from).fit()
+def fit(
+    cfg: GramConfig, output_dir: str | Path, resume_from: str | None = None, log=print, console: Console | None = None
+):
+    """Prepare data, train with TorchTrainer, write <output>/result.json; returns (Ray Train Result, summary).
+    With a console, progress lines are printed while it trains."""
+    layout = RunLayout.of(cfg, output_dir)
+    layout.output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, layout.output_dir / "config.yaml")
+    data = prepare_data(cfg, layout, log=log)
+    log(f"training on {data.train_rows} clips with {cfg.scaling.num_workers} workers for {cfg.train.epochs} epochs ...")
+    progress = ProgressQueue() if console is not None else None
+    trainer = build_trainer(cfg, data, layout, resume_from, progress=progress)
+    result = run_with_progress(trainer.fit, progress, console) if console is not None else trainer.fit()
     metric = main_metric_name(cfg)
     # best_checkpoints holds the kept checkpoints in the order they were reported, not by score.
     kept = result.best_checkpoints or [(result.checkpoint, result.metrics)]
@@ -180,13 +358,9 @@ def fit(cfg: GramConfig, output_dir: str | Path, resume_from: str | None = None,
         "best_metrics": {k: v for k, v in best[1].items() if k != "val_eval"},
         "best_eval": json.loads(best[1]["val_eval"]) if "val_eval" in best[1] else None,
         "last_metrics": {k: v for k, v in (result.metrics or {}).items() if k != "val_eval"},
-        "train_cache_report": storage.join(_cache_root(cfg, output_dir), "train", REPORT),
+        "train_cache_report": storage.join(layout.cache("train"), REPORT),
     }
-    text = json.dumps(summary, indent=2)
-    (output_dir / "result.json").write_text(text)
-    if cfg.run.storage_path:  # the driver's folder may be gone with the head node: keep a copy beside the checkpoints
-        storage.write_text(storage.join(run_root(cfg, output_dir), "result.json"), text)
-        storage.write_text(
-            storage.join(run_root(cfg, output_dir), "config.yaml"), (output_dir / "config.yaml").read_text()
-        )
+    layout.write_result("result.json", json.dumps(summary, indent=2))
+    if layout.shared:
+        layout.write_result("config.yaml", (layout.output_dir / "config.yaml").read_text())
     return result, summary

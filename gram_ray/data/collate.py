@@ -1,0 +1,117 @@
+"""Cache rows (a numpy batch) -> a model batch: captions tokenised, tensors over the decoded media.
+
+Training draws one caption per clip. The draw is a function of (seed, epoch, clip id) alone, not of a random
+stream, so it does not depend on batch order or on which worker the clip landed on: a run resumed in the middle
+of an epoch draws the same captions as one that was never interrupted. Evaluation keeps every caption, with
+text_to_video mapping each caption to its clip.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import zlib
+
+import numpy as np
+import torch
+
+from gram_ray.config import GramConfig
+from gram_ray.data.schema import CAPTIONS, HAS_AUDIO, ID, IDS, MODALITIES, TEXT_TO_VIDEO
+from gram_ray.data.text import make_tokenizer, tokenize
+
+__all__ = ["Collate", "caption_index", "epoch_order", "epoch_batches"]
+
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def caption_index(seed: int, epoch: int, clip_id: str, num_captions: int) -> int:
+    """Which caption of a clip training uses in an epoch."""
+    if num_captions == 1:
+        return 0
+    return int(np.random.default_rng([seed, epoch, zlib.crc32(clip_id.encode())]).integers(num_captions))
+
+
+def _writable_tensor(values) -> torch.Tensor:
+    """A tensor over a batch column; copied only when the array is a read-only zero-copy view of the Arrow cache
+    (torch cannot promise not to write into it)."""
+    array = np.asarray(values)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _strings(value) -> list[str]:
+    return [str(c) for c in (value.tolist() if isinstance(value, np.ndarray) else value)]
+
+
+class Collate:
+    """collate(numpy batch) -> model batch. Picklable (Ray ships it to workers): the tokenizer is built on
+    first use, in the process that collates."""
+
+    def __init__(self, cfg: GramConfig, vocab: list[str] | None, train: bool, epoch: int = 0) -> None:
+        self.cfg, self.vocab, self.train, self.epoch = cfg, vocab, train, epoch
+        self._tokenizer = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokenizer": None}
+
+    @property
+    def tokenizer(self):
+        # Ray Data may collate on several threads at once, and transformers' lazy imports are not thread-safe.
+        with _TOKENIZER_LOCK:
+            if self._tokenizer is None:
+                m = self.cfg.model
+                self._tokenizer = make_tokenizer(m.tokenizer or m.text.pretrained, self.vocab)
+        return self._tokenizer
+
+    def for_epoch(self, epoch: int) -> Collate:
+        other = copy.copy(self)
+        other.epoch = epoch
+        return other
+
+    def __call__(self, batch: dict) -> dict:
+        modalities = self.cfg.model.modalities
+        if "audio" in modalities and HAS_AUDIO in batch and not np.all(batch[HAS_AUDIO]):
+            keep = np.asarray(batch[HAS_AUDIO], dtype=bool)  # no audio: cannot take part in an audio volume
+            batch = {k: v[keep] for k, v in batch.items()}
+        ids = [str(i) for i in batch[ID]]
+        per_clip = [_strings(c) for c in batch[CAPTIONS]]
+        if self.train:
+            seed = self.cfg.train.seed
+            texts = [caps[caption_index(seed, self.epoch, i, len(caps))] for i, caps in zip(ids, per_clip, strict=True)]
+            text_to_video = np.arange(len(per_clip))
+        else:
+            texts = [c for caps in per_clip for c in caps]
+            text_to_video = np.repeat(np.arange(len(per_clip)), [len(c) for c in per_clip])
+        max_length = self.cfg.model.max_text_length
+        text = MODALITIES["text"]
+        tokens = tokenize(self.tokenizer, texts, max_length)
+        out = {key: tokens[t] for key, t in zip(text.batch_keys, ("input_ids", "attention_mask"), strict=True)}
+        out[TEXT_TO_VIDEO] = torch.from_numpy(text_to_video)
+        for name in ("video", "audio"):
+            if name in modalities:
+                m = MODALITIES[name]
+                (key,) = m.batch_keys
+                tensor = _writable_tensor(batch[m.cache_column])
+                out[key] = tensor.float() if name == "audio" else tensor  # frames stay uint8 until the encoder
+        if "subtitle" in modalities:
+            m = MODALITIES["subtitle"]
+            subs = tokenize(self.tokenizer, _strings(batch[m.cache_column]), max_length)
+            out[m.batch_keys[0]], out[m.batch_keys[1]] = subs["input_ids"], subs["attention_mask"]
+        out[IDS] = ids
+        return out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of n rows that depends on (seed, epoch) alone: the order of an epoch over in-memory rows."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def epoch_batches(rows: dict, batch_size: int, collate: Collate, epoch: int, skip_ids: frozenset = frozenset()):
+    """One epoch of model batches over rows held in memory (a numpy batch of cache rows), without Ray: shuffled
+    by (train.seed, epoch), the clips in skip_ids left out, the last partial batch dropped."""
+    ids = np.asarray([str(i) for i in rows[ID]])
+    order = epoch_order(len(ids), collate.cfg.train.seed, epoch)
+    collate = collate.for_epoch(epoch)
+    order = order[~np.isin(ids[order], list(skip_ids))] if skip_ids else order
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        chosen = order[start : start + batch_size]
+        yield collate({k: v[chosen] for k, v in rows.items()})

@@ -1,0 +1,75 @@
+"""The data contract: what a cache row holds, what a model batch holds, and which encoder reads which modality.
+
+Adding a modality is one entry in MODALITIES (plus its decoder and encoder); every other module reads the
+column and key names from here. Import-light on purpose (numpy only): the model, the loop and Ray Data UDFs all
+use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "ID",
+    "CAPTIONS",
+    "HAS_AUDIO",
+    "TEXT_TO_VIDEO",
+    "IDS",
+    "CACHE_COLUMNS",
+    "Modality",
+    "MODALITIES",
+    "MODALITY_NAMES",
+    "object_column",
+]
+
+# Cache columns that are not a modality's input.
+ID = "id"  # str: the video id of the annotation file
+CAPTIONS = "captions"  # list[str]: every caption of the clip (the text modality draws from these)
+HAS_AUDIO = "has_audio"  # bool: false when the clip was kept without audible audio (data.audio.allow_missing)
+
+# Model-batch keys that are not a modality's input.
+TEXT_TO_VIDEO = "text_to_video"  # long [n_captions]: row of the caption's clip in the batch
+IDS = "ids"  # list[str]: the clips of the batch, in row order
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One modality: the cache column it is decoded into, the batch keys collate makes of it, and the encoder
+    (a GramModel attribute) that embeds it."""
+
+    name: str
+    cache_column: str
+    batch_keys: tuple[str, ...]
+    encoder: str
+
+
+MODALITIES: dict[str, Modality] = {
+    m.name: m
+    for m in (
+        Modality("text", CAPTIONS, ("input_ids", "attention_mask"), encoder="text"),
+        Modality("video", "frames", ("frames",), encoder="vision"),  # uint8 [N, 3, S, S]
+        Modality("audio", "audio_fbank", ("audio_fbank",), encoder="audio"),  # float32 [A, L, mel_bins]
+        Modality("subtitle", "subtitle", ("subtitle_input_ids", "subtitle_attention_mask"), encoder="text"),
+    )
+}
+MODALITY_NAMES = tuple(MODALITIES)
+
+# Every column a cache may hold; subtitle only when the annotations have subtitles.
+CACHE_COLUMNS = (
+    ID,
+    CAPTIONS,
+    MODALITIES["video"].cache_column,
+    MODALITIES["audio"].cache_column,
+    HAS_AUDIO,
+    MODALITIES["subtitle"].cache_column,
+)
+
+
+def object_column(items: list) -> np.ndarray:
+    """A 1-D object array holding one Python object (e.g. a list of captions) per row; np.array alone would try
+    to build a 2-D array from equal-length lists."""
+    column = np.empty(len(items), dtype=object)
+    column[:] = items
+    return column

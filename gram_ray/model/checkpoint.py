@@ -1,0 +1,93 @@
+"""gram-ray's checkpoint format: one folder holding state.pt and config.yaml.
+
+state.pt is a dict of tensors and plain values only (model and optimizer state, scheduler state, the position in
+training, the config as JSON-able values, the word vocabulary), so it loads with `weights_only=True`: a
+checkpoint from elsewhere cannot run code when it is opened.
+
+Position in training: `step` (optimizer steps taken), `epoch` (the epoch the checkpoint was taken in),
+`epoch_complete` (False for a checkpoint taken mid-epoch), and `consumed_ids` (mid-epoch: the clips every rank
+has already trained on in that epoch, so a resumed run trains on exactly the rest).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import torch
+
+from gram_ray import storage
+from gram_ray.config import GramConfig, save_config
+from gram_ray.model.gram import GramModel, build_model
+
+__all__ = ["STATE_FILE", "CheckpointError", "save_checkpoint", "load_checkpoint", "is_checkpoint", "model_from_state"]
+
+STATE_FILE = "state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the folder and why."""
+
+
+def _unwrap(model) -> GramModel:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(
+    directory: Path,
+    model,
+    cfg: GramConfig,
+    vocab: list[str] | None,
+    *,
+    optimizer=None,
+    scheduler=None,
+    step: int = 0,
+    epoch: int = 0,
+    epoch_complete: bool = True,
+    consumed_ids: list[str] | None = None,
+    rng_states: list[dict] | None = None,
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": step,
+        "epoch": epoch,
+        "epoch_complete": epoch_complete,
+        "consumed_ids": list(consumed_ids or []),
+        "rng_states": rng_states,  # mid-epoch: every rank's torch RNG state, so dropout draws continue exactly
+        "config": cfg.model_dump(mode="json"),
+        "vocab": vocab,
+    }
+    torch.save(state, directory / STATE_FILE)
+    save_config(cfg, directory / "config.yaml")
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    return storage.exists(storage.join(directory, STATE_FILE))
+
+
+def load_checkpoint(directory: str | Path, map_location="cpu") -> dict:
+    """A checkpoint's state from a local folder or a storage URI (s3://.../checkpoint_000003). Tensors and plain
+    values only: anything else in the file is refused, never executed."""
+    path = storage.join(directory, STATE_FILE)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {directory} a gram-ray checkpoint folder?")
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(path)), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0][:300]
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain values ({reason}). "
+            "Loading it could run code; use checkpoints written by gram-ray from a source you trust."
+        ) from None
+
+
+def model_from_state(state: dict) -> tuple[GramModel, GramConfig]:
+    """The model a checkpoint state describes, with its weights, in eval mode."""
+    cfg = GramConfig.model_validate(state["config"])
+    model = build_model(cfg, state["vocab"])
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg
