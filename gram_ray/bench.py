@@ -16,7 +16,16 @@ import torch.nn.functional as F
 
 from gram_ray.volume import gram_volume
 
-__all__ = ["paper_volume", "VOLUME_VARIANTS", "bench_volume", "VolumeBenchResult", "hardware_name", "bench_decode"]
+__all__ = [
+    "paper_volume",
+    "VOLUME_VARIANTS",
+    "bench_volume",
+    "VolumeBenchResult",
+    "hardware_name",
+    "bench_decode",
+    "write_synthetic_cache",
+    "bench_shuffle",
+]
 
 
 def paper_volume(anchor: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
@@ -241,3 +250,78 @@ def bench_decode(videos, *, num_frames: int = 8, size: int = 224, reps: int = 3,
             from_parquet_layout(pq.read_table(shard)).column("frames").chunk(0).to_numpy()
         rates["parquet_cache"] = len(paths) * cache_reps / (time.perf_counter() - start)
     return {"clips": len(paths), **rates}
+
+
+def write_synthetic_cache(out: str, rows: int, data, seed: int = 0) -> str:
+    """A Parquet cache of `rows` clips with random tensors of the data config's shapes, in the layout
+    preprocessing writes (no decoding: for benchmarks of what happens after the cache). Returns its shards dir."""
+    import ray.data
+
+    from gram_ray.data.parquet_layout import to_parquet_layout
+    from gram_ray.data.preprocess import SHARDS, rows_per_shard
+    from gram_ray.data.schema import object_column
+
+    v, a = data.video, data.audio
+
+    def make(batch: dict) -> dict:
+        ids = batch["id"]
+        rng = np.random.default_rng([seed, int(ids[0])])
+        n = len(ids)
+        return {
+            "id": np.array([f"clip{i:06d}" for i in ids], dtype=object),
+            "captions": object_column([[f"caption of clip {i}"] for i in ids]),
+            "frames": rng.integers(0, 256, (n, v.num_frames, 3, v.size, v.size), dtype=np.uint8),
+            "audio_fbank": rng.standard_normal((n, a.windows, a.window_frames, a.mel_bins)).astype(np.float32),
+            "has_audio": np.ones(n, dtype=bool),
+        }
+
+    shards = f"{out}/{SHARDS}"
+    ds = ray.data.range(rows, override_num_blocks=max(1, rows // 256)).map_batches(make, batch_format="numpy")
+    ds = ds.map_batches(to_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    ds.write_parquet(shards, min_rows_per_file=rows_per_shard(data), use_dictionary=False)
+    return shards
+
+
+def _drain_shard(shard, cfg, epoch: int, rank: int) -> None:
+    """One worker's epoch over its shard, batched and locally shuffled as training does, without collating
+    (tokenising is the same work whatever the shuffle)."""
+    from gram_ray.train.trainer import train_iter_options
+
+    options = train_iter_options(cfg, None, epoch, rank)
+    del options["collate_fn"]
+    for _ in shard.iter_batches(batch_format="numpy", **options):
+        pass
+
+
+def bench_shuffle(cfg, shards: str, *, epochs: int = 3, workers: int = 2, progress=print) -> dict:
+    """Seconds per epoch for the train split's order, side by side: no shuffle, block order plus a local buffer,
+    and a full random_shuffle; through the same pieces training uses (the cache kept in memory when it fits,
+    Ray Train's equal streaming split, each worker's iter_torch_batches), without the model. The first epoch
+    of each mode is warm-up and left out of the median."""
+    import threading
+
+    from gram_ray.data.parquet_layout import read_cache
+    from gram_ray.train.trainer import keep_in_memory, shuffled
+
+    ds = keep_in_memory(read_cache(shards), cfg)
+    rows = ds.count()
+    progress(f"  {rows} rows in {ds.num_blocks()} blocks of {cfg.train.batch_size} kept in Ray's object store")
+    result = {"rows": rows, "workers": workers, "epochs": epochs, "seconds_per_epoch": {}}
+    for mode in ("none", "blocks", "full"):
+        c = cfg.model_copy(deep=True)
+        c.train.shuffle = mode
+        split = shuffled(ds, c, start_epoch=0).streaming_split(workers, equal=True)
+        times = []
+        for epoch in range(epochs):
+            start = time.perf_counter()
+            threads = [
+                threading.Thread(target=_drain_shard, args=(split[rank], c, epoch, rank)) for rank in range(workers)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            times.append(time.perf_counter() - start)
+        progress(f"  shuffle={mode}: " + ", ".join(f"{t:.2f}" for t in times) + " s per epoch")
+        result["seconds_per_epoch"][mode] = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    return result

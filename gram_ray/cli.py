@@ -51,6 +51,8 @@ def _init_ray(verbose: bool = False) -> None:
             click.echo(f"Ray's full logs: {info.address_info['session_dir']}/logs (--verbose shows them here)")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(level)
+    if not verbose:  # off the terminal the bars are off on purpose: no need to say so
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def run_job(command: str) -> None:
@@ -296,6 +298,40 @@ def bench_decode_cmd(videos, num_frames, size, reps) -> None:
         f"\ndecode is {result['gram_ray_decode'] / result['naive_seek']:.2f}x the per-frame seek loop; reading the "
         f"cache is {result['parquet_cache'] / result['gram_ray_decode']:.0f}x decoding ({result['clips']} clips)."
     )
+
+
+@bench.command("shuffle")
+@_CONFIG
+@_SET
+@click.option("--rows", default=10000, show_default=True, help="clips in a synthetic cache of the config's shapes")
+@click.option("--cache", help="an existing cache (a preprocess --out folder) instead of a synthetic one")
+@click.option("--epochs", default=3, show_default=True, help="epochs per mode (the first is warm-up)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
+def bench_shuffle_cmd(config_path, overrides, rows, cache, epochs, json_path) -> None:
+    """Seconds per epoch of each train.shuffle mode over a cache, through Ray Data as training reads it."""
+    import tempfile
+
+    from gram_ray import storage
+    from gram_ray.bench import bench_shuffle, hardware_name, write_synthetic_cache
+    from gram_ray.data.preprocess import SHARDS
+    from gram_ray.demo import DEMO_CONFIG
+
+    cfg = _config(config_path or DEMO_CONFIG, overrides)
+    _init_ray()
+    with tempfile.TemporaryDirectory() as tmp:
+        if cache:
+            shards = storage.join(storage.absolute(cache), SHARDS)
+        else:
+            click.echo(f"writing a synthetic cache of {rows} clips with {cfg.data.video} {cfg.data.audio} ...")
+            shards = write_synthetic_cache(tmp, rows, cfg.data)
+        click.echo(f"bench shuffle on {hardware_name('cpu')}, {cfg.scaling.num_workers} workers")
+        result = bench_shuffle(cfg, shards, epochs=epochs, workers=cfg.scaling.num_workers, progress=click.echo)
+    none = result["seconds_per_epoch"]["none"]
+    click.echo(f"\n{'shuffle':<8} {'s/epoch':>8} {'extra s/epoch':>14}")
+    for mode, seconds in result["seconds_per_epoch"].items():
+        click.echo(f"{mode:<8} {seconds:>8.2f} {seconds - none:>14.2f}")
+    if json_path:
+        json_path.write_text(json.dumps(result | {"hardware": hardware_name("cpu")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class MicroBatchTowers(Towers):
 
     def forward(self, batch):
         norm = torch.nn.functional.normalize
-        t, v, a = (norm(tower(x), dim=-1) for tower, x in zip((self.text, self.video, self.audio), batch))
+        t, v, a = (norm(tower(x), dim=-1) for tower, x in zip((self.text, self.video, self.audio), batch, strict=True))
         return self.loss.compute(t, v, a)
 
 

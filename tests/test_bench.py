@@ -30,3 +30,12 @@ def test_bench_volume_command_reports_all_variants(tmp_path):
 def test_bench_volume_rejects_k_below_two():
     result = CliRunner().invoke(main, ["bench", "volume", "--k", "1"])
     assert result.exit_code != 0 and "k >= 2" in result.output
+
+
+def test_bench_shuffle_reports_every_mode(ray_session, tmp_path):
+    out = tmp_path / "shuffle.json"
+    result = CliRunner().invoke(main, ["bench", "shuffle", "--rows", "128", "--epochs", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["rows"] == 128 and set(payload["seconds_per_epoch"]) == {"none", "blocks", "full"}
+    assert all(s > 0 for s in payload["seconds_per_epoch"].values())

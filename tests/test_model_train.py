@@ -257,3 +257,22 @@ def test_warmup_ratio_and_a_warmup_longer_than_the_run(setup):
         warmup_steps(cfg, 175)
     msrvtt = load_config(Path(__file__).parents[1] / "configs" / "msrvtt.yaml")
     assert msrvtt.train.warmup_steps is None and msrvtt.train.warmup_ratio == 0.1
+
+
+class _RunsCodeOnLoad:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    from gram_ray.model.checkpoint import CheckpointError
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"model": {}, "payload": _RunsCodeOnLoad(str(marker))}, tmp_path / "ckpt" / "state.pt")
+    with pytest.raises(CheckpointError, match="refused to load .*could run code"):
+        load_checkpoint(tmp_path / "ckpt")
+    assert not marker.exists()

@@ -2,8 +2,8 @@
 driver, and a progress bar when the console is a terminal.
 
 Records reach the driver through a Ray queue: rank 0 puts a step record every train.log_every_steps, and Ray
-Train's controller (ProgressCallback.after_report) puts one for every report with an evaluation. The driver
-runs the blocking fit in a thread and prints what arrives, so nothing depends on Ray forwarding worker output
+Train's controller (ProgressCallback.after_report) puts one for every report with an evaluation. A printer thread
+on the driver shows what arrives while the blocking fit runs, so nothing depends on Ray forwarding worker output
 (which the default console keeps off: Ray's own INFO lines stay in its session logs).
 """
 
@@ -112,29 +112,23 @@ def progress_callback(progress, main_metric: str, epochs: int, source: str = "")
 
 
 def run_with_progress(fit: Callable[[], object], progress, console: Console, poll_s: float = 0.5):
-    """Run fit() in a thread, printing the records that arrive until it returns; returns fit()'s value."""
-    result: dict = {}
+    """Run fit() (in this thread: Tune and Ctrl+C need the main thread's signal handlers) while a printer thread
+    shows the records that arrive; returns fit()'s value, or raises its error."""
+    done = threading.Event()
 
-    def target() -> None:
-        try:
-            result["value"] = fit()
-        except BaseException as e:  # re-raised in the caller's thread below
-            result["error"] = e
+    def printer() -> None:
+        while True:
+            try:
+                console.show(progress.get(timeout=poll_s))
+            except (queue_lib.Empty, Exception):  # ray.util.queue.Empty, or the queue is gone
+                if done.is_set():
+                    return
 
-    thread = threading.Thread(target=target, name="gram-ray-fit", daemon=True)
+    thread = threading.Thread(target=printer, name="gram-ray-progress", daemon=True)
     thread.start()
     try:
-        while thread.is_alive() or not progress.empty():
-            try:
-                record = progress.get(timeout=poll_s)
-            except (queue_lib.Empty, Exception):  # ray.util.queue.Empty, or the queue is gone
-                if not thread.is_alive():
-                    break
-                continue
-            console.show(record)
+        return fit()
     finally:
+        done.set()  # the printer drains what is left, then stops
+        thread.join(timeout=10 * poll_s + 5)
         console.close()
-        thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]

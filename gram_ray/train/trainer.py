@@ -191,7 +191,8 @@ def _optional_shard(name: str):
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: config = {"cfg": GramConfig as a dict, "vocab": [...] | None, "steps_per_epoch":
-    int, "output_dir": str, "progress": a ray.util.queue.Queue or None}."""
+    int, "output_dir": str, "progress": a ray.util.queue.Queue or None, "source": a label for progress lines,
+    "resume_from": a checkpoint folder or URI to start from, or None}."""
     import ray.data
     import ray.train
     import ray.train.torch
@@ -210,11 +211,15 @@ def train_loop_per_worker(config: dict) -> None:
     rest_shard = _optional_shard(REST)
     val_data = _optional_shard("val")
 
+    # A restart of the worker group (FailureConfig) gets this run's latest checkpoint from Ray Train; otherwise a
+    # run may start from a checkpoint the user named (--resume), which Train V2 leaves to the train function.
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = load_checkpoint(d)
+    elif config.get("resume_from"):
+        resume = load_checkpoint(config["resume_from"])
     resume_epoch = resume["epoch"] if resume is not None and not resume.get("epoch_complete", True) else None
 
     def train_batches(epoch: int, skip_ids: frozenset):
@@ -292,9 +297,9 @@ def build_trainer(
             f"{data.train_rows} training clips cannot fill one step of {cfg.train.batch_size} per worker x "
             f"{s.num_workers} workers; lower train.batch_size or scaling.num_workers"
         )
-    checkpoint, start_epoch, datasets = None, 0, {}
+    start_epoch, datasets = 0, {}
     if resume_from:
-        checkpoint = ray.train.Checkpoint(storage.absolute(resume_from))  # folder or URI
+        resume_from = storage.absolute(resume_from)  # a folder or a URI every worker can read
         state = load_checkpoint(resume_from)
         start_epoch = state["epoch"] + (1 if state.get("epoch_complete", True) else 0)
         if not state.get("epoch_complete", True):
@@ -314,6 +319,7 @@ def build_trainer(
             "output_dir": str(layout.output_dir),
             "progress": progress,
             "source": source,
+            "resume_from": resume_from,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.resources_per_worker
@@ -332,7 +338,6 @@ def build_trainer(
         # Only the train splits are sharded: sharding drops rows to equalise shards, and evaluation must see
         # every clip.
         dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k != "val"]),
-        resume_from_checkpoint=checkpoint,
     )
 
 
