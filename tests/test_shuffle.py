@@ -51,6 +51,7 @@ def _epochs(ds, cfg, vocab, epochs):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["blocks", "full"])
 def test_a_new_order_every_epoch_and_every_clip_once(cached_rows, mode):
     cfg, ds, vocab, ids = cached_rows

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from tiny import tiny_config
 
@@ -12,6 +13,8 @@ from gram_ray.train.loop import main_metric_name
 from gram_ray.train.trainer import fit
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_torchtrainer_two_workers_then_evaluate_checkpoint(synth_small, ray_session, tmp_path):
     cfg = tiny_config(
         "train.epochs=2",
@@ -50,6 +53,8 @@ def test_torchtrainer_two_workers_then_evaluate_checkpoint(synth_small, ray_sess
     )
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_through_ray_train(synth_small, ray_session, tmp_path):
     # --resume from a checkpoint taken at step 1 of 2 in epoch 0: the driver hands the workers the rest of that
     # epoch (the clips not yet trained on), and the run ends at the planned step 2 x 2.
