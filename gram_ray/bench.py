@@ -67,6 +67,23 @@ VOLUME_VARIANTS: dict[str, tuple[Callable, str]] = {
 }
 
 
+def _compiled_variants() -> dict[str, tuple[Callable, str]]:
+    """The volume and the floor through torch.compile (fullgraph: a graph break is an error). The volume uses
+    the static-shape refinement (COMPILED_REFINE pairs per row), as VolumeContrastiveLoss(compile=True) does."""
+    from functools import partial
+
+    from gram_ray.loss import COMPILED_REFINE
+
+    volume = torch.compile(partial(gram_volume, refine=COMPILED_REFINE), fullgraph=True)
+    return {
+        "gram_volume+compile": (
+            _volume_logits(volume),
+            f"gram_volume, static refinement ({COMPILED_REFINE}/row), compiled",
+        ),
+        "cosine+compile": (torch.compile(_cosine_logits, fullgraph=True), "cosine floor, compiled"),
+    }
+
+
 def _loss(logits: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     b1, b2 = logits.shape
     logits = logits / temperature
@@ -98,9 +115,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _peak_memory(variant: str, k: int, b1: int, b2: int, dim: int, device: str, dtype: str) -> int:
+def _peak_memory(
+    variant: str, k: int, b1: int, b2: int, dim: int, device: str, dtype: str, fn: Callable | None = None
+) -> int:
     """Peak extra memory of one forward+backward step (inputs excluded)."""
-    fn = VOLUME_VARIANTS[variant][0]
+    fn = fn or VOLUME_VARIANTS[variant][0]
     inputs = _inputs(k, b1, b2, dim, device, getattr(torch, dtype))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -144,16 +163,18 @@ def bench_volume(
     dim: int = 512,
     dtype: str = "float32",
     reps: int = 5,
+    compile: bool = False,
     progress: Callable[[str], None] = print,
 ) -> list[VolumeBenchResult]:
     """Forward + backward of the bidirectional loss on each variant's logits.
 
     Timed repetitions are interleaved (paper, ours, floor, paper, ...) so that a noisy machine slows every
-    variant alike and the ratios stay meaningful; the median of each is reported."""
-    names = list(VOLUME_VARIANTS)
-    peaks = {}
+    variant alike and the ratios stay meaningful; the median of each is reported. compile adds the compiled
+    volume and floor (their peak memory is measured on CUDA only: on CPU it would need a compile per process)."""
+    variants = dict(VOLUME_VARIANTS)
+    peaks = {name: 0 for name in variants}
     ctx = mp.get_context("spawn")
-    for name in names:
+    for name in variants:
         progress(f"  {name}: peak memory of one step (k={k}, B1={b1}, B2={b2}, D={dim}, {dtype}, {device}) ...")
         args = (name, k, b1, b2, dim, device, dtype)
         if device.startswith("cuda"):
@@ -161,22 +182,31 @@ def bench_volume(
         else:
             with ctx.Pool(1) as pool:
                 peaks[name] = pool.apply(_peak_memory_in_child, (args, torch.get_num_threads()))
+    if compile:  # after the CPU children: a parent that has loaded the compiler makes their baselines meaningless
+        variants |= _compiled_variants()
+        for name in set(variants) - set(peaks):
+            peaks[name] = (
+                _peak_memory(name, k, b1, b2, dim, device, dtype, fn=variants[name][0])
+                if device.startswith("cuda")
+                else 0
+            )
+    names = list(variants)
 
     inputs = _inputs(k, b1, b2, dim, device, getattr(torch, dtype))
     times: dict[str, list[float]] = {name: [] for name in names}
-    for name in names:  # warm-up: first-call allocations and kernel selection are not timed
-        _step(VOLUME_VARIANTS[name][0], inputs)
+    for name in names:  # warm-up: compilation, first-call allocations and kernel selection are not timed
+        if name not in VOLUME_VARIANTS:
+            progress(f"  {name}: compiling ...")
+        _step(variants[name][0], inputs)
     progress(f"  timing {reps} interleaved repetitions of each ...")
     for _ in range(reps):
         for name in names:
             _sync(device)
             start = time.perf_counter()
-            _step(VOLUME_VARIANTS[name][0], inputs)
+            _step(variants[name][0], inputs)
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return [
-        VolumeBenchResult(name, VOLUME_VARIANTS[name][1], statistics.median(times[name]), peaks[name]) for name in names
-    ]
+    return [VolumeBenchResult(name, variants[name][1], statistics.median(times[name]), peaks[name]) for name in names]
 
 
 def _naive_decode(path: str, num_frames: int, size: int) -> np.ndarray:

@@ -152,6 +152,13 @@ class ModelConfig(_Section):
     temperature_bounds: tuple[float, float] | None = None
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     gather: Literal["exact", "local", "none"] = "exact"
+    compile: bool = Field(False, description="torch.compile the encoders and the volume (static-shape refinement)")
+    refine_per_row: int | None = Field(
+        None,
+        ge=1,
+        description="pairs per row the volume recomputes in float64 (static shapes, no host sync); default: every "
+        "flagged pair eagerly, 2 per row when compiled",
+    )
 
     @field_validator("modalities")
     @classmethod

@@ -32,7 +32,9 @@ from torch import nn
 from gram_ray.distributed import all_gather_no_grad, all_gather_with_grad, gathered_sizes, get_rank
 from gram_ray.volume import DEFAULT_EPS, gram_volume, validate_modalities
 
-__all__ = ["VolumeContrastiveLoss", "VolumeLossOutput", "GatherMode"]
+__all__ = ["VolumeContrastiveLoss", "VolumeLossOutput", "GatherMode", "COMPILED_REFINE"]
+
+COMPILED_REFINE = 2  # pairs per row recomputed in float64 when compiled and refine is not set: the positive + 1
 
 GatherMode = Literal["exact", "local", "none"]
 
@@ -46,6 +48,7 @@ class VolumeLossOutput:
     logits_v2t: torch.Tensor  # [local B, global B]: local clips against every anchor
     positive_volume: torch.Tensor  # [local B]: volume of each local sample's own tuple
     temperature: torch.Tensor  # scalar
+    refine_overflow: torch.Tensor | None = None  # refine=m: flagged pairs left unrefined (on device, not synced)
 
 
 class VolumeContrastiveLoss(nn.Module):
@@ -53,6 +56,10 @@ class VolumeContrastiveLoss(nn.Module):
 
     temperature: initial value (0.07). learnable_temperature: a parameter (stored as its log, so it stays
     positive and updates are scale-free) or a fixed buffer. temperature_bounds: optional (min, max) clamp.
+    refine: how gram_volume picks the pairs it recomputes in float64 (None: every flagged pair, one host sync;
+    m: each row's m most cancelling pairs, static shapes). compile: run the volumes through torch.compile
+    (fullgraph; with refine=None it uses m = COMPILED_REFINE, since a host sync cannot be compiled). The gathers
+    stay eager.
     """
 
     def __init__(
@@ -63,6 +70,8 @@ class VolumeContrastiveLoss(nn.Module):
         gather: GatherMode = "exact",
         temperature_bounds: tuple[float, float] | None = None,
         eps: float = DEFAULT_EPS,
+        refine: int | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -86,6 +95,8 @@ class VolumeContrastiveLoss(nn.Module):
         self.gather = gather
         self.temperature_bounds = temperature_bounds
         self.eps = eps
+        self.refine = COMPILED_REFINE if compile and refine is None else refine
+        self._volume = torch.compile(gram_volume, fullgraph=True) if compile else gram_volume
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -112,11 +123,15 @@ class VolumeContrastiveLoss(nn.Module):
             all_others = tuple(gather(o, sizes) for o in others)
 
         temperature = self.temperature
-        logits_t2v = -gram_volume(anchor, *all_others, eps=self.eps) / temperature  # [b, B]
+        stats: dict = {}
+        logits_t2v = -self._volume(anchor, *all_others, eps=self.eps, refine=self.refine, stats=stats) / temperature
+        overflow = stats.get("refine_overflow")
         if len(sizes) == 1:
             logits_v2t = logits_t2v.T  # one batch: the same matrix read by columns
         else:
-            logits_v2t = -gram_volume(all_anchor, *others, eps=self.eps).T / temperature  # [b, B]
+            logits_v2t = -self._volume(all_anchor, *others, eps=self.eps, refine=self.refine, stats=stats).T
+            logits_v2t = logits_v2t / temperature  # [b, B]
+            overflow = overflow + stats["refine_overflow"] if overflow is not None else None
 
         targets = torch.arange(offset, offset + local_rows, device=anchor.device)
         loss = 0.5 * (
@@ -132,4 +147,5 @@ class VolumeContrastiveLoss(nn.Module):
             logits_v2t=logits_v2t.detach(),
             positive_volume=positive_volume.detach(),
             temperature=temperature.detach(),
+            refine_overflow=overflow,
         )

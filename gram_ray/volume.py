@@ -17,7 +17,15 @@ positive pair of a trained model looks like. Pairs whose residual is below `REFI
 recomputed in float64 from their input rows by Gram-Schmidt (a few per row in practice; chunked, so memory
 stays bounded), so the result agrees with a float64 determinant to ~1e-9 (float64 inputs) or ~1e-5 (float32
 inputs) even there. Clips whose own k-1 vectors are nearly dependent (a degenerate span) are recomputed the
-same way. The refinement needs one host sync per call (to count the flagged pairs).
+same way. Two ways to pick the pairs:
+- `refine=None` (default): every flagged pair, found with nonzero(): exact always, at one host sync per call.
+- `refine=m`: the m pairs of each row with the smallest relative residual (flagged or not; degenerate spans
+  first), by topk: static shapes and no host sync, so torch.compile and CUDA graphs can take the whole loss.
+  In contrastive training a row's flagged pairs are its positive and near-duplicates, so a small m covers them;
+  flagged pairs beyond the budget keep their GEMM value and are counted on the device (`stats`), never synced.
+
+Autocast. The volume is computed in float32 (or float64) even inside a bf16/fp16 autocast region: the GEMMs
+here would otherwise run in half precision, where the subtraction above loses every digit.
 
 Zero volume. Positives of a well-trained model have volume near 0, where d sqrt(x)/dx is unbounded. The
 forward value is the exact sqrt; the backward evaluates 1 / (2 vol) with vol floored at `eps` (default 1e-6),
@@ -181,6 +189,17 @@ class _PairVolume(torch.autograd.Function):
         return grad_anchor_sq, grad_span_vol_sq, grad_whitening, None, *grad_projections
 
 
+def _pair_volume_traced(anchor_sq, span_vol_sq, whitening, eps, *projections):
+    """_PairVolume in plain differentiable ops, for torch.compile: traced through AOTAutograd the hand-written
+    backward (in-place updates on recomputed coordinates) gave wrong gradients, and under compile the
+    elementwise chain is fused anyway, so autograd's intermediates cost little."""
+    residual = anchor_sq[:, None]
+    for t in range(len(projections)):
+        c = sum(projections[m] * whitening[None, :, t, m] for m in range(t + 1))
+        residual = residual - c * c
+    return safe_sqrt(residual.clamp_min(0) * span_vol_sq[None, :], eps), residual.detach()
+
+
 def aligned_volume(*modalities: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """Volume of aligned tuples: modalities are k >= 2 tensors [B, D]; returns [B] with entry j the volume spanned
     by the j-th row of every modality (e.g. the positive pairs, for logging the mean positive volume)."""
@@ -228,28 +247,55 @@ def _span_whitening(span: list[torch.Tensor], floor: float) -> tuple[torch.Tenso
     return whitening, torch.stack(pivots, -1).prod(-1), degenerate
 
 
-def gram_volume(anchor: torch.Tensor, *others: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+def gram_volume(
+    anchor: torch.Tensor,
+    *others: torch.Tensor,
+    eps: float = DEFAULT_EPS,
+    refine: int | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
     """All-pairs Gram volume.
 
     anchor: [B1, D]; each of others: [B2, D], row j of every other tensor belonging to sample j.
     Returns [B1, B2]: entry (i, j) is sqrt(det G) for the k = 1 + len(others) vectors anchor[i], others[0][j], ...
     Computed in the input dtype, at least float32 (half inputs give a float32 result); exact to ~1e-9 relative
     for float64 inputs and ~1e-5 for float32, including near-zero volumes (see the module docstring).
+    refine: None refines every flagged pair (one host sync); an int m refines each row's m most cancelling
+    pairs with static shapes (no sync; torch.compile-friendly). stats, if given, receives on-device counts:
+    "refine_flagged" (pairs the GEMM form cannot be trusted with) and "refine_overflow" (of those, left
+    unrefined because a row had more than m).
     """
     validate_modalities(anchor, others, aligned=False)
-    dtype = _compute_dtype(anchor)
-    a = anchor.to(dtype)
-    span = [o.to(dtype) for o in others]
-    whitening, span_vol_sq, degenerate_span = _span_whitening(span, eps)
+    if refine is not None and refine < 1:
+        raise ValueError(
+            f"refine must be None (every flagged pair) or a positive number of pairs per row, got {refine}"
+        )
+    with torch.autocast(anchor.device.type, enabled=False):
+        dtype = _compute_dtype(anchor)
+        a = anchor.to(dtype)
+        span = [o.to(dtype) for o in others]
+        whitening, span_vol_sq, degenerate_span = _span_whitening(span, eps)
 
-    anchor_sq = (a * a).sum(-1)  # [B1]
-    # Raw projections S_j a_i: one [B1, D] x [D, B2] GEMM per other modality.
-    volume, residual_sq = _PairVolume.apply(anchor_sq, span_vol_sq, whitening, eps, *(a @ o.T for o in span))
+        anchor_sq = (a * a).sum(-1)  # [B1]
+        # Raw projections S_j a_i: one [B1, D] x [D, B2] GEMM per other modality.
+        pair_volume = _pair_volume_traced if torch.compiler.is_compiling() else _PairVolume.apply
+        volume, residual_sq = pair_volume(anchor_sq, span_vol_sq, whitening, eps, *(a @ o.T for o in span))
 
-    with torch.no_grad():
-        cancelled = residual_sq <= REFINE_RTOL[dtype] * anchor_sq[:, None]
-        cancelled |= degenerate_span[None, :]
-    return _refine(volume, cancelled, a, span, eps)
+        with torch.no_grad():
+            relative = residual_sq / anchor_sq.clamp_min(torch.finfo(dtype).tiny)[:, None]
+            cancelled = (relative <= REFINE_RTOL[dtype]) | degenerate_span[None, :]
+        if refine is None:
+            return _refine(volume, cancelled, a, span, eps)
+        return _refine_static(volume, cancelled, relative, degenerate_span, a, span, eps, refine, stats)
+
+
+def _exact_squared_volumes(span_rows: torch.Tensor, anchor_rows: torch.Tensor, eps: float) -> torch.Tensor:
+    """float64 Gram-Schmidt volumes of tuples: span_rows [..., k-1, D], anchor_rows [..., D] -> [...]. The anchor
+    goes last, so its residual is its distance from the clip's span, taken after that span is orthonormalised
+    twice; the earlier residuals give the span's own volume."""
+    tuples = torch.cat([span_rows, anchor_rows.unsqueeze(-2)], -2).to(torch.float64)
+    shape = tuples.shape[:-2]
+    return _squared_volume_aligned(tuples.reshape(-1, *tuples.shape[-2:]), eps).reshape(shape)
 
 
 def _refine(volume: torch.Tensor, pairs: torch.Tensor, anchor: torch.Tensor, span: list[torch.Tensor], eps: float):
@@ -258,11 +304,25 @@ def _refine(volume: torch.Tensor, pairs: torch.Tensor, anchor: torch.Tensor, spa
     if index.numel() == 0:
         return volume
     span = torch.stack(span, 1)  # [B2, k-1, D]
-    exact = []
-    for chunk in index.split(_REFINE_CHUNK):
-        # The anchor goes last, so its residual is its distance from the clip's span, taken after that span
-        # is orthonormalised twice; the earlier residuals give the span's own volume.
-        tuples = torch.cat([span[chunk[:, 1]], anchor[chunk[:, 0], None]], 1).to(torch.float64)
-        exact.append(_squared_volume_aligned(tuples, eps))
+    exact = [
+        _exact_squared_volumes(span[chunk[:, 1]], anchor[chunk[:, 0]], eps) for chunk in index.split(_REFINE_CHUNK)
+    ]
     exact_volume = safe_sqrt(torch.cat(exact), eps).to(volume.dtype)
     return volume.index_put((index[:, 0], index[:, 1]), exact_volume)
+
+
+def _refine_static(volume, cancelled, relative, degenerate_span, anchor, span, eps, per_row: int, stats):
+    """Recompute, in float64, each row's per_row pairs with the smallest relative residual (degenerate spans
+    first): fixed shapes, no data-dependent control flow."""
+    per_row = min(per_row, volume.shape[1])
+    with torch.no_grad():
+        priority = relative.masked_fill(degenerate_span[None, :], float("-inf"))
+        columns = priority.topk(per_row, dim=1, largest=False).indices  # [B1, m]
+        if stats is not None:
+            flagged = cancelled.sum(1)
+            stats["refine_flagged"] = flagged.sum()
+            stats["refine_overflow"] = (flagged - per_row).clamp_min(0).sum()
+    span_rows = torch.stack(span, 1)[columns]  # [B1, m, k-1, D]
+    anchor_rows = anchor[:, None].expand(-1, per_row, -1)
+    exact_volume = safe_sqrt(_exact_squared_volumes(span_rows, anchor_rows, eps), eps).to(volume.dtype)
+    return volume.scatter(1, columns, exact_volume)

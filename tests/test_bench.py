@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 from oracle import det_volume
@@ -39,3 +40,14 @@ def test_bench_shuffle_reports_every_mode(ray_session, tmp_path):
     payload = json.loads(out.read_text())
     assert payload["rows"] == 128 and set(payload["seconds_per_epoch"]) == {"none", "blocks", "full"}
     assert all(s > 0 for s in payload["seconds_per_epoch"].values())
+
+
+@pytest.mark.slow
+def test_bench_volume_compile_adds_the_compiled_volume_and_floor(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "volume", "--compile", "--b1", "8", "--b2", "16", "--dim", "8", "--reps", "2", "--json", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert [r["variant"] for r in payload["results"]][-2:] == ["gram_volume+compile", "cosine+compile"]
+    assert payload["compiled_ratio_to_compiled_floor"] > 0 and "x the compiled cosine floor" in result.output

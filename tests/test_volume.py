@@ -156,3 +156,59 @@ def test_bad_input_names_the_problem(make, message):
 def test_aligned_volume_rejects_mismatched_batches():
     with pytest.raises(ValueError, match="same batch size"):
         aligned_volume(torch.randn(4, 8), torch.randn(5, 8))
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_static_refinement_matches_oracle_without_a_host_sync(k, dtype, tol):
+    # Each row's positive is near zero: a per-row budget of 2 pairs covers it, with fixed shapes.
+    anchor, others = _inputs(k, dtype=dtype)
+    anchor = _make_near_degenerate(anchor, others, 1e-2)
+    stats = {}
+    vol = gram_volume(anchor, *others, refine=2, stats=stats)
+    assert _rel_err(vol, det_volume(anchor, *others)) < tol
+    assert stats["refine_overflow"].item() == 0
+    if dtype == torch.float32:  # float32 cannot trust the GEMM form on any of the 7 positives
+        assert stats["refine_flagged"].item() >= 7
+
+
+def test_static_refinement_counts_what_exceeds_its_budget():
+    # Every clip of row 0 is a near-duplicate of its span: 9 flagged pairs in that row, a budget of 3.
+    anchor, others = _inputs(3, dtype=torch.float32)
+    others = [o.clone() for o in others]
+    for j in range(9):
+        others[1][j] = others[0][j] * (1 + j / 10)
+    anchor[0] = others[0][0] * 2 + 1e-3 * torch.randn(24)
+    stats = {}
+    gram_volume(anchor, *others, refine=3, stats=stats)
+    assert stats["refine_overflow"].item() > 0
+
+
+@pytest.mark.slow
+def test_compiled_loss_has_no_graph_breaks_and_matches_eager():
+    from gram_ray.loss import VolumeContrastiveLoss
+
+    anchor, others = _inputs(3, b1=8, b2=8, dtype=torch.float32)
+    anchor = _make_near_degenerate(anchor, others, 1e-2)
+    inputs = [t.clone().requires_grad_() for t in (anchor, *others)]
+    compiled = VolumeContrastiveLoss(compile=True)  # fullgraph=True: a graph break is an error
+    out = compiled.compute(*inputs)
+    out.loss.backward()
+    reference = [t.detach().clone().requires_grad_() for t in (anchor, *others)]
+    expected = VolumeContrastiveLoss().compute(*reference)
+    expected.loss.backward()
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(inputs, reference, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)
+    assert out.refine_overflow.item() == 0
+
+
+def test_autocast_keeps_the_volume_in_float32():
+    # Under bf16 autocast the GEMMs would run in bf16 (8 bits of mantissa) and the near-zero positives lose
+    # every digit; the volume opts out of autocast and stays within float32's error.
+    anchor, others = _inputs(3, dtype=torch.float32)
+    anchor = _make_near_degenerate(anchor, others, 1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vol = gram_volume(anchor, *others)
+    assert vol.dtype == torch.float32
+    assert _rel_err(vol, det_volume(anchor, *others)) < 1e-4

@@ -49,7 +49,13 @@ class GramModel(nn.Module):
             label_smoothing=cfg.label_smoothing,
             gather=cfg.gather,
             temperature_bounds=cfg.temperature_bounds,
+            refine=cfg.refine_per_row,
+            compile=cfg.compile,
         )
+        if cfg.compile:  # each encoder in place; the loss compiles its volume itself
+            for encoder in (self.text, self.vision, self.audio):
+                if encoder is not None:
+                    encoder.compile()
         if cfg.gradient_checkpointing:
             for encoder in (self.text, self.vision, self.audio):
                 if encoder is not None and hasattr(encoder.backbone, "gradient_checkpointing_enable"):

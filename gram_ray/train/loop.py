@@ -293,6 +293,8 @@ def run_training(
                     "train/grad_norm": float(grad_norm),
                     "train/samples_per_s": window_samples / elapsed,
                 }
+                if out.refine_overflow is not None:  # synced here, at the log interval only
+                    last["train/refine_overflow"] = int(out.refine_overflow)
                 if rank0:
                     log(last)
                 window_start, window_samples = time.perf_counter(), 0
