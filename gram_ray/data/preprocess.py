@@ -27,7 +27,7 @@ from gram_ray.data.audio import decode_audio
 from gram_ray.data.errors import DecodeError
 from gram_ray.data.manifest import ManifestRow, read_annotations, resolve_media
 from gram_ray.data.parquet_layout import to_parquet_layout
-from gram_ray.data.schema import object_column
+from gram_ray.data.schema import CACHE_COLUMNS, MODALITIES, object_column
 from gram_ray.data.video import Mode, decode_video
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
 SHARDS = "shards"
 REPORT = "report.json"
 _SKIPPED = "_skipped"
+_SUBTITLE = MODALITIES["subtitle"].cache_column
 
 
 class PreprocessError(RuntimeError):
@@ -234,8 +235,7 @@ def preprocess(
         "config": data.model_dump(),
         "wall_seconds": round(wall, 3),
         "clips_per_second": round(len(rows) / wall, 3) if wall > 0 else None,
-        "columns": ["id", "captions", "frames", "audio_fbank", "has_audio"]
-        + (["subtitle"] if any(r.subtitle for r in rows) else []),
+        "columns": [c for c in CACHE_COLUMNS if c != _SUBTITLE or any(r.subtitle for r in rows)],
     }
     storage.write_text(report_path, json.dumps(report, indent=2))
     log(
