@@ -282,9 +282,11 @@ def bench_decode(videos, *, num_frames: int = 8, size: int = 224, reps: int = 3,
     return {"clips": len(paths), **rates}
 
 
-def write_synthetic_cache(out: str, rows: int, data, seed: int = 0) -> str:
+def write_synthetic_cache(out: str, rows: int, data, seed: int = 0, words: int = 1000, caption_words: int = 12) -> str:
     """A Parquet cache of `rows` clips with random tensors of the data config's shapes, in the layout
-    preprocessing writes (no decoding: for benchmarks of what happens after the cache). Returns its shards dir."""
+    preprocessing writes (no decoding: for benchmarks of what happens after the cache). Each caption is
+    caption_words words drawn from w0 ... w<words-1> (MSR-VTT's captions average ~9 words). Returns its shards
+    dir."""
     import ray.data
 
     from gram_ray.data.parquet_layout import to_parquet_layout
@@ -299,7 +301,9 @@ def write_synthetic_cache(out: str, rows: int, data, seed: int = 0) -> str:
         n = len(ids)
         return {
             "id": np.array([f"clip{i:06d}" for i in ids], dtype=object),
-            "captions": object_column([[f"caption of clip {i}"] for i in ids]),
+            "captions": object_column(
+                [[" ".join(f"w{w}" for w in rng.integers(0, words, caption_words))] for _ in ids]
+            ),
             "frames": rng.integers(0, 256, (n, v.num_frames, 3, v.size, v.size), dtype=np.uint8),
             "audio_fbank": rng.standard_normal((n, a.windows, a.window_frames, a.mel_bins)).astype(np.float32),
             "has_audio": np.ones(n, dtype=bool),

@@ -198,6 +198,14 @@ class TrainConfig(_Section):
     prefetch_batches: int = Field(2, ge=0)
     seed: int = 0
     threads_per_worker: int | None = Field(None, ge=1, description="torch CPU threads per worker")
+    time_steps: bool = Field(
+        False,
+        description="time each step's phases (data wait, forward, backward, optimizer; a device sync after each, "
+        "so a little slower) and report them as time/* at every epoch end: for benchmarks and profiling",
+    )
+    time_warmup_steps: int = Field(
+        2, ge=0, description="time_steps: the first steps left out of time/* (compilation, allocator, pipeline start)"
+    )
 
 
 class ScalingSection(_Section):

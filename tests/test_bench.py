@@ -51,3 +51,55 @@ def test_bench_volume_compile_adds_the_compiled_volume_and_floor(tmp_path):
     payload = json.loads(out.read_text())
     assert [r["variant"] for r in payload["results"]][-2:] == ["gram_volume+compile", "cosine+compile"]
     assert payload["compiled_ratio_to_compiled_floor"] > 0 and "x the compiled cosine floor" in result.output
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_train_measures_three_paths_side_by_side(ray_session, tmp_path):
+    out = tmp_path / "train.json"
+    args = ["bench", "train", "--steps", "2", "--warmup", "1", "--set", "train.batch_size=8", "--json", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert list(payload["paths"]) == ["plain", "loop", "ray"]
+    for name, path in payload["paths"].items():
+        assert path["timed_steps"] == 2, name
+        assert path["samples_per_s"] > 0
+        phases = sum(path[f"{p}_ms"] for p in ("data", "forward", "backward", "optimizer"))
+        assert phases == pytest.approx(path["step_ms"], rel=1e-6)
+        assert path["samples_per_s"] == pytest.approx(8 / (path["step_ms"] / 1000), rel=1e-6)
+    assert set(payload["ratios"]) == {"loop/plain", "ray/plain"}
+    assert payload["flops_per_step"] > 0
+    assert all(p["tflops"] > 0 and p["mfu"] is None for p in payload["paths"].values())  # no known CPU peak
+    assert "ratios to (a)" in result.output and "MFU" in result.output
+
+
+def test_bench_train_knows_the_peaks_of_common_cards():
+    from gram_ray.bench_train import peak_bf16_tflops
+
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert peak_bf16_tflops("x86_64, 2 threads") is None
+
+
+def test_random_weights_rebuild_the_published_architectures_offline():
+    # bench train (and any dry run of configs/msrvtt.yaml) builds these with random weights: they must be the
+    # real models' sizes. Published: BERT-base 110 M with its pooler (dropped here: 108.9 M), CLIP ViT-B/16's
+    # vision tower 85.8 M, AST 86.2 M without its AudioSet classifier.
+    from pathlib import Path
+
+    from gram_ray.config import load_config
+    from gram_ray.model.architectures import random_weights
+    from gram_ray.model.gram import GramModel
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "msrvtt.yaml")
+    model_cfg = random_weights(cfg.model)
+    assert all(getattr(model_cfg, t).pretrained is None for t in ("text", "vision", "audio"))
+    model = GramModel(model_cfg, num_frames=4, vocab_size=30522)
+    millions = {t: sum(p.numel() for p in getattr(model, t).parameters()) / 1e6 for t in ("text", "vision", "audio")}
+    assert millions == pytest.approx({"text": 108.89, "vision": 85.80, "audio": 86.19}, abs=0.01)
+
+    cfg.model.vision.pretrained = "someone/unknown-model"
+    with pytest.raises(ValueError, match="no architecture on record"):
+        random_weights(cfg.model)

@@ -81,7 +81,11 @@ def _run(cfg, train, val, vocab, resume=None, reports=None):
     last = run_training(
         cfg,
         train_batches=lambda epoch, skip: epoch_batches(train, cfg.train.batch_size, collate, epoch, skip),
-        val_batches=lambda: batches(val, cfg.train.eval_batch_size, Collate(cfg, vocab, False), drop_last=False),
+        val_batches=(
+            (lambda: batches(val, cfg.train.eval_batch_size, Collate(cfg, vocab, False), drop_last=False))
+            if val is not None
+            else None
+        ),
         steps_per_epoch=len(train["id"]) // cfg.train.batch_size,
         report=report,
         vocab=vocab,
@@ -102,6 +106,21 @@ def test_loop_runs_directly_and_reports_checkpoints(setup):
     assert json.loads(metrics["val_eval"])["volume"]["text-video-audio"]["t2v"]["R@1"] == metrics[main_metric_name(cfg)]
     assert saved["step"] == 2 * steps and saved["epoch"] == 1 and saved["vocab"] == vocab
     assert np.isfinite(metrics["train/loss"]) and metrics["train/samples_per_s"] > 0
+
+
+def test_loop_times_each_phase_of_a_step_when_asked(setup):
+    cfg, train, val, vocab = setup
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.epochs, cfg.train.time_steps = 1, True
+    last, reports = _run(cfg, train, None, vocab)
+    steps = len(train["id"]) // cfg.train.batch_size
+    assert last["time/timed_steps"] == steps - 2  # the first two steps are warm-up
+    phases = [last[f"time/{p}_ms"] for p in ("data", "forward", "backward", "optimizer")]
+    assert all(ms > 0 for ms in phases) and sum(phases) == pytest.approx(last["time/step_ms"], rel=1e-9)
+    assert last["time/samples_per_s"] == pytest.approx(cfg.train.batch_size * 1000 / last["time/step_ms"], rel=1e-9)
+    cfg.train.time_steps = False
+    untimed, _ = _run(cfg, train, None, vocab)
+    assert not any(k.startswith("time/") for k in untimed)
 
 
 def test_resume_continues_step_count_and_optimizer_state(setup):

@@ -28,6 +28,7 @@ from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, i
 from gram_ray.evaluate import evaluate_embeddings
 from gram_ray.model.checkpoint import save_checkpoint
 from gram_ray.model.gram import GramModel, build_model
+from gram_ray.train.step_timer import StepTimer
 
 __all__ = [
     "main_metric_name",
@@ -105,14 +106,19 @@ def _autocast(device: torch.device, cfg: GramConfig):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
 
 
-def accumulate_gradients(model, batch: dict, grad_accum: int, sync: bool):
+_UNTIMED = StepTimer(None, enabled=False)
+
+
+def accumulate_gradients(model, batch: dict, grad_accum: int, sync: bool, timer: StepTimer = _UNTIMED):
     """Forward and backward of one micro-batch, its loss scaled by 1/grad_accum so that the accumulated gradient
     is the mean over micro-batches. DDP all-reduces gradients on every backward unless told not to, so every
     micro-batch but the last of a group runs under no_sync (forward included: DDP decides in forward)."""
     skip = not sync and hasattr(model, "no_sync")
     with model.no_sync() if skip else contextlib.nullcontext():
-        out = model(batch)
-        (out.loss / grad_accum).backward()
+        with timer.phase("forward"):
+            out = model(batch)
+        with timer.phase("backward"):
+            (out.loss / grad_accum).backward()
     return out
 
 
@@ -197,9 +203,13 @@ def run_training(
 
     steps_per_epoch: batches per rank in a full epoch (every rank the same). report() is called on every rank at
     each epoch end (and every checkpoint_every_steps), with a checkpoint folder from rank 0 only. log() gets the
-    step metrics every log_every_steps on rank 0."""
+    step metrics every log_every_steps on rank 0. With train.time_steps, every epoch-end report also carries
+    this rank's step-time breakdown (StepTimer.summary: time/...)."""
     t = cfg.train
     device = device or torch.device("cpu")
+    timer = StepTimer(device, warmup=t.time_warmup_steps, enabled=t.time_steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(t.seed)
     model = build_model(cfg, vocab).to(device)
     updates_per_epoch = steps_per_epoch // t.grad_accum
@@ -258,26 +268,33 @@ def run_training(
         consumed: list[str] = []
         window_start, window_samples, micro = time.perf_counter(), 0, 0
         batches = iter(train_batches(epoch, skip_ids))
+        step_samples = 0
         while updates_left > 0:
-            batch = next(batches, None)
+            with timer.phase("data"):
+                batch = next(batches, None)
+                if batch is not None:
+                    batch = _to_device(batch, device)
             if batch is None:
                 raise RuntimeError(
                     f"epoch {epoch} ran out of batches on rank {get_rank()} with {updates_left} optimizer steps "
                     "left: every rank must get steps_per_epoch batches (drop_last, equal shards)"
                 )
-            batch = _to_device(batch, device)
             micro += 1
             last_micro = micro % t.grad_accum == 0
             with _autocast(device, cfg):
-                out = accumulate_gradients(model, batch, t.grad_accum, sync=last_micro)
+                out = accumulate_gradients(model, batch, t.grad_accum, sync=last_micro, timer=timer)
             consumed.extend(batch[IDS])
+            step_samples += len(batch[IDS])
             window_samples += len(batch[IDS]) * get_world_size()
             if not last_micro:
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            with timer.phase("optimizer"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            timer.step_done(step_samples)
+            step_samples = 0
             step += 1
             updates_left -= 1
             if step % t.log_every_steps == 0:
@@ -303,7 +320,7 @@ def run_training(
         skip_ids = frozenset()
         if (epoch + 1) % t.eval_every_epochs and epoch + 1 < t.epochs:
             continue
-        metrics = {**last, "step": step, "epoch": epoch}
+        metrics = {**last, "step": step, "epoch": epoch} | timer.summary()
         if val_batches is not None:
             emb, text_to_video, _ = embed_batches(_unwrap(model), val_batches(), device, cfg)
             evaluation = evaluate_embeddings(emb, text_to_video)
