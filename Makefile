@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 PIP_VERSION := 26.3
 
-.PHONY: install lock test lint demo demo-tv bench clean
+.PHONY: install lock test lint demo demo-tv bench gpu-bundle gpu-check clean
 
 install: $(STAMP)
 
@@ -33,7 +33,7 @@ test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check gram_ray tests
+	$(BIN)/ruff check gram_ray tests scripts
 
 # The main job on generated data: text + video + audio (add the text-video row with `make demo-tv`).
 demo: $(STAMP)
@@ -45,5 +45,21 @@ demo-tv: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/gram-ray bench volume
 
+# Every GPU check in one run (tests, bench volume, bench train, a GPU demo): gpu-check-out/gpu-check.{json,txt,log}.
+# Without a GPU it is a dry run that says what it skipped; GPU_CHECK_ARGS=--smoke runs every part on CPU instead.
+# On a bare GPU machine (no Ray, no network) it sets itself up from .gpu/, which `make gpu-bundle` builds here.
+GPU_CHECK_OUT ?= gpu-check-out
+GPU_CHECK_ARGS ?=
+gpu-check: $(if $(wildcard .gpu/ray-slim.tar.xz),,$(STAMP))
+	bash scripts/gpu-check.sh --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# .gpu/: Ray for the GPU machine's Python 3.12 (slim, with the wheels it lacks, and decord) from this workplace's
+# bundling tool, plus a small generated dataset for the GPU demo (that machine has no PyAV to write video).
+GPU_BUNDLE_TOOL ?= ../shared/tools/make-gpu-bundle
+gpu-bundle: $(STAMP)
+	$(GPU_BUNDLE_TOOL)
+	$(BIN)/gram-ray synth --out .gpu/demo-data --n 160 --val-share 0.25 >/dev/null
+	du -sh .gpu
+
 clean:
-	rm -rf $(VENV) .lock-venv .pytest_cache build *.egg-info
+	rm -rf $(VENV) .lock-venv .pytest_cache build *.egg-info gpu-check-out

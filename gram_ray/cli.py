@@ -44,8 +44,14 @@ def _init_ray(verbose: bool = False) -> None:
             # without it the cleaner logs a warning each time, and the workers' placement group of every trial
             # Tune stops (ASHA, or its last report) is never released, so a sweep stalls once they fill the
             # node. Bound to this machine only.
+            dashboard = _dashboard_available()
+            if not dashboard:
+                click.echo(
+                    "Ray's dashboard dependencies (ray[default]) are not installed: starting Ray without it. Tune "
+                    "sweeps need it to release the workers of stopped trials."
+                )
             info = ray.init(
-                num_cpus=max(8, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1", **options
+                num_cpus=max(8, os.cpu_count() or 1), include_dashboard=dashboard, dashboard_host="127.0.0.1", **options
             )
         if not verbose:
             click.echo(f"Ray's full logs: {info.address_info['session_dir']}/logs (--verbose shows them here)")
@@ -53,6 +59,16 @@ def _init_ray(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(level)
     if not verbose:  # off the terminal the bars are off on purpose: no need to say so
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def _dashboard_available() -> bool:
+    """Whether Ray can start its dashboard here: Ray decides by importing this module (a slim Ray, like the one
+    carried to a bare GPU machine, lacks aiohttp_cors, opencensus and the like)."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def run_job(command: str) -> None:
@@ -81,12 +97,15 @@ def _config(config_path, overrides):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--size", default=64, show_default=True, help="frame side in pixels")
 @click.option("--seconds", default=2.0, show_default=True)
-def synth(out, n, seed, size, seconds) -> None:
+@click.option("--val-share", default=0.25, show_default=True, help="share of clips in the val split (groups of 4)")
+def synth(out, n, seed, size, seconds, val_share) -> None:
     """Generate the synthetic tri-modal dataset (captions that need the audio)."""
     from gram_ray.data.synthetic import generate
 
     with click.progressbar(length=n, label=f"writing {n} clips to {out}") as bar:
-        paths = generate(out, n=n, seed=seed, size=size, seconds=seconds, progress=lambda i, total: bar.update(1))
+        paths = generate(
+            out, n=n, seed=seed, size=size, seconds=seconds, val_share=val_share, progress=lambda i, t: bar.update(1)
+        )
     click.echo(json.dumps(paths, indent=2))
 
 
@@ -213,10 +232,16 @@ def evaluate_embeddings_cmd(directory, json_path) -> None:
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path))
 @click.option("--modalities", default="text,video,audio", show_default=True, help="text plus one or more others")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="a dataset written earlier by `gram-ray synth` instead of generating the demo's 1000 clips",
+)
 @_CONFIG
 @_SET
 @_VERBOSE
-def demo(out, modalities, config_path, overrides, verbose) -> None:
+def demo(out, modalities, data_dir, config_path, overrides, verbose) -> None:
     """The main job on generated data: synth, preprocess, train (2 workers), evaluate, summarise."""
     from gram_ray.demo import run_demo
 
@@ -226,7 +251,10 @@ def demo(out, modalities, config_path, overrides, verbose) -> None:
             "text and at least one of video, audio (e.g. text,video,audio)", param_hint="--modalities"
         )
     _init_ray(verbose)
-    run_demo(out, mods, config_path, overrides, log=click.echo)
+    try:
+        run_demo(out, mods, config_path, overrides, log=click.echo, data_dir=data_dir)
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e)) from None
 
 
 @main.group()
@@ -347,6 +375,57 @@ def bench_shuffle_cmd(config_path, overrides, rows, cache, epochs, json_path) ->
         click.echo(f"{mode:<8} {seconds:>8.2f} {seconds - none:>14.2f}")
     if json_path:
         json_path.write_text(json.dumps(result | {"hardware": hardware_name("cpu")}, indent=2))
+
+
+@bench.command("train")
+@_CONFIG
+@_SET
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (path c uses the workers' GPUs)")
+@click.option("--steps", default=20, show_default=True, help="timed optimizer steps per path")
+@click.option("--warmup", default=3, show_default=True, help="untimed steps first (compilation, allocator, pipeline)")
+@click.option("--workers", default=1, show_default=True, help="Ray Train workers of path (c), on this node")
+@click.option(
+    "--paths", default="plain,loop,ray", show_default=True, help="which of plain (a), loop (b), ray (c) to run"
+)
+@click.option("--pretrained-weights", is_flag=True, help="load the config's pretrained encoders instead of random ones")
+@click.option(
+    "--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (NVIDIA data-center cards: known)"
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
+@_VERBOSE
+def bench_train_cmd(
+    config_path, overrides, device, steps, warmup, workers, paths, pretrained_weights, peak_tflops, json_path, verbose
+) -> None:
+    """Training samples/s per worker of a config's model: (a) a plain PyTorch loop, (b) gram-ray's loop fed from
+    the Parquet cache without Ray, (c) TorchTrainer + Ray Data; step-time breakdown, peak GPU memory, MFU.
+    Encoders get random weights of the config's architectures unless --pretrained-weights (no download)."""
+    from gram_ray.bench_train import bench_train, train_table
+    from gram_ray.demo import DEMO_CONFIG
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    cfg = _config(config_path or DEMO_CONFIG, overrides)
+    _init_ray(verbose)
+    try:
+        result = bench_train(
+            cfg,
+            steps=steps,
+            warmup=warmup,
+            workers=workers,
+            device=device,
+            random=not pretrained_weights,
+            peak_tflops=peak_tflops,
+            paths=tuple(p.strip() for p in paths.split(",") if p.strip()),
+            progress=click.echo,
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo("\n" + train_table(result))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

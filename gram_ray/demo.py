@@ -19,9 +19,19 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_CLIPS, DEMO_VAL_SHARE = 1000, 0.15  # 848 train clips, 152 val clips in 38 groups of 4
 
 
-def _demo_data(out: Path, log) -> dict:
-    from gram_ray.data.synthetic import generate
+def _demo_data(out: Path, log, data_dir: Path | None = None) -> dict:
+    from gram_ray.data.synthetic import dataset_paths, generate
 
+    if data_dir is not None:  # generated earlier (gram-ray synth): e.g. on a machine without PyAV to write video
+        paths = dataset_paths(data_dir)
+        missing = [p for p in paths.values() if not Path(p).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"--data {data_dir} is not a generated dataset: {', '.join(missing)} missing. Write one with "
+                "`gram-ray synth --out DIR`."
+            )
+        log(f"synthetic data: using {data_dir}")
+        return paths
     data = out / "data"
     marker = data / "done.json"
     if marker.is_file():
@@ -97,7 +107,9 @@ def results_table(evaluation: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path, modalities: list[str], config_path=None, overrides=(), log=print) -> dict:
+def run_demo(
+    out: str | Path, modalities: list[str], config_path=None, overrides=(), log=print, data_dir: Path | None = None
+) -> dict:
     from gram_ray.train.console import Console
     from gram_ray.train.inference import evaluate_checkpoint
     from gram_ray.train.layout import RunLayout
@@ -107,7 +119,7 @@ def run_demo(out: str | Path, modalities: list[str], config_path=None, overrides
     start = time.perf_counter()
     out = Path(out).resolve()
     run_dir = out / "-".join(modalities)
-    paths = _demo_data(out, log)
+    paths = _demo_data(out, log, data_dir)
     cfg = demo_config(out, modalities, config_path, overrides)
     cfg.data.train_annotations, cfg.data.val_annotations = paths["train"], paths["val"]
     cfg.data.video_dir, cfg.data.audio_dir = paths["videos"], paths["audios"]
@@ -130,7 +142,7 @@ def run_demo(out: str | Path, modalities: list[str], config_path=None, overrides
             "training_curves": str(run_dir / "training_curves.png"),
             "retrieval_chart": str(run_dir / "retrieval.png"),
             "wandb": str(run_dir / "wandb"),
-            "data": str(out / "data"),
+            "data": str(Path(paths["videos"]).parent),
         },
     }
     (run_dir / "summary.json").write_text(json.dumps(report, indent=2))

@@ -1,10 +1,13 @@
-"""One rank of the DDP gradient tests: `python ddp_worker.py RANK WORLD STORE MODE OUT`.
+"""One rank of the DDP gradient tests: `python ddp_worker.py RANK WORLD STORE MODE OUT [BACKEND]`.
 
 MODE is a gather mode (one backward of the rank's rows), or "accum": two micro-batches per rank through the
 training loop's accumulate_gradients, with a DDP comm hook counting gradient all-reduces. Runs in its own
-process (gloo on CPU) so that the test exercises a real process group and real DDP."""
+process so that the test exercises a real process group and real DDP: gloo on CPU (the default), or nccl with
+rank r on GPU r modulo the GPUs there are. run_ranks() launches the ranks."""
 
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -59,14 +62,44 @@ def grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
+def run_ranks(mode: str, tmp_path: Path, backend: str = "gloo", world: int = 2, timeout: float = 120):
+    """Run `world` ranks of this worker; returns (rank 0's saved gradients or None, [(returncode, stderr)])."""
+    out, store = tmp_path / f"{mode}-{backend}.pt", tmp_path / f"{mode}-{backend}.store"
+    worker = Path(__file__)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(r), str(world), str(store), mode, str(out), backend],
+            cwd=worker.parent,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    results = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a rank stuck in a collective its peer never joined
+            p.kill()
+            err = p.communicate()[1] + f"\n(rank killed after {timeout} s)"
+        results.append((p.returncode, err))
+    return (torch.load(out) if out.exists() else None), results
+
+
 def main():
     rank, world, store, gather, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    backend = sys.argv[6] if len(sys.argv) > 6 else "gloo"
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     # A file rendezvous: no port to pick, so no race with other processes on the machine.
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    on_device = {"device_ids": [device]} if device.type == "cuda" else {}
     if gather == "accum":
         from gram_ray.train.loop import accumulate_gradients
 
-        model = DistributedDataParallel(MicroBatchTowers("exact"))
+        model = DistributedDataParallel(MicroBatchTowers("exact").to(device), **on_device)
         allreduces = []
 
         def counting_hook(state, bucket):
@@ -74,19 +107,19 @@ def main():
             return default_hooks.allreduce_hook(dist.group.WORLD, bucket)
 
         model.register_comm_hook(None, counting_hook)
-        micros = micro_batches(rank, world, accum=2)
+        micros = [[x.to(device) for x in micro] for micro in micro_batches(rank, world, accum=2)]
         accumulate_gradients(model, micros[0], grad_accum=2, sync=False)
         after_first = len(allreduces)
         accumulate_gradients(model, micros[1], grad_accum=2, sync=True)
         extra = {"allreduces_after_first": after_first, "allreduces_after_last": len(allreduces)}
     else:
-        model = DistributedDataParallel(Towers(gather))
+        model = DistributedDataParallel(Towers(gather).to(device), **on_device)
         rows = N // world
-        local = [x[rank * rows : (rank + 1) * rows] for x in batch()]
+        local = [x[rank * rows : (rank + 1) * rows].to(device) for x in batch()]
         model(*local).backward()
         extra = {}
     if rank == 0:
-        torch.save({k.removeprefix("module."): v for k, v in grads(model).items()} | extra, out)
+        torch.save({k.removeprefix("module."): v.cpu() for k, v in grads(model).items()} | extra, out)
     dist.destroy_process_group()
 
 

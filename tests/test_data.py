@@ -65,6 +65,20 @@ def test_real_clips_decode(shared_data):
             assert np.isfinite(fbank).all() and fbank.std() > 0.1
 
 
+def test_decord_decoder_works_without_pyav(shared_data, monkeypatch):
+    # A bare GPU image has decord but no PyAV: the decord path must not need it, and give the same frames
+    # (the size then comes from the first decoded frame instead of the container header).
+    import gram_ray.data.video as video
+
+    path = str(shared_data / "real-clips" / "videos" / "video1.mp4")
+    with_pyav, size = decode_video(path, 4, 64, "eval", decoder="decord"), video.probe_size(path)
+    monkeypatch.setattr(video, "_pyav", lambda: None)
+    assert video.probe_size(path) == size
+    np.testing.assert_array_equal(decode_video(path, 4, 64, "eval", decoder="decord"), with_pyav)
+    with pytest.raises(RuntimeError, match="needs PyAV"):
+        decode_video(path, 4, 64, "eval", decoder="pyav")
+
+
 def _full_decode(path: str, num_frames: int) -> np.ndarray:
     """Reference: decode every frame, sort into presentation order, keep the eval-mode samples at native size."""
     import av

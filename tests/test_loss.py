@@ -1,12 +1,10 @@
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from ddp_worker import MicroBatchTowers, Towers, batch, grads, micro_batches
+from ddp_worker import MicroBatchTowers, Towers, batch, grads, micro_batches, run_ranks
 
 from gram_ray.loss import VolumeContrastiveLoss
 from gram_ray.volume import gram_volume
@@ -84,17 +82,9 @@ def test_loss_rejects_unaligned_batches():
 
 
 def _ddp_grads(gather: str, tmp_path: Path) -> dict[str, torch.Tensor]:
-    out, store, worker = (
-        tmp_path / f"{gather}.pt",
-        tmp_path / f"{gather}.store",
-        Path(__file__).with_name("ddp_worker.py"),
-    )
-    procs = [
-        subprocess.Popen([sys.executable, str(worker), str(r), "2", str(store), gather, str(out)], cwd=worker.parent)
-        for r in range(2)
-    ]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    return torch.load(out)
+    grads_, results = run_ranks(gather, tmp_path)
+    assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
+    return grads_
 
 
 def _full_batch_grads() -> dict[str, torch.Tensor]:

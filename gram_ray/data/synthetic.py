@@ -19,10 +19,9 @@ import wave
 from collections.abc import Callable
 from pathlib import Path
 
-import av
 import numpy as np
 
-__all__ = ["SHAPES", "COLOURS", "DIRECTIONS", "PITCHES", "RHYTHMS", "caption", "generate"]
+__all__ = ["SHAPES", "COLOURS", "DIRECTIONS", "PITCHES", "RHYTHMS", "caption", "generate", "dataset_paths"]
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (235, 220, 40)}
@@ -76,6 +75,8 @@ def _tone(a: dict, seconds: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _write_video(path: Path, frames: np.ndarray, fps: int) -> None:
+    import av  # imported here: reading generated data back (decord) needs no PyAV
+
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
@@ -144,9 +145,16 @@ def generate(
         entries.append({"video_id": clip_id, "desc": caption(a), "split": a["split"], "attributes": attributes})
         if progress:
             progress(i + 1, n)
-    paths = {"videos": str(out / "videos"), "audios": str(out / "audios")}
+    paths = dataset_paths(out)
     for split in ("train", "val", "all"):
         chosen = [e for e in entries if split == "all" or e["split"] == split]
-        (out / f"{split}.json").write_text(json.dumps(chosen, indent=1))
-        paths[split] = str(out / f"{split}.json")
+        Path(paths[split]).write_text(json.dumps(chosen, indent=1))
     return paths
+
+
+def dataset_paths(out: str | Path) -> dict:
+    """Where generate(out) puts each part: {"train", "val", "all": annotation files, "videos", "audios": dirs}."""
+    out = Path(out).resolve()
+    return {"videos": str(out / "videos"), "audios": str(out / "audios")} | {
+        split: str(out / f"{split}.json") for split in ("train", "val", "all")
+    }

@@ -10,7 +10,8 @@ Two decoders give the same frames:
   full decode, and in typical H.264 (B-frames in 40-60% of frames) this is ~2x faster than decoding them all.
   Only the sampled frames are converted to RGB, by swscale straight to the target size.
 - "decord": decord's VideoReader asked for frames whose short side is already S (its scaler resizes); it
-  decodes every frame up to the last sampled one.
+  decodes every frame up to the last sampled one. It needs no PyAV: without PyAV installed (a slim GPU image,
+  say) it reads the frame size from the first decoded frame instead of the container header.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,25 @@ def _undecodable(detail: object) -> DecodeError:
     return DecodeError(f"video cannot be decoded (truncated or corrupt?): {str(detail).splitlines()[0][:200]}")
 
 
+def _pyav():
+    """PyAV, imported on first use: only the pyav decoder and the header probe need it."""
+    try:
+        import av
+    except ImportError:
+        return None
+    return av
+
+
 def probe_size(path: str) -> tuple[int, int]:
-    """(width, height) from the container header, without decoding a frame."""
+    """(width, height) from the container header, without decoding a frame (from the first frame, by decord,
+    where PyAV is not installed)."""
+    av = _pyav()
+    if av is None:
+        try:
+            height, width = VideoReader(path, ctx=cpu(0), num_threads=1)[0].shape[:2]
+        except (DECORDError, IndexError) as e:  # IndexError: no frame at all
+            raise _not_readable(e) from None
+        return width, height
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -79,6 +96,9 @@ def _crop(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 def _decode_pyav(path: str, num_frames: int, size: int, mode: Mode, rng) -> np.ndarray:
+    av = _pyav()
+    if av is None:  # not a property of this file: stop the job with what to do
+        raise RuntimeError("data.video.decoder=pyav needs PyAV (pip install av); or set data.video.decoder=decord")
     try:
         container = av.open(path)
     except (av.FFmpegError, UnicodeDecodeError) as e:
