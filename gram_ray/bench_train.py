@@ -74,6 +74,7 @@ def bench_config(cfg: GramConfig, *, steps: int, warmup: int, workers: int, devi
     c = cfg.model_copy(deep=True)
     if random:
         c.model = random_weights(c.model)
+        c.model.init_from = None  # random weights are the point: no checkpoint to start from
     t = c.train
     t.epochs, t.grad_accum, t.time_steps, t.time_warmup_steps = 1, 1, True, warmup
     t.warmup_steps, t.log_every_steps, t.checkpoint_every_steps = 0, 10**9, None

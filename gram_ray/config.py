@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gram_ray.data.schema import MODALITY_NAMES
 
@@ -113,19 +113,38 @@ class DataConfig(_Section):
 
 
 class EncoderConfig(_Section):
-    """A Hugging Face encoder: pretrained by name or local path, or random weights from a config."""
+    """One modality's encoder: pretrained weights (a name or local path), or random weights from a config."""
 
-    pretrained: str | None = Field(None, description="Hugging Face name or local path of pretrained weights")
-    config: dict[str, Any] = Field(
-        default_factory=dict, description="random init: Hugging Face config fields, with model_type (e.g. 'bert')"
+    kind: Literal["hf", "eva_clip", "beats"] = Field(
+        "hf",
+        description="hf: a Hugging Face AutoModel; eva_clip: EVA-CLIP's vision tower through timm (GRAM's "
+        "EVA01-CLIP-g/14; vision only); beats: BEATs (GRAM's audio encoder; audio only)",
     )
-    pooling: Literal["cls", "mean"] = "mean"
-    freeze: bool = False
+    pretrained: str | None = Field(
+        None,
+        description="hf: a Hugging Face name or local path; eva_clip: an EVA-CLIP .pt (e.g. "
+        "EVA01_CLIP_g_14_psz14_s11B.pt); beats: a BEATs .pt (e.g. BEATs_iter3_plus_AS2M.pt)",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="random init. hf: Hugging Face config fields with model_type (e.g. 'bert'); eva_clip: width, "
+        "depth, head_width, mlp_hidden, patch_size; beats: a BEATs cfg (encoder_layers, encoder_embed_dim, ...)",
+    )
+    pooling: Literal["cls", "mean"] = Field("mean", description="hf only: CLS token or mean of the token states")
+    freeze: bool = Field(False, description="no gradient for this encoder (GRAM: frozen_vision, frozen_audio)")
+    cross_attention: bool = Field(
+        False,
+        description="text only: a cross-attention layer in every block (GRAM's fusion encoder); unused, and frozen, "
+        "until a matching loss uses the fusion",
+    )
 
 
 class VisionEncoderConfig(EncoderConfig):
     temporal_pooling: Literal["mean", "concat"] = Field(
         "mean", description="mean: order-free average of frames (the paper's); concat: keeps frame order"
+    )
+    drop_path_rate: float = Field(
+        0.0, ge=0, lt=1, description="eva_clip: stochastic depth in training, linear over the blocks (GRAM: 0.4)"
     )
     # CLIP's pixel statistics; frames arrive as uint8.
     pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -146,6 +165,12 @@ class ModelConfig(_Section):
     )
     max_text_length: int = Field(40, ge=4)
     embed_dim: int = Field(512, ge=8)
+    head_bias: bool = Field(False, description="a bias in each projection head (GRAM's Contra_head: none)")
+    init_from: str | None = Field(
+        None,
+        description="a gram-ray checkpoint (folder or URI) every weight starts from, e.g. GRAM's released model "
+        "after `gram-ray import-checkpoint`; pretrained encoders are then not read from their own files",
+    )
     gradient_checkpointing: bool = False
     temperature: float = Field(0.07, gt=0)
     learnable_temperature: bool = True
@@ -169,6 +194,17 @@ class ModelConfig(_Section):
         if "text" not in value or len(value) < 2 or len(set(value)) != len(value):
             raise ValueError(f"need 'text' and at least one other modality, each once; got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _encoder_kinds(self) -> ModelConfig:
+        allowed = {"text": ("hf",), "vision": ("hf", "eva_clip"), "audio": ("hf", "beats")}
+        for tower, kinds in allowed.items():
+            kind = getattr(self, tower).kind
+            if kind not in kinds:
+                raise ValueError(f"model.{tower}.kind={kind!r}: the {tower} encoder can be one of {list(kinds)}")
+            if tower != "text" and getattr(self, tower).cross_attention:
+                raise ValueError(f"model.{tower}.cross_attention: only the text encoder has cross-attention layers")
+        return self
 
 
 class TrainConfig(_Section):

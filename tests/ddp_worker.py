@@ -58,8 +58,25 @@ def micro_batches(rank: int, world: int, accum: int):
     ]
 
 
+def gram_model_and_batch():
+    """GRAM's encoders (EVA-CLIP tower, BEATs, BERT with cross-attention) at tiny sizes, and a batch of 8, with
+    every random draw fixed (eval mode: no dropout) so that ranks and the reference see the same numbers."""
+    from tiny import GRAM_ENCODERS, random_rows, tiny_config
+
+    from gram_ray.data.collate import Collate
+    from gram_ray.data.text import build_word_vocab
+    from gram_ray.model.gram import build_model
+
+    cfg = tiny_config(*GRAM_ENCODERS, "model.text.cross_attention=true")
+    rows = random_rows(cfg, 8)
+    vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab).eval()
+    return model, Collate(cfg, vocab, train=True)(rows)  # captions padded alike, before any split into ranks
+
+
 def grads(model):
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def run_ranks(mode: str, tmp_path: Path, backend: str = "gloo", world: int = 2, timeout: float = 120):
@@ -112,6 +129,13 @@ def main():
         after_first = len(allreduces)
         accumulate_gradients(model, micros[1], grad_accum=2, sync=True)
         extra = {"allreduces_after_first": after_first, "allreduces_after_last": len(allreduces)}
+    elif gather == "gram":
+        model, full = gram_model_and_batch()
+        model = DistributedDataParallel(model.to(device), **on_device)
+        rows = len(full["ids"]) // world
+        local = {k: v[rank * rows : (rank + 1) * rows] for k, v in full.items()}
+        model(local).loss.backward()
+        extra = {}
     else:
         model = DistributedDataParallel(Towers(gather).to(device), **on_device)
         rows = N // world

@@ -52,3 +52,28 @@ def batches(data: dict, size: int, collate, drop_last: bool = True):
     n = len(data["id"])
     for start in range(0, n - (size - 1 if drop_last else 0), size):
         yield collate({k: v[start : start + size] for k, v in data.items()})
+
+
+# GRAM's own encoder kinds at tiny sizes: EVA-CLIP's vision tower (timm) and BEATs.
+GRAM_ENCODERS = [
+    "model.vision.kind=eva_clip",
+    "model.vision.temporal_pooling=mean",  # GRAM averages the frames' CLS
+    "model.vision.config={width: 16, depth: 1, head_width: 8, mlp_hidden: 24, patch_size: 8}",
+    "model.audio.kind=beats",
+    "model.audio.config={encoder_layers: 1, encoder_embed_dim: 16, encoder_ffn_embed_dim: 32, "
+    "encoder_attention_heads: 2, embed_dim: 8, conv_pos: 4, conv_pos_groups: 2, num_buckets: 16, max_distance: 32}",
+    "data.audio.frontend=beats",
+]
+
+
+def random_rows(cfg, n: int, seed: int = 0) -> dict:
+    """n cache rows of the config's shapes with random media and distinct captions (no decoding)."""
+    rng = np.random.default_rng(seed)
+    v, a = cfg.data.video, cfg.data.audio
+    return {
+        "id": np.array([f"c{i}" for i in range(n)], dtype=object),
+        "captions": object_column([[f"clip {i} shows a {['red', 'blue'][i % 2]} shape"] for i in range(n)]),
+        "frames": rng.integers(0, 256, (n, v.num_frames, 3, v.size, v.size), dtype=np.uint8),
+        "audio_fbank": rng.standard_normal((n, a.windows, a.window_frames, a.mel_bins)).astype(np.float32),
+        "has_audio": np.ones(n, dtype=bool),
+    }

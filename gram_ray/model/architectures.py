@@ -1,18 +1,19 @@
 """The architectures of the pretrained encoders gram-ray's configs name, as Hugging Face config fields.
 
-A benchmark (or a dry run) of a real config needs the real model's shapes but must not download a gigabyte of
-weights: `random_weights(model_cfg)` swaps each `pretrained` name for these fields, giving the same
-architecture with random weights, built offline. The fields are those of each model's published config.json
-(every field that changes a shape or the computation; the rest are transformers' defaults).
+A benchmark (or a dry run, or a checkpoint import) of a real config needs the real model's shapes but must not
+download a gigabyte of weights: `random_weights(model_cfg)` swaps each `pretrained` name for these fields,
+giving the same architecture with random weights, built offline. Hugging Face models: the fields of their
+published config.json that change a shape or the computation (the rest are transformers' defaults). GRAM's
+EVA-CLIP and BEATs files (known by file name): the sizes of their towers.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from gram_ray.config import ModelConfig
+from gram_ray.config import EncoderConfig, ModelConfig
 
-__all__ = ["KNOWN_ARCHITECTURES", "random_weights"]
+__all__ = ["KNOWN_ARCHITECTURES", "random_encoder", "random_weights"]
 
 _BASE_TRANSFORMER = {
     "hidden_size": 768,
@@ -58,20 +59,65 @@ KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
+# GRAM's own encoders, loaded from local files (pretrained: a path), known by the file's name.
+KNOWN_ARCHITECTURES |= {
+    # EVA01-CLIP-g/14's vision tower: 1.01 B parameters, 224 px, 16 x 16 patches of 14 px + CLS.
+    "EVA01_CLIP_g_14_psz14_s11B.pt": {
+        "width": 1408,
+        "depth": 40,
+        "head_width": 88,
+        "mlp_hidden": 6144,
+        "patch_size": 14,
+    },
+    # BEATs iter3+ (AS2M): 90 M parameters; the checkpoint's own cfg.
+    "BEATs_iter3_plus_AS2M.pt": {
+        "encoder_layers": 12,
+        "encoder_embed_dim": 768,
+        "encoder_ffn_embed_dim": 3072,
+        "encoder_attention_heads": 12,
+        "activation_fn": "gelu",
+        "layer_norm_first": False,
+        "deep_norm": True,
+        "conv_bias": False,
+        "conv_pos": 128,
+        "conv_pos_groups": 16,
+        "relative_position_embedding": True,
+        "num_buckets": 320,
+        "max_distance": 800,
+        "gru_rel_pos": True,
+        "input_patch_size": 16,
+        "embed_dim": 512,
+        "layer_wise_gradient_decay_ratio": 0.6,
+    },
+}
+
+
+def _known(pretrained: str) -> dict[str, Any] | None:
+    from pathlib import PurePath
+
+    return KNOWN_ARCHITECTURES.get(pretrained) or KNOWN_ARCHITECTURES.get(PurePath(pretrained).name)
+
+
+def random_encoder(encoder: EncoderConfig, tower: str) -> EncoderConfig:
+    """A copy of one encoder's config: a pretrained one becomes the same architecture with random weights."""
+    out = encoder.model_copy(deep=True)
+    if not out.pretrained:
+        return out
+    known = _known(out.pretrained)
+    if known is None:
+        raise ValueError(
+            f"model.{tower}.pretrained={out.pretrained!r} has no architecture on record for random weights; "
+            f"known: {sorted(KNOWN_ARCHITECTURES)}. Give model.{tower}.config (its sizes) instead."
+        )
+    out.config, out.pretrained = dict(known), None
+    return out
+
+
 def random_weights(model: ModelConfig) -> ModelConfig:
     """A copy of `model` whose pretrained encoders are the same architectures with random weights (no download).
     Text then uses a word vocabulary (nothing to download for a tokenizer either)."""
     out = model.model_copy(deep=True)
     for tower in ("text", "vision", "audio"):
-        encoder = getattr(out, tower)
-        if not encoder.pretrained:
-            continue
-        if encoder.pretrained not in KNOWN_ARCHITECTURES:
-            raise ValueError(
-                f"model.{tower}.pretrained={encoder.pretrained!r} has no architecture on record for random weights; "
-                f"known: {sorted(KNOWN_ARCHITECTURES)}. Give model.{tower}.config (with model_type) instead."
-            )
-        encoder.config = dict(KNOWN_ARCHITECTURES[encoder.pretrained])
-        encoder.pretrained = None
+        setattr(out, tower, random_encoder(getattr(out, tower), tower))
     out.tokenizer = None
     return out

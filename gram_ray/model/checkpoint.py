@@ -21,7 +21,16 @@ from gram_ray import storage
 from gram_ray.config import GramConfig, save_config
 from gram_ray.model.gram import GramModel, build_model
 
-__all__ = ["STATE_FILE", "CheckpointError", "save_checkpoint", "load_checkpoint", "is_checkpoint", "model_from_state"]
+__all__ = [
+    "STATE_FILE",
+    "CheckpointError",
+    "save_checkpoint",
+    "write_checkpoint",
+    "load_checkpoint",
+    "is_checkpoint",
+    "model_from_state",
+    "upgrade_state",
+]
 
 STATE_FILE = "state.pt"
 
@@ -61,6 +70,13 @@ def save_checkpoint(
         "config": cfg.model_dump(mode="json"),
         "vocab": vocab,
     }
+    write_checkpoint(directory, state, cfg)
+
+
+def write_checkpoint(directory: Path, state: dict, cfg: GramConfig) -> None:
+    """The checkpoint folder: state.pt (tensors and plain values only, so it loads with weights_only=True) and
+    the config beside it, for people."""
+    directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / STATE_FILE)
     save_config(cfg, directory / "config.yaml")
 
@@ -76,13 +92,37 @@ def load_checkpoint(directory: str | Path, map_location="cpu") -> dict:
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: is {directory} a gram-ray checkpoint folder?")
     try:
-        return torch.load(io.BytesIO(storage.read_bytes(path)), map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).splitlines()[0][:300]
         raise CheckpointError(
             f"refused to load {path}: it holds objects other than tensors and plain values ({reason}). "
             "Loading it could run code; use checkpoints written by gram-ray from a source you trust."
         ) from None
+    return upgrade_state(state)
+
+
+_ENCODERS = ("text", "vision", "audio")
+
+
+def upgrade_state(state: dict) -> dict:
+    """A checkpoint written before encoders sat behind backbone adapters, in today's layout: its Hugging Face
+    weights were under <encoder>.backbone.* (now <encoder>.backbone.model.*), and its projection heads had a
+    bias, which configs then did not mention (now model.head_bias, default false as GRAM)."""
+    weights = state["model"]
+    if not any(k.startswith(f"{e}.backbone.") for k in weights for e in _ENCODERS):
+        return state
+    if any(k.startswith(f"{e}.backbone.model.") for k in weights for e in _ENCODERS):
+        return state  # already today's layout
+    renamed = {}
+    for key, value in weights.items():
+        encoder = key.split(".", 1)[0]
+        if encoder in _ENCODERS and key.startswith(f"{encoder}.backbone."):
+            key = f"{encoder}.backbone.model." + key[len(f"{encoder}.backbone.") :]
+        renamed[key] = value
+    model_cfg = state["config"].setdefault("model", {})
+    model_cfg.setdefault("head_bias", any(k.startswith("projections.") and k.endswith(".bias") for k in weights))
+    return state | {"model": renamed}
 
 
 def model_from_state(state: dict) -> tuple[GramModel, GramConfig]:

@@ -15,34 +15,43 @@ from torch import nn
 from gram_ray.config import GramConfig, ModelConfig
 from gram_ray.data.schema import MODALITIES
 from gram_ray.loss import VolumeContrastiveLoss, VolumeLossOutput
-from gram_ray.model.encoders import AudioEncoder, TextEncoder, VisionEncoder, load_backbone
+from gram_ray.model.encoders import AudioEncoder, Encoded, TextEncoder, VisionEncoder, build_backbone
 
-__all__ = ["GramModel", "build_model"]
+__all__ = ["GramModel", "build_model", "init_weights"]
 
 
 class GramModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_frames: int, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_frames: int,
+        vocab_size: int | None = None,
+        image_size: int = 224,
+        load_pretrained: bool = True,
+    ) -> None:
         super().__init__()
         if "text" not in cfg.modalities or len(cfg.modalities) < 2:
             raise ValueError(f"model.modalities must hold 'text' and at least one other, got {cfg.modalities}")
         self.cfg = cfg
         self.modalities = list(cfg.modalities)
         text_overrides = {"vocab_size": vocab_size} if vocab_size and not cfg.text.pretrained else {}
-        self.text = TextEncoder(load_backbone(cfg.text, "text", **text_overrides), cfg.text.pooling)
+        load = {"load_pretrained": load_pretrained}
+        self.text = TextEncoder(build_backbone(cfg.text, "text", **load, **text_overrides))
         self.vision = (
-            VisionEncoder(load_backbone(cfg.vision, "vision"), cfg.vision, num_frames)
+            VisionEncoder(build_backbone(cfg.vision, "vision", image_size=image_size, **load), cfg.vision, num_frames)
             if "video" in self.modalities
             else None
         )
-        self.audio = (
-            AudioEncoder(load_backbone(cfg.audio, "audio"), cfg.audio.pooling) if "audio" in self.modalities else None
-        )
+        self.audio = AudioEncoder(build_backbone(cfg.audio, "audio", **load)) if "audio" in self.modalities else None
         widths = {"text": self.text.out_dim, "subtitle": self.text.out_dim}
         if self.vision is not None:
             widths["video"] = self.vision.out_dim
         if self.audio is not None:
             widths["audio"] = self.audio.out_dim
-        self.projections = nn.ModuleDict({m: nn.Linear(widths[m], cfg.embed_dim) for m in self.modalities})
+        # GRAM's contrastive heads (Contra_head): a linear map to the shared space, without bias by default.
+        self.projections = nn.ModuleDict(
+            {m: nn.Linear(widths[m], cfg.embed_dim, bias=cfg.head_bias) for m in self.modalities}
+        )
         self.loss_fn = VolumeContrastiveLoss(
             temperature=cfg.temperature,
             learnable_temperature=cfg.learnable_temperature,
@@ -52,30 +61,36 @@ class GramModel(nn.Module):
             refine=cfg.refine_per_row,
             compile=cfg.compile,
         )
+        if cfg.text.cross_attention:
+            # Only the fusion (GRAM's matching loss) reads them; frozen until it exists, so DDP never waits on
+            # parameters without gradient.
+            for p in self.text.backbone.cross_attention_parameters():
+                p.requires_grad_(False)
+        encoders = [e for e in (self.text, self.vision, self.audio) if e is not None]
         if cfg.compile:  # each encoder in place; the loss compiles its volume itself
-            for encoder in (self.text, self.vision, self.audio):
-                if encoder is not None:
-                    encoder.compile()
+            for encoder in encoders:
+                encoder.compile()
         if cfg.gradient_checkpointing:
-            for encoder in (self.text, self.vision, self.audio):
-                if encoder is not None and hasattr(encoder.backbone, "gradient_checkpointing_enable"):
-                    encoder.backbone.gradient_checkpointing_enable()
+            for encoder in encoders:
+                encoder.backbone.set_gradient_checkpointing(True)
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         """Parameters of encoders loaded with pretrained weights (trained at train.encoder_lr)."""
         groups = [(self.text, self.cfg.text), (self.vision, self.cfg.vision), (self.audio, self.cfg.audio)]
         return [p for enc, c in groups if enc is not None and c.pretrained for p in enc.parameters() if p.requires_grad]
 
-    def _features(self, modality: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        spec = MODALITIES[modality]  # which encoder reads which batch keys: the data contract's table
-        return getattr(self, spec.encoder)(*(batch[key] for key in spec.batch_keys))
+    def encode(self, batch: dict[str, torch.Tensor], modalities: list[str] | None = None) -> dict[str, Encoded]:
+        """Each modality's encoder output: the pooled feature and the token states (for the fusion)."""
+        out = {}
+        for m in modalities or self.modalities:
+            spec = MODALITIES[m]  # which encoder reads which batch keys: the data contract's table
+            out[m] = getattr(self, spec.encoder)(*(batch[key] for key in spec.batch_keys))
+        return out
 
     def embed(self, batch: dict[str, torch.Tensor], modalities: list[str] | None = None) -> dict[str, torch.Tensor]:
         """L2-normalised float32 embeddings [B, embed_dim] of each modality."""
-        out = {}
-        for m in modalities or self.modalities:
-            out[m] = F.normalize(self.projections[m](self._features(m, batch)).float(), dim=-1)
-        return out
+        encoded = self.encode(batch, modalities)
+        return {m: F.normalize(self.projections[m](e.pooled).float(), dim=-1) for m, e in encoded.items()}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> VolumeLossOutput:
         emb = self.embed(batch)
@@ -83,5 +98,34 @@ class GramModel(nn.Module):
 
 
 def build_model(cfg: GramConfig, vocab: list[str] | None) -> GramModel:
-    """The model a config describes; `vocab` sizes a randomly initialised text encoder's embeddings."""
-    return GramModel(cfg.model, num_frames=cfg.data.video.num_frames, vocab_size=len(vocab) if vocab else None)
+    """The model a config describes; `vocab` sizes a randomly initialised text encoder's embeddings. With
+    model.init_from every weight comes from that checkpoint (init_weights), so pretrained encoders are built
+    as their architectures without reading their files."""
+    return GramModel(
+        cfg.model,
+        num_frames=cfg.data.video.num_frames,
+        vocab_size=len(vocab) if vocab else None,
+        image_size=cfg.data.video.size,
+        load_pretrained=not cfg.model.init_from,
+    )
+
+
+def init_weights(model: GramModel, checkpoint: str, log=print) -> None:
+    """Load a gram-ray checkpoint's weights (e.g. GRAM's, imported by `gram-ray import-checkpoint`) into model.
+    Every weight in it must have a place in the model; an import made with --allow-partial may leave some of the
+    model's weights out, and those are named."""
+    from gram_ray.model.checkpoint import CheckpointError, load_checkpoint
+
+    state = load_checkpoint(checkpoint)["model"]
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(
+            f"model.init_from={checkpoint}: {len(result.unexpected_keys)} of its weights have no place in this "
+            f"model (e.g. {result.unexpected_keys[:5]}): was it written for another model config?"
+        )
+    log(f"initialised from {checkpoint}: {len(state)} tensors")
+    if result.missing_keys:
+        log(
+            f"  {len(result.missing_keys)} of the model's tensors were not in it and keep their initial values: "
+            f"{result.missing_keys[:10]}"
+        )

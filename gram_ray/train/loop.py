@@ -27,7 +27,7 @@ from gram_ray.data.schema import IDS, TEXT_TO_VIDEO
 from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, is_distributed
 from gram_ray.evaluate import evaluate_embeddings
 from gram_ray.model.checkpoint import save_checkpoint
-from gram_ray.model.gram import GramModel, build_model
+from gram_ray.model.gram import GramModel, build_model, init_weights
 from gram_ray.train.step_timer import StepTimer
 
 __all__ = [
@@ -211,7 +211,10 @@ def run_training(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(t.seed)
-    model = build_model(cfg, vocab).to(device)
+    model = build_model(cfg, vocab)
+    if resume is None and cfg.model.init_from:
+        init_weights(model, cfg.model.init_from, log=print if get_rank() == 0 else lambda line: None)
+    model = model.to(device)
     updates_per_epoch = steps_per_epoch // t.grad_accum
     if updates_per_epoch < 1:
         raise ValueError(
