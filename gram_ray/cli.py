@@ -257,6 +257,27 @@ def demo(out, modalities, data_dir, config_path, overrides, verbose) -> None:
         raise click.UsageError(str(e)) from None
 
 
+@main.command("import-checkpoint")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="the gram-ray checkpoint folder to write")
+@_CONFIG
+@_SET
+@click.option("--allow-partial", is_flag=True, help="write it even if keys are missing, unexpected or mis-shaped")
+def import_checkpoint(source, out, config_path, overrides, allow_partial) -> None:
+    """A gram-ray checkpoint from one of GRAM's released checkpoints (e.g. its MSR-VTT or pretrained model), for
+    the model --config describes (default configs/msrvtt.yaml: GRAM's encoders). Then train with
+    --set model.init_from=OUT."""
+    from gram_ray.model.checkpoint import CheckpointError
+    from gram_ray.model.gram_checkpoint import import_gram_checkpoint
+
+    default = Path(__file__).resolve().parent.parent / "configs" / "msrvtt.yaml"
+    cfg = _config(config_path or default, overrides)
+    try:
+        import_gram_checkpoint(source, cfg, out, allow_partial=allow_partial, log=click.echo)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @main.group()
 def bench() -> None:
     """Built-in benchmarks: side-by-side measurements in one run."""
@@ -392,16 +413,43 @@ def bench_shuffle_cmd(config_path, overrides, rows, cache, epochs, json_path) ->
     "--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (NVIDIA data-center cards: known)"
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
+@click.option(
+    "--dry-run", is_flag=True, help="only estimate the GPU memory a step needs per GPU (no GPU, no Ray, no download)"
+)
+@click.option("--gpu-gib", default=80.0, show_default=True, help="--dry-run: the GPU memory to fit in")
 @_VERBOSE
 def bench_train_cmd(
-    config_path, overrides, device, steps, warmup, workers, paths, pretrained_weights, peak_tflops, json_path, verbose
+    config_path,
+    overrides,
+    device,
+    steps,
+    warmup,
+    workers,
+    paths,
+    pretrained_weights,
+    peak_tflops,
+    json_path,
+    dry_run,
+    gpu_gib,
+    verbose,
 ) -> None:
     """Training samples/s per worker of a config's model: (a) a plain PyTorch loop, (b) gram-ray's loop fed from
     the Parquet cache without Ray, (c) TorchTrainer + Ray Data; step-time breakdown, peak GPU memory, MFU.
-    Encoders get random weights of the config's architectures unless --pretrained-weights (no download)."""
+    Encoders get random weights of the config's architectures unless --pretrained-weights (no download).
+    --dry-run estimates instead the memory per GPU of the ways to train the config's model."""
     from gram_ray.bench_train import bench_train, train_table
     from gram_ray.demo import DEMO_CONFIG
 
+    if dry_run:
+        from gram_ray.memory import estimate_memory, memory_table
+
+        cfg = _config(config_path or DEMO_CONFIG, overrides)
+        click.echo(f"estimating the memory of a training step of {config_path or DEMO_CONFIG} (meta device) ...")
+        estimates = estimate_memory(cfg)
+        click.echo(memory_table(estimates, gpu_gib))
+        if json_path:
+            json_path.write_text(json.dumps([e.__dict__ | {"total_bytes": e.total_bytes} for e in estimates], indent=2))
+        return
     if device.startswith("cuda"):
         import torch
 

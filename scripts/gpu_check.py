@@ -5,8 +5,8 @@ Parts, each a command a user can rerun alone (the JSON records it), each with it
           the training loop on the GPU;
   volume  bench volume --compile on the shapes of issue 11 (k=3 1024x8192, k=3 4096x32768, k=5 1024x8192),
           each against the paper's own construction and the compiled cosine floor;
-  train   bench train on configs/msrvtt.yaml's model with random weights: (a) plain loop, (b) run_training
-          from the Parquet cache, (c) TorchTrainer + Ray Data;
+  train   bench train on configs/msrvtt-hf.yaml's model (282 M parameters) with random weights: (a) plain loop,
+          (b) run_training from the Parquet cache, (c) TorchTrainer + Ray Data;
   demo    the demo for one epoch on the GPU (decord decoding, one GPU worker, bf16).
 
 Writes <out>/gpu-check.json (everything), <out>/gpu-check.txt (the short table) and <out>/gpu-check.log (every
@@ -167,7 +167,7 @@ def run_checks(out: Path, data: Path | None, smoke: bool, budget_s: float, parts
             sizes = (
                 "--config configs/demo.yaml --steps 2 --warmup 1 --set train.batch_size=8"
                 if smoke
-                else "--config configs/msrvtt.yaml --steps 15 --warmup 3"
+                else "--config configs/msrvtt-hf.yaml --steps 15 --warmup 3"
             )
             bench = f"bench train --device {device} {sizes}"
             check.run("train", [*GRAM_RAY, *bench.split(), "--json", path], timeout=300, json_path=path)

@@ -84,22 +84,51 @@ def test_bench_train_knows_the_peaks_of_common_cards():
 
 
 def test_random_weights_rebuild_the_published_architectures_offline():
-    # bench train (and any dry run of configs/msrvtt.yaml) builds these with random weights: they must be the
-    # real models' sizes. Published: BERT-base 110 M with its pooler (dropped here: 108.9 M), CLIP ViT-B/16's
-    # vision tower 85.8 M, AST 86.2 M without its AudioSet classifier.
+    # bench train, dry runs and checkpoint imports build these with random weights: they must be the real
+    # models' sizes. Hugging Face variant: BERT-base 110 M with its pooler (dropped here: 108.9 M), CLIP
+    # ViT-B/16's vision tower 85.8 M, AST 86.2 M without its AudioSet classifier.
     from pathlib import Path
 
     from gram_ray.config import load_config
     from gram_ray.model.architectures import random_weights
     from gram_ray.model.gram import GramModel
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "msrvtt.yaml")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(configs / "msrvtt-hf.yaml")
     model_cfg = random_weights(cfg.model)
     assert all(getattr(model_cfg, t).pretrained is None for t in ("text", "vision", "audio"))
-    model = GramModel(model_cfg, num_frames=4, vocab_size=30522)
+    with torch.device("meta"):
+        model = GramModel(model_cfg, num_frames=4, vocab_size=30522)
     millions = {t: sum(p.numel() for p in getattr(model, t).parameters()) / 1e6 for t in ("text", "vision", "audio")}
     assert millions == pytest.approx({"text": 108.89, "vision": 85.80, "audio": 86.19}, abs=0.01)
+
+    # GRAM's own encoders (configs/msrvtt.yaml), counted as GRAM's checkpoint counts them (gram-reference):
+    # EVA01-CLIP-g/14's tower 1,012,588,928 less its unused CLIP head (1,442,816); BEATs 90,311,792 (its relative
+    # position bias shared by the layers); BERT with cross-attention 137,881,146 less the masked-LM head's own
+    # 622,650 (GRAM's BERT has no pooler).
+    gram = random_weights(load_config(configs / "msrvtt.yaml").model)
+    with torch.device("meta"):
+        model = GramModel(gram, num_frames=4)
+    counts = {t: sum(p.numel() for p in getattr(model, t).parameters()) for t in ("text", "vision", "audio")}
+    assert counts == {"text": 137_258_496, "vision": 1_011_146_112, "audio": 90_311_792}
 
     cfg.model.vision.pretrained = "someone/unknown-model"
     with pytest.raises(ValueError, match="no architecture on record"):
         random_weights(cfg.model)
+
+
+def test_dry_run_estimates_memory_per_gpu_without_a_gpu(tmp_path):
+    from pathlib import Path
+
+    out = tmp_path / "memory.json"
+    config = Path(__file__).resolve().parents[1] / "configs" / "msrvtt.yaml"
+    result = CliRunner().invoke(main, ["bench", "train", "--config", str(config), "--dry-run", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "fits 80 GB" in result.output
+    full, checkpointed, frozen, frozen_checkpointed, fsdp = json.loads(out.read_text())
+    # GRAM's encoders (137,258,496 + 1,011,146,112 + 90,311,792), heads 512 x (768 + 1408 + 768), temperature
+    assert full["parameters"] == 1_240_223_729
+    assert checkpointed["activations_bytes"] < full["activations_bytes"] / 4
+    assert frozen["trainable"] == full["trainable"] - 1_011_146_112  # the EVA-CLIP tower
+    assert frozen["static_bytes"] < full["static_bytes"]
+    assert fsdp["static_bytes"] == (4 * full["parameters"] + 12 * full["trainable"]) // 8

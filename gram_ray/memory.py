@@ -1,0 +1,170 @@
+"""How much GPU memory a config's training step needs per GPU, estimated without a GPU (`bench train --dry-run`).
+
+The model is built on the meta device from its architectures (no memory, no download) and one forward pass of
+the encoders at the config's batch shapes runs there in bf16, counting every tensor autograd saves for the
+backward pass (each storage once, parameters excluded). Attention is counted as a fused kernel keeps it on a
+GPU (flash / memory-efficient SDPA: q, k, v, the output and the log-sum-exp, never the [heads, N, N] matrix).
+Added to that, per trainable parameter: the fp32 weight, its gradient, AdamW's two moments, and DDP's gradient
+bucket (frozen parameters: the weight only). FSDP shards the weight, gradient and optimizer terms over the
+workers. Not counted: the allocator's fragmentation, the CUDA context (~0.5 GB), kernels' workspaces and the
+volume loss (B x B: negligible), so treat the figures as a floor with ~10-15% to spare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gram_ray.config import GramConfig
+
+__all__ = ["MemoryEstimate", "estimate_memory", "memory_table"]
+
+GIB = 2**30
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention while counting: the shapes it returns, and what a fused
+    (flash) kernel saves for backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: counting stops at the forward pass
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    original = F.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return _FusedAttention.apply(q, k, v)
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@dataclass
+class MemoryEstimate:
+    name: str
+    parameters: int
+    trainable: int
+    activations_bytes: int
+    static_bytes: int  # weights, gradients, optimizer, DDP buckets (sharded under FSDP)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.activations_bytes + self.static_bytes
+
+
+def _meta_model(cfg: GramConfig, vocab_size: int | None):
+    from gram_ray.model.architectures import random_weights
+    from gram_ray.model.gram import GramModel
+
+    shaped = random_weights(cfg.model)
+    shaped.compile = False
+    with torch.device("meta"):
+        return GramModel(
+            shaped, num_frames=cfg.data.video.num_frames, vocab_size=vocab_size, image_size=cfg.data.video.size
+        )
+
+
+def _meta_batch(cfg: GramConfig, batch_size: int) -> dict:
+    d, text_length = cfg.data, cfg.model.max_text_length
+    meta = {"device": "meta"}
+    batch = {
+        # No attention mask: transformers inspects a mask's values, which meta tensors do not have; every caption
+        # at the full length is the worst case anyway.
+        "input_ids": torch.zeros(batch_size, text_length, dtype=torch.long, **meta),
+        "attention_mask": None,
+        "frames": torch.zeros(batch_size, d.video.num_frames, 3, d.video.size, d.video.size, dtype=torch.uint8, **meta),
+        "audio_fbank": torch.zeros(
+            batch_size, d.audio.windows, d.audio.window_frames, d.audio.mel_bins, dtype=torch.bfloat16, **meta
+        ),
+    }
+    if "subtitle" in cfg.model.modalities:
+        batch["subtitle_input_ids"] = batch["input_ids"]
+        batch["subtitle_attention_mask"] = None
+    return batch
+
+
+def _saved_activation_bytes(model, batch: dict) -> int:
+    params = {id(p.untyped_storage()) for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if id(storage) not in params:
+            saved[id(storage)] = storage.nbytes()
+        return t
+
+    with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.embed(batch)  # the encoders and heads; the volume loss on [B, B] adds next to nothing
+    return sum(saved.values())
+
+
+def estimate_memory(cfg: GramConfig, batch_size: int | None = None, workers: int | None = None) -> list[MemoryEstimate]:
+    """Per-GPU estimates of a config's training step in bf16, for the ways to fit it: as configured (DDP),
+    with gradient checkpointing, with the vision tower frozen, and sharded with FSDP over the workers."""
+    batch_size = batch_size or cfg.train.batch_size
+    workers = workers or cfg.scaling.num_workers
+    model = _meta_model(cfg, vocab_size=None)
+    batch = _meta_batch(cfg, batch_size)
+    parameters = sum(p.numel() for p in model.parameters())
+
+    def static(trainable: int, shards: int = 1) -> int:
+        # fp32 weights (4 B) of every parameter; per trainable one its gradient (4), AdamW's moments (8) and,
+        # under DDP, the gradient bucket it is reduced through (4).
+        if shards > 1:  # FSDP: weights, gradients and moments sharded; no DDP buckets
+            return (4 * parameters + 12 * trainable) // shards
+        return 4 * parameters + 16 * trainable
+
+    def run(name: str, checkpointing: bool = False, frozen_vision: bool = False, shards: int = 1) -> MemoryEstimate:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train()
+        if frozen_vision and model.vision is not None:
+            model.vision.requires_grad_(False)
+        for encoder in (model.text, model.vision, model.audio):
+            if encoder is not None:
+                encoder.backbone.set_gradient_checkpointing(checkpointing)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model.to(torch.bfloat16)  # what autocast runs the encoders in
+        activations = _saved_activation_bytes(model, batch)
+        return MemoryEstimate(name, parameters, trainable, activations, static(trainable, shards))
+
+    return [
+        run(f"DDP, batch {batch_size}"),
+        run(f"DDP, batch {batch_size}, gradient checkpointing", checkpointing=True),
+        run(f"DDP, batch {batch_size}, vision tower frozen", frozen_vision=True),
+        run(f"DDP, batch {batch_size}, frozen vision + checkpointing", checkpointing=True, frozen_vision=True),
+        run(
+            f"FSDP over {workers} GPUs, batch {batch_size}, gradient checkpointing", checkpointing=True, shards=workers
+        ),
+    ]
+
+
+def memory_table(estimates: list[MemoryEstimate], gpu_gib: float = 80.0) -> str:
+    header = f"{'setup':<58} {'trainable':>10} {'activations':>12} {'weights+grads+optim':>20} {'total':>8}"
+    lines = [f"{header}  fits {gpu_gib:.0f} GB"]
+    for e in estimates:
+        fits = "yes" if e.total_bytes / GIB <= gpu_gib * 0.9 else "no"
+        lines.append(
+            f"{e.name:<58} {e.trainable / 1e6:>9.0f}M {e.activations_bytes / GIB:>11.1f}G "
+            f"{e.static_bytes / GIB:>19.1f}G {e.total_bytes / GIB:>7.1f}G  {fits}"
+        )
+    lines.append(
+        f"(per GPU, bf16 activations, fp32 weights and AdamW; {estimates[0].parameters / 1e9:.2f} B parameters; "
+        "'fits' leaves 10% for the allocator and the CUDA context)"
+    )
+    return "\n".join(lines)
