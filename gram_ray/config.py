@@ -23,6 +23,7 @@ __all__ = [
     "VisionEncoderConfig",
     "ModelConfig",
     "TrainConfig",
+    "EvalSection",
     "ScalingSection",
     "RunSection",
     "WandbConfig",
@@ -166,6 +167,12 @@ class ModelConfig(_Section):
     max_text_length: int = Field(40, ge=4)
     embed_dim: int = Field(512, ge=8)
     head_bias: bool = Field(False, description="a bias in each projection head (GRAM's Contra_head: none)")
+    itm_ratio: float = Field(
+        0.0,
+        ge=0,
+        description="weight of GRAM's matching loss (DAM: volume-sampled hard negatives through the fusion; GRAM: "
+        "0.1); > 0 needs text.cross_attention",
+    )
     init_from: str | None = Field(
         None,
         description="a gram-ray checkpoint (folder or URI) every weight starts from, e.g. GRAM's released model "
@@ -176,7 +183,12 @@ class ModelConfig(_Section):
     learnable_temperature: bool = True
     temperature_bounds: tuple[float, float] | None = None
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    gather: Literal["exact", "local", "none"] = "exact"
+    gather: Literal["exact", "local", "seed", "none"] = Field(
+        "exact",
+        description="how features cross workers in the volume loss: exact (all_gather with gradient: DDP equals the "
+        "full batch), local (other ranks' rows without gradient), seed (GRAM's code: every gathered row detached, "
+        "own rows included: one-sided gradients, for reproducing GRAM), none",
+    )
     compile: bool = Field(False, description="torch.compile the encoders and the volume (static-shape refinement)")
     refine_per_row: int | None = Field(
         None,
@@ -204,15 +216,33 @@ class ModelConfig(_Section):
                 raise ValueError(f"model.{tower}.kind={kind!r}: the {tower} encoder can be one of {list(kinds)}")
             if tower != "text" and getattr(self, tower).cross_attention:
                 raise ValueError(f"model.{tower}.cross_attention: only the text encoder has cross-attention layers")
+        if self.itm_ratio > 0 and not self.text.cross_attention:
+            raise ValueError(
+                "model.itm_ratio > 0 trains the match head through the fusion: set model.text.cross_attention: true"
+            )
+        if self.itm_ratio > 0 and not {"video", "audio"} & set(self.modalities):
+            raise ValueError("model.itm_ratio > 0 needs video or audio to fuse with the captions")
         return self
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(5, ge=1)
+    epochs: float = Field(
+        5, gt=0, description="may be fractional (GRAM's VATEX: 2.5): the run stops at round(epochs x steps an epoch)"
+    )
     batch_size: int = Field(32, ge=2, description="per worker")
+    global_batch_size: int | None = Field(
+        None, ge=2, description="the batch over all workers, as GRAM's configs state it: sets batch_size per worker"
+    )
     lr: float = Field(1e-4, gt=0, description="new layers: projections, temperature, randomly initialised encoders")
     encoder_lr: float = Field(2e-5, gt=0, description="pretrained encoders")
-    weight_decay: float = Field(0.01, ge=0)
+    vision_lr: float | None = Field(
+        None,
+        gt=0,
+        description="a pretrained vision encoder's own lr (GRAM fine-tuning: clip_lr 5e-7); default encoder_lr",
+    )
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's, on weight matrices only (none on biases and norms)")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW's betas (GRAM: 0.9, 0.98)")
+    eps: float = Field(1e-6, gt=0, description="AdamW's eps (GRAM: 1e-6)")
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps; when set, wins over warmup_ratio")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="warmup as a share of the run's steps (GRAM: 0.1)")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup, to 0")
@@ -230,6 +260,13 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="best K kept by val R@1")
     log_every_steps: int = Field(10, ge=1)
     eval_every_epochs: int = Field(1, ge=1, description="evaluate (and checkpoint) every N epochs and at the end")
+    evals_per_run: int | None = Field(
+        None,
+        ge=1,
+        description="evaluate (and checkpoint) this many times, evenly over the run's steps, the last at its end "
+        "(GRAM: valid_freq 10); wins over eval_every_epochs",
+    )
+    first_eval: bool = Field(False, description="also evaluate before the first step (GRAM's first_eval)")
     eval_batch_size: int = Field(64, ge=1)
     prefetch_batches: int = Field(2, ge=0)
     seed: int = 0
@@ -284,14 +321,42 @@ class TuneSection(_Section):
     reduction_factor: float = Field(2, gt=1)
 
 
+class EvalSection(_Section):
+    protocol: Literal["all", "seed"] = Field(
+        "all",
+        description="which captions and videos evaluation scores: all = every caption of every video; seed = "
+        "GRAM's code: each video's first caption, and only videos with audio, comparable with the paper's tables",
+    )
+    rerank_k: int = Field(
+        50,
+        ge=0,
+        description="evaluation: rescore each caption's (and each clip's) top k by volume with the match head, "
+        "reported as the 'rerank' kind (GRAM: 50); 0 turns it off; needs a model with the matching loss",
+    )
+
+
 class GramConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalSection = EvalSection()
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
     wandb: WandbConfig = WandbConfig()
     tune: TuneSection = TuneSection()
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> GramConfig:
+        g, workers = self.train.global_batch_size, self.scaling.num_workers
+        if g is not None:
+            if g % workers:
+                raise ValueError(
+                    f"train.global_batch_size={g} does not divide over scaling.num_workers={workers}: choose a "
+                    "multiple of the worker count"
+                )
+            if self.train.batch_size != g // workers:
+                self.train.batch_size = g // workers
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

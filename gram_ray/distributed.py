@@ -1,4 +1,5 @@
-"""Rank/world helpers and an all_gather that carries gradient.
+"""Rank/world helpers, an all_gather that carries gradient, and a row exchange that sends each rank only the rows
+it asked for (with gradient).
 
 Plain torch.distributed, so it works wherever a process group is initialised: Ray Train (which sets one up for
 TorchTrainer workers), torchrun, or a test spawning processes. Without a process group everything degrades to
@@ -17,6 +18,9 @@ __all__ = [
     "gathered_sizes",
     "all_gather_with_grad",
     "all_gather_no_grad",
+    "broadcast_from_rank0",
+    "max_over_ranks",
+    "exchange_rows",
 ]
 
 
@@ -90,3 +94,63 @@ def all_gather_no_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -> 
         gathered = _all_gather_padded(tensor.detach(), sizes)
     start = sum(sizes[: get_rank()])
     return torch.cat([gathered[:start], tensor, gathered[start + tensor.shape[0] :]])
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's value (one tiny collective); the value itself without a group."""
+    if not is_distributed():
+        return value
+    t = torch.tensor(value, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank (in place); itself without a group."""
+    if is_distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """Rows to other ranks (send_counts[d] rows to rank d, in order) and theirs to this one; backward sends each
+    row's gradient back the way it came."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, send_counts: list[int], receive_counts: list[int]) -> torch.Tensor:
+        ctx.counts = send_counts, receive_counts
+        out = rows.new_empty((sum(receive_counts), *rows.shape[1:]))
+        dist.all_to_all_single(out, rows.contiguous(), receive_counts, send_counts)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        send_counts, receive_counts = ctx.counts
+        back = grad.new_empty((sum(send_counts), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), send_counts, receive_counts)
+        return back, None, None
+
+
+def exchange_rows(local: torch.Tensor, wanted: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Rows `wanted` (global indices into the concatenation of every rank's rows, `sizes` rows per rank) of the
+    global batch, fetched from the ranks that hold them: [len(wanted), ...], differentiable w.r.t. the rows this
+    rank sent (their gradient comes back to it). Each row travels once, to the rank that asked for it, through one
+    all_to_all of the indices' owners' rows; only the indices are gathered to everyone."""
+    if not is_distributed():
+        return local[wanted]
+    rank, world = get_rank(), get_world_size()
+    starts = torch.tensor([0, *sizes], device=wanted.device).cumsum(0)
+    # Everyone's requests (W x n small ints): who wants which of my rows, in their order.
+    requests = wanted.new_empty(world * wanted.shape[0])
+    dist.all_gather_into_tensor(requests, wanted.contiguous())
+    requests = requests.view(world, -1)
+    owner_of = torch.bucketize(requests, starts[1:], right=True)  # [W, n]: the rank holding each requested row
+    mine = owner_of == rank
+    send_index = torch.cat([requests[d][mine[d]] - starts[rank] for d in range(world)])
+    send_counts = mine.sum(1).tolist()
+    my_owners = owner_of[rank]
+    receive_counts = [int((my_owners == s).sum()) for s in range(world)]
+    received = _AllToAllRows.apply(local[send_index], send_counts, receive_counts)
+    # Rows arrive grouped by source rank, each group in this rank's request order: put them back in that order.
+    order = torch.cat([torch.nonzero(my_owners == s).flatten() for s in range(world)])
+    return torch.empty_like(received).index_copy(0, order, received)

@@ -11,12 +11,17 @@ How features are gathered across data-parallel workers is explicit (`gather`), a
   against all clips and its local clips against all anchors, with targets offset by its first global row.
   The all_gather backward sums, over ranks, the gradients flowing into rank r's rows, so DDP's averaged
   parameter gradients equal the single-process gradients of the full global batch, to rounding.
-- "local": the paper's code. Other ranks' features are gathered without gradient, so rank r's features get
-  gradient only from its own rows of the loss; the terms where they serve as negatives in other ranks' rows
-  are dropped. Gradients differ from the full-batch ones (with 2 ranks of 6 samples, by tens of percent).
+- "local": other ranks' features are gathered without gradient while the rank's own rows keep theirs (its
+  anchors against its own clips train both sides). Rank r's features get gradient only from its own rows of
+  the loss; the terms where they serve as negatives in other ranks' rows are dropped, so gradients differ from
+  the full-batch ones (with 2 ranks of 6 samples, by tens of percent). This is NOT GRAM's code: see "seed".
+- "seed": GRAM's code (concat_all_gather): every gathered feature is detached, the rank's own rows included. The
+  caption -> clip term then trains only the caption side and the clip -> caption term only the clip side, even
+  on one GPU. For reproducing GRAM's numbers.
 - "none": no communication; each rank contrasts its local batch only.
 
-Without an initialised process group (one process, a notebook) all three are the same full-batch loss.
+Without an initialised process group (one process, a notebook) "exact", "local" and "none" are the same
+full-batch loss; "seed" is not (its gradients are one-sided).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ __all__ = ["VolumeContrastiveLoss", "VolumeLossOutput", "GatherMode", "COMPILED_
 
 COMPILED_REFINE = 2  # pairs per row recomputed in float64 when compiled and refine is not set: the positive + 1
 
-GatherMode = Literal["exact", "local", "none"]
+GatherMode = Literal["exact", "local", "seed", "none"]
 
 
 @dataclass
@@ -49,6 +54,9 @@ class VolumeLossOutput:
     positive_volume: torch.Tensor  # [local B]: volume of each local sample's own tuple
     temperature: torch.Tensor  # scalar
     refine_overflow: torch.Tensor | None = None  # refine=m: flagged pairs left unrefined (on device, not synced)
+    sizes: list[int] | None = None  # rows per rank of the global batch (the columns of the logits)
+    offset: int = 0  # this rank's first global row
+    matching_loss: torch.Tensor | None = None  # DAM (detached), when the model trains the match head
 
 
 class VolumeContrastiveLoss(nn.Module):
@@ -76,8 +84,8 @@ class VolumeContrastiveLoss(nn.Module):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        if gather not in ("exact", "local", "none"):
-            raise ValueError(f"gather must be 'exact', 'local' or 'none', got {gather!r}")
+        if gather not in ("exact", "local", "seed", "none"):
+            raise ValueError(f"gather must be 'exact', 'local', 'seed' or 'none', got {gather!r}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if temperature_bounds is not None:
@@ -115,6 +123,11 @@ class VolumeContrastiveLoss(nn.Module):
             sizes = [local_rows]
             offset = 0
             all_anchor, all_others = anchor, others
+        elif self.gather == "seed":  # every gathered row detached, this rank's own included (GRAM's code)
+            sizes = gathered_sizes(local_rows, anchor.device)
+            offset = sum(sizes[: get_rank()])
+            all_anchor = all_gather_no_grad(anchor.detach(), sizes)
+            all_others = tuple(all_gather_no_grad(o.detach(), sizes) for o in others)
         else:
             sizes = gathered_sizes(local_rows, anchor.device)
             offset = sum(sizes[: get_rank()])
@@ -126,7 +139,7 @@ class VolumeContrastiveLoss(nn.Module):
         stats: dict = {}
         logits_t2v = -self._volume(anchor, *all_others, eps=self.eps, refine=self.refine, stats=stats) / temperature
         overflow = stats.get("refine_overflow")
-        if len(sizes) == 1:
+        if len(sizes) == 1 and self.gather != "seed":
             logits_v2t = logits_t2v.T  # one batch: the same matrix read by columns
         else:
             logits_v2t = -self._volume(all_anchor, *others, eps=self.eps, refine=self.refine, stats=stats).T
@@ -148,4 +161,6 @@ class VolumeContrastiveLoss(nn.Module):
             positive_volume=positive_volume.detach(),
             temperature=temperature.detach(),
             refine_overflow=overflow,
+            sizes=sizes,
+            offset=offset,
         )

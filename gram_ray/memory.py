@@ -1,8 +1,9 @@
 """How much GPU memory a config's training step needs per GPU, estimated without a GPU (`bench train --dry-run`).
 
 The model is built on the meta device from its architectures (no memory, no download) and one forward pass of
-the encoders at the config's batch shapes runs there in bf16, counting every tensor autograd saves for the
-backward pass (each storage once, parameters excluded). Attention is counted as a fused kernel keeps it on a
+the encoders at the config's batch shapes (and, with the matching loss, the fusion over the 3B caption-clip
+pairs) runs there in bf16, counting every tensor autograd saves for the backward pass (each storage once,
+parameters excluded). Attention is counted as a fused kernel keeps it on a
 GPU (flash / memory-efficient SDPA: q, k, v, the output and the log-sum-exp, never the [heads, N, N] matrix).
 Added to that, per trainable parameter: the fp32 weight, its gradient, AdamW's two moments, and DDP's gradient
 bucket (frozen parameters: the weight only). FSDP shards the weight, gradient and optimizer terms over the
@@ -109,7 +110,12 @@ def _saved_activation_bytes(model, batch: dict) -> int:
         return t
 
     with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.embed(batch)  # the encoders and heads; the volume loss on [B, B] adds next to nothing
+        encoded = model.encode(batch)
+        for m, e in encoded.items():  # the heads; the volume loss on [B, B] adds next to nothing
+            model.projections[m](e.pooled)
+        if model.fusion is not None:  # DAM: the fusion reads 3B (caption, clip) pairs
+            condition = model.condition(encoded)
+            model.match_logits(torch.cat([batch["input_ids"]] * 3), None, torch.cat([condition] * 3))
     return sum(saved.values())
 
 

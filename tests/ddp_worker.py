@@ -58,16 +58,25 @@ def micro_batches(rank: int, world: int, accum: int):
     ]
 
 
-def gram_model_and_batch():
+def exchange_case(rank: int, world: int):
+    """Rank r's rows (3 x 2, float64, requiring grad) and the global rows it asks for (one of its own, the rest
+    from others, one asked twice)."""
+    rows = (torch.arange(6, dtype=torch.float64).view(3, 2) + 100 * rank).requires_grad_()
+    wanted = torch.tensor([(rank + 1) % world * 3 + 2, rank * 3, (rank + 1) % world * 3 + 2, 1])
+    return rows, wanted
+
+
+def gram_model_and_batch(matching: bool = False):
     """GRAM's encoders (EVA-CLIP tower, BEATs, BERT with cross-attention) at tiny sizes, and a batch of 8, with
-    every random draw fixed (eval mode: no dropout) so that ranks and the reference see the same numbers."""
+    every random draw fixed (eval mode: no dropout) so that ranks and the reference see the same numbers.
+    matching: also the fusion and match head, trained by DAM (model.itm_ratio 0.1)."""
     from tiny import GRAM_ENCODERS, random_rows, tiny_config
 
     from gram_ray.data.collate import Collate
     from gram_ray.data.text import build_word_vocab
     from gram_ray.model.gram import build_model
 
-    cfg = tiny_config(*GRAM_ENCODERS, "model.text.cross_attention=true")
+    cfg = tiny_config(*GRAM_ENCODERS, "model.text.cross_attention=true", f"model.itm_ratio={0.1 if matching else 0}")
     rows = random_rows(cfg, 8)
     vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
     torch.manual_seed(0)
@@ -129,8 +138,22 @@ def main():
         after_first = len(allreduces)
         accumulate_gradients(model, micros[1], grad_accum=2, sync=True)
         extra = {"allreduces_after_first": after_first, "allreduces_after_last": len(allreduces)}
-    elif gather == "gram":
-        model, full = gram_model_and_batch()
+    elif gather == "exchange":
+        from gram_ray.distributed import exchange_rows
+
+        rows, wanted = exchange_case(rank, world)
+        fetched = exchange_rows(rows, wanted, [rows.shape[0]] * world)
+        (fetched * torch.arange(1.0, 1 + fetched.numel(), dtype=fetched.dtype).view_as(fetched)).sum().backward()
+        all_fetched = [torch.zeros_like(fetched) for _ in range(world)]
+        dist.all_gather(all_fetched, fetched.detach().contiguous())
+        all_grads = [torch.zeros_like(rows.grad) for _ in range(world)]
+        dist.all_gather(all_grads, rows.grad.contiguous())
+        if rank == 0:
+            torch.save({"fetched": torch.cat(all_fetched), "grad": torch.cat(all_grads)}, out)
+        dist.destroy_process_group()
+        return
+    elif gather in ("gram", "gram-dam"):
+        model, full = gram_model_and_batch(matching=gather == "gram-dam")
         model = DistributedDataParallel(model.to(device), **on_device)
         rows = len(full["ids"]) // world
         local = {k: v[rank * rows : (rank + 1) * rows] for k, v in full.items()}

@@ -1,6 +1,7 @@
 import json
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,36 @@ def test_real_annotation_files_parse(shared_data):
     assert max(len(r.captions) for r in audiocaps) == 5
     clips = read_annotations(shared_data / "real-clips" / "annotations.json")
     assert [len(r.captions) for r in clips] == [1, 2, 1, 1]
+    # GRAM's other test splits: paragraphs (DiDeMo, ActivityNet), 10 captions a clip with subtitles (VATEX)
+    didemo = read_annotations(shared_data / "annotations" / "didemo_descs_ret_test.json")
+    assert len(didemo) == 1003 and max(len(r.captions[0].split()) for r in didemo) > 40  # why 70 tokens
+    activitynet = read_annotations(shared_data / "annotations" / "activitynet_descs_ret_test.json")
+    assert len(activitynet) == 4917
+    vatex = read_annotations(shared_data / "annotations" / "vatex_descs_ret_test.json")
+    assert len(vatex) == 1500 and all(len(r.captions) == 10 for r in vatex)
+    assert any(r.subtitle for r in vatex)
+
+
+def test_vast27m_annotations_parse(tmp_path):
+    entry = {"clip_id": "c1", "vast_cap": ["a dog barks"], "vision_cap": ["a dog"], "audio_cap": ["barking"],
+             "subtitle": "good dog"}  # fmt: skip
+    (tmp_path / "vast.json").write_text(json.dumps([entry]))
+    (row,) = read_annotations(tmp_path / "vast.json")
+    assert (row.id, row.captions, row.subtitle) == ("c1", ["a dog barks"], "good dog")
+    assert row.extra["vision_cap"] == ["a dog"] and row.extra["audio_cap"] == ["barking"]
+
+
+def test_every_dataset_config_loads_and_validates():
+    from gram_ray.config import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    names = {c.stem for c in configs}
+    assert {"msrvtt", "msrvtt-hf", "didemo", "activitynet", "vatex", "audiocaps", "vast150k", "demo"} <= names
+    loaded = {c.stem: load_config(c) for c in configs}
+    assert loaded["vatex"].train.epochs == 2.5 and "subtitle" in loaded["vatex"].model.modalities
+    assert loaded["didemo"].data.audio.windows == 2 and loaded["didemo"].model.max_text_length == 70
+    assert loaded["vast150k"].train.global_batch_size == 128 and loaded["vast150k"].data.video.num_frames == 2
+    assert loaded["msrvtt"].train.batch_size * loaded["msrvtt"].scaling.num_workers == 32
 
 
 def test_jsonl_and_csv_with_the_same_fields(tmp_path):
@@ -289,3 +320,22 @@ def test_cache_key_follows_the_audio_front_end(synth_small):
         cache_key(synth_small["val"], rows, DataConfig(audio=AudioConfig(frontend=f)), "eval") for f in ("ast", "beats")
     }
     assert len(keys) == 2
+
+
+def test_seed_protocol_scores_first_captions_of_videos_with_audio():
+    from tiny import random_rows, tiny_config
+
+    from gram_ray.data.collate import Collate
+    from gram_ray.data.schema import object_column
+    from gram_ray.data.text import build_word_vocab
+
+    cfg = tiny_config("model.modalities=[text,video]")
+    rows = random_rows(cfg, 4)
+    rows["captions"] = object_column([[f"first {i}", f"second {i}"] for i in range(4)])
+    rows["has_audio"] = np.array([True, False, True, True])
+    vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
+    every = Collate(cfg, vocab, train=False)(rows)
+    assert len(every["ids"]) == 4 and len(every["text_to_video"]) == 8  # all: every caption, every video
+    cfg.eval.protocol = "seed"
+    seed = Collate(cfg, vocab, train=False)(rows)
+    assert seed["ids"] == ["c0", "c2", "c3"] and seed["text_to_video"].tolist() == [0, 1, 2]

@@ -25,8 +25,12 @@ def test_every_key_of_a_full_size_gram_checkpoint_fits_the_gram_config(shared_da
     shapes = model_shapes(cfg)  # GRAM's model at full size, on the meta device
     state, unused, report = import_gram_state(source, shapes)
     assert report.complete, report.lines()
-    assert report.loaded == len(shapes) == len(state) == 1098  # every tensor of gram-ray's model, shapes equal
-    assert len(unused) == 1288 - 1098 and set(report.unused) == set(unused)  # the rest kept, each with its reason
+    # every tensor of gram-ray's model (encoders, heads, temperature, fusion and match head), shapes equal
+    assert report.loaded == len(shapes) == len(state) == 1116
+    assert len(unused) == 1288 - 1116 and set(report.unused) == set(unused)  # the rest kept, each with its reason
+    assert report.resized == [  # GRAM's frame embeddings were made for 2 frames; msrvtt.yaml trains with 4
+        "vision_frame_embedding: [1, 2, 768] -> [1, 4, 768] (other frame counts)"
+    ]
     assert all(any(k.startswith(p) for p in UNUSED) for k in unused)
 
 

@@ -57,7 +57,9 @@ def test_pretrained_encoders_load_from_disk_by_path(setup, tmp_path):
     for tower, enc in (("text", cfg.model.text), ("vision", cfg.model.vision), ("audio", cfg.model.audio)):
         random = load_backbone(enc, tower)
         random.save_pretrained(tmp_path / tower)
-        loaded = load_backbone(EncoderConfig(pretrained=str(tmp_path / tower)), tower)
+        loaded = load_backbone(
+            EncoderConfig(pretrained=str(tmp_path / tower), cross_attention=enc.cross_attention), tower
+        )
         for (name, a), b in zip(random.state_dict().items(), loaded.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
 
@@ -295,3 +297,68 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refused to load .*could run code"):
         load_checkpoint(tmp_path / "ckpt")
     assert not marker.exists()
+
+
+def test_optimizer_follows_grams_recipe(setup):
+    from gram_ray.model.gram import build_model
+    from gram_ray.train.loop import build_optimizer
+
+    cfg, _, _, vocab = setup
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.lr, cfg.train.encoder_lr, cfg.train.vision_lr = 1e-4, 2e-5, 5e-7
+    model = build_model(cfg, vocab)
+    encoders = [p for enc in (model.text, model.vision, model.audio) for p in enc.parameters()]
+    model.pretrained_parameters = lambda: encoders  # as if every encoder were loaded from pretrained weights
+    optimizer, _ = build_optimizer(model, cfg, total_steps=10)
+    lr_of = {id(p): (g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert {lr_of[id(p)][0] for p in model.vision.parameters()} == {5e-7}  # GRAM's clip_lr
+    assert {lr_of[id(p)][0] for p in model.text.parameters()} | {lr_of[id(p)][0] for p in model.audio.parameters()} == {
+        2e-5
+    }
+    assert {lr_of[id(p)][0] for p in model.projections.parameters()} == {1e-4}
+    assert lr_of[id(model.loss_fn.log_temperature)] == (1e-4, 0.0)  # no decay on the temperature
+    assert all(lr_of[id(p)][1] == 0.0 for n, p in model.named_parameters() if n.endswith("bias"))
+    assert optimizer.defaults["betas"] == (0.9, 0.98) and optimizer.defaults["eps"] == 1e-6
+
+
+def test_evaluation_schedule_first_eval_and_evals_per_run(setup):
+    cfg, train, val, vocab = setup
+    cfg = cfg.model_copy(deep=True)
+    steps = len(train["id"]) // cfg.train.batch_size
+    cfg.train.epochs, cfg.train.evals_per_run, cfg.train.first_eval = 2, 3, True
+    logged = []
+    collate = Collate(cfg, vocab, train=True)
+    run_training(
+        cfg,
+        train_batches=lambda epoch, skip: epoch_batches(train, cfg.train.batch_size, collate, epoch, skip),
+        val_batches=lambda: batches(val, cfg.train.eval_batch_size, Collate(cfg, vocab, False), drop_last=False),
+        steps_per_epoch=steps,
+        report=lambda metrics, checkpoint: None,
+        vocab=vocab,
+        log=logged.append,
+    )
+    evaluated = [m["step"] for m in logged if main_metric_name(cfg) in m]
+    total = 2 * steps
+    assert evaluated == [0] + sorted({round(total * i / 3) for i in (1, 2, 3)})  # before training, then 3 spread
+
+
+def test_global_batch_is_split_over_the_workers_or_refused():
+    from tiny import tiny_config
+
+    from gram_ray.config import ConfigError
+
+    cfg = tiny_config("scaling.num_workers=4", "train.global_batch_size=32")
+    assert cfg.train.batch_size == 8
+    with pytest.raises(ConfigError, match="does not divide over scaling.num_workers=4"):
+        tiny_config("scaling.num_workers=4", "train.global_batch_size=30")
+
+
+def test_a_fractional_epoch_count_stops_mid_epoch(setup):
+    # GRAM trains VATEX for 2.5 epochs: the last epoch stops at round(epochs x steps an epoch), then evaluates.
+    cfg, train, val, vocab = setup
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.epochs = 1.5
+    last, reports = _run(cfg, train, val, vocab)
+    steps = len(train["id"]) // cfg.train.batch_size
+    assert last["step"] == last["total_steps"] == round(1.5 * steps)
+    assert [m["epoch"] for m, _ in reports] == [0, 1]

@@ -22,6 +22,9 @@ OVERRIDES = [
     "train.log_every_steps=1",
     "train.eval_every_epochs=1",
     "wandb.enabled=false",
+    # The demo trains GRAM's matching loss; tests that exercise it ask for it (model.itm_ratio, cross_attention).
+    "model.itm_ratio=0",
+    "model.text.cross_attention=false",
     f"model.text.config={{model_type: bert, max_position_embeddings: 32, {SIZES}}}",
     f"model.vision.config={{model_type: vit, image_size: 16, patch_size: 8, {SIZES}}}",
     "model.audio.config={model_type: audio-spectrogram-transformer, max_length: 64, num_mel_bins: 64, "

@@ -69,8 +69,12 @@ class Collate:
 
     def __call__(self, batch: dict) -> dict:
         modalities = self.cfg.model.modalities
-        if "audio" in modalities and HAS_AUDIO in batch and not np.all(batch[HAS_AUDIO]):
-            keep = np.asarray(batch[HAS_AUDIO], dtype=bool)  # no audio: cannot take part in an audio volume
+        # No audio: cannot take part in an audio volume; GRAM's protocol ("seed") also leaves such clips out of
+        # every evaluation, so its numbers compare with the paper's tables.
+        seed_protocol = not self.train and self.cfg.eval.protocol == "seed"
+        drop_silent = "audio" in modalities or seed_protocol
+        if drop_silent and HAS_AUDIO in batch and not np.all(batch[HAS_AUDIO]):
+            keep = np.asarray(batch[HAS_AUDIO], dtype=bool)
             batch = {k: v[keep] for k, v in batch.items()}
         ids = [str(i) for i in batch[ID]]
         per_clip = [_strings(c) for c in batch[CAPTIONS]]
@@ -79,6 +83,8 @@ class Collate:
             texts = [caps[caption_index(seed, self.epoch, i, len(caps))] for i, caps in zip(ids, per_clip, strict=True)]
             text_to_video = np.arange(len(per_clip))
         else:
+            if seed_protocol:  # GRAM's evaluation: each video's first caption only
+                per_clip = [caps[:1] for caps in per_clip]
             texts = [c for caps in per_clip for c in caps]
             text_to_video = np.repeat(np.arange(len(per_clip)), [len(c) for c in per_clip])
         max_length = self.cfg.model.max_text_length

@@ -1,8 +1,9 @@
 """Annotation files -> one manifest row per video: id, captions, subtitle, and where its media are.
 
 Accepted: the GRAM annotation JSON (a list of objects with `video_id` and `desc` or `caption`, each a string or
-a list of strings, optional `subtitle`), JSONL with the same fields, and CSV with the same columns (several
-captions in one CSV cell are separated by ` ||| `). Several entries for one video are merged.
+a list of strings, optional `subtitle`), VAST-27M's (`clip_id`, `vast_cap` the captions trained on, `vision_cap`
+and `audio_cap` kept as extra fields, `subtitle`), JSONL with the same fields, and CSV with the same columns
+(several captions in one CSV cell are separated by ` ||| `). Several entries for one video are merged.
 """
 
 from __future__ import annotations
@@ -51,8 +52,12 @@ def _captions(value, where: str) -> list[str]:
 def _row(entry: dict, where: str) -> ManifestRow:
     if not isinstance(entry, dict):
         raise ManifestError(f"{where}: expected an object with video_id and desc/caption, got {type(entry).__name__}")
+    if "video_id" not in entry and "clip_id" in entry:  # VAST-27M: clip_id, vast_cap (+ vision/audio captions)
+        entry = {"video_id": entry["clip_id"], "desc": entry.get("vast_cap")} | {
+            k: v for k, v in entry.items() if k not in ("clip_id", "vast_cap")
+        }
     if "video_id" not in entry:
-        raise ManifestError(f"{where}: no 'video_id' field (fields: {sorted(entry)})")
+        raise ManifestError(f"{where}: no 'video_id' (or VAST-27M 'clip_id') field (fields: {sorted(entry)})")
     text = entry.get("desc", entry.get("caption"))
     if text is None:
         raise ManifestError(f"{where}: video {entry['video_id']!r} has neither 'desc' nor 'caption'")

@@ -43,6 +43,7 @@ class Encoded:
     pooled: torch.Tensor  # [B, out_dim]: the contrastive feature before its head
     tokens: torch.Tensor  # [B, N, width]: every part's token states, parts in order
     mask: torch.Tensor | None = None  # [B, N], 1 for real tokens (text); None when every token is real
+    parts: int = 1  # frames (video) or windows (audio) the tokens come from, in order
 
 
 def load_backbone(cfg: EncoderConfig, tower: str, **overrides) -> nn.Module:
@@ -51,7 +52,10 @@ def load_backbone(cfg: EncoderConfig, tower: str, **overrides) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     # transformers builds BERT's cross-attention layers only for a decoder; _encoder_side undoes the causal part.
+    # A text model saved with them (gram-ray's own) loads without them unless asked for.
     cross = {"add_cross_attention": True, "is_decoder": True} if cfg.cross_attention else {}
+    if tower == "text" and not cfg.cross_attention:
+        cross = {"add_cross_attention": False, "is_decoder": False}
     if cfg.pretrained:
         model = AutoModel.from_pretrained(cfg.pretrained, **cross)
     else:
@@ -146,11 +150,14 @@ class HFBackbone(nn.Module):
         return [p for name, p in self.model.named_parameters() if ".crossattention." in name]
 
     def fuse(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Token states of the text cross-attending, in every layer, to context [B, M, width] (GRAM's fusion)."""
-        if context_mask is None:
-            context_mask = torch.ones(context.shape[:2], dtype=mask.dtype, device=context.device)
+        """Token states of the text cross-attending, in every layer, to context [B, M, width] (GRAM's fusion);
+        context_mask None: every context token is real."""
         return self.model(
             input_ids=input_ids, attention_mask=mask, encoder_hidden_states=context, encoder_attention_mask=context_mask
         ).last_hidden_state
@@ -261,7 +268,7 @@ class VisionEncoder(nn.Module):
         tokens, pooled = self.backbone(pixels)
         per_frame = pooled.view(b, n, -1)
         pooled = per_frame.flatten(1) if self.temporal == "concat" else per_frame.mean(1)
-        return Encoded(pooled, tokens.reshape(b, -1, tokens.shape[-1]))
+        return Encoded(pooled, tokens.reshape(b, -1, tokens.shape[-1]), parts=n)
 
 
 class AudioEncoder(nn.Module):
@@ -275,4 +282,4 @@ class AudioEncoder(nn.Module):
     def forward(self, fbank: torch.Tensor) -> Encoded:
         b, windows = fbank.shape[:2]
         tokens, pooled = self.backbone(fbank.flatten(0, 1))
-        return Encoded(pooled.view(b, windows, -1).mean(1), tokens.reshape(b, -1, tokens.shape[-1]))
+        return Encoded(pooled.view(b, windows, -1).mean(1), tokens.reshape(b, -1, tokens.shape[-1]), parts=windows)

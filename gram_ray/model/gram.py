@@ -15,7 +15,9 @@ from torch import nn
 from gram_ray.config import GramConfig, ModelConfig
 from gram_ray.data.schema import MODALITIES
 from gram_ray.loss import VolumeContrastiveLoss, VolumeLossOutput
+from gram_ray.matching import matching_loss
 from gram_ray.model.encoders import AudioEncoder, Encoded, TextEncoder, VisionEncoder, build_backbone
+from gram_ray.model.fusion import Fusion
 
 __all__ = ["GramModel", "build_model", "init_weights"]
 
@@ -28,6 +30,7 @@ class GramModel(nn.Module):
         vocab_size: int | None = None,
         image_size: int = 224,
         load_pretrained: bool = True,
+        num_windows: int = 1,
     ) -> None:
         super().__init__()
         if "text" not in cfg.modalities or len(cfg.modalities) < 2:
@@ -61,9 +64,16 @@ class GramModel(nn.Module):
             refine=cfg.refine_per_row,
             compile=cfg.compile,
         )
-        if cfg.text.cross_attention:
-            # Only the fusion (GRAM's matching loss) reads them; frozen until it exists, so DDP never waits on
-            # parameters without gradient.
+        # GRAM's fusion and match head, trained by the matching loss (model.itm_ratio > 0) from the clip's video
+        # and audio tokens (GRAM's condition_feats_va).
+        self.fusion = None
+        if cfg.itm_ratio > 0:
+            conditions = {"video": self.vision, "audio": self.audio}
+            widths = {m: enc.width for m, enc in conditions.items() if enc is not None}
+            self.fusion = Fusion(self.text.width, widths, {"video": num_frames, "audio": num_windows})
+        elif cfg.text.cross_attention:
+            # Only the fusion reads them: frozen while no loss trains it, so DDP never waits on parameters without
+            # gradient.
             for p in self.text.backbone.cross_attention_parameters():
                 p.requires_grad_(False)
         encoders = [e for e in (self.text, self.vision, self.audio) if e is not None]
@@ -92,9 +102,37 @@ class GramModel(nn.Module):
         encoded = self.encode(batch, modalities)
         return {m: F.normalize(self.projections[m](e.pooled).float(), dim=-1) for m, e in encoded.items()}
 
+    def condition(self, encoded: dict[str, Encoded]) -> torch.Tensor:
+        """The fusion's condition features [B, M, text width] of a batch's clips."""
+        fused = self.fusion.order
+        return self.fusion.condition({m: encoded[m].tokens for m in fused}, {m: encoded[m].parts for m in fused})
+
+    def match_logits(self, input_ids: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """[B, 2] match-head logits of captions fused with clips' condition features."""
+        states = self.text.backbone.fuse(input_ids, mask, condition, None)
+        return self.fusion.match_head(states[:, 0])
+
     def forward(self, batch: dict[str, torch.Tensor]) -> VolumeLossOutput:
-        emb = self.embed(batch)
-        return self.loss_fn.compute(emb["text"], *[emb[m] for m in self.modalities if m != "text"])
+        encoded = self.encode(batch)
+        emb = {m: F.normalize(self.projections[m](e.pooled).float(), dim=-1) for m, e in encoded.items()}
+        out = self.loss_fn.compute(emb["text"], *[emb[m] for m in self.modalities if m != "text"])
+        if self.fusion is None:
+            return out
+        text_ids, text_mask = (batch[key] for key in MODALITIES["text"].batch_keys)
+        dam = matching_loss(
+            lambda ids, mask, condition: self.text.backbone.fuse(ids, mask, condition, None),
+            self.fusion.match_head,
+            text_ids,
+            text_mask,
+            self.condition(encoded),
+            out.logits_t2v,
+            out.logits_v2t,
+            out.sizes,
+            out.offset,
+        )
+        out.loss = out.loss + self.cfg.itm_ratio * dam
+        out.matching_loss = dam.detach()
+        return out
 
 
 def build_model(cfg: GramConfig, vocab: list[str] | None) -> GramModel:
@@ -107,6 +145,7 @@ def build_model(cfg: GramConfig, vocab: list[str] | None) -> GramModel:
         vocab_size=len(vocab) if vocab else None,
         image_size=cfg.data.video.size,
         load_pretrained=not cfg.model.init_from,
+        num_windows=cfg.data.audio.windows,
     )
 
 

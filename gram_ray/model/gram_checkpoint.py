@@ -3,7 +3,8 @@
 A GRAM checkpoint is the flat state dict of GRAM's model (`model_step_N.pt`): `vision_encoder.*` (the whole
 EVA-CLIP model), `audio_encoder.*` (BEATs), `multimodal_encoder.*` (BERT with cross-attention, and its masked-LM
 head), `contra_head_{t,v,a,s,d}` (the contrastive heads, no bias), `contra_temp` (the temperature itself),
-`itm_head.*`, `hidden_trans_*`, `*_frame_embedding`, `*_type_embeddings` (the fusion and matching head).
+`itm_head.*`, `hidden_trans_*`, `*_frame_embedding`, `*_type_embeddings` (the fusion and match head, loaded into
+gram-ray's `fusion.*` when the model trains the matching loss).
 
 `import_gram_state` maps each key to gram-ray's model (built on the meta device: no memory, no download),
 checks every shape, and reports what is missing, unexpected or mis-shaped. Keys gram-ray does not use (yet) are
@@ -42,6 +43,14 @@ KEY_MAP = (
     ("contra_head_v.linear.", "projections.video."),
     ("contra_head_a.linear.", "projections.audio."),
     ("contra_head_s.linear.", "projections.subtitle."),
+    # The fusion and match head (model.itm_ratio > 0).
+    ("itm_head.", "fusion.match_head."),
+    ("hidden_trans_vision_multimodal.", "fusion.hidden_trans.video."),
+    ("hidden_trans_audio_multimodal.", "fusion.hidden_trans.audio."),
+    ("vision_frame_embedding", "fusion.part_embedding.video"),
+    ("audio_frame_embedding", "fusion.part_embedding.audio"),
+    ("vision_type_embeddings", "fusion.type_embedding.video"),
+    ("audio_type_embeddings", "fusion.type_embedding.audio"),
 )
 
 # GRAM prefix -> why gram-ray does not load it (the key is kept in the imported checkpoint all the same).
@@ -55,13 +64,9 @@ UNUSED = {
     "contra_head_va.": "a head of fused vision+audio features, not used by GRAM's retrieval",
     "contra_head_vs.": "a head of fused vision+subtitle features, not used by GRAM's retrieval",
     "contra_head_vas.": "a head of fused vision+audio+subtitle features, not used by GRAM's retrieval",
-    "itm_head.": "the matching head (GRAM's DAM loss): kept for the fusion",
-    "hidden_trans_": "the fusion's projections of vision/audio/subtitle tokens: kept for the fusion",
-    "vision_frame_embedding": "the fusion's frame embeddings: kept for the fusion",
-    "audio_frame_embedding": "the fusion's window embeddings: kept for the fusion",
-    "vision_type_embeddings": "the fusion's type embedding: kept for the fusion",
-    "audio_type_embeddings": "the fusion's type embedding: kept for the fusion",
-    "subtitle_type_embeddings": "the fusion's type embedding: kept for the fusion",
+    "hidden_trans_subtitle_multimodal.": "the fusion's subtitle projection: GRAM's matching loss fuses video and "
+    "audio only",
+    "subtitle_type_embeddings": "the fusion's subtitle type embedding: GRAM's matching loss fuses video and audio only",
 }
 
 
@@ -151,9 +156,9 @@ def import_gram_state(
             else:
                 report.unused[key] = why
             continue
-        if ours not in shapes:  # e.g. the subtitle head of a model without subtitles
+        if ours not in shapes:  # e.g. the subtitle head of a model without subtitles, the fusion of one without DAM
             unused[key] = value
-            report.unused[key] = f"{ours} is not part of this model (model.modalities)"
+            report.unused[key] = f"{ours} is not part of this model (model.modalities, model.itm_ratio)"
             continue
         if key == TEMPERATURE[0]:
             value = torch.log(value.to(torch.float64)).to(torch.float32)  # GRAM keeps t itself; gram-ray log t
@@ -161,6 +166,11 @@ def import_gram_state(
             if ours.endswith("visual.pos_embed") and value.ndim == 3 and value.shape[-1] == shapes[ours][-1]:
                 report.resized.append(f"{key}: {list(value.shape)} -> {list(shapes[ours])} (another vision resolution)")
                 value = _resize_pos_embed(value, shapes[ours])
+            elif ".part_embedding." in ours and value.ndim == 3 and value.shape[-1] == shapes[ours][-1]:
+                # GRAM's frame/window embeddings are as long as its training run's clips: nearest, as GRAM loads them
+                report.resized.append(f"{key}: {list(value.shape)} -> {list(shapes[ours])} (other frame counts)")
+                value = torch.nn.functional.interpolate(value.transpose(1, 2), shapes[ours][1], mode="nearest")
+                value = value.transpose(1, 2).contiguous()
             else:
                 report.misshaped.append(f"{key} -> {ours}: checkpoint {list(value.shape)}, model {list(shapes[ours])}")
                 continue

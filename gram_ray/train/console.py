@@ -46,7 +46,7 @@ class Console:
     def step_line(self, r: dict, prefix: str = "") -> str:
         step, total = r["step"], r.get("total_steps") or r["step"]
         return (
-            f"{prefix}epoch {r['epoch'] + 1}/{r['epochs']}  step {step}/{total}  loss {r['train/loss']:.4f}  "
+            f"{prefix}epoch {r['epoch'] + 1}/{r['epochs']:g}  step {step}/{total}  loss {r['train/loss']:.4f}  "
             f"lr {r['train/lr']:.2e}  {r['train/samples_per_s']:.0f} samples/s  "
             f"ETA {self._eta(r.get('source', ''), step, total)}"
         )
@@ -56,7 +56,7 @@ class Console:
         metric = self.main_metric.removeprefix("val/")
         shown = f"val {metric} {value:.1f}" if value is not None else "no val split"
         saved = "  checkpoint saved" if r.get("checkpoint") else ""
-        where = f"epoch {r['epoch'] + 1}/{r['epochs']}  step {r['step']}/{r.get('total_steps', '?')}"
+        where = f"epoch {r['epoch'] + 1}/{r['epochs']:g}  step {r['step']}/{r.get('total_steps', '?')}"
         return f"{prefix}eval  {where}  {shown}{saved}"
 
     def show(self, record: dict) -> None:
@@ -87,12 +87,12 @@ def ProgressQueue():  # a factory that reads like the class it makes
     return Queue(actor_options={"num_cpus": 0})
 
 
-def step_record(metrics: dict, epochs: int) -> dict:
+def step_record(metrics: dict, epochs: float) -> dict:
     keys = ("step", "total_steps", "epoch", "train/loss", "train/lr", "train/samples_per_s")
     return {"kind": STEP, "epochs": epochs, **{k: metrics[k] for k in keys if k in metrics}}
 
 
-def progress_callback(progress, main_metric: str, epochs: int, source: str = ""):
+def progress_callback(progress, main_metric: str, epochs: float, source: str = ""):
     """A Ray Train UserCallback that puts one record per report with an evaluation (runs on the controller)."""
     from ray.train import UserCallback
 

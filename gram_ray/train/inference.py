@@ -1,5 +1,6 @@
 """Ray Data batch inference: a checkpoint's model embeds every clip and caption of a Parquet cache, and the
-metrics come from the pure evaluation functions."""
+metrics come from the pure evaluation functions. A checkpoint trained with the matching loss is also reranked
+(eval.rerank_k): a second pass in which the actor embedding each clip scores that clip's candidate pairs."""
 
 from __future__ import annotations
 
@@ -40,6 +41,79 @@ class _EmbedClips:
         return out
 
 
+class _ScorePairs:
+    """map_batches UDF (an actor) for reranking: each clip's condition features, fused with the captions the
+    candidate pairs name for it; one output row per pair: its index and the match probability."""
+
+    def __init__(self, checkpoint_dir: str, caption_ids, caption_mask, pairs_by_clip: dict) -> None:
+        state = load_checkpoint(checkpoint_dir)
+        self.model, cfg = model_from_state(state)
+        self.collate = Collate(cfg, state["vocab"], train=False)
+        self.ids, self.mask = torch.as_tensor(caption_ids), torch.as_tensor(caption_mask)
+        self.pairs_by_clip = pairs_by_clip  # clip id -> (pair indices, caption indices)
+
+    def __call__(self, batch: dict) -> dict:
+        model_batch = self.collate(batch)
+        pair_index, probs = [], []
+        with torch.no_grad():
+            condition = self.model.condition(self.model.encode(model_batch, self.model.fusion.order))
+            for row, clip_id in enumerate(model_batch[IDS]):
+                pairs, captions = self.pairs_by_clip.get(clip_id, ([], []))
+                if len(pairs) == 0:
+                    continue
+                captions = torch.as_tensor(captions)
+                clip = condition[row : row + 1].expand(len(captions), -1, -1)
+                logits = self.model.match_logits(self.ids[captions], self.mask[captions], clip)
+                pair_index.append(np.asarray(pairs))
+                probs.append(logits.softmax(-1)[:, 1].numpy())
+        if not pair_index:
+            return {"pair": np.zeros(0, dtype=np.int64), "prob": np.zeros(0, dtype=np.float32)}
+        return {"pair": np.concatenate(pair_index).astype(np.int64), "prob": np.concatenate(probs).astype(np.float32)}
+
+
+def _rerank(ds, checkpoint_dir: str, clip_ids: list[str], embeddings: dict, text_to_video, batch_size: int) -> dict:
+    """The rerank metrics (model.itm_ratio > 0 checkpoints): candidate pairs from the volumes of every modality,
+    each scored by the actor that embeds its clip; the captions' token ids travel to the actors (integers)."""
+    from gram_ray.data.text import tokenize
+    from gram_ray.evaluate import volume_scores
+    from gram_ray.rerank import rerank_metrics, rerank_pairs
+
+    state = load_checkpoint(checkpoint_dir)
+    cfg = model_from_state(state)[1]
+    if not cfg.eval.rerank_k or cfg.model.itm_ratio <= 0:
+        return {}
+    import ray.data
+
+    captions = {r["id"]: [str(c) for c in r["captions"]] for r in ds.select_columns(["id", "captions"]).take_all()}
+    texts = [c for clip in clip_ids for c in captions[clip]]
+    tokens = tokenize(Collate(cfg, state["vocab"], train=False).tokenizer, texts, cfg.model.max_text_length)
+    others = [m for m in cfg.model.modalities if m != "text"]
+    volumes = volume_scores(torch.as_tensor(embeddings["text"]), [torch.as_tensor(embeddings[m]) for m in others])
+    pairs = rerank_pairs(volumes, cfg.eval.rerank_k)
+    by_clip: dict[str, tuple[list, list]] = {}
+    for index, (caption, clip) in enumerate(pairs.tolist()):
+        entry = by_clip.setdefault(clip_ids[clip], ([], []))
+        entry[0].append(index)
+        entry[1].append(caption)
+    scored = ds.map_batches(
+        _ScorePairs,
+        fn_constructor_kwargs={
+            "checkpoint_dir": checkpoint_dir,
+            "caption_ids": tokens["input_ids"].numpy(),
+            "caption_mask": tokens["attention_mask"].numpy(),
+            "pairs_by_clip": by_clip,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+    ).take_all()
+    probs = torch.zeros(len(pairs))
+    for r in scored:
+        probs[int(r["pair"])] = float(r["prob"])
+    name = "-".join(cfg.model.modalities)
+    return {"rerank": {name: rerank_metrics(volumes, text_to_video, cfg.eval.rerank_k, lambda p: probs)}}
+
+
 def check_inputs(checkpoint_dir: str | Path, data_dir: str | Path) -> None:
     """FileNotFoundError naming what is missing, before any Ray work starts."""
     if not is_checkpoint(checkpoint_dir):
@@ -74,4 +148,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data_dir: str | Path, batch_
             if m not in ("id", "text", "num_captions"):
                 emb.setdefault(m, []).append(np.asarray(v))
     embeddings = {m: np.stack(v) for m, v in emb.items()} | {"text": np.concatenate(text_rows)}
-    return evaluate_embeddings(embeddings, np.asarray(text_to_video))
+    metrics = evaluate_embeddings(embeddings, np.asarray(text_to_video))
+    clip_ids = [str(r["id"]) for r in rows]
+    absolute = storage.absolute(checkpoint_dir)
+    return metrics | _rerank(ds, absolute, clip_ids, embeddings, np.asarray(text_to_video), batch_size)

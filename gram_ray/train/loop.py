@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from gram_ray.config import GramConfig
-from gram_ray.data.schema import IDS, TEXT_TO_VIDEO
-from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, is_distributed
+from gram_ray.data.schema import IDS, MODALITIES, TEXT_TO_VIDEO
+from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, is_distributed, max_over_ranks
 from gram_ray.evaluate import evaluate_embeddings
 from gram_ray.model.checkpoint import save_checkpoint
 from gram_ray.model.gram import GramModel, build_model, init_weights
@@ -76,16 +77,22 @@ def lr_factor(step: int, warmup: int, total_steps: int, schedule: str) -> float:
 def build_optimizer(model: GramModel, cfg: GramConfig, total_steps: int):
     t = cfg.train
     pretrained = {id(p) for p in model.pretrained_parameters()}
-    groups: dict[tuple[bool, bool], list] = {}
+    vision = {id(p) for p in model.vision.parameters()} if model.vision is not None else set()
+    vision_lr = t.vision_lr or t.encoder_lr
+    groups: dict[tuple[float, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            # No weight decay on biases, norms and the temperature; pretrained encoders at their own lr.
-            groups.setdefault((id(p) in pretrained, p.ndim >= 2), []).append(p)
+            # Pretrained encoders at their own lr (GRAM: the vision tower at clip_lr, the rest at 2e-5), new layers
+            # at lr; no weight decay on biases, norms and the temperature.
+            lr = (vision_lr if id(p) in vision else t.encoder_lr) if id(p) in pretrained else t.lr
+            groups.setdefault((lr, p.ndim >= 2), []).append(p)
     optimizer = torch.optim.AdamW(
         [
-            {"params": ps, "lr": t.encoder_lr if is_pre else t.lr, "weight_decay": t.weight_decay if decay else 0.0}
-            for (is_pre, decay), ps in groups.items()
-        ]
+            {"params": ps, "lr": lr, "weight_decay": t.weight_decay if decay else 0.0}
+            for (lr, decay), ps in groups.items()
+        ],
+        betas=t.betas,
+        eps=t.eps,
     )
     warmup = warmup_steps(cfg, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -132,16 +139,27 @@ def _gather_objects(value) -> list:
 
 
 @torch.no_grad()
-def embed_batches(model: GramModel, batches: Iterable[dict], device: torch.device, cfg: GramConfig):
+def embed_batches(
+    model: GramModel,
+    batches: Iterable[dict],
+    device: torch.device,
+    cfg: GramConfig,
+    fusion_inputs: list | None = None,
+):
     """Embeddings of every modality for this rank's batches, then gathered from every rank (exact, no grad).
-    Returns ({modality: np.ndarray}, text_to_video, video ids)."""
+    Returns ({modality: np.ndarray}, text_to_video, video ids). With a list as fusion_inputs, also keeps this
+    rank's (condition features, caption ids, caption mask) of each batch there, for reranking."""
     model.eval()
     parts: dict[str, list] = {}
     text_to_video, ids, offset = [], [], 0
     for batch in batches:
         batch = _to_device(batch, device)
         with _autocast(device, cfg):
-            emb = model.embed(batch)
+            encoded = model.encode(batch)
+            emb = {m: F.normalize(model.projections[m](e.pooled).float(), dim=-1) for m, e in encoded.items()}
+            if fusion_inputs is not None:
+                text_ids, text_mask = (batch[key] for key in MODALITIES["text"].batch_keys)
+                fusion_inputs.append((model.condition(encoded), text_ids, text_mask))
         for m, e in emb.items():
             parts.setdefault(m, []).append(e.float())
         text_to_video.append(batch[TEXT_TO_VIDEO].cpu() + offset)
@@ -159,6 +177,46 @@ def embed_batches(model: GramModel, batches: Iterable[dict], device: torch.devic
         ids = [i for part in _gather_objects(ids) for i in part]
     model.train()
     return {m: e.cpu().numpy() for m, e in local.items()}, t2v.numpy(), ids
+
+
+@torch.no_grad()
+def rerank_evaluation(
+    model: GramModel, fusion_inputs: list, emb: dict, text_to_video, device: torch.device, cfg: GramConfig
+) -> dict:
+    """GRAM's reranking of the val split: {"<modalities>": {"t2v": ..., "v2t": ...}} for the volume of every
+    modality, its top cfg.eval.rerank_k rescored by the match head. Every rank finds the same candidate pairs from
+    the gathered embeddings and scores the pairs whose clip it holds (its condition features stay where they
+    were computed; the captions' token ids are gathered), then the probabilities are summed across ranks."""
+    from gram_ray.evaluate import volume_scores
+    from gram_ray.rerank import rerank_metrics
+
+    model.eval()
+    others = [m for m in model.modalities if m != "text"]
+    volumes = volume_scores(torch.as_tensor(emb["text"]), [torch.as_tensor(emb[m]) for m in others])
+    condition = torch.cat([c for c, _, _ in fusion_inputs]) if fusion_inputs else None
+    length = max_over_ranks(max((ids.shape[1] for _, ids, _ in fusion_inputs), default=1), device)
+    local_ids = [F.pad(ids, (0, length - ids.shape[1])) for _, ids, _ in fusion_inputs]
+    local_mask = [F.pad(mask, (0, length - mask.shape[1])) for _, _, mask in fusion_inputs]
+    empty = torch.zeros(0, length, dtype=torch.long, device=device)
+    all_ids = all_gather_no_grad(torch.cat(local_ids) if local_ids else empty)
+    all_mask = all_gather_no_grad(torch.cat(local_mask) if local_mask else empty)
+    clips = condition.shape[0] if condition is not None else 0
+    first_clip = sum(_gather_objects(clips)[: get_rank()])
+
+    def match_probs(pairs: torch.Tensor) -> torch.Tensor:
+        probs = torch.zeros(pairs.shape[0], device=device)
+        mine = torch.nonzero((pairs[:, 1] >= first_clip) & (pairs[:, 1] < first_clip + clips)).flatten()
+        for chunk in mine.split(cfg.train.eval_batch_size):
+            caption, clip = pairs[chunk, 0].to(device), pairs[chunk, 1].to(device) - first_clip
+            with _autocast(device, cfg):
+                logits = model.match_logits(all_ids[caption], all_mask[caption], condition[clip])
+            probs[chunk.to(device)] = logits.float().softmax(-1)[:, 1]
+        if is_distributed():
+            dist.all_reduce(probs)  # each pair was scored by the one rank holding its clip
+        return probs.cpu()
+
+    name = "-".join(model.modalities)
+    return {name: rerank_metrics(volumes, text_to_video, cfg.eval.rerank_k, match_probs)}
 
 
 def flatten_metrics(metrics: dict, prefix: str) -> dict[str, float]:
@@ -221,7 +279,8 @@ def run_training(
             f"an epoch has {steps_per_epoch} batches per worker, fewer than train.grad_accum={t.grad_accum}: "
             "lower train.grad_accum or train.batch_size"
         )
-    total_steps = t.epochs * updates_per_epoch
+    total_steps = max(1, round(t.epochs * updates_per_epoch))
+    epochs = math.ceil(total_steps / updates_per_epoch)  # a fractional last epoch stops early
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     step, start_epoch, skip_ids = 0, 0, frozenset()
     if resume is not None:
@@ -264,10 +323,35 @@ def run_training(
             )
             report(metrics, Path(tmp))
 
-    for epoch in range(start_epoch, t.epochs):
+    def evaluate(metrics: dict) -> dict:
+        """metrics plus the val split's (every rank takes part); the main metric is always present."""
+        if val_batches is not None:
+            plain = _unwrap(model)
+            fusion_inputs = [] if cfg.eval.rerank_k and plain.fusion is not None else None
+            emb, text_to_video, _ = embed_batches(plain, val_batches(), device, cfg, fusion_inputs)
+            evaluation = evaluate_embeddings(emb, text_to_video)
+            if fusion_inputs is not None:
+                evaluation["rerank"] = rerank_evaluation(plain, fusion_inputs, emb, text_to_video, device, cfg)
+                plain.train()
+            metrics = metrics | flatten_metrics(evaluation, "val")
+            metrics["val_eval"] = json.dumps(evaluation)
+            if rank0:
+                val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+                log(val | {"step": metrics["step"], "epoch": metrics.get("epoch", 0)})
+        metrics.setdefault(metric_name, 0.0)
+        return metrics
+
+    # train.evals_per_run: that many evaluations spread evenly over the run's steps (GRAM's valid_freq), the last
+    # at its end; otherwise every eval_every_epochs epochs.
+    n = t.evals_per_run
+    eval_steps = {round(total_steps * i / n) for i in range(1, n + 1)} if n else set()
+    if t.first_eval and resume is None and val_batches is not None:
+        last = evaluate(dict(last))  # the starting point (pretrained or imported weights), before any step
+
+    for epoch in range(start_epoch, epochs):
         model.train()
         # Only whole accumulation groups: a partial group's gradients would leak into the next epoch.
-        updates_left = updates_per_epoch - (step - epoch * updates_per_epoch)
+        updates_left = min(updates_per_epoch - (step - epoch * updates_per_epoch), total_steps - step)
         consumed: list[str] = []
         window_start, window_samples, micro = time.perf_counter(), 0, 0
         batches = iter(train_batches(epoch, skip_ids))
@@ -313,25 +397,23 @@ def run_training(
                     "train/grad_norm": float(grad_norm),
                     "train/samples_per_s": window_samples / elapsed,
                 }
+                if out.matching_loss is not None:
+                    last["train/matching_loss"] = out.matching_loss.item()
                 if out.refine_overflow is not None:  # synced here, at the log interval only
                     last["train/refine_overflow"] = int(out.refine_overflow)
                 if rank0:
                     log(last)
                 window_start, window_samples = time.perf_counter(), 0
-            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and updates_left > 0:
+            if step in eval_steps and updates_left > 0:  # train.evals_per_run: mid-epoch, with its checkpoint
+                last = evaluate({**last, "step": step, "epoch": epoch} | timer.summary())
+                checkpoint_and_report(last, epoch, consumed)
+                model.train()
+            elif t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and updates_left > 0:
                 checkpoint_and_report({**last, "step": step, "epoch": epoch}, epoch, consumed)
         skip_ids = frozenset()
-        if (epoch + 1) % t.eval_every_epochs and epoch + 1 < t.epochs:
+        periodic = step in eval_steps if t.evals_per_run else (epoch + 1) % t.eval_every_epochs == 0
+        if not (periodic or epoch + 1 == epochs):
             continue
-        metrics = {**last, "step": step, "epoch": epoch} | timer.summary()
-        if val_batches is not None:
-            emb, text_to_video, _ = embed_batches(_unwrap(model), val_batches(), device, cfg)
-            evaluation = evaluate_embeddings(emb, text_to_video)
-            metrics |= flatten_metrics(evaluation, "val")
-            metrics["val_eval"] = json.dumps(evaluation)
-            if rank0:
-                log({k: v for k, v in metrics.items() if k.startswith("val/")} | {"step": step, "epoch": epoch})
-        metrics.setdefault(metric_name, 0.0)
-        checkpoint_and_report(metrics, epoch, None)
-        last = metrics
+        last = evaluate({**last, "step": step, "epoch": epoch} | timer.summary())
+        checkpoint_and_report(last, epoch, None)
     return last

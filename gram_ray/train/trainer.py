@@ -350,7 +350,8 @@ def fit(
     layout.output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, layout.output_dir / "config.yaml")
     data = prepare_data(cfg, layout, log=log)
-    log(f"training on {data.train_rows} clips with {cfg.scaling.num_workers} workers for {cfg.train.epochs} epochs ...")
+    workers, epochs = cfg.scaling.num_workers, cfg.train.epochs
+    log(f"training on {data.train_rows} clips with {workers} workers for {epochs:g} epochs ...")
     progress = ProgressQueue() if console is not None else None
     trainer = build_trainer(cfg, data, layout, resume_from, progress=progress)
     result = run_with_progress(trainer.fit, progress, console) if console is not None else trainer.fit()

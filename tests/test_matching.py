@@ -1,0 +1,103 @@
+"""GRAM's matching loss (DAM): the volume-sampled negatives, the row exchange, and its gradients across ranks."""
+
+import pytest
+import torch
+from ddp_worker import exchange_case, grads, gram_model_and_batch, run_ranks
+
+from gram_ray.matching import NEGATIVE_FLOOR, sample_negatives, sampling_weights
+
+
+def test_negatives_follow_the_volume_softmax_and_never_the_positive():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6) * 2  # -volume / T of 3 captions against 6 clips
+    positives = torch.tensor([0, 2, 5])
+    draws = 40_000
+    counts = torch.zeros(3, 6)
+    for _ in range(draws // 1000):
+        drawn = sample_negatives(logits.repeat_interleave(1000, 0), positives.repeat_interleave(1000), torch.rand(3000))
+        counts += torch.nn.functional.one_hot(drawn.view(3, 1000), 6).sum(1)
+    expected = torch.softmax(logits, 1) + NEGATIVE_FLOOR
+    expected[torch.arange(3), positives] = 0
+    expected /= expected.sum(1, keepdim=True)
+    assert counts[torch.arange(3), positives].sum() == 0  # a positive is never drawn
+    assert (counts / draws - expected).abs().max() < 0.01  # 4 sigma at 40,000 draws
+    assert torch.equal(sampling_weights(logits, positives) > 0, expected > 0)
+
+
+def test_the_row_exchange_sends_each_row_to_who_asked_with_its_gradient(tmp_path):
+    result, runs = run_ranks("exchange", tmp_path)
+    assert [code for code, _ in runs] == [0, 0], [err[-3000:] for _, err in runs]
+    cases = [exchange_case(r, 2) for r in range(2)]
+    everything = torch.cat([rows for rows, _ in cases])  # the global batch, as one process sees it
+    fetched = torch.cat([everything[wanted] for _, wanted in cases])
+    each = torch.arange(1.0, 9.0, dtype=torch.float64).view(4, 2)  # what each rank weights its 4 fetched rows by
+    (fetched * torch.cat([each, each])).sum().backward()
+    assert torch.equal(result["fetched"], fetched.detach())
+    expected_grad = torch.cat([rows.grad for rows, _ in cases])
+    assert torch.equal(result["grad"], expected_grad)
+
+
+def test_dam_gradients_on_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path):
+    # The whole GRAM objective at tiny sizes: volume loss (exact gather) + 0.1 x DAM, negatives drawn by the
+    # volume with the same uniforms, condition features exchanged between the ranks with gradient.
+    ddp, runs = run_ranks("gram-dam", tmp_path)
+    assert [code for code, _ in runs] == [0, 0], [err[-3000:] for _, err in runs]
+    model, batch = gram_model_and_batch(matching=True)
+    out = model(batch)
+    assert out.matching_loss is not None and out.matching_loss > 0
+    out.loss.backward()
+    expected = grads(model)
+    assert ddp.keys() == expected.keys()
+    assert any(".crossattention." in k for k in expected) and any(k.startswith("fusion.") for k in expected)
+    for name in expected:
+        torch.testing.assert_close(ddp[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("itm_ratio", [0.0, 0.1])
+def test_matching_weight_zero_leaves_the_fusion_out(itm_ratio):
+    model, batch = gram_model_and_batch(matching=itm_ratio > 0)
+    assert (model.fusion is not None) == (itm_ratio > 0)
+    assert (model(batch).matching_loss is not None) == (itm_ratio > 0)
+
+
+def test_rerank_reorders_only_the_top_k_in_both_directions():
+    from gram_ray.evaluate import retrieval_metrics
+    from gram_ray.rerank import rerank_metrics, rerank_pairs
+
+    torch.manual_seed(0)
+    volumes = torch.rand(6, 6)  # captions x clips; caption i describes clip i
+    truth = torch.arange(6).numpy()
+    oracle = lambda pairs: (pairs[:, 0] == pairs[:, 1]).float()  # noqa: E731 - a perfect match head
+    by_volume = retrieval_metrics(volumes, truth, higher_is_better=False)
+    assert rerank_metrics(volumes, truth, 6, oracle)["t2v"]["R@1"] == 100.0  # every clip is a candidate
+    in_top2 = (volumes.argsort(1)[:, :2] == torch.arange(6)[:, None]).any(1).float().mean().item() * 100
+    assert rerank_metrics(volumes, truth, 2, oracle)["t2v"]["R@1"] == pytest.approx(in_top2)
+    # a match head that says nothing keeps the volume's order within the top k: same R@1 at k = 1
+    flat = rerank_metrics(volumes, truth, 1, lambda pairs: torch.full((len(pairs),), 0.5))
+    assert flat["t2v"]["R@1"] == by_volume["t2v"]["R@1"] and flat["v2t"]["R@1"] == by_volume["v2t"]["R@1"]
+    pairs = rerank_pairs(volumes, 2)
+    assert len(pairs) == len(torch.unique(pairs, dim=0)) <= 2 * 6 * 2  # each pair scored once
+
+
+def test_training_with_dam_reports_the_matching_loss_and_rerank_metrics():
+    from tiny import random_rows, tiny_config
+
+    from gram_ray.data.collate import Collate, epoch_batches
+    from gram_ray.data.text import build_word_vocab
+    from gram_ray.train.loop import run_training
+
+    cfg = tiny_config("model.text.cross_attention=true", "model.itm_ratio=0.1", "train.epochs=1", "eval.rerank_k=3")
+    train, val = random_rows(cfg, 8), random_rows(cfg, 6, seed=1)
+    vocab = build_word_vocab(c for rows in (train, val) for caps in rows["captions"] for c in caps)
+    collate, reports = Collate(cfg, vocab, train=True), []
+    last = run_training(
+        cfg,
+        train_batches=lambda epoch, skip: epoch_batches(train, 4, collate, epoch, skip),
+        val_batches=lambda: [Collate(cfg, vocab, train=False)(val)],
+        steps_per_epoch=2,
+        report=lambda metrics, checkpoint: reports.append(metrics),
+        vocab=vocab,
+    )
+    assert last["train/matching_loss"] > 0
+    assert 0 <= last["val/rerank/text-video-audio/t2v/R@1"] <= 100
+    assert "rerank" in __import__("json").loads(last["val_eval"])
