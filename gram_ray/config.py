@@ -47,6 +47,13 @@ class VideoConfig(_Section):
     num_frames: int = Field(8, ge=1, description="frames per clip, one from each of N equal segments")
     size: int = Field(224, ge=8, description="short side resized to this, then centre-cropped to size x size")
     eval_num_frames: int | None = Field(None, ge=1, description="frames per val/test clip; default num_frames")
+    train_draws: int = Field(
+        1,
+        ge=1,
+        description="a training cache keeps this many independent draws of each clip's frames (one random frame "
+        "per segment each); every epoch uses one, chosen by (seed, epoch, clip): new frames per epoch without "
+        "decoding again, for train_draws x the cache size (data.decode_on_the_fly re-decodes every epoch instead)",
+    )
     decoder: Literal["pyav", "decord"] = Field(
         "pyav",
         description="pyav decodes only the reference frames and the sampled ones (same frames, ~2x faster on "
@@ -147,6 +154,11 @@ class VisionEncoderConfig(EncoderConfig):
     drop_path_rate: float = Field(
         0.0, ge=0, lt=1, description="eva_clip: stochastic depth in training, linear over the blocks (GRAM: 0.4)"
     )
+    augment: Literal["none", "crop_flip"] = Field(
+        "none",
+        description="training-time augmentation on the device: crop_flip = GRAM's RandomResizedCrop (area 0.8-1) "
+        "plus a horizontal flip, one per clip",
+    )
     # CLIP's pixel statistics; frames arrive as uint8.
     pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -164,7 +176,10 @@ class ModelConfig(_Section):
         description="Hugging Face tokenizer name/path; default: text.pretrained, or a word vocabulary built "
         "from the training captions when the text encoder has random weights",
     )
-    max_text_length: int = Field(40, ge=4)
+    max_text_length: int = Field(
+        40, ge=4, description="caption tokens (GRAM: 40; 70 for DiDeMo/ActivityNet paragraphs)"
+    )
+    max_subtitle_length: int = Field(70, ge=4, description="subtitle tokens, when subtitles are a modality (GRAM: 70)")
     embed_dim: int = Field(512, ge=8)
     head_bias: bool = Field(False, description="a bias in each projection head (GRAM's Contra_head: none)")
     itm_ratio: float = Field(
@@ -256,6 +271,9 @@ class TrainConfig(_Section):
     grad_clip: float = Field(2.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    fp16: bool = Field(
+        False, description="fp16 autocast with a gradient scaler on GPU instead of bf16 (GPUs without bf16; GRAM's)"
+    )
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="best K kept by val R@1")
     log_every_steps: int = Field(10, ge=1)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gram_ray.config import AudioConfig, DataConfig
 from gram_ray.data.audio import decode_audio, fbank_windows, window_starts
@@ -248,6 +249,32 @@ def test_cache_stores_tensors_as_fixed_size_binary_and_reads_them_back(synth_sma
         fbank = decode_audio(row.audio_path, None, data.audio)
         assert rows[row.id]["audio_fbank"].dtype == np.float32 and np.array_equal(rows[row.id]["audio_fbank"], fbank)
         assert list(rows[row.id]["captions"]) == row.captions
+
+
+@pytest.mark.ray
+def test_training_cache_keeps_several_frame_draws_and_each_epoch_uses_one(synth_small, ray_session, tmp_path):
+    from tiny import tiny_config
+
+    from gram_ray.data.collate import Collate
+    from gram_ray.data.text import build_word_vocab
+
+    cfg = tiny_config("data.video.train_draws=3")
+    report = preprocess(
+        synth_small["train"], synth_small["videos"], tmp_path / "c", cfg.data, audio_dir=synth_small["audios"],
+        mode="train",
+    )  # fmt: skip
+    rows = read_cache(str(tmp_path / "c" / "shards")).take_batch(report["rows_written"], batch_format="numpy")
+    v = cfg.data.video
+    assert rows["frames"].shape[1:] == (3, v.num_frames, 3, v.size, v.size)  # [draws, N, 3, S, S] a clip
+    assert not np.array_equal(rows["frames"][:, 0], rows["frames"][:, 1])  # independent random frames
+    vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
+    epochs = [Collate(cfg, vocab, train=True, epoch=e)(rows)["frames"] for e in (0, 1, 0)]
+    assert torch.equal(epochs[0], epochs[2]) and not torch.equal(epochs[0], epochs[1])  # (seed, epoch, clip)
+    assert epochs[0].shape[1:] == (v.num_frames, 3, v.size, v.size)
+    for i in range(len(rows["id"])):  # each clip's frames are one of its draws
+        assert any(torch.equal(epochs[1][i], torch.from_numpy(rows["frames"][i, d])) for d in range(3))
+    val = Collate(cfg, vocab, train=False)(rows)["frames"]
+    assert torch.equal(val, torch.from_numpy(rows["frames"][:, 0]))
 
 
 def test_synthetic_val_captions_unique_and_need_the_audio(synth_small):

@@ -71,8 +71,9 @@ def test_exact_gather_under_nccl_equals_full_batch_gradients(tmp_path):
         torch.testing.assert_close(ddp[name], expected[name], rtol=1e-6, atol=1e-12)
 
 
-def test_training_loop_runs_on_gpu_in_bf16():
-    cfg = tiny_config("train.epochs=1", "train.time_steps=true", "train.bf16=true")
+@pytest.mark.parametrize("precision", ["train.bf16=true", "train.fp16=true"])
+def test_training_loop_runs_on_gpu_in_half_precision(precision):
+    cfg = tiny_config("train.epochs=1", "train.time_steps=true", precision)
     n, v, a = 16, cfg.data.video, cfg.data.audio
     rng = np.random.default_rng(0)
     captions = [[f"clip {i} shows a {['red', 'blue'][i % 2]} shape"] for i in range(n)]

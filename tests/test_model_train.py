@@ -362,3 +362,18 @@ def test_a_fractional_epoch_count_stops_mid_epoch(setup):
     steps = len(train["id"]) // cfg.train.batch_size
     assert last["step"] == last["total_steps"] == round(1.5 * steps)
     assert [m["epoch"] for m, _ in reports] == [0, 1]
+
+
+def test_crop_flip_augments_each_clip_in_training_only():
+    from gram_ray.data.augment import crop_flip
+
+    torch.manual_seed(0)
+    frames = torch.arange(2 * 3 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 3, 16, 16)
+    out = crop_flip(frames)
+    assert out.shape == frames.shape and not torch.equal(out, frames)
+    # one crop per clip: every frame of a clip moved the same way (their difference is the constant offset)
+    offset = frames[:, 1] - frames[:, 0]
+    torch.testing.assert_close(out[:, 1] - out[:, 0], offset)
+    torch.manual_seed(1)
+    flipped = sum(bool((crop_flip(frames)[:, 0, 0, 0, 0] > crop_flip(frames)[:, 0, 0, 0, -1]).any()) for _ in range(20))
+    assert flipped > 0  # sometimes mirrored

@@ -24,11 +24,12 @@ __all__ = ["Collate", "caption_index", "epoch_order", "epoch_batches"]
 _TOKENIZER_LOCK = threading.Lock()
 
 
-def caption_index(seed: int, epoch: int, clip_id: str, num_captions: int) -> int:
-    """Which caption of a clip training uses in an epoch."""
+def caption_index(seed: int, epoch: int, clip_id: str, num_captions: int, stream: int = 0) -> int:
+    """Which caption of a clip training uses in an epoch (stream 1: which of its cached frame draws)."""
     if num_captions == 1:
         return 0
-    return int(np.random.default_rng([seed, epoch, zlib.crc32(clip_id.encode())]).integers(num_captions))
+    key = [seed, epoch, zlib.crc32(clip_id.encode())] + ([stream] if stream else [])
+    return int(np.random.default_rng(key).integers(num_captions))
 
 
 def _writable_tensor(values) -> torch.Tensor:
@@ -96,11 +97,18 @@ class Collate:
             if name in modalities:
                 m = MODALITIES[name]
                 (key,) = m.batch_keys
-                tensor = _writable_tensor(batch[m.cache_column])
+                values = batch[m.cache_column]
+                if name == "video" and np.ndim(values) == 6:  # [B, draws, N, 3, S, S]: this epoch's draw per clip
+                    draws = np.shape(values)[1]
+                    pick = [
+                        caption_index(self.cfg.train.seed, self.epoch, i, draws, 1) if self.train else 0 for i in ids
+                    ]
+                    values = np.asarray(values)[np.arange(len(ids)), pick]
+                tensor = _writable_tensor(values)
                 out[key] = tensor.float() if name == "audio" else tensor  # frames stay uint8 until the encoder
         if "subtitle" in modalities:
             m = MODALITIES["subtitle"]
-            subs = tokenize(self.tokenizer, _strings(batch[m.cache_column]), max_length)
+            subs = tokenize(self.tokenizer, _strings(batch[m.cache_column]), self.cfg.model.max_subtitle_length)
             out[m.batch_keys[0]], out[m.batch_keys[1]] = subs["input_ids"], subs["attention_mask"]
         out[IDS] = ids
         return out

@@ -55,6 +55,11 @@ def _text_list(value) -> list[str]:
     return [str(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
 
 
+def _draw_shape(data: DataConfig, mode: Mode) -> tuple[int, ...]:
+    draws = data.video.train_draws if mode == "train" else 1
+    return (draws,) if draws > 1 else ()
+
+
 def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | None) -> dict:
     """The map_batches UDF: decode each row, keep those that decode, record the others with their reason."""
     rng = np.random.default_rng() if mode == "train" else None
@@ -62,9 +67,14 @@ def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | N
     for i, media_id in enumerate(batch["id"]):
         video_path, audio_path = str(batch["video_path"][i]) or None, str(batch["audio_path"][i]) or None
         try:
-            frames = decode_video(
-                video_path, data.video.num_frames, data.video.size, mode, rng, decoder=data.video.decoder
-            )
+            # Training caches keep train_draws independent draws (a random frame per segment each), so that epochs
+            # see different frames without decoding again; Collate picks one per clip per epoch.
+            draws = data.video.train_draws if mode == "train" else 1
+            frames = [
+                decode_video(video_path, data.video.num_frames, data.video.size, mode, rng, decoder=data.video.decoder)
+                for _ in range(draws)
+            ]
+            frames = np.stack(frames) if draws > 1 else frames[0]
         except DecodeError as e:
             failures.append({"id": str(media_id), "reason": str(e)})
             continue
@@ -93,7 +103,7 @@ def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | N
         "captions": object_column(keep["captions"]),
         "frames": np.stack(keep["frames"])
         if keep["frames"]
-        else np.zeros((0, video.num_frames, 3, video.size, video.size), np.uint8),
+        else np.zeros((0, *_draw_shape(data, mode), video.num_frames, 3, video.size, video.size), np.uint8),
         "audio_fbank": np.stack(keep["audio_fbank"])
         if keep["audio_fbank"]
         else np.zeros((0, audio.windows, audio.window_frames, audio.mel_bins), np.float32),

@@ -51,6 +51,7 @@ def save_checkpoint(
     *,
     optimizer=None,
     scheduler=None,
+    scaler=None,
     step: int = 0,
     epoch: int = 0,
     epoch_complete: bool = True,
@@ -62,6 +63,7 @@ def save_checkpoint(
         "model": _unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale
         "step": step,
         "epoch": epoch,
         "epoch_complete": epoch_complete,

@@ -252,7 +252,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, cfg: VisionEncoderConfig, num_frames: int) -> None:
         super().__init__()
-        self.backbone, self.temporal = backbone, cfg.temporal_pooling
+        self.backbone, self.temporal, self.augment = backbone, cfg.temporal_pooling, cfg.augment
         self.register_buffer("mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1) * 255, persistent=False)
         self.num_frames = num_frames
@@ -263,7 +263,12 @@ class VisionEncoder(nn.Module):
         b, n = frames.shape[:2]
         if self.temporal == "concat" and n != self.num_frames:
             raise ValueError(f"concat temporal pooling was built for {self.num_frames} frames, got {n}")
-        pixels = (frames.flatten(0, 1).float() - self.mean) / self.std
+        frames = frames.float()
+        if self.training and self.augment == "crop_flip":
+            from gram_ray.data.augment import crop_flip
+
+            frames = crop_flip(frames)
+        pixels = (frames.flatten(0, 1) - self.mean) / self.std
         pixels = pixels.to(next(self.backbone.parameters()).dtype)
         tokens, pooled = self.backbone(pixels)
         per_frame = pooled.view(b, n, -1)

@@ -110,13 +110,14 @@ def _unwrap(model) -> GramModel:
 
 
 def _autocast(device: torch.device, cfg: GramConfig):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
+    dtype = torch.float16 if cfg.train.fp16 else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype, enabled=device.type == "cuda" and (cfg.train.bf16 or cfg.train.fp16))
 
 
 _UNTIMED = StepTimer(None, enabled=False)
 
 
-def accumulate_gradients(model, batch: dict, grad_accum: int, sync: bool, timer: StepTimer = _UNTIMED):
+def accumulate_gradients(model, batch: dict, grad_accum: int, sync: bool, timer: StepTimer = _UNTIMED, scaler=None):
     """Forward and backward of one micro-batch, its loss scaled by 1/grad_accum so that the accumulated gradient
     is the mean over micro-batches. DDP all-reduces gradients on every backward unless told not to, so every
     micro-batch but the last of a group runs under no_sync (forward included: DDP decides in forward)."""
@@ -125,7 +126,8 @@ def accumulate_gradients(model, batch: dict, grad_accum: int, sync: bool, timer:
         with timer.phase("forward"):
             out = model(batch)
         with timer.phase("backward"):
-            (out.loss / grad_accum).backward()
+            loss = out.loss / grad_accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
     return out
 
 
@@ -282,11 +284,15 @@ def run_training(
     total_steps = max(1, round(t.epochs * updates_per_epoch))
     epochs = math.ceil(total_steps / updates_per_epoch)  # a fractional last epoch stops early
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    # fp16 autocast needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler("cuda") if t.fp16 and device.type == "cuda" else None
     step, start_epoch, skip_ids = 0, 0, frozenset()
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         step = resume["step"]
         if resume.get("epoch_complete", True):
             start_epoch = resume["epoch"] + 1
@@ -315,6 +321,7 @@ def run_training(
                 vocab,
                 optimizer=optimizer,
                 scheduler=scheduler,
+                scaler=scaler,
                 step=step,
                 epoch=epoch,
                 epoch_complete=consumed is None,
@@ -369,15 +376,21 @@ def run_training(
             micro += 1
             last_micro = micro % t.grad_accum == 0
             with _autocast(device, cfg):
-                out = accumulate_gradients(model, batch, t.grad_accum, sync=last_micro, timer=timer)
+                out = accumulate_gradients(model, batch, t.grad_accum, sync=last_micro, timer=timer, scaler=scaler)
             consumed.extend(batch[IDS])
             step_samples += len(batch[IDS])
             window_samples += len(batch[IDS]) * get_world_size()
             if not last_micro:
                 continue
             with timer.phase("optimizer"):
+                if scaler is not None:  # fp16: clip the true gradients; a step with inf/nan gradients is skipped
+                    scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             timer.step_done(step_samples)
