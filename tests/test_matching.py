@@ -1,5 +1,7 @@
 """GRAM's matching loss (DAM): the volume-sampled negatives, the row exchange, and its gradients across ranks."""
 
+import json
+
 import pytest
 import torch
 from ddp_worker import exchange_case, grads, gram_model_and_batch, run_ranks
@@ -101,3 +103,50 @@ def test_training_with_dam_reports_the_matching_loss_and_rerank_metrics():
     assert last["train/matching_loss"] > 0
     assert 0 <= last["val/rerank/text-video-audio/t2v/R@1"] <= 100
     assert "rerank" in __import__("json").loads(last["val_eval"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_gram_ray_evaluate_reranks_as_training_evaluation_does(synth_small, ray_session, tmp_path):
+    # The same checkpoint scored two ways: in the training loop's evaluation (every rank scores its clips' pairs)
+    # and by `gram-ray evaluate` (a second Ray Data pass whose actors score each clip's pairs). Same pairs, same
+    # model: the same rerank metrics.
+    from tiny import batches, load_split, tiny_config
+
+    from gram_ray.data.collate import Collate, epoch_batches
+    from gram_ray.data.preprocess import preprocess
+    from gram_ray.data.text import build_word_vocab
+    from gram_ray.model.checkpoint import load_checkpoint
+    from gram_ray.train.inference import evaluate_checkpoint
+    from gram_ray.train.loop import run_training
+
+    cfg = tiny_config("model.text.cross_attention=true", "model.itm_ratio=0.1", "train.epochs=1", "eval.rerank_k=4")
+    train, val = load_split(synth_small, "train", cfg), load_split(synth_small, "val", cfg)
+    vocab = build_word_vocab(c for rows in (train, val) for caps in rows["captions"] for c in caps)
+    saved = {}
+
+    def report(metrics, checkpoint):
+        if checkpoint is not None:
+            import shutil
+
+            shutil.copytree(checkpoint, tmp_path / "ckpt", dirs_exist_ok=True)
+            saved["metrics"] = metrics
+
+    collate = Collate(cfg, vocab, train=True)
+    run_training(
+        cfg,
+        train_batches=lambda epoch, skip: epoch_batches(train, cfg.train.batch_size, collate, epoch, skip),
+        val_batches=lambda: batches(val, 64, Collate(cfg, vocab, False), drop_last=False),
+        steps_per_epoch=len(train["id"]) // cfg.train.batch_size,
+        report=report,
+        vocab=vocab,
+    )
+    assert load_checkpoint(tmp_path / "ckpt")["config"]["model"]["itm_ratio"] == 0.1
+    val_data = cfg.data.model_copy(deep=True)
+    preprocess(synth_small["val"], synth_small["videos"], tmp_path / "val", val_data, audio_dir=synth_small["audios"])
+    metrics = evaluate_checkpoint(tmp_path / "ckpt", tmp_path / "val")
+    expected = json.loads(saved["metrics"]["val_eval"])["rerank"]["text-video-audio"]
+    got = metrics["rerank"]["text-video-audio"]
+    for direction in ("t2v", "v2t"):
+        for key, value in expected[direction].items():
+            assert got[direction][key] == pytest.approx(value, abs=1e-6), (direction, key)

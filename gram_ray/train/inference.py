@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from gram_ray import storage
+from gram_ray.config import GramConfig
 from gram_ray.data.collate import Collate
 from gram_ray.data.schema import IDS, TEXT_TO_VIDEO, object_column
+from gram_ray.data.text import tokenize
 from gram_ray.evaluate import evaluate_embeddings
 from gram_ray.model.checkpoint import STATE_FILE, is_checkpoint, load_checkpoint, model_from_state
 
@@ -45,11 +48,12 @@ class _ScorePairs:
     """map_batches UDF (an actor) for reranking: each clip's condition features, fused with the captions the
     candidate pairs name for it; one output row per pair: its index and the match probability."""
 
-    def __init__(self, checkpoint_dir: str, caption_ids, caption_mask, pairs_by_clip: dict) -> None:
+    def __init__(self, checkpoint_dir: str, captions: list[str], pairs_by_clip: dict) -> None:
         state = load_checkpoint(checkpoint_dir)
         self.model, cfg = model_from_state(state)
         self.collate = Collate(cfg, state["vocab"], train=False)
-        self.ids, self.mask = torch.as_tensor(caption_ids), torch.as_tensor(caption_mask)
+        tokens = tokenize(self.collate.tokenizer, captions, cfg.model.max_text_length)
+        self.ids, self.mask = tokens["input_ids"], tokens["attention_mask"]
         self.pairs_by_clip = pairs_by_clip  # clip id -> (pair indices, caption indices)
 
     def __call__(self, batch: dict) -> dict:
@@ -74,19 +78,17 @@ class _ScorePairs:
 def _rerank(ds, checkpoint_dir: str, clip_ids: list[str], embeddings: dict, text_to_video, batch_size: int) -> dict:
     """The rerank metrics (model.itm_ratio > 0 checkpoints): candidate pairs from the volumes of every modality,
     each scored by the actor that embeds its clip; the captions' token ids travel to the actors (integers)."""
-    from gram_ray.data.text import tokenize
     from gram_ray.evaluate import volume_scores
     from gram_ray.rerank import rerank_metrics, rerank_pairs
 
-    state = load_checkpoint(checkpoint_dir)
-    cfg = model_from_state(state)[1]
+    # The config beside the weights: deciding not to rerank must not read a gigabyte-sized state on the driver.
+    cfg = GramConfig.model_validate(yaml.safe_load(storage.read_text(storage.join(checkpoint_dir, "config.yaml"))))
     if not cfg.eval.rerank_k or cfg.model.itm_ratio <= 0:
         return {}
     import ray.data
 
     captions = {r["id"]: [str(c) for c in r["captions"]] for r in ds.select_columns(["id", "captions"]).take_all()}
     texts = [c for clip in clip_ids for c in captions[clip]]
-    tokens = tokenize(Collate(cfg, state["vocab"], train=False).tokenizer, texts, cfg.model.max_text_length)
     others = [m for m in cfg.model.modalities if m != "text"]
     volumes = volume_scores(torch.as_tensor(embeddings["text"]), [torch.as_tensor(embeddings[m]) for m in others])
     pairs = rerank_pairs(volumes, cfg.eval.rerank_k)
@@ -99,8 +101,7 @@ def _rerank(ds, checkpoint_dir: str, clip_ids: list[str], embeddings: dict, text
         _ScorePairs,
         fn_constructor_kwargs={
             "checkpoint_dir": checkpoint_dir,
-            "caption_ids": tokens["input_ids"].numpy(),
-            "caption_mask": tokens["attention_mask"].numpy(),
+            "captions": texts,
             "pairs_by_clip": by_clip,
         },
         batch_size=batch_size,
