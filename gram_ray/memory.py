@@ -125,6 +125,8 @@ def estimate_memory(cfg: GramConfig, batch_size: int | None = None, workers: int
     batch_size = batch_size or cfg.train.batch_size
     workers = workers or cfg.scaling.num_workers
     model = _meta_model(cfg, vocab_size=None)
+    if model.vision is not None:  # the input augmentation has no gradient to save, and draws need real values
+        model.vision.augment = "none"
     batch = _meta_batch(cfg, batch_size)
     parameters = sum(p.numel() for p in model.parameters())
 
