@@ -36,7 +36,7 @@ def test_dry_run_without_a_gpu_skips_the_gpu_parts_and_says_why(tmp_path):
     assert tests["passed"] == tests["failed"] == 0 and tests["skipped"] == len(tests["tests"]) >= 4
     assert "needs a CUDA GPU" in tests["tests"][0]["message"]
     table = (tmp_path / "gpu-check.txt").read_text()
-    assert "no GPU" in table and "4 skipped" in table
+    assert "no GPU" in table and f"{tests['skipped']} skipped" in table
     assert (tmp_path / "gpu-check.log").read_text()
 
 

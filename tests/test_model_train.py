@@ -7,7 +7,7 @@ import torch
 from tiny import batches, load_split, tiny_config
 from wandb_records import history, read_records
 
-from gram_ray.config import EncoderConfig, load_config, save_config
+from gram_ray.config import EncoderConfig, TrainConfig, load_config, save_config
 from gram_ray.data.collate import Collate, epoch_batches
 from gram_ray.data.schema import MODALITIES
 from gram_ray.data.text import build_word_vocab
@@ -306,6 +306,9 @@ def test_optimizer_follows_grams_recipe(setup):
     cfg, _, _, vocab = setup
     cfg = cfg.model_copy(deep=True)
     cfg.train.lr, cfg.train.encoder_lr, cfg.train.vision_lr = 1e-4, 2e-5, 5e-7
+    defaults = TrainConfig()  # GRAM's AdamW (the demo config keeps its own tuning)
+    assert (defaults.betas, defaults.eps, defaults.weight_decay) == ((0.9, 0.98), 1e-6, 0.01)
+    cfg.train.betas, cfg.train.eps = defaults.betas, defaults.eps
     model = build_model(cfg, vocab)
     encoders = [p for enc in (model.text, model.vision, model.audio) for p in enc.parameters()]
     model.pretrained_parameters = lambda: encoders  # as if every encoder were loaded from pretrained weights
