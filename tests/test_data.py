@@ -272,7 +272,7 @@ def test_training_cache_keeps_several_frame_draws_and_each_epoch_uses_one(synth_
     assert torch.equal(epochs[0], epochs[2]) and not torch.equal(epochs[0], epochs[1])  # (seed, epoch, clip)
     assert epochs[0].shape[1:] == (v.num_frames, 3, v.size, v.size)
     for i in range(len(rows["id"])):  # each clip's frames are one of its draws
-        assert any(torch.equal(epochs[1][i], torch.from_numpy(rows["frames"][i, d])) for d in range(3))
+        assert any(torch.equal(epochs[1][i], torch.from_numpy(np.array(rows["frames"][i, d]))) for d in range(3))
     val = Collate(cfg, vocab, train=False)(rows)["frames"]
     assert torch.equal(val, torch.from_numpy(rows["frames"][:, 0]))
 
