@@ -27,6 +27,9 @@ from gram_ray.config import GramConfig
 from gram_ray.data.collate import Collate
 from gram_ray.data.text import SPECIAL_TOKENS
 
+# The loop's own device transfer and autocast, so every path runs the precision the config asks for (fp16 too).
+from gram_ray.train.loop import _autocast, _to_device
+
 __all__ = [
     "PATHS",
     "PEAK_BF16_TFLOPS",
@@ -132,14 +135,6 @@ def parquet_batches(shards: str, batch_size: int, collate: Collate) -> Iterator[
                 pending, rows = [rest], rest.num_rows
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _autocast(cfg: GramConfig, device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
-
-
 def step_flops(cfg: GramConfig, vocab, batch: dict, device: torch.device) -> int:
     """FLOPs of one training step's forward and backward on `batch` (matmuls, convolutions, attention), counted
     by torch.utils.flop_counter on an eager copy of the model."""
@@ -151,7 +146,7 @@ def step_flops(cfg: GramConfig, vocab, batch: dict, device: torch.device) -> int
     eager.model.compile = False
     model = build_model(eager, vocab).to(device)
     counter = FlopCounterMode(display=False)
-    with counter, _autocast(cfg, device):
+    with counter, _autocast(device, cfg):
         model(batch).loss.backward()
     del model
     return counter.get_total_flops()
@@ -177,7 +172,7 @@ def _plain(cfg: GramConfig, vocab, batches: list[dict], steps: int, warmup: int,
     for i in range(warmup + steps):
         with timer.phase("data"):
             batch = batches[i % len(batches)]
-        with _autocast(cfg, device):
+        with _autocast(device, cfg):
             with timer.phase("forward"):
                 loss = model(batch).loss
             with timer.phase("backward"):
