@@ -53,8 +53,7 @@ def draw_uniforms(total: int, device: torch.device) -> torch.Tensor:
 
 
 def matching_loss(
-    fuse,
-    match_head,
+    match,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     condition: torch.Tensor,
@@ -63,7 +62,8 @@ def matching_loss(
     sizes: list[int],
     offset: int,
 ) -> torch.Tensor:
-    """DAM for this rank's B rows. fuse(ids, mask, condition) -> token states; match_head(CLS) -> 2 logits.
+    """DAM for this rank's B rows. match(ids, mask, condition) -> [N, 2] match-head logits of captions fused with
+    clips.
     condition [B, M, D]: the clips' fusion inputs (differentiable); logits_*: [B, sum(sizes)] -volume / T of the
     volume loss (detached); sizes: rows per rank; offset: this rank's first global row."""
     rows = input_ids.shape[0]
@@ -81,12 +81,11 @@ def matching_loss(
     ids_neg = all_gather_no_grad(ids, sizes)[negative_texts]
     mask_neg = all_gather_no_grad(mask, sizes)[negative_texts]
 
-    states = fuse(
+    logits = match(
         torch.cat([ids, ids, ids_neg]),
         torch.cat([mask, mask, mask_neg]),
         torch.cat([condition, condition_neg, condition]),
-    )
-    logits = match_head(states[:, 0]).float()
+    ).float()
     labels = torch.zeros(3 * rows, dtype=torch.long, device=logits.device)
     labels[:rows] = 1
     return F.cross_entropy(logits, labels)

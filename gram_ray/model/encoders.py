@@ -32,6 +32,7 @@ __all__ = [
     "EvaBackbone",
     "BeatsBackbone",
     "build_backbone",
+    "pool_tokens",
     "TextEncoder",
     "VisionEncoder",
     "AudioEncoder",
@@ -108,7 +109,11 @@ def load_eva_vision(checkpoint, image_size: int = 224, head_width: int | None = 
     return load_eva_vision_checkpoint(checkpoint, image_size=image_size, head_width=head_width)
 
 
-def _pool(states: torch.Tensor, pooled: torch.Tensor | None, how: str, mask: torch.Tensor | None) -> torch.Tensor:
+def pool_tokens(
+    states: torch.Tensor, how: str, mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, N, D] token states -> [B, D]: 'cls' (the backbone's own pooled output when given, else the first
+    token) or 'mean' over the real tokens (mask 1)."""
     if how == "cls":
         # A backbone's own pooled CLS (CLIP: CLS + post-layernorm; AST: CLS and distillation token) when it has
         # one, so its last layers get gradient; BERT's and ViT's pooler heads were dropped, leaving CLS.
@@ -144,7 +149,7 @@ class HFBackbone(nn.Module):
         inputs = {self.input_name: x} | ({"attention_mask": mask} if mask is not None else {})
         out = self.model(**inputs)
         states = out.last_hidden_state
-        return states, _pool(states, getattr(out, "pooler_output", None), self.pooling, mask)
+        return states, pool_tokens(states, self.pooling, mask, getattr(out, "pooler_output", None))
 
     def cross_attention_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.model.named_parameters() if ".crossattention." in name]

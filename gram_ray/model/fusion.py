@@ -4,8 +4,8 @@ The "condition features" a caption cross-attends to are the clip's token states:
 and every window's audio tokens (and the subtitle's, when it is a modality), each through Linear + LayerNorm to
 the text encoder's width, plus a learned embedding per frame (per window) and one per modality (GRAM's
 get_multimodal_forward_input_*). Clips with more frames or windows than the embeddings were trained with take
-the nearest one, as GRAM does at test time. The match head (GRAM's Match_head) maps the fused CLS to
-[not a match, a match]: Linear, GELU, LayerNorm, Linear.
+the nearest one, as GRAM does at test time. The match head (GRAM's Match_head) maps the fused caption (pooled as
+the text encoder pools: GRAM's CLS) to [not a match, a match]: Linear, GELU, LayerNorm, Linear.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _projection(width: int, text_width: int) -> nn.Sequential:
 
 
 class Fusion(nn.Module):
-    """condition(encoded) -> [B, M, text width]; match_head(CLS) -> [B, 2]."""
+    """condition(encoded) -> [B, M, text width]; match_head(pooled fused caption) -> [B, 2]."""
 
     def __init__(self, text_width: int, widths: dict[str, int], parts: dict[str, int]) -> None:
         """widths: token width of each conditioning modality (video, audio, subtitle); parts: frames (video) or

@@ -16,7 +16,7 @@ from gram_ray.config import GramConfig, ModelConfig
 from gram_ray.data.schema import MODALITIES
 from gram_ray.loss import VolumeContrastiveLoss, VolumeLossOutput
 from gram_ray.matching import matching_loss
-from gram_ray.model.encoders import AudioEncoder, Encoded, TextEncoder, VisionEncoder, build_backbone
+from gram_ray.model.encoders import AudioEncoder, Encoded, TextEncoder, VisionEncoder, build_backbone, pool_tokens
 from gram_ray.model.fusion import Fusion
 
 __all__ = ["GramModel", "build_model", "init_weights"]
@@ -108,9 +108,11 @@ class GramModel(nn.Module):
         return self.fusion.condition({m: encoded[m].tokens for m in fused}, {m: encoded[m].parts for m in fused})
 
     def match_logits(self, input_ids: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """[B, 2] match-head logits of captions fused with clips' condition features."""
+        """[B, 2] match-head logits of captions fused with clips' condition features. The fused caption is pooled
+        as the text encoder pools the plain one (GRAM: BERT's CLS; a text encoder trained with mean pooling never
+        puts the caption in its CLS state, and a match head reading it stays at the base rate)."""
         states = self.text.backbone.fuse(input_ids, mask, condition, None)
-        return self.fusion.match_head(states[:, 0])
+        return self.fusion.match_head(pool_tokens(states, self.cfg.text.pooling, mask))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> VolumeLossOutput:
         encoded = self.encode(batch)
@@ -120,8 +122,7 @@ class GramModel(nn.Module):
             return out
         text_ids, text_mask = (batch[key] for key in MODALITIES["text"].batch_keys)
         dam = matching_loss(
-            lambda ids, mask, condition: self.text.backbone.fuse(ids, mask, condition, None),
-            self.fusion.match_head,
+            self.match_logits,
             text_ids,
             text_mask,
             self.condition(encoded),
