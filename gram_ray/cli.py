@@ -199,11 +199,12 @@ def evaluate(checkpoint, data, json_path, verbose) -> None:
     """Retrieval metrics of a checkpoint on a Parquet cache (Ray Data batch inference)."""
     from gram_ray.demo import results_table
     from gram_ray.evaluate import write_metrics
+    from gram_ray.model.checkpoint import CheckpointError
     from gram_ray.train.inference import check_inputs, evaluate_checkpoint
 
     try:
         check_inputs(checkpoint, data)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     _init_ray(verbose)
     metrics = evaluate_checkpoint(checkpoint, data)

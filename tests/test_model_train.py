@@ -280,25 +280,6 @@ def test_warmup_ratio_and_a_warmup_longer_than_the_run(setup):
     assert msrvtt.train.warmup_steps is None and msrvtt.train.warmup_ratio == 0.1
 
 
-class _RunsCodeOnLoad:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (Path(self.marker), "code ran"))
-
-
-def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
-    from gram_ray.model.checkpoint import CheckpointError
-
-    marker = tmp_path / "pwned"
-    (tmp_path / "ckpt").mkdir()
-    torch.save({"model": {}, "payload": _RunsCodeOnLoad(str(marker))}, tmp_path / "ckpt" / "state.pt")
-    with pytest.raises(CheckpointError, match="refused to load .*could run code"):
-        load_checkpoint(tmp_path / "ckpt")
-    assert not marker.exists()
-
-
 def test_optimizer_follows_grams_recipe(setup):
     from gram_ray.model.gram import build_model
     from gram_ray.train.loop import build_optimizer

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_layer
 
+from gram_ray.model.safe_load import load_weights
+
 __all__ = ["BEATsConfig", "BEATs", "relative_position_buckets", "load_beats_checkpoint"]
 
 
@@ -260,7 +262,7 @@ def load_beats_checkpoint(checkpoint: str | Path | dict) -> BEATs:
     """A BEATs from a checkpoint in the released layout {"cfg": ..., "model": state_dict} (a path, read with
     weights_only=True, or the dict itself), loaded strictly; in eval mode."""
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = load_weights(checkpoint)
     if not {"cfg", "model"} <= set(checkpoint):
         raise ValueError(
             f"not a BEATs checkpoint: expected the keys 'cfg' and 'model' (BEATs_iter3_plus_AS2M.pt's layout), "

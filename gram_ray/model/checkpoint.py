@@ -11,8 +11,6 @@ has already trained on in that epoch, so a resumed run trains on exactly the res
 
 from __future__ import annotations
 
-import io
-import pickle
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ import torch
 from gram_ray import storage
 from gram_ray.config import GramConfig, save_config
 from gram_ray.model.gram import GramModel, build_model
+from gram_ray.model.safe_load import CheckpointError, load_weights
 
 __all__ = [
     "STATE_FILE",
@@ -33,10 +32,6 @@ __all__ = [
 ]
 
 STATE_FILE = "state.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the folder and why."""
 
 
 def _unwrap(model) -> GramModel:
@@ -93,14 +88,9 @@ def load_checkpoint(directory: str | Path, map_location="cpu") -> dict:
     path = storage.join(directory, STATE_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: is {directory} a gram-ray checkpoint folder?")
-    try:
-        state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0][:300]
-        raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain values ({reason}). "
-            "Loading it could run code; use checkpoints written by gram-ray from a source you trust."
-        ) from None
+    state = load_weights(path, map_location)
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a gram-ray checkpoint (no 'model' weights in it)")
     return upgrade_state(state)
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gram_ray.model.safe_load import load_weights
+
 __all__ = ["KNOWN_HEAD_WIDTHS", "EvaVisionTower", "build_eva_vision", "load_eva_vision_checkpoint"]
 
 TIMM_MODEL = "eva_giant_patch14_clip_224"  # timm's EVA01-CLIP-g/14 vision tower; sizes are overridden from the file
@@ -76,7 +78,7 @@ def build_eva_vision(
 def _read(checkpoint) -> tuple[dict, dict]:
     """(the flat state dict, the vision cfg if the file carries one)."""
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = load_weights(checkpoint)
     vision_cfg = {}
     if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], dict):
         vision_cfg = (checkpoint.get("clip_cfg") or {}).get("vision_cfg") or {}

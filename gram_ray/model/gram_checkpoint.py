@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gram_ray.config import GramConfig
+from gram_ray.model.safe_load import load_weights
 
 __all__ = [
     "KEY_MAP",
@@ -189,7 +190,7 @@ def import_gram_checkpoint(
     from gram_ray.model.checkpoint import CheckpointError, write_checkpoint
 
     log(f"reading {source} ...")
-    state = torch.load(source, map_location="cpu", weights_only=True)
+    state = load_weights(source)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{source} is not a GRAM checkpoint: expected a flat state dict of tensors")
     log(f"  {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e9:.2f} B values")

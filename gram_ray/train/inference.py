@@ -116,11 +116,13 @@ def _rerank(ds, checkpoint_dir: str, clip_ids: list[str], embeddings: dict, text
 
 
 def check_inputs(checkpoint_dir: str | Path, data_dir: str | Path) -> None:
-    """FileNotFoundError naming what is missing, before any Ray work starts."""
+    """FileNotFoundError naming what is missing, or CheckpointError for a checkpoint that is refused (one that
+    would run code, or a truncated one), before any Ray work starts."""
     if not is_checkpoint(checkpoint_dir):
         raise FileNotFoundError(f"{checkpoint_dir} is not a gram-ray checkpoint folder (no {STATE_FILE} in it)")
     if not storage.exists(data_dir):
         raise FileNotFoundError(f"{data_dir} not found: give a `gram-ray preprocess --out` folder")
+    load_checkpoint(checkpoint_dir)  # read here, once, so a refused file fails before Ray starts its actors
 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, data_dir: str | Path, batch_size: int = 64) -> dict:
