@@ -270,6 +270,12 @@ class TrainConfig(_Section):
     shuffle_buffer: int = Field(256, ge=1, description="rows in each worker's local shuffle buffer (shuffle: blocks)")
     grad_clip: float = Field(2.0, gt=0)
     grad_accum: int = Field(1, ge=1)
+    max_skipped_steps: int = Field(
+        10,
+        ge=1,
+        description="a step whose loss or gradient norm is not finite skips its update (on every rank); this many "
+        "in a row stop the run, naming the step and the last checkpoint",
+    )
     bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
     fp16: bool = Field(
         False, description="fp16 autocast with a gradient scaler on GPU instead of bf16 (GPUs without bf16; GRAM's)"

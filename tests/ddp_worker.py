@@ -84,6 +84,52 @@ def gram_model_and_batch(matching: bool = False):
     return model, Collate(cfg, vocab, train=True)(rows)  # captions padded alike, before any split into ranks
 
 
+def nonfinite_run(rank: int, world: int) -> dict:
+    """The training loop on 2 gloo ranks, 2 epochs of 2 steps, with a NaN in one audio feature of rank 1's
+    second batch of epoch 0: that step's update must be skipped on both ranks and training must go on. Returns
+    rank 0's view: every logged and reported metric, and the final weights of every rank."""
+    import numpy as np
+    from tiny import random_rows, tiny_config
+
+    from gram_ray.data.collate import Collate
+    from gram_ray.data.text import build_word_vocab
+    from gram_ray.train.loop import run_training
+
+    cfg = tiny_config("train.epochs=2", "model.temperature=0.07")
+    rows = random_rows(cfg, 8 * world)
+    vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
+    collate = Collate(cfg, vocab, train=True)
+    mine = {k: v[rank * 8 : (rank + 1) * 8] for k, v in rows.items()}
+
+    def train_batches(epoch, skip):
+        for i in range(2):
+            b = {k: v[i * 4 : (i + 1) * 4].copy() for k, v in mine.items()}
+            if epoch == 0 and i == 1 and rank == 1:
+                b["audio_fbank"][0, 0, 0, 0] = np.nan
+            yield collate(b)
+
+    logged, reported, models = [], [], []
+
+    def prepare(model):
+        models.append(model)
+        return DistributedDataParallel(model)
+
+    run_training(
+        cfg,
+        train_batches=train_batches,
+        val_batches=None,
+        steps_per_epoch=2,
+        report=lambda metrics, checkpoint: reported.append(dict(metrics)),
+        vocab=vocab,
+        prepare_model=prepare,
+        log=logged.append,
+    )
+    weights = torch.cat([p.detach().flatten() for p in models[0].parameters()])
+    every = [torch.zeros_like(weights) for _ in range(world)]
+    dist.all_gather(every, weights)
+    return {"logged": logged, "reported": reported, "weights": every}
+
+
 def grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -150,6 +196,12 @@ def main():
         dist.all_gather(all_grads, rows.grad.contiguous())
         if rank == 0:
             torch.save({"fetched": torch.cat(all_fetched), "grad": torch.cat(all_grads)}, out)
+        dist.destroy_process_group()
+        return
+    elif gather == "nonfinite":
+        extra = nonfinite_run(rank, world)
+        if rank == 0:
+            torch.save(extra, out)
         dist.destroy_process_group()
         return
     elif gather in ("gram", "gram-dam"):

@@ -87,3 +87,51 @@ def test_a_truncated_checkpoint_is_refused_naming_the_file(loader, tmp_path):
     path.write_bytes(path.read_bytes()[:600])  # what a kill or a full disk leaves behind
     with pytest.raises(CheckpointError, match=r"state.pt is not a readable PyTorch checkpoint"):
         loader(path)
+
+
+def test_a_nan_on_one_rank_skips_that_update_on_every_rank_and_training_goes_on(tmp_path):
+    from ddp_worker import run_ranks
+
+    result, runs = run_ranks("nonfinite", tmp_path)
+    assert [code for code, _ in runs] == [0, 0], [err[-3000:] for _, err in runs]
+    skipped = [m["train/skipped_steps"] for m in result["logged"]]
+    assert skipped == [0, 1, 1, 1]  # logged every step: the second step was skipped, the rest were not
+    assert result["reported"][-1]["step"] == 4 and result["reported"][-1]["train/skipped_steps"] == 1
+    first, second = result["weights"]
+    assert torch.isfinite(first).all() and torch.equal(first, second)  # both ranks skipped the same update
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run_naming_the_step_and_the_last_checkpoint():
+    import numpy as np
+    from tiny import random_rows, tiny_config
+
+    from gram_ray.data.collate import Collate
+    from gram_ray.data.text import build_word_vocab
+    from gram_ray.train.loop import NonFiniteTrainingError, run_training
+
+    cfg = tiny_config("train.epochs=3", "train.max_skipped_steps=3")
+    rows = random_rows(cfg, 8)
+    vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
+    collate = Collate(cfg, vocab, train=True)
+
+    def train_batches(epoch, skip):  # every batch from epoch 1 on carries a NaN: steps 3, 4, 5 are skipped
+        for i in range(2):
+            b = {k: v[i * 4 : (i + 1) * 4].copy() for k, v in rows.items()}
+            if epoch >= 1:
+                b["audio_fbank"][:] = np.nan
+            yield collate(b)
+
+    reported = []
+    with pytest.raises(
+        NonFiniteTrainingError,
+        match=r"stopped at step 5: 3 steps in a row .*checkpoint was taken at step 4, with the weights of step 2",
+    ):
+        run_training(
+            cfg,
+            train_batches=train_batches,
+            val_batches=None,
+            steps_per_epoch=2,
+            report=lambda metrics, checkpoint: reported.append(metrics),
+            vocab=vocab,
+        )
+    assert [m["step"] for m in reported] == [2, 4]  # epoch ends; epoch 1's updates were all skipped

@@ -49,6 +49,7 @@ class Console:
             f"{prefix}epoch {r['epoch'] + 1}/{r['epochs']:g}  step {step}/{total}  loss {r['train/loss']:.4f}  "
             f"lr {r['train/lr']:.2e}  {r['train/samples_per_s']:.0f} samples/s  "
             f"ETA {self._eta(r.get('source', ''), step, total)}"
+            + (f"  {r['train/skipped_steps']} steps skipped (non-finite)" if r.get("train/skipped_steps") else "")
         )
 
     def eval_line(self, r: dict, prefix: str = "") -> str:
@@ -88,7 +89,7 @@ def ProgressQueue():  # a factory that reads like the class it makes
 
 
 def step_record(metrics: dict, epochs: float) -> dict:
-    keys = ("step", "total_steps", "epoch", "train/loss", "train/lr", "train/samples_per_s")
+    keys = ("step", "total_steps", "epoch", "train/loss", "train/lr", "train/samples_per_s", "train/skipped_steps")
     return {"kind": STEP, "epochs": epochs, **{k: metrics[k] for k in keys if k in metrics}}
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "build_optimizer",
     "accumulate_gradients",
     "run_training",
+    "NonFiniteTrainingError",
     "embed_batches",
     "flatten_metrics",
 ]
@@ -45,6 +46,18 @@ __all__ = [
 # train_batches(epoch, skip_ids): this rank's batches of an epoch, without the clips in skip_ids (the ones a
 # resumed epoch already trained on).
 TrainBatches = Callable[[int, frozenset], Iterable[dict]]
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """train.max_skipped_steps steps in a row had a non-finite loss or gradient norm."""
+
+
+def step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, device: torch.device) -> bool:
+    """Whether every rank's loss and (all-reduced) gradient norm are finite: one flag, max-reduced, so that all
+    ranks skip a step together (a rank that stepped alone would leave DDP's replicas apart, and its next
+    collectives unmatched). Costs a host sync per step."""
+    bad = int(not (torch.isfinite(loss.detach()).all() and torch.isfinite(grad_norm).all()))
+    return max_over_ranks(bad, device) == 0
 
 
 def main_metric_name(cfg: GramConfig) -> str:
@@ -287,6 +300,8 @@ def run_training(
     # fp16 autocast needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler("cuda") if t.fp16 and device.type == "cuda" else None
     step, start_epoch, skip_ids = 0, 0, frozenset()
+    skipped_steps = skipped_in_a_row = 0  # updates left out because a loss or gradient norm was not finite
+    last_checkpoint_step = resume["step"] if resume is not None else None
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -307,6 +322,9 @@ def run_training(
     last: dict = {"step": step, "total_steps": total_steps}
 
     def checkpoint_and_report(metrics: dict, epoch: int, consumed: list[str] | None) -> None:
+        nonlocal last_checkpoint_step
+        last_checkpoint_step = step
+        metrics["train/skipped_steps"] = skipped_steps
         # Mid-epoch (consumed is not None) every rank contributes its clips and RNG state: a collective.
         all_consumed = [i for part in _gather_objects(consumed) for i in part] if consumed is not None else []
         rng_states = _gather_objects(_rng_state(device)) if consumed is not None else None
@@ -383,16 +401,49 @@ def run_training(
             if not last_micro:
                 continue
             with timer.phase("optimizer"):
-                if scaler is not None:  # fp16: clip the true gradients; a step with inf/nan gradients is skipped
+                if scaler is not None:  # fp16: clip the true gradients
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 if scaler is not None:
-                    scaler.step(optimizer)
+                    # fp16 overflow is the scaler's business: it skips that step itself and lowers the scale.
+                    finite = step_is_finite(out.loss, torch.zeros(()), device)
+                    if finite:
+                        scaler.step(optimizer)
                     scaler.update()
                 else:
-                    optimizer.step()
+                    finite = step_is_finite(out.loss, grad_norm, device)
+                    if finite:
+                        optimizer.step()
+                # A skipped step still consumed its batches and counts as a step (the schedule and the data
+                # position stay where an uninterrupted run has them); only the update is left out.
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            if finite:
+                skipped_in_a_row = 0
+            else:
+                skipped_steps += 1
+                skipped_in_a_row += 1
+                if rank0:
+                    print(
+                        f"step {step + 1}: non-finite loss ({out.loss.item():.4g}) or gradient norm "
+                        f"({float(grad_norm):.4g}) on some rank: update skipped on every rank "
+                        f"({skipped_in_a_row} in a row, {skipped_steps} in this run)",
+                        flush=True,
+                    )
+                if skipped_in_a_row >= t.max_skipped_steps:
+                    where = (
+                        f"the last checkpoint was taken at step {last_checkpoint_step}, with the weights of step "
+                        f"{min(last_checkpoint_step, step + 1 - skipped_in_a_row)} (skipped steps leave the weights as "
+                        "they were)"
+                        if last_checkpoint_step is not None
+                        else "no checkpoint was taken in this run"
+                    )
+                    raise NonFiniteTrainingError(
+                        f"training stopped at step {step + 1}: {skipped_in_a_row} steps in a row had a non-finite "
+                        f"loss or gradient norm (train.max_skipped_steps={t.max_skipped_steps}); {where}. Check the "
+                        "data of these steps, lower train.lr or use bf16 instead of fp16, then resume from that "
+                        "checkpoint (gram-ray train --resume auto)."
+                    )
             timer.step_done(step_samples)
             step_samples = 0
             step += 1
@@ -409,6 +460,7 @@ def run_training(
                     "train/positive_volume": out.positive_volume.mean().item(),
                     "train/grad_norm": float(grad_norm),
                     "train/samples_per_s": window_samples / elapsed,
+                    "train/skipped_steps": skipped_steps,
                 }
                 if out.matching_loss is not None:
                     last["train/matching_loss"] = out.matching_loss.item()
