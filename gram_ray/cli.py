@@ -16,6 +16,23 @@ def main() -> None:
     """Train GRAM (Gramian multimodal alignment) models on Ray clusters."""
 
 
+def training_failure(error: BaseException) -> str | None:
+    """The one-line reason of a Ray Train run that failed because of a known condition on a worker (too many
+    non-finite steps, a checkpoint that could not be written), or None for anything else."""
+    from gram_ray.model.checkpoint import CheckpointWriteError
+    from gram_ray.train.loop import NonFiniteTrainingError
+
+    known = (NonFiniteTrainingError, CheckpointWriteError)
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = failure
+        while cause is not None and not isinstance(cause, known):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if cause is not None:
+            return f"training failed on worker {rank}: {cause}"
+    return None
+
+
 def _init_ray(verbose: bool = False) -> None:
     """Attach to the cluster a job was submitted to (RAY_ADDRESS), else start a local Ray in-process with more
     logical CPUs than cores, so Ray Data decode tasks and Train workers never wait on each other.
@@ -145,7 +162,11 @@ def preprocess(annotations, video_dir, audio_dir, out, config_path, overrides, m
 @click.option(
     "--out", type=click.Path(path_type=Path), help="run folder: metrics, result.json, W&B [default: runs/<run.name>]"
 )
-@click.option("--resume", help="a checkpoint folder or storage URI to continue from")
+@click.option(
+    "--resume",
+    help="a checkpoint folder or storage URI to continue from, or `auto`: the newest whole checkpoint of this run "
+    "(--out and run.name), e.g. after the driver was killed; a fresh start if it has none",
+)
 @_VERBOSE
 def train(config_path, overrides, out, resume, verbose) -> None:
     """Train GRAM with Ray Train (TorchTrainer) on the data the config names."""
@@ -162,6 +183,11 @@ def train(config_path, overrides, out, resume, verbose) -> None:
         _, summary = fit(cfg, out, resume_from=resume, log=click.echo, console=console)
     except (ValueError, FileNotFoundError, PreprocessError) as e:  # bad config or data: the message says which
         raise click.ClickException(str(e)) from None
+    except Exception as e:
+        reason = training_failure(e)
+        if reason is None:
+            raise
+        raise click.ClickException(reason) from None
     click.echo(json.dumps(summary["best_metrics"], indent=2))
     click.echo(f"best checkpoint: {summary['checkpoint']}")
 

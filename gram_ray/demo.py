@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from gram_ray import storage
 from gram_ray.config import GramConfig, load_config
 
 __all__ = ["DEMO_CONFIG", "run_demo", "plot_curves", "plot_retrieval", "results_table"]
@@ -125,6 +126,8 @@ def run_demo(
     cfg.data.video_dir, cfg.data.audio_dir = paths["videos"], paths["audios"]
     cfg.data.cache_dir = str(out / "cache")
     layout = RunLayout.of(cfg, run_dir)
+    if storage.exists(layout.run_root):  # the demo starts afresh: its previous run's checkpoints go
+        storage.delete_dir(layout.run_root)
     result, summary = fit(cfg, run_dir, log=log, console=Console(log, main_metric=main_metric_name(cfg)))
     log("evaluating the best checkpoint on the val split (Ray Data batch inference) ...")
     final_eval = evaluate_checkpoint(summary["checkpoint"], layout.cache("val"))

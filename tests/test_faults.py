@@ -135,3 +135,180 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run_naming_the_step_and_the
             vocab=vocab,
         )
     assert [m["step"] for m in reported] == [2, 4]  # epoch ends; epoch 1's updates were all skipped
+
+
+def _fake_run(root: Path, steps: dict[str, int], registered: bool) -> None:
+    """A run folder as Ray Train V2 leaves it: checkpoint folders, and the snapshot of the registered ones."""
+    import json
+
+    for name, step in steps.items():
+        (root / name).mkdir(parents=True)
+        torch.save({"model": {"w": torch.zeros(1000)}, "step": step}, root / name / "state.pt")
+    if registered:
+        results = [{"checkpoint_dir_name": n, "metrics": {"step": s}} for n, s in steps.items()]
+        snapshot = {"checkpoint_results": results, "latest_checkpoint_result": results[-1]}
+        (root / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+
+
+@pytest.mark.parametrize("registered", [True, False], ids=["from Ray's snapshot", "before any registration"])
+def test_resume_auto_takes_the_newest_whole_checkpoint_and_never_a_half_written_one(registered, tmp_path):
+    from gram_ray.train.resume import latest_checkpoint
+
+    root = tmp_path / "run"
+    names = ["checkpoint_2026-01-01_10-00-00.000001", "checkpoint_2026-01-01_10-05-00.000001"]
+    _fake_run(root, dict(zip(names, [2, 4], strict=True)), registered)
+    assert latest_checkpoint(str(root), log=lambda line: None) == str(root / names[1])
+    newest = root / names[1] / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:-200])  # the kill cut off the end of the newest file
+    passed = []
+    assert latest_checkpoint(str(root), log=passed.append) == str(root / names[0])
+    assert "incomplete" in passed[0] and names[1] in passed[0]
+    newest.unlink()  # or never wrote its state at all
+    assert latest_checkpoint(str(root), log=lambda line: None) == str(root / names[0])
+    assert latest_checkpoint(str(tmp_path / "nothing-here"), log=lambda line: None) is None
+
+
+def test_a_new_run_refuses_to_start_over_a_run_of_the_same_name(tmp_path):
+    from tiny import tiny_config
+
+    from gram_ray.train.trainer import fit
+
+    cfg = tiny_config("run.name=r")
+    _fake_run(tmp_path / "out" / "ray" / "r", {"checkpoint_2026-01-01_10-00-00.000001": 2}, registered=True)
+    with pytest.raises(ValueError, match="already holds checkpoints of a run named 'r'.*--resume auto continues it"):
+        fit(cfg, tmp_path / "out", log=lambda line: None)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_driver_is_continued_by_resume_auto_to_the_planned_steps(synth_small, tmp_path):
+    # The whole `gram-ray train` process group (driver, its local Ray, the workers) is SIGKILLed once a checkpoint
+    # is registered; `--resume auto` with the same --out finds the newest whole checkpoint and finishes the run.
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tiny import tiny_config
+
+    from gram_ray.config import save_config
+
+    cfg = tiny_config(
+        "run.name=killed",
+        "train.epochs=5",  # 16 clips / (4 x 2 workers): 2 steps an epoch, 10 in all
+        "train.checkpoint_every_steps=1",
+        "train.eval_every_epochs=100",
+        "scaling.num_workers=2",
+        f"data.train_annotations={synth_small['train']}",
+        f"data.val_annotations={synth_small['val']}",
+        f"data.video_dir={synth_small['videos']}",
+        f"data.audio_dir={synth_small['audios']}",
+    )
+    save_config(cfg, tmp_path / "config.yaml")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "gram_ray", "train", "--config", str(tmp_path / "config.yaml"), "--out", str(out)]
+    env = os.environ | {"WANDB_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    snapshot = out / "ray" / "killed" / "checkpoint_manager_snapshot.json"
+    first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not snapshot.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert snapshot.exists(), first.stdout.read().decode()[-3000:]
+    killed_at = max(r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"])
+    assert killed_at < 10
+
+    second = subprocess.run(command + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "--resume auto: continuing from" in second.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["last_metrics"]["step"] == result["last_metrics"]["total_steps"] == 10
+
+
+def _no_space(obj, f, *args, **kwargs):
+    """torch.save on a full disk: some bytes land, then ENOSPC."""
+    Path(f).write_bytes(b"PK\x03\x04 the first bytes")
+    raise OSError(28, "No space left on device")
+
+
+def test_a_checkpoint_write_that_fails_stops_training_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
+    from tiny import random_rows, tiny_config
+
+    import gram_ray.model.checkpoint as checkpoint
+    from gram_ray.data.collate import Collate, epoch_batches
+    from gram_ray.data.text import build_word_vocab
+    from gram_ray.model.checkpoint import CheckpointWriteError, load_checkpoint
+    from gram_ray.train.loop import run_training
+
+    cfg = tiny_config("train.epochs=3")
+    rows = random_rows(cfg, 8)
+    vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
+    collate = Collate(cfg, vocab, train=True)
+    kept = []
+
+    def report(metrics, folder):  # as Ray Train does: each checkpoint copied into the run's storage
+        import shutil
+
+        if folder is not None:
+            kept.append(shutil.copytree(folder, tmp_path / f"checkpoint_{metrics['step']}"))
+            monkeypatch.setattr(checkpoint.torch, "save", _no_space)  # the disk is full from now on
+
+    with pytest.raises(CheckpointWriteError, match=r"step 4: .*No space left.*untouched \(the last at step 2\)"):
+        run_training(
+            cfg,
+            train_batches=lambda epoch, skip: epoch_batches(rows, 4, collate, epoch, skip),
+            val_batches=None,
+            steps_per_epoch=2,
+            report=report,
+            vocab=vocab,
+        )
+    monkeypatch.undo()
+    assert [p.name for p in kept] == ["checkpoint_2"]
+    assert load_checkpoint(kept[0])["step"] == 2  # intact and loadable
+
+
+def test_a_cut_off_checkpoint_write_leaves_no_state_file_that_looks_whole(tmp_path, monkeypatch):
+    from tiny import tiny_config
+
+    import gram_ray.model.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint.torch, "save", _no_space)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left"):
+        checkpoint.write_checkpoint(tmp_path / "ckpt", {"model": {}}, tiny_config())
+    assert not checkpoint.is_checkpoint(tmp_path / "ckpt") and not list((tmp_path / "ckpt").glob("*.partial"))
+
+
+def test_a_worker_that_could_not_write_its_checkpoint_is_reported_in_one_line():
+    from ray.train import WorkerGroupError
+
+    from gram_ray.cli import training_failure
+    from gram_ray.model.checkpoint import CheckpointWriteError
+
+    class RayTaskErrorLike(Exception):  # how Ray hands over a worker's exception: as .cause
+        cause = CheckpointWriteError("step 4: the checkpoint could not be written or stored (disk full)")
+
+    error = WorkerGroupError("rank 0 failed ...", {0: RayTaskErrorLike("traceback ...")})
+    assert (
+        training_failure(error)
+        == "training failed on worker 0: step 4: the checkpoint could not be written or stored (disk full)"
+    )
+    assert training_failure(RuntimeError("something else")) is None
+
+
+def test_a_cache_that_cannot_be_written_stops_preprocessing_with_a_clear_message(synth_small, tmp_path):
+    from gram_ray.data.preprocess import PreprocessError, preprocess
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should go")
+    with pytest.raises(PreprocessError, match="writing the cache under .*not-a-folder.* failed .*rerun"):
+        preprocess(
+            synth_small["val"],
+            synth_small["videos"],
+            blocker / "cache",
+            audio_dir=synth_small["audios"],
+            log=lambda line: None,
+        )

@@ -184,6 +184,17 @@ def cache_key(annotations: str | Path, rows: list[ManifestRow], data: DataConfig
     return h.hexdigest()
 
 
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError (disk full, permission denied, not a directory) behind an error, also when a Ray task raised
+    it, or None."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
+
+
 def _load_report(out: str) -> dict | None:
     try:
         return json.loads(storage.read_text(storage.join(out, REPORT)))
@@ -216,14 +227,24 @@ def preprocess(
         log(f"cache hit: {out} already holds these {previous['rows_written']} clips (use --force to decode again)")
         return previous | {"reused": True}
 
-    for stale in (shards, skipped_dir):
-        storage.delete_dir(stale)
     log(f"decoding {len(rows)} clips from {annotations} into {shards} with Ray Data ...")
     start = time.perf_counter()
-    ds = build_dataset(rows, data, mode, skipped_dir=skipped_dir)
-    ds = ds.map_batches(to_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-    # No dictionary pages: the values are megabyte-sized blobs that never repeat.
-    ds.write_parquet(shards, min_rows_per_file=rows_per_shard(data), use_dictionary=False)
+    try:
+        for stale in (shards, skipped_dir):
+            storage.delete_dir(stale)
+        ds = build_dataset(rows, data, mode, skipped_dir=skipped_dir)
+        ds = ds.map_batches(to_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        # No dictionary pages: the values are megabyte-sized blobs that never repeat.
+        ds.write_parquet(shards, min_rows_per_file=rows_per_shard(data), use_dictionary=False)
+    except Exception as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise PreprocessError(
+            f"writing the cache under {out} failed ({cause}). The inputs are untouched and no report marks this "
+            "cache complete, so the next run decodes again; free space or fix the folder's permissions (or set "
+            "data.cache_dir elsewhere), then rerun."
+        ) from e
     wall = time.perf_counter() - start
 
     skipped = []

@@ -20,9 +20,14 @@ from gram_ray.config import GramConfig, save_config
 from gram_ray.model.gram import GramModel, build_model
 from gram_ray.model.safe_load import CheckpointError, load_weights
 
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permission denied, storage unreachable)."""
+
 __all__ = [
     "STATE_FILE",
     "CheckpointError",
+    "CheckpointWriteError",
     "save_checkpoint",
     "write_checkpoint",
     "load_checkpoint",
@@ -74,8 +79,15 @@ def write_checkpoint(directory: Path, state: dict, cfg: GramConfig) -> None:
     """The checkpoint folder: state.pt (tensors and plain values only, so it loads with weights_only=True) and
     the config beside it, for people."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state, directory / STATE_FILE)
-    save_config(cfg, directory / "config.yaml")
+    # Written beside, then renamed: a write cut off (disk full, a kill) leaves no state.pt that looks whole.
+    partial = directory / (STATE_FILE + ".partial")
+    try:
+        torch.save(state, partial)
+        save_config(cfg, directory / "config.yaml")
+        partial.replace(directory / STATE_FILE)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"writing the checkpoint {directory} failed: {e}") from e
 
 
 def is_checkpoint(directory: str | Path) -> bool:

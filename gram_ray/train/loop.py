@@ -27,7 +27,7 @@ from gram_ray.config import GramConfig
 from gram_ray.data.schema import IDS, MODALITIES, TEXT_TO_VIDEO
 from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, is_distributed, max_over_ranks
 from gram_ray.evaluate import evaluate_embeddings
-from gram_ray.model.checkpoint import save_checkpoint
+from gram_ray.model.checkpoint import CheckpointWriteError, save_checkpoint
 from gram_ray.model.gram import GramModel, build_model, init_weights
 from gram_ray.train.step_timer import StepTimer
 
@@ -323,7 +323,7 @@ def run_training(
 
     def checkpoint_and_report(metrics: dict, epoch: int, consumed: list[str] | None) -> None:
         nonlocal last_checkpoint_step
-        last_checkpoint_step = step
+        previous_checkpoint_step, last_checkpoint_step = last_checkpoint_step, step
         metrics["train/skipped_steps"] = skipped_steps
         # Mid-epoch (consumed is not None) every rank contributes its clips and RNG state: a collective.
         all_consumed = [i for part in _gather_objects(consumed) for i in part] if consumed is not None else []
@@ -331,6 +331,17 @@ def run_training(
         if not rank0:
             report(metrics, None)
             return
+        try:
+            _save_and_report(metrics, epoch, consumed, all_consumed, rng_states)
+        except OSError as e:  # disk full, permission denied, storage unreachable: stop, saying what to do
+            raise CheckpointWriteError(
+                f"step {step}: the checkpoint could not be written or stored ({e}). Training stopped here; the "
+                f"checkpoints written before it are untouched"
+                + (f" (the last at step {previous_checkpoint_step})" if previous_checkpoint_step is not None else "")
+                + ". Free space or fix the storage's permissions, then continue with gram-ray train --resume auto."
+            ) from e
+
+    def _save_and_report(metrics, epoch, consumed, all_consumed, rng_states) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(
                 Path(tmp),

@@ -30,6 +30,7 @@ from gram_ray.model.checkpoint import load_checkpoint
 from gram_ray.train.console import Console, ProgressQueue, progress_callback, run_with_progress, step_record
 from gram_ray.train.layout import RunLayout
 from gram_ray.train.loop import main_metric_name, run_training
+from gram_ray.train.resume import latest_checkpoint
 
 __all__ = [
     "TrainingData",
@@ -192,7 +193,8 @@ def _optional_shard(name: str):
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: config = {"cfg": GramConfig as a dict, "vocab": [...] | None, "steps_per_epoch":
     int, "output_dir": str, "progress": a ray.util.queue.Queue or None, "source": a label for progress lines,
-    "resume_from": a checkpoint folder or URI to start from, or None}."""
+    "resume_from": a checkpoint folder or URI to start from, or None, "restored": the run's latest checkpoint when
+    the fit started (Train V2 hands it to the first workers), or None}."""
     import ray.data
     import ray.train
     import ray.train.torch
@@ -213,11 +215,17 @@ def train_loop_per_worker(config: dict) -> None:
 
     # A restart of the worker group (FailureConfig) gets this run's latest checkpoint from Ray Train; otherwise a
     # run may start from a checkpoint the user named (--resume), which Train V2 leaves to the train function.
+    # Train V2 also hands a fresh fit the latest checkpoint registered under this run's name ("restored"): then the
+    # checkpoint the driver chose (--resume PATH or auto) wins, since the datasets were built for it.
     resume = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    restored = config.get("restored")
+    own = checkpoint is not None and not (restored and Path(checkpoint.path).name == Path(restored).name)
+    if own or (checkpoint is not None and not config.get("resume_from")):
         with checkpoint.as_directory() as d:
             resume = load_checkpoint(d)
+        if rank == 0 and own:
+            print(f"restarted worker group: resuming from {checkpoint.path} (step {resume['step']})", flush=True)
     elif config.get("resume_from"):
         resume = load_checkpoint(config["resume_from"])
     resume_epoch = resume["epoch"] if resume is not None and not resume.get("epoch_complete", True) else None
@@ -284,6 +292,7 @@ def build_trainer(
     layout: RunLayout,
     resume_from: str | None = None,
     callbacks: list | None = None,
+    restored: str | None = None,
     progress=None,
     source: str = "",
 ):
@@ -320,6 +329,7 @@ def build_trainer(
             "progress": progress,
             "source": source,
             "resume_from": resume_from,
+            "restored": restored,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.resources_per_worker
@@ -349,11 +359,23 @@ def fit(
     layout = RunLayout.of(cfg, output_dir)
     layout.output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, layout.output_dir / "config.yaml")
+    existing = latest_checkpoint(layout.run_root, log=log)  # Train V2 continues a run of the same name
+    if resume_from == "auto":
+        if existing is None:
+            log(f"--resume auto: no checkpoint of run {cfg.run.name!r} in {layout.run_root} yet: starting afresh")
+        else:
+            log(f"--resume auto: continuing from {existing}")
+        resume_from = existing
+    elif resume_from is None and existing is not None:
+        raise ValueError(
+            f"{layout.run_root} already holds checkpoints of a run named {cfg.run.name!r} (latest: {existing}). "
+            "--resume auto continues it; to start afresh, give another --out or run.name, or delete that folder."
+        )
     data = prepare_data(cfg, layout, log=log)
     workers, epochs = cfg.scaling.num_workers, cfg.train.epochs
     log(f"training on {data.train_rows} clips with {workers} workers for {epochs:g} epochs ...")
     progress = ProgressQueue() if console is not None else None
-    trainer = build_trainer(cfg, data, layout, resume_from, progress=progress)
+    trainer = build_trainer(cfg, data, layout, resume_from, progress=progress, restored=existing)
     result = run_with_progress(trainer.fit, progress, console) if console is not None else trainer.fit()
     metric = main_metric_name(cfg)
     # best_checkpoints holds the kept checkpoints in the order they were reported, not by score.

@@ -1,0 +1,66 @@
+"""Finding where a killed run can go on from: `gram-ray train --resume auto`.
+
+Ray Train V2 writes each checkpoint folder into the run's storage (<storage_path>/<run.name>/checkpoint_<time>/)
+and only then registers it in checkpoint_manager_snapshot.json beside them; a driver killed mid-upload leaves a
+folder that was never registered, possibly with a truncated state.pt. So the candidates are the registered
+checkpoints, newest first (or, before the first registration, every checkpoint folder by its time-stamped name),
+and each is taken only if its state.pt is whole: a PyTorch checkpoint is a zip file whose central directory is
+written last, so reading that directory (a few KB at the end, also from cloud storage) tells a finished file from
+a cut-off one without reading the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pyarrow.fs as pafs
+
+from gram_ray import storage
+from gram_ray.model.checkpoint import STATE_FILE
+
+__all__ = ["SNAPSHOT", "checkpoint_is_whole", "latest_checkpoint"]
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the checkpoints it registered
+
+
+def checkpoint_is_whole(folder: str) -> bool:
+    """Whether folder/state.pt is a complete PyTorch checkpoint file (its zip directory reads)."""
+    path = storage.join(folder, STATE_FILE)
+    fs, p = storage.resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.File:
+        return False
+    try:
+        with fs.open_input_file(p) as f, zipfile.ZipFile(f) as z:
+            return any(name.endswith("/data.pkl") for name in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def _candidates(run_root: str) -> list[str]:
+    """Checkpoint folder names, newest first."""
+    snapshot = storage.join(run_root, SNAPSHOT)
+    if storage.exists(snapshot):
+        state = json.loads(storage.read_text(snapshot))
+        results = sorted(state.get("checkpoint_results") or [], key=lambda r: r["metrics"].get("step", -1))
+        names = [r["checkpoint_dir_name"] for r in reversed(results)]
+        latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        return ([latest] if latest else []) + [n for n in names if n != latest]
+    fs, p = storage.resolve(run_root)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p))
+    folders = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+    folders = [name for name in folders if name.startswith("checkpoint_")]
+    return sorted(folders, reverse=True)  # Ray names them checkpoint_<YYYY-mm-dd_HH-MM-SS.micro>
+
+
+def latest_checkpoint(run_root: str, log=print) -> str | None:
+    """The newest whole checkpoint folder of the run at run_root (a local path or URI), or None if it has none.
+    Folders passed over (cut off by a kill) are named in the log."""
+    for name in _candidates(run_root):
+        folder = storage.join(run_root, name)
+        if checkpoint_is_whole(folder):
+            return folder
+        log(f"passing over {folder}: its {STATE_FILE} is missing or incomplete (written when the run was killed?)")
+    return None
