@@ -21,6 +21,8 @@ __all__ = [
     "read_bytes",
     "read_text",
     "write_text",
+    "write_bytes_with",
+    "delete_file",
     "delete_dir",
     "list_files",
     "total_bytes",
@@ -70,6 +72,20 @@ def write_text(path: str | Path, text: str) -> None:
     fs.create_dir(posixpath.dirname(p), recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
+
+
+def write_bytes_with(path: str | Path, write) -> None:
+    """write(stream) into a new file at path (parent folders made as needed)."""
+    fs, p = resolve(path)
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    with fs.open_output_stream(p) as f:
+        write(f)
+
+
+def delete_file(path: str | Path) -> None:
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        fs.delete_file(p)
 
 
 def delete_dir(path: str | Path) -> None:

@@ -312,3 +312,41 @@ def test_a_cache_that_cannot_be_written_stops_preprocessing_with_a_clear_message
             audio_dir=synth_small["audios"],
             log=lambda line: None,
         )
+
+
+@pytest.mark.ray
+def test_preprocessing_killed_midway_continues_with_the_clips_left_and_ends_as_an_uninterrupted_run(
+    synth_small, ray_session, tmp_path
+):
+    # The state a kill leaves: some shards written and recorded, one file cut off mid-write (no record), the rest
+    # never started, no report. The rerun decodes only the shards not recorded; the cache then holds the same
+    # files, byte for byte, as an uninterrupted run (train mode: the random frame draws are seeded by clip id).
+    from tiny import tiny_config
+
+    from gram_ray.data.preprocess import preprocess
+
+    data = tiny_config("data.video.train_draws=2").data
+    args = (synth_small["train"], synth_small["videos"])
+    kwargs = {"data": data, "audio_dir": synth_small["audios"], "mode": "train", "log": lambda line: None}
+    whole = preprocess(*args, tmp_path / "whole", **kwargs)
+    first = preprocess(*args, tmp_path / "killed", **kwargs)
+    assert whole["shards"] == first["shards"] >= 4 and whole["rows_decoded_now"] == 16
+    killed = tmp_path / "killed"
+    names = sorted(p.stem for p in (killed / "shards").glob("*.parquet"))
+    for name in names[3:]:  # never recorded: the kill came before
+        (killed / "_done" / f"{name}.json").unlink()
+        (killed / "shards" / f"{name}.parquet").unlink()
+    cut = killed / "shards" / f"{names[3]}.parquet"
+    cut.write_bytes((tmp_path / "whole" / "shards" / f"{names[3]}.parquet").read_bytes()[:100])  # cut off
+    (killed / "report.json").unlink()
+
+    lines = []
+    resumed = preprocess(*args, killed, **(kwargs | {"log": lines.append}))
+    assert resumed["status"] == "complete" and resumed["shards_reused"] == 3
+    assert resumed["rows_reused"] + resumed["rows_decoded_now"] == 16 and resumed["rows_decoded_now"] < 16
+    assert any("resuming: 3 of" in line for line in lines)
+    for name in names:
+        assert (killed / "shards" / f"{name}.parquet").read_bytes() == (
+            tmp_path / "whole" / "shards" / f"{name}.parquet"
+        ).read_bytes(), name
+    assert resumed["rows_written"] == whole["rows_written"]

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import posixpath
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gram_ray import storage
 from gram_ray.config import DataConfig
@@ -33,6 +38,7 @@ from gram_ray.data.video import Mode, decode_video
 __all__ = [
     "PreprocessError",
     "decode_batch",
+    "decode_rows",
     "decode_concurrency",
     "build_dataset",
     "preprocess",
@@ -43,7 +49,8 @@ __all__ = [
 
 SHARDS = "shards"
 REPORT = "report.json"
-_SKIPPED = "_skipped"
+_SKIPPED = "_skipped"  # side files of the lazily decoded dataset's skipped clips
+_DONE = "_done"  # the cache writer's progress: plan.json and one record per shard written
 _SUBTITLE = MODALITIES["subtitle"].cache_column
 
 
@@ -60,12 +67,20 @@ def _draw_shape(data: DataConfig, mode: Mode) -> tuple[int, ...]:
     return (draws,) if draws > 1 else ()
 
 
-def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | None) -> dict:
-    """The map_batches UDF: decode each row, keep those that decode, record the others with their reason."""
-    rng = np.random.default_rng() if mode == "train" else None
+def _clip_rng(media_id: str) -> np.random.Generator:
+    """The random frame draws of a clip in a cache: seeded by its id, so that a cache decoded in pieces (a resumed
+    run) holds the same bytes as one decoded in one go."""
+    return np.random.default_rng(zlib.crc32(str(media_id).encode()))
+
+
+def decode_rows(batch: dict, data: DataConfig, mode: Mode, seeded: bool = False) -> tuple[dict, list[dict]]:
+    """Decode each row of a manifest batch: (the decoded columns of those that decode, [{"id", "reason"}] of the
+    others). seeded: train-mode draws seeded by clip id (caches); otherwise fresh draws every call."""
+    fresh = np.random.default_rng() if mode == "train" else None
     keep, failures = {"id": [], "captions": [], "frames": [], "audio_fbank": [], "has_audio": [], "subtitle": []}, []
     for i, media_id in enumerate(batch["id"]):
         video_path, audio_path = str(batch["video_path"][i]) or None, str(batch["audio_path"][i]) or None
+        rng = _clip_rng(media_id) if seeded and mode == "train" else fresh
         try:
             # Training caches keep train_draws independent draws (a random frame per segment each), so that epochs
             # see different frames without decoding again; Collate picks one per clip per epoch.
@@ -92,13 +107,8 @@ def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | N
         keep["audio_fbank"].append(fbank)
         keep["has_audio"].append(has_audio)
         keep["subtitle"].append(str(batch["subtitle"][i] or ""))
-    if failures and skipped_dir:
-        # Named by the batch's ids, so a retried task overwrites its own record instead of adding a second one.
-        # Through storage: on a cluster this task may run on another node than the driver that reads them.
-        name = hashlib.sha1("\n".join(map(str, batch["id"])).encode()).hexdigest()[:16]
-        storage.write_text(storage.join(skipped_dir, f"{name}.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
     video, audio = data.video, data.audio
-    return {
+    columns = {
         "id": np.array(keep["id"], dtype=object),
         "captions": object_column(keep["captions"]),
         "frames": np.stack(keep["frames"])
@@ -110,6 +120,19 @@ def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | N
         "has_audio": np.array(keep["has_audio"], dtype=bool),
         "subtitle": np.array(keep["subtitle"], dtype=object),
     }
+    return columns, failures
+
+
+def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | None) -> dict:
+    """The map_batches UDF of the lazily decoded dataset (decode_on_the_fly): decode each row, keep those that
+    decode, record the others with their reason in a side file."""
+    columns, failures = decode_rows(batch, data, mode)
+    if failures and skipped_dir:
+        # Named by the batch's ids, so a retried task overwrites its own record instead of adding a second one.
+        # Through storage: on a cluster this task may run on another node than the driver that reads them.
+        name = hashlib.sha1("\n".join(map(str, batch["id"])).encode()).hexdigest()[:16]
+        storage.write_text(storage.join(skipped_dir, f"{name}.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
+    return columns
 
 
 def _manifest_items(rows: list[ManifestRow]) -> list[dict]:
@@ -202,6 +225,95 @@ def _load_report(out: str) -> dict | None:
         return None
 
 
+def _shard_rows(n: int, data: DataConfig) -> int:
+    """Clips per shard: data.shard_mb of decoded tensors, but small enough that the clips spread over at least
+    four shards per decode task at once (a small split would otherwise decode in one task)."""
+    import ray
+
+    tasks = decode_concurrency(data) or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(rows_per_shard(data), math.ceil(n / (4 * tasks))))
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _columns_to_table(columns: dict) -> pa.Table:
+    """Decoded columns -> an Arrow table in the cache's Parquet layout."""
+    from ray.data.extensions import ArrowTensorArray
+
+    table = pa.table(
+        {
+            "id": pa.array(list(columns["id"]), pa.string()),
+            "captions": pa.array([list(c) for c in columns["captions"]], pa.list_(pa.string())),
+            "frames": ArrowTensorArray.from_numpy(columns["frames"]),
+            "audio_fbank": ArrowTensorArray.from_numpy(columns["audio_fbank"]),
+            "has_audio": pa.array(columns["has_audio"], pa.bool_()),
+            **({"subtitle": pa.array(list(columns["subtitle"]), pa.string())} if "subtitle" in columns else {}),
+        }
+    )
+    return to_parquet_layout(table)
+
+
+def write_shards(batch: dict, data: DataConfig, mode: Mode, out: str, key: str, subtitles: bool) -> dict:
+    """The map_batches UDF of the cache writer: each input row is one shard (its manifest rows as JSON), decoded
+    and written as <out>/shards/shard-NNNNN.parquet, then recorded as done in <out>/_done/shard-NNNNN.json with
+    its skipped clips. The record is written after the file is whole, so a shard without one is redone; a retried
+    task rewrites the same two files. Returns one small row per shard (the decoded clips never pass through Ray's
+    object store)."""
+    written = []
+    for index, rows_json in zip(batch["shard"], batch["rows"], strict=True):
+        items = json.loads(rows_json)
+        manifest = {
+            k: np.array([it[k] for it in items], dtype=object) for k in ("id", "subtitle", "video_path", "audio_path")
+        }
+        manifest["captions"] = object_column([it["captions"] for it in items])
+        columns, failures = decode_rows(manifest, data, mode, seeded=True)
+        if not subtitles:
+            columns.pop("subtitle")
+        table = _columns_to_table(columns)
+        name = _shard_name(int(index))
+        storage.write_bytes_with(
+            storage.join(out, SHARDS, name + ".parquet"),
+            lambda f, table=table: pq.write_table(table, f, use_dictionary=False),  # blobs that never repeat
+        )
+        record = {"cache_key": key, "clips": len(items), "written": table.num_rows, "skipped": failures}
+        storage.write_text(storage.join(out, _DONE, name + ".json"), json.dumps(record))
+        written.append(table.num_rows)
+    return {"shard": np.asarray(batch["shard"]), "written": np.asarray(written)}
+
+
+def _drive(ds, shards: int, clips: int, log, every_s: float = 30.0) -> None:
+    """Run the writer, saying how far it is every every_s seconds (and at the end) on long decodes."""
+    start = last = time.perf_counter()
+    finished = decoded = 0
+    for row in ds.iter_rows():
+        finished += 1
+        decoded += int(row["written"])
+        now = time.perf_counter()
+        if now - last >= every_s and finished < shards:
+            rate = decoded / (now - start)
+            eta = (clips - decoded) / rate if rate > 0 else float("nan")
+            log(f"  {finished}/{shards} shards, {decoded} clips, {rate:.1f} clips/s, about {eta:.0f} s left")
+            last = now
+
+
+def _done_shards(out: str, key: str) -> dict[int, dict]:
+    """The shards an earlier run of the same inputs and config finished: {index: its record}."""
+    done = {}
+    for path in storage.list_files(storage.join(out, _DONE), ".json"):
+        name = posixpath.basename(path)
+        if not name.startswith("shard-"):
+            continue
+        try:
+            record = json.loads(storage.read_text(path))
+        except (OSError, json.JSONDecodeError):
+            continue  # cut off while being written: the shard is redone
+        if record.get("cache_key") == key:
+            done[int(name.removeprefix("shard-").removesuffix(".json"))] = record
+    return done
+
+
 def preprocess(
     annotations: str | Path,
     video_dir: str | Path,
@@ -214,11 +326,20 @@ def preprocess(
 ) -> dict:
     """Decode every clip of an annotation file into a Parquet cache under `out`; returns the report.
 
-    Reuses an existing cache of the same inputs and config unless force. Raises PreprocessError (after writing
-    the report and keeping every shard written) when more than data.max_failure_share of the clips failed."""
+    Reuses an existing cache of the same inputs and config unless force. Resumable: the clips are decoded in
+    shards, each recorded when written, so a run killed mid-way is continued by the next run of the same inputs
+    and config, which decodes only the shards not yet recorded (the report counts both). Raises PreprocessError
+    (after writing the report and keeping every shard written) when more than data.max_failure_share of the clips
+    failed."""
+    import ray.data
+
     data = data or DataConfig()
     out = storage.absolute(out)
-    shards, skipped_dir, report_path = (storage.join(out, name) for name in (SHARDS, _SKIPPED, REPORT))
+    shards, report_path, plan_path = (
+        storage.join(out, SHARDS),
+        storage.join(out, REPORT),
+        storage.join(out, _DONE, "plan.json"),
+    )
     rows = read_annotations(annotations)
     resolve_media(rows, video_dir, audio_dir)
     key = cache_key(annotations, rows, data, mode)
@@ -227,31 +348,57 @@ def preprocess(
         log(f"cache hit: {out} already holds these {previous['rows_written']} clips (use --force to decode again)")
         return previous | {"reused": True}
 
-    log(f"decoding {len(rows)} clips from {annotations} into {shards} with Ray Data ...")
     start = time.perf_counter()
     try:
-        for stale in (shards, skipped_dir):
-            storage.delete_dir(stale)
-        ds = build_dataset(rows, data, mode, skipped_dir=skipped_dir)
-        ds = ds.map_batches(to_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-        # No dictionary pages: the values are megabyte-sized blobs that never repeat.
-        ds.write_parquet(shards, min_rows_per_file=rows_per_shard(data), use_dictionary=False)
+        plan = None if force or not storage.exists(plan_path) else json.loads(storage.read_text(plan_path))
+        if plan is None or plan.get("cache_key") != key:  # nothing of these inputs yet: start clean
+            for stale in (shards, storage.join(out, _DONE), storage.join(out, _SKIPPED)):
+                storage.delete_dir(stale)
+            storage.delete_file(report_path)
+            plan = {"cache_key": key, "rows_per_shard": _shard_rows(len(rows), data)}
+            storage.write_text(plan_path, json.dumps(plan))
+        size = plan["rows_per_shard"]
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        done = _done_shards(out, key)
+        for path in storage.list_files(shards, ".parquet"):  # files of shards a kill cut off: redone
+            if int(posixpath.basename(path).removeprefix("shard-").removesuffix(".parquet")) not in done:
+                storage.delete_file(path)
+        todo = [i for i in range(len(chunks)) if i not in done]
+        reused = sum(done[i]["clips"] for i in done)
+        if done:
+            log(f"resuming: {len(done)} of {len(chunks)} shards ({reused} clips) were written by an earlier run")
+        log(f"decoding {len(rows) - reused} clips from {annotations} into {shards} with Ray Data ...")
+        if todo:
+            items = [{"shard": i, "rows": json.dumps(_manifest_items(chunks[i]))} for i in todo]
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                write_shards,
+                batch_size=1,
+                batch_format="numpy",
+                fn_kwargs={
+                    "data": data,
+                    "mode": mode,
+                    "out": out,
+                    "key": key,
+                    "subtitles": any(r.subtitle for r in rows),
+                },
+                num_cpus=1,
+                compute=ray.data.TaskPoolStrategy(size=decode_concurrency(data)),
+            )
+            _drive(ds, len(todo), sum(len(chunks[i]) for i in todo), log)
     except Exception as e:
         cause = _os_error(e)
         if cause is None:
             raise
         raise PreprocessError(
-            f"writing the cache under {out} failed ({cause}). The inputs are untouched and no report marks this "
-            "cache complete, so the next run decodes again; free space or fix the folder's permissions (or set "
+            f"writing the cache under {out} failed ({cause}). The inputs are untouched; the shards written so far "
+            "are kept and a rerun continues from them. Free space or fix the folder's permissions (or set "
             "data.cache_dir elsewhere), then rerun."
         ) from e
     wall = time.perf_counter() - start
 
-    skipped = []
-    for f in storage.list_files(skipped_dir, ".jsonl"):
-        skipped.extend(json.loads(line) for line in storage.read_text(f).splitlines() if line)
-    storage.delete_dir(skipped_dir)
-    written = len(rows) - len(skipped)
+    records = _done_shards(out, key)
+    skipped = [s for record in records.values() for s in record["skipped"]]
+    written = sum(record["written"] for record in records.values())
     share = len(skipped) / len(rows)
     report = {
         "status": "complete" if share <= data.max_failure_share else "failed",
@@ -262,15 +409,21 @@ def preprocess(
         "mode": mode,
         "rows_total": len(rows),
         "rows_written": written,
+        "rows_decoded_now": len(rows) - reused,
+        "rows_reused": reused,
+        "shards": len(chunks),
+        "shards_reused": len(done),
         "rows_skipped": sorted(skipped, key=lambda s: s["id"]),
         "config": data.model_dump(),
         "wall_seconds": round(wall, 3),
-        "clips_per_second": round(len(rows) / wall, 3) if wall > 0 else None,
+        "clips_per_second": round((len(rows) - reused) / wall, 3) if wall > 0 else None,
         "columns": [c for c in CACHE_COLUMNS if c != _SUBTITLE or any(r.subtitle for r in rows)],
     }
     storage.write_text(report_path, json.dumps(report, indent=2))
     log(
-        f"wrote {written} clips, skipped {len(skipped)}, in {wall:.1f} s ({report['clips_per_second']} clips/s); "
+        f"wrote {written} clips, skipped {len(skipped)}, in {wall:.1f} s ({report['clips_per_second']} clips/s"
+        + (f"; {reused} clips kept from an earlier run" if reused else "")
+        + "); "
         f"report: {report_path}"
     )
     for s in skipped[:10]:

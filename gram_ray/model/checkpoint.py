@@ -24,6 +24,7 @@ from gram_ray.model.safe_load import CheckpointError, load_weights
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, permission denied, storage unreachable)."""
 
+
 __all__ = [
     "STATE_FILE",
     "CheckpointError",
