@@ -350,3 +350,74 @@ def test_preprocessing_killed_midway_continues_with_the_clips_left_and_ends_as_a
             tmp_path / "whole" / "shards" / f"{name}.parquet"
         ).read_bytes(), name
     assert resumed["rows_written"] == whole["rows_written"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_worker_killed_mid_epoch_is_replaced_and_trains_on_exactly_the_rest_of_that_epoch(
+    synth_small, ray_session, tmp_path
+):
+    # scaling.max_failures=1: one Ray Train worker process is SIGKILLed right after a mid-epoch checkpoint is
+    # registered; Ray Train restarts the group from it, and the datasets it builds for the new group hold the rest
+    # of that epoch. Every mid-epoch checkpoint afterwards must count exactly the clips of the steps taken in its
+    # epoch (a replayed clip would be counted once, a set; a skipped one not at all), and the run must end at
+    # its planned step.
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+    from tiny import tiny_config
+
+    from gram_ray.train.resume import SNAPSHOT
+    from gram_ray.train.trainer import fit
+
+    cfg = tiny_config(
+        "run.name=worker-killed",
+        "train.epochs=4",  # 16 clips / (2 x 2 workers): 4 steps an epoch, 16 in all
+        "train.batch_size=2",
+        "train.checkpoint_every_steps=1",
+        "train.keep_checkpoints=1000",
+        "train.eval_every_epochs=100",
+        "scaling.num_workers=2",
+        "scaling.max_failures=1",
+        f"data.train_annotations={synth_small['train']}",
+        f"data.video_dir={synth_small['videos']}",
+        f"data.audio_dir={synth_small['audios']}",
+    )
+    run_root = tmp_path / "run" / "ray" / "worker-killed"
+    killed, finished = {}, threading.Event()
+
+    def kill_a_worker_after_a_mid_epoch_checkpoint():
+        while not finished.is_set():
+            try:
+                results = json.loads((run_root / SNAPSHOT).read_text())["checkpoint_results"]
+            except (OSError, ValueError, KeyError):
+                results = []
+            steps = [r["metrics"]["step"] for r in results]
+            if steps and max(steps) >= 2 and max(steps) % 4 in (1, 2):
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed["after_step"] = max(steps)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker_after_a_mid_epoch_checkpoint, daemon=True)
+    killer.start()
+    try:
+        result, summary = fit(cfg, tmp_path / "run", log=lambda *_: None)
+    finally:
+        finished.set()
+        killer.join(timeout=10)
+    assert killed, "the run ended before a worker could be killed"
+    assert result.error is None
+    assert summary["last_metrics"]["step"] == summary["last_metrics"]["total_steps"] == 16
+    positions = [json.loads(p.read_text()) for p in run_root.glob("checkpoint_*/position.json")]
+    mid = [p for p in positions if not p["epoch_complete"]]
+    assert any(p["step"] > killed["after_step"] for p in mid)  # checkpoints of the restarted group are there
+    for p in mid:
+        steps_into_epoch = p["step"] - 4 * p["epoch"]
+        assert len(set(p["consumed_ids"])) == len(p["consumed_ids"]) == 4 * steps_into_epoch, p

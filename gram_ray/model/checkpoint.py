@@ -11,6 +11,7 @@ has already trained on in that epoch, so a resumed run trains on exactly the res
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ class CheckpointWriteError(OSError):
 
 __all__ = [
     "STATE_FILE",
+    "POSITION_FILE",
     "CheckpointError",
     "CheckpointWriteError",
     "save_checkpoint",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 STATE_FILE = "state.pt"
+POSITION_FILE = "position.json"  # where in training the checkpoint was taken, readable without the weights
 
 
 def _unwrap(model) -> GramModel:
@@ -85,6 +88,8 @@ def write_checkpoint(directory: Path, state: dict, cfg: GramConfig) -> None:
     try:
         torch.save(state, partial)
         save_config(cfg, directory / "config.yaml")
+        position = {k: state.get(k) for k in ("step", "epoch", "epoch_complete", "consumed_ids")}
+        (directory / POSITION_FILE).write_text(json.dumps(position))
         partial.replace(directory / STATE_FILE)
     except OSError as e:
         partial.unlink(missing_ok=True)

@@ -15,9 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["Console", "ProgressQueue", "step_record", "progress_callback", "run_with_progress"]
+__all__ = ["Console", "ProgressQueue", "NOTE", "step_record", "progress_callback", "run_with_progress"]
 
-STEP, EVAL = "step", "eval"
+STEP, EVAL, NOTE = "step", "eval", "note"  # a note: one line of text (e.g. a restart and what it cost)
 
 
 def _duration(seconds: float) -> str:
@@ -62,12 +62,15 @@ class Console:
 
     def show(self, record: dict) -> None:
         prefix = f"[{record['source']}] " if record.get("source") else ""
-        line = self.step_line(record, prefix) if record["kind"] == STEP else self.eval_line(record, prefix)
+        if record["kind"] == NOTE:
+            line = prefix + record["text"]
+        else:
+            line = self.step_line(record, prefix) if record["kind"] == STEP else self.eval_line(record, prefix)
         if self.bar and self._bar_shown:
             sys.stdout.write("\r\033[K")
         self.echo(line)
         self.lines += 1
-        if self.bar and record.get("total_steps"):
+        if self.bar and record.get("total_steps") and record["kind"] != NOTE:
             done = record["step"] / record["total_steps"]
             width = 30
             sys.stdout.write(f"[{'#' * int(done * width):<{width}}] {100 * done:5.1f}%")

@@ -17,9 +17,9 @@ import zipfile
 import pyarrow.fs as pafs
 
 from gram_ray import storage
-from gram_ray.model.checkpoint import STATE_FILE
+from gram_ray.model.checkpoint import POSITION_FILE, STATE_FILE, load_checkpoint
 
-__all__ = ["SNAPSHOT", "checkpoint_is_whole", "latest_checkpoint"]
+__all__ = ["SNAPSHOT", "checkpoint_is_whole", "latest_checkpoint", "latest_registered", "position"]
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the checkpoints it registered
 
@@ -64,3 +64,22 @@ def latest_checkpoint(run_root: str, log=print) -> str | None:
             return folder
         log(f"passing over {folder}: its {STATE_FILE} is missing or incomplete (written when the run was killed?)")
     return None
+
+
+def latest_registered(run_root: str) -> str | None:
+    """The checkpoint Ray Train hands a (re)started worker group: the latest its snapshot registered."""
+    snapshot = storage.join(run_root, SNAPSHOT)
+    if not storage.exists(snapshot):
+        return None
+    latest = (json.loads(storage.read_text(snapshot)).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    return storage.join(run_root, latest) if latest else None
+
+
+def position(folder: str) -> dict:
+    """{"step", "epoch", "epoch_complete", "consumed_ids"} of a checkpoint, from its small position.json (read from
+    the full state for checkpoints written before it existed)."""
+    path = storage.join(folder, POSITION_FILE)
+    if storage.exists(path):
+        return json.loads(storage.read_text(path))
+    state = load_checkpoint(folder)
+    return {k: state.get(k) for k in ("step", "epoch", "epoch_complete", "consumed_ids")}

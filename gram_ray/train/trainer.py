@@ -27,10 +27,10 @@ from gram_ray.data.preprocess import REPORT, SHARDS, build_dataset, preprocess
 from gram_ray.data.schema import ID
 from gram_ray.data.text import build_word_vocab
 from gram_ray.model.checkpoint import load_checkpoint
-from gram_ray.train.console import Console, ProgressQueue, progress_callback, run_with_progress, step_record
+from gram_ray.train.console import NOTE, Console, ProgressQueue, progress_callback, run_with_progress, step_record
 from gram_ray.train.layout import RunLayout
 from gram_ray.train.loop import main_metric_name, run_training
-from gram_ray.train.resume import latest_checkpoint
+from gram_ray.train.resume import latest_checkpoint, latest_registered, position
 
 __all__ = [
     "TrainingData",
@@ -158,6 +158,35 @@ def rest_of_epoch(ds, consumed_ids: list[str]):
     return ds.map_batches(_drop_ids, fn_kwargs={"ids": consumed_ids}, batch_format="pyarrow", zero_copy_batch=True)
 
 
+class EpochSplits:
+    """The train split's datasets for a worker group, built when Ray Train (re)starts it: "train" (every epoch
+    from the one training goes on with, each in a new order) and REST (the rest of an epoch a mid-epoch checkpoint
+    was taken in; empty otherwise). Ray Train V2 calls dataset callables at every worker-group start, so a group
+    restarted after a worker failure (scaling.max_failures) gets the datasets of the checkpoint it resumes from:
+    the run's latest registered checkpoint if this fit registered it, else where the fit started (start: the
+    position of --resume's checkpoint, or None). No clip of that epoch is trained on twice or left out."""
+
+    def __init__(self, base, cfg: GramConfig, run_root: str, start: dict | None, restored: str | None) -> None:
+        self.base, self.cfg, self.run_root, self.start, self.restored = base, cfg, run_root, start, restored
+
+    def position(self) -> dict | None:
+        latest = latest_registered(self.run_root)
+        if latest is not None and (self.restored is None or Path(latest).name != Path(self.restored).name):
+            return position(latest)  # registered by this fit: a restart after a failure
+        return self.start
+
+    def train(self):
+        p = self.position()
+        first = 0 if p is None else p["epoch"] + 1  # a mid-epoch start's own epoch comes from rest()
+        return shuffled(self.base, self.cfg, first)
+
+    def rest(self):
+        p = self.position()
+        if p is None or p.get("epoch_complete", True):
+            return self.base.limit(0)
+        return shuffled(rest_of_epoch(self.base, p["consumed_ids"]), self.cfg, p["epoch"])
+
+
 def _quiet_ray_train_reports() -> None:
     """Ray Train logs every ray.train.report at INFO with all its metrics (here: ~100 keys and the evaluation
     JSON), which buries the job's own output; its logger is named by file path."""
@@ -225,7 +254,17 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             resume = load_checkpoint(d)
         if rank == 0 and own:
-            print(f"restarted worker group: resuming from {checkpoint.path} (step {resume['step']})", flush=True)
+            where = "mid-epoch, with the rest of its clips" if not resume.get("epoch_complete", True) else "its end"
+            note = (
+                f"a worker failed; the worker group restarted (scaling.max_failures) from the checkpoint of step "
+                f"{resume['step']} (epoch {resume['epoch'] + 1}, {where}): the steps after it are trained again"
+            )
+            print(note, flush=True)
+            if config.get("progress") is not None:
+                try:
+                    config["progress"].put_nowait({"kind": NOTE, "text": note, "source": config.get("source", "")})
+                except Exception:  # progress display must never fail a training run
+                    pass
     elif config.get("resume_from"):
         resume = load_checkpoint(config["resume_from"])
     resume_epoch = resume["epoch"] if resume is not None and not resume.get("epoch_complete", True) else None
@@ -306,14 +345,12 @@ def build_trainer(
             f"{data.train_rows} training clips cannot fill one step of {cfg.train.batch_size} per worker x "
             f"{s.num_workers} workers; lower train.batch_size or scaling.num_workers"
         )
-    start_epoch, datasets = 0, {}
+    start = None
     if resume_from:
         resume_from = storage.absolute(resume_from)  # a folder or a URI every worker can read
-        state = load_checkpoint(resume_from)
-        start_epoch = state["epoch"] + (1 if state.get("epoch_complete", True) else 0)
-        if not state.get("epoch_complete", True):
-            datasets[REST] = shuffled(rest_of_epoch(data.train, state["consumed_ids"]), cfg, start_epoch)
-    datasets["train"] = shuffled(data.train, cfg, start_epoch + (1 if REST in datasets else 0))
+        start = position(resume_from)
+    splits = EpochSplits(data.train, cfg, layout.run_root, start, restored)
+    datasets = {"train": splits.train, REST: splits.rest}  # called at every worker-group (re)start
     if data.val is not None:
         datasets["val"] = data.val
     if progress is not None:
