@@ -157,8 +157,12 @@ def test_segment_sampling():
     draws = np.stack([segment_indices(100, 8, "train", np.random.default_rng(s)) for s in range(50)])
     assert ((draws >= np.floor(edges[:-1])) & (draws < edges[1:])).all()  # one frame inside each segment
     assert all(len(set(draws[:, k])) > 5 for k in range(8))  # and random within it
-    with pytest.raises(DecodeError, match="fewer than the 8"):
-        segment_indices(5, 8, "eval")
+    # fewer frames than asked: each segment takes the frame it falls in, in order (the clip is kept)
+    assert segment_indices(5, 8, "eval").tolist() == [0, 0, 1, 2, 2, 3, 4, 4]
+    short = segment_indices(5, 8, "train", np.random.default_rng(0))
+    assert (np.diff(short) >= 0).all() and short.min() >= 0 and short.max() <= 4
+    with pytest.raises(DecodeError, match="no frames"):
+        segment_indices(0, 8, "eval")
 
 
 @pytest.fixture()

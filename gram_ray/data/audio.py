@@ -11,7 +11,6 @@ each of A equal runs (evaluation), or a random one of each run (training).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -20,7 +19,7 @@ import torchaudio.compliance.kaldi as kaldi
 from decord import AudioReader, DECORDError, cpu
 
 from gram_ray.config import AudioConfig
-from gram_ray.data.errors import DecodeError
+from gram_ray.data.errors import DecodeError, check_media_file
 
 __all__ = ["NORMALISATION", "load_waveform", "filterbank", "window_starts", "fbank_windows", "decode_audio"]
 
@@ -29,8 +28,7 @@ Mode = Literal["train", "eval"]
 
 def load_waveform(path: str, sample_rate: int) -> np.ndarray:
     """Mono float32 samples at sample_rate."""
-    if not Path(path).is_file():
-        raise DecodeError("audio file not found")
+    check_media_file(path, "audio")
     try:
         samples = AudioReader(path, ctx=cpu(0), sample_rate=sample_rate, mono=True)[:].asnumpy()
     except DECORDError as e:

@@ -116,12 +116,18 @@ def read_annotations(path: str | Path) -> list[ManifestRow]:
 
 
 def _find(directory: Path, media_id: str, extensions: tuple[str, ...]) -> Path | None:
+    # A path that is there but unusable (a folder, a dangling symlink, an empty file) is returned too, so that
+    # decoding skips it with that reason instead of "not found".
     for ext in extensions:
         candidate = directory / f"{media_id}{ext}"
         if candidate.is_file():
             return candidate
+    for ext in extensions:
+        candidate = directory / f"{media_id}{ext}"
+        if candidate.is_symlink() or candidate.is_dir():
+            return candidate
     as_named = directory / media_id  # the id may already be a file name ("clip.mp4")
-    return as_named if as_named.is_file() else None
+    return as_named if as_named.is_file() or as_named.is_symlink() else None
 
 
 def resolve_media(rows: list[ManifestRow], video_dir: str | Path, audio_dir: str | Path | None = None) -> None:

@@ -123,16 +123,16 @@ def decode_rows(batch: dict, data: DataConfig, mode: Mode, seeded: bool = False)
     return columns, failures
 
 
-def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | None) -> dict:
+def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | None) -> pa.Table:
     """The map_batches UDF of the lazily decoded dataset (decode_on_the_fly): decode each row, keep those that
-    decode, record the others with their reason in a side file."""
+    decode, record the others with their reason in a side file. Returns an Arrow table (see _columns_to_arrow)."""
     columns, failures = decode_rows(batch, data, mode)
     if failures and skipped_dir:
         # Named by the batch's ids, so a retried task overwrites its own record instead of adding a second one.
         # Through storage: on a cluster this task may run on another node than the driver that reads them.
         name = hashlib.sha1("\n".join(map(str, batch["id"])).encode()).hexdigest()[:16]
         storage.write_text(storage.join(skipped_dir, f"{name}.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
-    return columns
+    return _columns_to_arrow(columns)
 
 
 def _manifest_items(rows: list[ManifestRow]) -> list[dict]:
@@ -191,7 +191,10 @@ def rows_per_shard(data: DataConfig) -> int:
 def _file_signature(path: str | None) -> list:
     if path is None:
         return [None]
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError:  # a dangling symlink: skipped at decode time with that reason
+        return [os.path.basename(path), None, None]
     return [os.path.basename(path), st.st_size, int(st.st_mtime)]
 
 
@@ -238,11 +241,15 @@ def _shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def _columns_to_table(columns: dict) -> pa.Table:
-    """Decoded columns -> an Arrow table in the cache's Parquet layout."""
+def _columns_to_arrow(columns: dict) -> pa.Table:
+    """Decoded columns -> an Arrow table with tensor columns (Ray's tensor type), built here rather than by Ray
+    Data: Ray converts a numpy batch of zero rows (every clip of a decode batch failed) through pyarrow's native
+    path, which cannot hold an n-d array, and falls back to pickling the column ("Failed to convert column
+    'frames' into pyarrow array ... falling back to pickled python objects"): slow and large in the object store,
+    and a column type that differs from the other blocks'."""
     from ray.data.extensions import ArrowTensorArray
 
-    table = pa.table(
+    return pa.table(
         {
             "id": pa.array(list(columns["id"]), pa.string()),
             "captions": pa.array([list(c) for c in columns["captions"]], pa.list_(pa.string())),
@@ -252,7 +259,11 @@ def _columns_to_table(columns: dict) -> pa.Table:
             **({"subtitle": pa.array(list(columns["subtitle"]), pa.string())} if "subtitle" in columns else {}),
         }
     )
-    return to_parquet_layout(table)
+
+
+def _columns_to_table(columns: dict) -> pa.Table:
+    """Decoded columns -> an Arrow table in the cache's Parquet layout."""
+    return to_parquet_layout(_columns_to_arrow(columns))
 
 
 def write_shards(batch: dict, data: DataConfig, mode: Mode, out: str, key: str, subtitles: bool) -> dict:

@@ -16,7 +16,6 @@ Two decoders give the same frames:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from decord import DECORDError, VideoReader, cpu
 
-from gram_ray.data.errors import DecodeError
+from gram_ray.data.errors import DecodeError, check_media_file
 
 __all__ = ["segment_indices", "decode_video", "probe_size", "DECODERS"]
 
@@ -33,11 +32,17 @@ DECODERS = ("pyav", "decord")
 
 
 def segment_indices(num_total: int, num_frames: int, mode: Mode, rng: np.random.Generator | None = None) -> np.ndarray:
-    """One frame index per equal segment: the middle (eval) or a uniformly random one (train)."""
+    """One frame index per equal segment: the middle (eval) or a uniformly random one (train). A clip with fewer
+    frames than asked has segments shorter than a frame: each takes the frame it falls in, so frames repeat in
+    order (as GRAM's linspace sampling does) rather than the clip being lost."""
+    if num_total < 1:
+        raise DecodeError("video has no frames")
     if num_total < num_frames:
-        raise DecodeError(
-            f"video has {num_total} frames, fewer than the {num_frames} asked for (data.video.num_frames)"
-        )
+        positions = (np.arange(num_frames) + 0.5) * num_total / num_frames  # segment middles
+        if mode == "train":
+            rng = rng or np.random.default_rng()
+            positions = (np.arange(num_frames) + rng.random(num_frames)) * num_total / num_frames
+        return np.minimum(np.floor(positions).astype(int), num_total - 1)
     edges = np.linspace(0, num_total, num_frames + 1)
     starts, ends = np.floor(edges[:-1]).astype(int), np.maximum(np.floor(edges[1:]).astype(int), 1)
     ends = np.maximum(ends, starts + 1)
@@ -181,8 +186,7 @@ def decode_video(
     decoder: str = "pyav",
 ) -> np.ndarray:
     """uint8 [num_frames, 3, size, size]. Raises DecodeError with the reason for any file it cannot use."""
-    if path is None or not Path(path).is_file():
-        raise DecodeError("video file not found")
+    check_media_file(path, "video")
     if decoder == "pyav":
         return _decode_pyav(path, num_frames, size, mode, rng)
     if decoder == "decord":
