@@ -3,10 +3,11 @@ and returns {kind: (id, expectation)}; the tests check each is skipped with its 
 
 import json
 import os
-import wave
 from pathlib import Path
 
 import numpy as np
+
+from gram_ray.data.synthetic import write_wav
 
 SAMPLE_RATE = 16000
 
@@ -60,14 +61,6 @@ def write_audio_only(path: Path, samples: np.ndarray) -> None:
         frame.sample_rate = SAMPLE_RATE
         container.mux(sound.encode(frame))
         container.mux(sound.encode())
-
-
-def write_wav(path: Path, samples: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 def tone(seconds: float = 2.0, hz: float = 440.0) -> np.ndarray:

@@ -191,7 +191,7 @@ def test_a_killed_driver_is_continued_by_resume_auto_to_the_planned_steps(synth_
     import sys
     import time
 
-    from tiny import tiny_config
+    from tiny import synth_data, tiny_config
 
     from gram_ray.config import save_config
 
@@ -201,10 +201,7 @@ def test_a_killed_driver_is_continued_by_resume_auto_to_the_planned_steps(synth_
         "train.checkpoint_every_steps=1",
         "train.eval_every_epochs=100",
         "scaling.num_workers=2",
-        f"data.train_annotations={synth_small['train']}",
-        f"data.val_annotations={synth_small['val']}",
-        f"data.video_dir={synth_small['videos']}",
-        f"data.audio_dir={synth_small['audios']}",
+        *synth_data(synth_small),
     )
     save_config(cfg, tmp_path / "config.yaml")
     out = tmp_path / "out"
@@ -369,7 +366,7 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_trains_on_exactly_the_rest_of
     import time
 
     from ray.util.state import list_actors
-    from tiny import tiny_config
+    from tiny import synth_data, tiny_config
 
     from gram_ray.train.resume import SNAPSHOT
     from gram_ray.train.trainer import fit
@@ -383,9 +380,7 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_trains_on_exactly_the_rest_of
         "train.eval_every_epochs=100",
         "scaling.num_workers=2",
         "scaling.max_failures=1",
-        f"data.train_annotations={synth_small['train']}",
-        f"data.video_dir={synth_small['videos']}",
-        f"data.audio_dir={synth_small['audios']}",
+        *synth_data(synth_small, val=False),
     )
     run_root = tmp_path / "run" / "ray" / "worker-killed"
     killed, finished = {}, threading.Event()

@@ -32,6 +32,16 @@ OVERRIDES = [
 ]
 
 
+def synth_data(paths: dict, val: bool = True) -> list[str]:
+    """Overrides pointing a config at a synthetic dataset (gram_ray.data.synthetic.generate's paths)."""
+    return [
+        f"data.train_annotations={paths['train']}",
+        *([f"data.val_annotations={paths['val']}"] if val else []),
+        f"data.video_dir={paths['videos']}",
+        f"data.audio_dir={paths['audios']}",
+    ]
+
+
 def tiny_config(*extra: str):
     return load_config(DEMO_CONFIG, [*OVERRIDES, *extra])
 

@@ -21,7 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SHAPES", "COLOURS", "DIRECTIONS", "PITCHES", "RHYTHMS", "caption", "generate", "dataset_paths"]
+__all__ = [
+    "SHAPES",
+    "COLOURS",
+    "DIRECTIONS",
+    "PITCHES",
+    "RHYTHMS",
+    "caption",
+    "generate",
+    "dataset_paths",
+    "write_wav",
+]
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (235, 220, 40)}
@@ -86,7 +96,7 @@ def _write_video(path: Path, frames: np.ndarray, fps: int) -> None:
         container.mux(stream.encode())
 
 
-def _write_wav(path: Path, samples: np.ndarray) -> None:
+def write_wav(path: Path, samples: np.ndarray) -> None:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -140,7 +150,7 @@ def generate(
     for i, a in enumerate(_plan(n, val_share, rng)):
         clip_id = f"synth{i:05d}"
         _write_video(out / "videos" / f"{clip_id}.mp4", _frames(a, size, int(seconds * fps), rng), fps)
-        _write_wav(out / "audios" / f"{clip_id}.wav", _tone(a, seconds, rng))
+        write_wav(out / "audios" / f"{clip_id}.wav", _tone(a, seconds, rng))
         attributes = {k: a[k] for k in ("shape", "colour", "direction", "pitch", "rhythm")}
         entries.append({"video_id": clip_id, "desc": caption(a), "split": a["split"], "attributes": attributes})
         if progress:
