@@ -113,7 +113,12 @@ def local_head():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    info = {"address": f"http://127.0.0.1:{ports['dashboard']}", "token": token, "env": env}
+    info = {
+        "address": f"http://127.0.0.1:{ports['dashboard']}",
+        "gcs": f"127.0.0.1:{ports['gcs']}",
+        "token": token,
+        "env": env,
+    }
     deadline = time.time() + 120
     while True:
         try:
@@ -246,3 +251,57 @@ def test_a_failing_job_exits_non_zero(local_head, tmp_path):
     )
     assert _wait(client, job_id, timeout=300) == JobStatus.FAILED
     assert "nonexistent.json" in client.get_job_logs(job_id)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_driver_is_continued_by_resume_auto_exactly_to_the_planned_steps(local_head, synth_small, tmp_path):
+    # A `gram-ray train` driver attached to the cluster is SIGKILLed (its whole process group) right after a
+    # mid-epoch checkpoint is registered; its workers die with it, the cluster stays. The same command with
+    # `--resume auto` finds the newest whole checkpoint and finishes the run: the rest of that epoch (every later
+    # mid-epoch checkpoint counts exactly the clips of its epoch's steps: none replayed, none skipped), then
+    # the remaining epochs, up to the planned step.
+    from tiny import synth_data, tiny_config
+
+    from gram_ray.config import save_config
+    from gram_ray.train.resume import SNAPSHOT
+
+    cfg = tiny_config(
+        "run.name=killed",
+        "train.epochs=3",  # 16 clips / (2 x 2 workers): 4 steps an epoch, 12 in all
+        "train.batch_size=2",
+        "train.checkpoint_every_steps=1",
+        "train.keep_checkpoints=1000",
+        "train.eval_every_epochs=100",
+        "scaling.num_workers=2",
+        *synth_data(synth_small),
+    )
+    save_config(cfg, tmp_path / "config.yaml")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "gram_ray", "train", "--config", str(tmp_path / "config.yaml"), "--out", str(out)]
+    env = local_head["env"] | {"RAY_ADDRESS": local_head["gcs"]}
+    snapshot = out / "ray" / "killed" / SNAPSHOT
+    first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline, steps = time.monotonic() + 240, []
+    while first.poll() is None and time.monotonic() < deadline:
+        try:
+            steps = [r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (OSError, ValueError, KeyError):
+            steps = []
+        if steps and max(steps) % 4 in (1, 2):  # a mid-epoch checkpoint is registered: kill now
+            break
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert steps and max(steps) < 12, first.stdout.read().decode()[-3000:]
+
+    second = subprocess.run(command + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "--resume auto: continuing from" in second.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["last_metrics"]["step"] == result["last_metrics"]["total_steps"] == 12
+    positions = [json.loads(p.read_text()) for p in (out / "ray" / "killed").glob("checkpoint_*/position.json")]
+    assert any(p["step"] > max(steps) and not p["epoch_complete"] for p in positions)
+    for p in positions:
+        if not p["epoch_complete"]:
+            assert len(set(p["consumed_ids"])) == len(p["consumed_ids"]) == 4 * (p["step"] - 4 * p["epoch"]), p

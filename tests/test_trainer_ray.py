@@ -51,30 +51,3 @@ def test_torchtrainer_two_workers_then_evaluate_checkpoint(synth_small, ray_sess
         evaluated["volume"]["text-video-audio"]["t2v"]["R@1"]
         == summary["best_eval"]["volume"]["text-video-audio"]["t2v"]["R@1"]
     )
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_resume_from_a_mid_epoch_checkpoint_through_ray_train(synth_small, ray_session, tmp_path):
-    # --resume from a checkpoint taken at step 1 of 2 in epoch 0: the driver hands the workers the rest of that
-    # epoch (the clips not yet trained on), and the run ends at the planned step 2 x 2.
-    cfg = tiny_config(
-        "train.epochs=2",
-        "train.checkpoint_every_steps=1",
-        "train.keep_checkpoints=10",
-        "scaling.num_workers=2",
-        f"data.train_annotations={synth_small['train']}",
-        f"data.video_dir={synth_small['videos']}",
-        f"data.audio_dir={synth_small['audios']}",
-    )
-    first, _ = fit(
-        cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}, deep=True),
-        tmp_path / "first",
-        log=lambda *_: None,
-    )
-    (mid,) = [c for c, m in first.best_checkpoints if m["step"] == 1]
-    state = load_checkpoint(mid.path)
-    assert (state["epoch"], state["epoch_complete"], len(state["consumed_ids"])) == (0, False, 8)
-    resumed, summary = fit(cfg, tmp_path / "resumed", resume_from=mid.path, log=lambda *_: None)
-    assert resumed.error is None and summary["last_metrics"]["step"] == 4
-    assert summary["last_metrics"]["total_steps"] == 4
