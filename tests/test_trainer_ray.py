@@ -15,18 +15,33 @@ from gram_ray.train.trainer import fit
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_torchtrainer_two_workers_then_evaluate_checkpoint(synth_small, ray_session, tmp_path):
+def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpoint(synth_small, ray_session, tmp_path):
+    # Two CPU workers; one of them is SIGKILLed right after the first checkpoint (mid-epoch, step 1), and with
+    # scaling.max_failures=1 Ray Train restarts the group from it. The datasets are rebuilt for the restarted
+    # group from that checkpoint's position (the rest of epoch 0): the step-3 checkpoint must count exactly the
+    # 8 clips of its epoch's 2 steps (a replayed clip would count once, a set; a skipped one not at all), and
+    # the run must end at its planned 4 steps. Then `gram-ray evaluate` on the checkpoint.
+    from chaos import kill_a_worker_when
+
     cfg = tiny_config(
         "train.epochs=2",
         "train.checkpoint_every_steps=1",  # 2 steps an epoch: steps 1 and 3 are mid-epoch checkpoints
         "train.keep_checkpoints=10",
         "scaling.num_workers=2",
+        "scaling.max_failures=1",
+        "data.materialize=always",  # the in-memory train/val path, kept covered here
         f"data.train_annotations={synth_small['train']}",
         f"data.val_annotations={synth_small['val']}",
         f"data.video_dir={synth_small['videos']}",
         f"data.audio_dir={synth_small['audios']}",
     )
-    result, summary = fit(cfg, tmp_path / "run", log=lambda *_: None)
+    killer, killed, finished = kill_a_worker_when(tmp_path / "run" / "ray" / cfg.run.name, lambda steps: True)
+    try:
+        result, summary = fit(cfg, tmp_path / "run", log=lambda *_: None)
+    finally:
+        finished.set()
+        killer.join(timeout=10)
+    assert killed.get("after_step") == 1, "no worker was killed after the first checkpoint"
     assert result.error is None
     steps_per_epoch = 16 // (cfg.train.batch_size * 2)  # 16 train clips, 2 workers
     assert summary["last_metrics"]["step"] == 2 * steps_per_epoch

@@ -1,0 +1,41 @@
+"""Killing a Ray Train worker at a chosen moment, from a thread beside a fit()."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def registered_steps(run_root: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train registered for the run so far."""
+    try:
+        return [r["metrics"]["step"] for r in json.loads((run_root / SNAPSHOT).read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def kill_a_worker_when(run_root: Path, ready) -> tuple[threading.Thread, dict, threading.Event]:
+    """Start a thread that SIGKILLs one Ray Train worker process as soon as ready(registered steps) is true.
+    Returns (thread, info: {"after_step"} once killed, an event to set when the fit is over)."""
+    from ray.util.state import list_actors
+
+    info, finished = {}, threading.Event()
+
+    def watch():
+        while not finished.is_set():
+            steps = registered_steps(run_root)
+            if steps and ready(steps):
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    info["after_step"] = max(steps)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, info, finished
