@@ -274,6 +274,7 @@ def test_a_killed_driver_is_continued_by_resume_auto_exactly_to_the_planned_step
         "train.keep_checkpoints=1000",
         "train.eval_every_epochs=100",
         "scaling.num_workers=2",
+        "data.materialize=never",  # 2 epochs: reading 16 clips twice beats copying them into the object store
         *synth_data(synth_small, val=False),
     )
     save_config(cfg, tmp_path / "config.yaml")

@@ -29,7 +29,6 @@ def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpo
         "train.keep_checkpoints=10",
         "scaling.num_workers=2",
         "scaling.max_failures=1",
-        "data.materialize=always",  # the in-memory train/val path, kept covered here
         f"data.train_annotations={synth_small['train']}",
         f"data.val_annotations={synth_small['val']}",
         f"data.video_dir={synth_small['videos']}",

@@ -22,7 +22,6 @@ OVERRIDES = [
     "train.log_every_steps=1",
     "train.eval_every_epochs=1",
     "wandb.enabled=false",
-    "data.materialize=never",  # ~8 s a split to copy into the object store, for 16 clips; one test keeps it on
     # The demo trains GRAM's matching loss; tests that exercise it ask for it (model.itm_ratio, cross_attention).
     "model.itm_ratio=0",
     "model.text.cross_attention=false",
