@@ -34,9 +34,13 @@ def training_failure(error: BaseException) -> str | None:
 
 
 def _init_ray(verbose: bool = False) -> None:
-    """Attach to the cluster a job was submitted to (RAY_ADDRESS), else start a local Ray in-process with more
-    logical CPUs than cores, so Ray Data decode tasks and Train workers never wait on each other.
+    """Join the cluster RAY_ADDRESS names (a job submitted with `ray job submit` has it set; `RAY_ADDRESS=auto`
+    joins the cluster `ray start` runs on this machine), else start a fresh local Ray in-process, with more
+    logical CPUs than cores, so Ray Data decode tasks and Train workers never wait on each other. Without
+    RAY_ADDRESS a job never lands on a cluster it was not sent to: ray.init() alone would join the latest
+    `ray start` cluster of this machine (even a dead one), and refuse the CPU count.
 
+    The variables that say where storage is (storage.FORWARDED_ENV) go to every worker of a job started here.
     Unless verbose, Ray's own INFO lines and the workers' output stay in Ray's session logs (the console says
     where); gram-ray prints its progress lines itself."""
     import logging
@@ -44,6 +48,8 @@ def _init_ray(verbose: bool = False) -> None:
 
     import ray
     import ray.data
+
+    from gram_ray import storage
 
     # Ray Data's progress bars are for terminals; elsewhere (logs, CI, `ray job` output) they stay off.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
@@ -54,8 +60,12 @@ def _init_ray(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     if not ray.is_initialized():
         options = {"log_to_driver": verbose, "logging_level": level}
+        # A submitted job's workers get the job's runtime environment already (Ray ignores another one here).
+        if storage.forwarded_env() and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+            options["runtime_env"] = {"env_vars": storage.forwarded_env()}
         if os.environ.get("RAY_ADDRESS"):
             info = ray.init(address=os.environ["RAY_ADDRESS"], **options)
+            click.echo(f"joined the Ray cluster at {info.address_info['gcs_address']} (RAY_ADDRESS)")
         else:
             # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls every second:
             # without it the cleaner logs a warning each time, and the workers' placement group of every trial
@@ -67,8 +77,13 @@ def _init_ray(verbose: bool = False) -> None:
                     "Ray's dashboard dependencies (ray[default]) are not installed: starting Ray without it. Tune "
                     "sweeps need it to release the workers of stopped trials."
                 )
+            cpus = max(8, os.cpu_count() or 1)
             info = ray.init(
-                num_cpus=max(8, os.cpu_count() or 1), include_dashboard=dashboard, dashboard_host="127.0.0.1", **options
+                address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **options
+            )
+            click.echo(
+                f"started a local Ray ({cpus} logical CPUs); to run on a cluster, set RAY_ADDRESS (auto: the "
+                "`ray start` cluster of this machine) or use `ray job submit`"
             )
         if not verbose:
             click.echo(f"Ray's full logs: {info.address_info['session_dir']}/logs (--verbose shows them here)")
@@ -76,6 +91,18 @@ def _init_ray(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(level)
     if not verbose:  # off the terminal the bars are off on purpose: no need to say so
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def _check_data(cfg) -> None:
+    """The config's annotation files and media folders (local or in storage), checked before Ray starts: a
+    missing file costs a second, not Ray's start-up."""
+    from gram_ray.data.manifest import ManifestError, check_sources
+
+    d = cfg.data
+    try:
+        check_sources([d.train_annotations, d.val_annotations], d.video_dir, d.audio_dir)
+    except ManifestError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _dashboard_available() -> bool:
@@ -127,9 +154,9 @@ def synth(out, n, seed, size, seconds, val_share) -> None:
 
 
 @main.command()
-@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--video-dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--audio-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="else: video tracks")
+@click.option("--annotations", required=True, help="annotation file: a path or storage URI (s3://...)")
+@click.option("--video-dir", required=True, help="folder of the videos: a path or storage URI")
+@click.option("--audio-dir", help="folder of separate audio files (a path or URI); else: the videos' tracks")
 @click.option("--out", required=True, help="cache folder or storage URI (shards/ + report.json)")
 @_CONFIG
 @_SET
@@ -144,13 +171,14 @@ def synth(out, n, seed, size, seconds, val_share) -> None:
 @_VERBOSE
 def preprocess(annotations, video_dir, audio_dir, out, config_path, overrides, mode, force, verbose) -> None:
     """Decode clips with Ray Data into a Parquet cache that every epoch and Tune trial reuses."""
-    from gram_ray.data.manifest import ManifestError
+    from gram_ray.data.manifest import ManifestError, check_sources
     from gram_ray.data.preprocess import PreprocessError
     from gram_ray.data.preprocess import preprocess as run
 
     cfg = _config(config_path, overrides)
-    _init_ray(verbose)
     try:
+        check_sources([annotations], video_dir, audio_dir)
+        _init_ray(verbose)
         run(annotations, video_dir, out, cfg.data, audio_dir=audio_dir, mode=mode, force=force, log=click.echo)
     except (ManifestError, PreprocessError) as e:
         raise click.ClickException(str(e)) from None
@@ -177,6 +205,7 @@ def train(config_path, overrides, out, resume, verbose) -> None:
 
     cfg = _config(config_path, overrides)
     out = out or Path("runs") / cfg.run.name
+    _check_data(cfg)
     _init_ray(verbose)
     console = Console(click.echo, main_metric=main_metric_name(cfg))
     try:
@@ -209,6 +238,7 @@ def tune(config_path, overrides, out, resume, verbose) -> None:
 
     cfg = _config(config_path, overrides)
     out = out or Path("runs") / f"{cfg.run.name}-sweep"
+    _check_data(cfg)
     _init_ray(verbose)
     try:
         run_sweep(cfg, out, resume=resume, log=click.echo)
@@ -285,8 +315,8 @@ def demo(out, modalities, data_dir, config_path, overrides, verbose) -> None:
 
 
 @main.command("import-checkpoint")
-@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="the gram-ray checkpoint folder to write")
+@click.argument("source")
+@click.option("--out", required=True, help="the gram-ray checkpoint folder (or storage URI) to write")
 @_CONFIG
 @_SET
 @click.option("--allow-partial", is_flag=True, help="write it even if keys are missing, unexpected or mis-shaped")
@@ -301,7 +331,7 @@ def import_checkpoint(source, out, config_path, overrides, allow_partial) -> Non
     cfg = _config(config_path or default, overrides)
     try:
         import_gram_checkpoint(source, cfg, out, allow_partial=allow_partial, log=click.echo)
-    except CheckpointError as e:
+    except (CheckpointError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
 
 

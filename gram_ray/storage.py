@@ -1,18 +1,26 @@
 """Paths that may be local or in cloud storage (s3://, gs://, file://, anything pyarrow.fs knows).
 
-On a cluster, checkpoints, results and the Parquet cache must live where every node can read them, so every
-file gram-ray writes outside the driver's own output folder goes through these helpers. Credentials come from
-the environment (instance roles, workload identity, AWS_* / GOOGLE_* variables), never from configs.
+On a cluster, checkpoints, results, the Parquet cache and the media must live where every node can read them, so
+every file gram-ray reads or writes outside the driver's own output folder goes through these helpers.
+
+Where storage is and who may use it comes from the environment, as every AWS tool takes it: AWS_ENDPOINT_URL (an
+S3-compatible server: MinIO, Ceph, a local test server; pyarrow reads it), AWS_REGION, AWS_PROFILE, the
+credentials variables or files, instance roles, workload identity (GOOGLE_* for gs://). Nothing of it is written
+into a config or any file of a run. gram-ray forwards the variables that say where storage is (FORWARDED_ENV, no
+secrets) to the Ray workers it schedules; credentials must be on every node (a role, or the node's environment).
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 __all__ = [
+    "FORWARDED_ENV",
+    "forwarded_env",
     "is_uri",
     "resolve",
     "join",
@@ -25,8 +33,19 @@ __all__ = [
     "delete_file",
     "delete_dir",
     "list_files",
+    "list_names",
+    "file_infos",
+    "upload_dir",
     "total_bytes",
 ]
+
+# Where storage is (not who may use it): safe to hand to every worker of a job.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The FORWARDED_ENV variables set in this process, for a Ray runtime environment's env_vars."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 def is_uri(path: str | Path) -> bool:
@@ -108,6 +127,24 @@ def _files(path: str | Path, suffix: str) -> list[pafs.FileInfo]:
 def list_files(path: str | Path, suffix: str = "") -> list[str]:
     """Files directly in a folder whose names end with suffix, as paths (or URIs) that resolve() accepts."""
     return [join(path, info.base_name) for info in _files(path, suffix)]
+
+
+def file_infos(path: str | Path) -> dict[str, pafs.FileInfo]:
+    """{name: FileInfo (size, mtime)} of the files directly in a folder: one listing, one request on object
+    storage."""
+    return {info.base_name: info for info in _files(path, "")}
+
+
+def list_names(path: str | Path) -> list[str]:
+    """Names of the files directly in a folder (one listing)."""
+    return list(file_infos(path))
+
+
+def upload_dir(local: str | Path, dest: str | Path) -> None:
+    """Copy a local folder's files to dest (a path or URI), replacing what is there under the same names."""
+    fs, p = resolve(dest)
+    fs.create_dir(p, recursive=True)
+    pafs.copy_files(str(Path(local).resolve()), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def total_bytes(path: str | Path, suffix: str = "") -> int:

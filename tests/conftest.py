@@ -2,10 +2,16 @@ import os
 from pathlib import Path
 
 import pytest
+from s3 import S3Server, free_port, point_s3_at
 
 # Never talk to W&B's servers or prompt for a key from a test.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+# Every S3 client of the session (this process, the Ray it starts, the Ray heads and nodes tests start) talks to
+# the local S3 server, set before any of them starts; the server itself starts when a test first asks for it.
+S3_PORT = free_port()
+point_s3_at(S3_PORT)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -24,8 +30,14 @@ def ray_session():
     import ray
 
     # The dashboard (state API) lets Ray Train release the placement groups of trials Tune stops; see cli._init_ray.
+    # address="local": a Ray of its own even where a test's Cluster has recorded itself as the machine's cluster.
     ray.init(
-        num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False
+        address="local",
+        num_cpus=8,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
     )
     yield ray
     ray.shutdown()
@@ -37,3 +49,11 @@ def synth_small(tmp_path_factory):
     from gram_ray.data.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("synth"), n=24, seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """The local S3 server (moto) on 127.0.0.1; .bucket() makes a fresh bucket and returns its s3:// URI."""
+    server = S3Server(S3_PORT, tmp_path_factory.mktemp("s3") / "server.log")
+    yield server
+    server.stop()

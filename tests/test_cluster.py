@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,47 +79,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def local_head():
-    """`ray start --head` bound to 127.0.0.1 with token auth, in its own process group so that exactly this head
-    (and nothing else Ray on the machine, e.g. the test session's own instance) is stopped afterwards."""
-    token = secrets.token_hex(32)
+def _ray_head(env: dict, temp_dir: str | None = None, dashboard: bool = True) -> tuple[subprocess.Popen, dict]:
+    """`ray start --head --block` bound to 127.0.0.1 on free ports, in its own process group, so that exactly this
+    head (and nothing else Ray on the machine, e.g. the test session's own instance) is stopped afterwards."""
     ports = {name: _free_port() for name in ("gcs", "dashboard", "client", "agent", "metrics")}
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix sockets live under it
-    env = os.environ | {
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={ports['gcs']}",
+        f"--ray-client-server-port={ports['client']}",
+        f"--dashboard-agent-listen-port={ports['agent']}",
+        f"--metrics-export-port={ports['metrics']}",
+        "--num-cpus=8",
+        "--disable-usage-stats",
+    ]
+    command += [f"--temp-dir={temp_dir}"] if temp_dir else []
+    if dashboard:
+        command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}"]
+    else:
+        command += ["--include-dashboard=false"]
+    head = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return head, {"address": f"http://127.0.0.1:{ports['dashboard']}", "gcs": f"127.0.0.1:{ports['gcs']}"}
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    try:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # anything of this head left in its group
+    except ProcessLookupError:
+        pass
+
+
+def _token_env(token: str) -> dict:
+    return os.environ | {
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
         "WANDB_MODE": "disabled",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # jobs run this venv's python
     }
-    head = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={ports['gcs']}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={ports['dashboard']}",
-            f"--ray-client-server-port={ports['client']}",
-            f"--dashboard-agent-listen-port={ports['agent']}",
-            f"--metrics-export-port={ports['metrics']}",
-            "--num-cpus=8",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    info = {
-        "address": f"http://127.0.0.1:{ports['dashboard']}",
-        "gcs": f"127.0.0.1:{ports['gcs']}",
-        "token": token,
-        "env": env,
-    }
+
+
+@pytest.fixture(scope="module")
+def local_head():
+    """A Ray head on 127.0.0.1 with token auth, as a cluster's head is started."""
+    token = secrets.token_hex(32)
+    env = _token_env(token)
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix sockets live under it
+    head, info = _ray_head(env, temp_dir)
+    info |= {"token": token, "env": env}
     deadline = time.time() + 120
     while True:
         try:
@@ -126,21 +145,13 @@ def local_head():
             break
         except Exception:
             if time.time() > deadline or head.poll() is not None:
-                os.killpg(head.pid, signal.SIGKILL)
+                _stop_head(head)
                 pytest.fail("the local Ray head did not come up within 120 s")
             time.sleep(1)
     try:
         yield info
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # anything of this head left in its group
-        except ProcessLookupError:
-            pass
+        _stop_head(head)
 
 
 def _client(head: dict, token: str | None = None):
@@ -213,23 +224,53 @@ def test_job_submitted_with_the_cli_trains_and_writes_its_outputs(local_head, sy
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_job_submitted_with_the_sdk_keeps_checkpoints_results_and_cache_in_storage(local_head, synth_small, tmp_path):
+def test_a_job_with_everything_in_a_bucket_then_evaluated_from_the_bucket_alone(
+    local_head, s3, synth_small, ray_session, tmp_path
+):
+    """The demo's pipeline with its media, annotations, caches, checkpoints and results in S3 (the local S3
+    server): no shared filesystem. Then the run's local folder is deleted and the best checkpoint is evaluated
+    straight from the bucket."""
+    from click.testing import CliRunner
     from ray.job_submission import JobStatus
 
+    from gram_ray import storage
+    from gram_ray.cli import main
+
+    data = s3.upload_dataset(synth_small)
+    bucket = data["val"].split("/data/")[0]
     client = _client(local_head)
-    store = f"file://{tmp_path / 'store'}"  # a storage URI: the same code path as s3:// and gs://
-    args = _train_args(synth_small, tmp_path / "run", f"run.storage_path={store}", "run.name=sdk-run")
+    args = _train_args(data, tmp_path / "run", f"run.storage_path={bucket}/runs", "run.name=s3-run")
     job_id = client.submit_job(
         entrypoint=shlex.join(["python", "jobs/train.py", *args]), runtime_env={"working_dir": str(REPO)}
     )
     status = _wait(client, job_id)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
-    run = tmp_path / "store" / "sdk-run"
-    result = _assert_trained(run / "result.json")
-    assert result["checkpoint"].startswith(str(run)) and (Path(result["checkpoint"]) / "state.pt").is_file()
-    assert list((run / "cache" / "train" / "shards").glob("*.parquet"))
-    assert (run / "cache" / "val" / "report.json").is_file()
-    assert (run / "config.yaml").is_file()
+    run = f"{bucket}/runs/s3-run"
+    result = json.loads(storage.read_text(f"{run}/result.json"))
+    assert "val/text-video-audio/t2v/R@1" in result["best_metrics"]
+    assert result["checkpoint"].startswith(run) and storage.exists(f"{result['checkpoint']}/state.pt")
+    assert storage.list_files(f"{run}/cache/train/shards", ".parquet")
+    assert storage.exists(f"{run}/cache/val/report.json") and storage.exists(f"{run}/config.yaml")
+
+    shutil.rmtree(tmp_path / "run")  # nothing a later job needs stayed on the driver's disk
+    evaluated = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--checkpoint",
+            result["checkpoint"],
+            "--data",
+            f"{run}/cache/val",
+            "--json",
+            str(tmp_path / "e.json"),
+        ],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((tmp_path / "e.json").read_text())
+    assert (
+        metrics["volume"]["text-video-audio"]["t2v"]["R@1"]
+        == result["best_eval"]["volume"]["text-video-audio"]["t2v"]["R@1"]
+    )
 
 
 @pytest.mark.ray
@@ -306,3 +347,39 @@ def test_a_killed_driver_is_continued_by_resume_auto_exactly_to_the_planned_step
     for p in positions:
         if not p["epoch_complete"]:
             assert len(set(p["consumed_ids"])) == len(p["consumed_ids"]) == 4 * (p["step"] - 4 * p["epoch"]), p
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_without_ray_address_a_command_starts_its_own_ray_beside_a_ray_start_cluster(synth_small, tmp_path):
+    """`ray start` records its cluster in <tmp>/ray/ray_current_cluster, which a bare ray.init() joins (and then
+    refuses gram-ray's CPU count; with a killed head it cannot connect at all). gram-ray starts its own local Ray
+    unless RAY_ADDRESS says otherwise; RAY_ADDRESS=auto joins that cluster, and says so. TMPDIR keeps this test's
+    record apart from any other Ray on the machine."""
+    env = _token_env(secrets.token_hex(32)) | {"TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)
+    head, _ = _ray_head(env, dashboard=False)
+    record = Path(env["TMPDIR"]) / "ray" / "ray_current_cluster"
+    command = [sys.executable, "-m", "gram_ray", "preprocess", "--annotations", synth_small["val"]]
+    command += ["--video-dir", synth_small["videos"], "--audio-dir", synth_small["audios"]]
+    command += ["--set", "data.video.size=16", "--set", "data.video.num_frames=2", "--force"]
+
+    def run(out: str, **extra: str) -> str:
+        done = subprocess.run(
+            [*command, "--out", str(tmp_path / out)], env=env | extra, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout
+
+    try:
+        deadline = time.monotonic() + 60
+        while not record.is_file():
+            assert time.monotonic() < deadline and head.poll() is None, "ray start did not come up"
+            time.sleep(0.5)
+        assert "started a local Ray" in run("beside-a-live-head")
+        assert "joined the Ray cluster at" in run("joined", RAY_ADDRESS="auto")
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # killed without `ray stop`: its record stays behind
+        head.wait()
+    assert record.is_file()
+    assert "started a local Ray" in run("after-a-killed-head")

@@ -4,16 +4,19 @@ at full size and at tiny sizes, and an imported model embeds exactly as the one 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from tiny import GRAM_ENCODERS, random_rows, tiny_config
 
+from gram_ray import storage
 from gram_ray.cli import main
 from gram_ray.config import load_config, save_config
 from gram_ray.data.collate import Collate
 from gram_ray.data.text import build_word_vocab
 from gram_ray.model.gram import build_model, init_weights
 from gram_ray.model.gram_checkpoint import UNUSED, gram_ray_to_gram, import_gram_state, model_shapes
+from gram_ray.model.safe_load import load_weights
 
 
 def test_every_key_of_a_full_size_gram_checkpoint_fits_the_gram_config(shared_data):
@@ -66,13 +69,20 @@ def _tiny_gram_checkpoint(tmp_path):
     return cfg, vocab, model, Collate(cfg, vocab, train=False)(rows), path, config
 
 
-def test_a_tiny_gram_checkpoint_imports_and_embeds_like_its_source(tmp_path):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_tiny_gram_checkpoint_imports_and_embeds_like_its_source(tmp_path, where, request):
+    """From a local file to a local folder, and from a bucket to a bucket (the local S3 server): then
+    model.init_from reads it from there."""
     cfg, vocab, source_model, batch, path, config = _tiny_gram_checkpoint(tmp_path)
-    out = tmp_path / "imported"
-    result = CliRunner().invoke(main, ["import-checkpoint", str(path), "--out", str(out), "--config", str(config)])
+    source, out = str(path), str(tmp_path / "imported")
+    if where == "bucket":
+        bucket = request.getfixturevalue("s3").bucket()
+        storage.write_bytes_with(f"{bucket}/gram/{path.name}", lambda f: f.write(path.read_bytes()))
+        source, out = f"{bucket}/gram/{path.name}", f"{bucket}/runs/imported"
+    result = CliRunner().invoke(main, ["import-checkpoint", source, "--out", out, "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "kept, not loaded" in result.output and "MISSING" not in result.output
-    state = torch.load(out / "state.pt", weights_only=True)
+    state = load_weights(storage.join(out, "state.pt"))
     assert "itm_head.linear1.weight" in state["gram_unused"]  # kept for the fusion, not dropped
     assert torch.equal(state["model"]["loss_fn.log_temperature"], torch.tensor(-2.0))  # GRAM's t -> log t
     fresh_cfg = cfg.model_copy(deep=True)

@@ -38,10 +38,13 @@ def _rows(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def sweep(synth_small, ray_session, tmp_path_factory):
+def sweep(synth_small, ray_session, s3, tmp_path_factory):
+    """Media, caches, Tune's experiment state and the trials' checkpoints in a bucket of the local S3 server."""
     out = tmp_path_factory.mktemp("sweep")
+    data = s3.upload_dataset(synth_small)
     cfg = _sweep_config(
-        synth_small,
+        data,
+        f"run.storage_path={data['val'].split('/data/')[0]}/runs",
         "tune.num_samples=1",
         "tune.grace_period=1",
         "tune.reduction_factor=2",
@@ -73,6 +76,20 @@ def test_asha_stops_the_worse_trial_early(sweep):
     by_lr = {r["train.lr"]: r for r in rows if r["status"] != "error"}
     assert by_lr["0.01"]["status"] == "completed" and by_lr["0.01"]["evaluations"] == "3"
     assert by_lr["0.0001"]["status"] == "stopped_early" and by_lr["0.0001"]["evaluations"] == "1"
+
+
+def test_the_sweep_state_and_caches_live_in_the_bucket(sweep):
+    from ray import tune
+
+    from gram_ray import storage
+    from gram_ray.tune import SWEEP_NAME, sweep_root
+
+    cfg, out, _, _ = sweep
+    root = sweep_root(cfg)
+    assert root.startswith("s3://")
+    assert tune.Tuner.can_restore(storage.join(root, "ray", SWEEP_NAME))  # resumable from the bucket alone
+    assert storage.exists(storage.join(root, "cache", "train", "report.json"))
+    assert storage.read_text(storage.join(root, "trials.csv")) == (out / "trials.csv").read_text()
 
 
 def test_best_config_is_accepted_by_the_training_loader(sweep):

@@ -19,19 +19,19 @@ import torchaudio.compliance.kaldi as kaldi
 from decord import AudioReader, DECORDError, cpu
 
 from gram_ray.config import AudioConfig
-from gram_ray.data.errors import DecodeError, check_media_file
+from gram_ray.data.errors import DecodeError, Media, load_media, reader_input
 
 __all__ = ["NORMALISATION", "load_waveform", "filterbank", "window_starts", "fbank_windows", "decode_audio"]
 
 Mode = Literal["train", "eval"]
 
 
-def load_waveform(path: str, sample_rate: int) -> np.ndarray:
-    """Mono float32 samples at sample_rate."""
-    check_media_file(path, "audio")
+def load_waveform(source: Media, sample_rate: int) -> np.ndarray:
+    """Mono float32 samples at sample_rate, from a local path, a storage URI or a file's bytes."""
+    media = load_media(source, "audio")
     try:
-        samples = AudioReader(path, ctx=cpu(0), sample_rate=sample_rate, mono=True)[:].asnumpy()
-    except DECORDError as e:
+        samples = AudioReader(reader_input(media), ctx=cpu(0), sample_rate=sample_rate, mono=True)[:].asnumpy()
+    except (DECORDError, RuntimeError) as e:  # RuntimeError: decord's error for bad bytes in memory
         raise DecodeError(f"no readable audio track ({str(e).splitlines()[0][:200]})") from None
     return samples.reshape(-1).astype(np.float32)
 
@@ -95,13 +95,14 @@ def fbank_windows(
 
 def decode_audio(
     audio_path: str | None,
-    video_path: str | None,
+    video: Media | None,
     cfg: AudioConfig,
     mode: Mode = "eval",
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """[A, L, mel_bins] from the separate audio file when there is one, else from the video's own track."""
-    source = audio_path or video_path
+    """[A, L, mel_bins] from the separate audio file when there is one, else from the video's own track (video: its
+    path, or its bytes when they were read from storage already)."""
+    source = audio_path or video
     if source is None:
         raise DecodeError("no audio file and no video to take the audio track from")
     return fbank_windows(load_waveform(source, cfg.sample_rate), cfg, mode, rng)

@@ -1,9 +1,22 @@
-"""Why a clip cannot be used: DecodeError, and the checks every decoder shares."""
+"""Why a clip cannot be used (DecodeError), and how its bytes reach the decoders (load_media).
+
+A clip's media are a local file, handed to the decoders by path, or an object in storage (s3://, gs://, ...),
+read into memory through pyarrow's filesystem and decoded from there: a cluster's decode tasks need no shared
+filesystem and no bucket mount. Either way, a file that cannot be used is a DecodeError naming the problem, and
+the clip is skipped with that reason like any other bad file.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+
+from gram_ray import storage
+
+__all__ = ["DecodeError", "Media", "check_media_file", "load_media", "reader_input"]
+
+Media = str | bytes  # a local file's path, or the bytes of an object read from storage
 
 
 class DecodeError(Exception):
@@ -11,7 +24,7 @@ class DecodeError(Exception):
 
 
 def check_media_file(path: str | None, what: str) -> None:
-    """DecodeError naming what is wrong with the path before any decoder sees it."""
+    """DecodeError naming what is wrong with a local path before any decoder sees it."""
     if path is None:
         raise DecodeError(f"{what} file not found")
     p = Path(path)
@@ -23,3 +36,27 @@ def check_media_file(path: str | None, what: str) -> None:
         raise DecodeError(f"{what} file not found")
     if p.stat().st_size == 0:
         raise DecodeError(f"{what} file is empty (0 bytes)")
+
+
+def load_media(source: Media | None, what: str) -> Media:
+    """What the decoders read: a local path (checked), or the bytes of a storage URI (bytes pass through, so a
+    clip read once serves its frames and its audio track). DecodeError when it cannot be had."""
+    if isinstance(source, bytes):
+        return source
+    if source is None or not storage.is_uri(source):
+        check_media_file(source, what)
+        return source
+    try:
+        data = storage.read_bytes(source)
+    except FileNotFoundError:
+        raise DecodeError(f"{what} file not found in storage ({source})") from None
+    except OSError as e:  # unreachable endpoint, refused credentials, a folder
+        raise DecodeError(f"{what} file cannot be read from storage ({str(e).splitlines()[0][:200]})") from None
+    if not data:
+        raise DecodeError(f"{what} file is empty (0 bytes)")
+    return data
+
+
+def reader_input(media: Media):
+    """What PyAV and decord open: the path, or a fresh in-memory file over the bytes (each reader seeks its own)."""
+    return io.BytesIO(media) if isinstance(media, bytes) else media

@@ -4,20 +4,30 @@ Accepted: the GRAM annotation JSON (a list of objects with `video_id` and `desc`
 a list of strings, optional `subtitle`), VAST-27M's (`clip_id`, `vast_cap` the captions trained on, `vision_cap`
 and `audio_cap` kept as extra fields, `subtitle`), JSONL with the same fields, and CSV with the same columns
 (several captions in one CSV cell are separated by ` ||| `). Several entries for one video are merged.
+
+Annotation files and media folders are local paths or storage URIs (s3://bucket/msrvtt/videos): a URI folder is
+listed once, and its clips are read by the decode tasks straight from storage.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from gram_ray import storage
 
 __all__ = [
     "ManifestError",
     "ManifestRow",
     "read_annotations",
     "resolve_media",
+    "check_sources",
     "VIDEO_EXTENSIONS",
     "AUDIO_EXTENSIONS",
 ]
@@ -66,44 +76,47 @@ def _row(entry: dict, where: str) -> ManifestRow:
     return ManifestRow(str(entry["video_id"]), _captions(text, where), subtitle if subtitle else None, extra=extra)
 
 
-def _entries(path: Path) -> list[tuple[dict, str]]:
-    suffix = path.suffix.lower()
+def _entries(name: str, text: str) -> list[tuple[dict, str]]:
+    suffix = posixpath.splitext(name)[1].lower()
     if suffix == ".jsonl":
         out = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    out.append((json.loads(line), f"{path}:{n}"))
+                    out.append((json.loads(line), f"{name}:{n}"))
                 except json.JSONDecodeError as e:
-                    raise ManifestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                    raise ManifestError(f"{name}:{n}: not valid JSON ({e.msg})") from None
         return out
     if suffix == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
         out = []
         for n, r in enumerate(rows, 2):
             entry = {k: v for k, v in r.items() if v not in (None, "")}
             for key in ("desc", "caption"):
                 if key in entry:
                     entry[key] = entry[key].split(CSV_CAPTION_SEPARATOR)
-            out.append((entry, f"{path}:{n}"))
+            out.append((entry, f"{name}:{n}"))
         return out
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise ManifestError(f"{name}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, list):
-        raise ManifestError(f"{path}: the GRAM annotation format is a JSON list of objects, got {type(data).__name__}")
-    return [(entry, f"{path}[{i}]") for i, entry in enumerate(data)]
+        raise ManifestError(f"{name}: the GRAM annotation format is a JSON list of objects, got {type(data).__name__}")
+    return [(entry, f"{name}[{i}]") for i, entry in enumerate(data)]
 
 
 def read_annotations(path: str | Path) -> list[ManifestRow]:
-    """Parse an annotation file; entries of the same video are merged (captions concatenated, in order)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"annotation file {path} does not exist")
+    """Parse an annotation file (a local path or a storage URI); entries of the same video are merged (captions
+    concatenated, in order)."""
+    path = str(path)
+    _check_file(path, "annotation file")
+    try:
+        text = storage.read_text(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"annotation file {path} cannot be read ({str(e).splitlines()[0][:200]})") from None
     rows: dict[str, ManifestRow] = {}
-    for entry, where in _entries(path):
+    for entry, where in _entries(path, text):
         row = _row(entry, where)
         if row.id in rows:
             rows[row.id].captions.extend(row.captions)
@@ -113,6 +126,39 @@ def read_annotations(path: str | Path) -> list[ManifestRow]:
     if not rows:
         raise ManifestError(f"{path}: no entries")
     return list(rows.values())
+
+
+def _kind(path: str) -> pafs.FileType:
+    try:
+        fs, p = storage.resolve(path)
+        return fs.get_file_info(p).type
+    except OSError as e:  # storage unreachable, credentials refused, a bucket that does not exist
+        raise ManifestError(f"cannot reach {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+def _check_file(path: str, what: str) -> None:
+    kind = _kind(path)
+    if kind == pafs.FileType.Directory:
+        raise ManifestError(f"{what} {path} is a folder, not a file")
+    if kind != pafs.FileType.File:
+        raise ManifestError(f"{what} {path} does not exist")
+
+
+def _check_dir(path: str, what: str) -> None:
+    if _kind(path) != pafs.FileType.Directory:
+        raise ManifestError(f"{what} {path} does not exist")
+
+
+def check_sources(annotations: list[str | None], video_dir: str | None, audio_dir: str | None = None) -> None:
+    """ManifestError naming the first annotation file or media folder that is not there: checked before a job
+    starts Ray, so a typo costs a second, not Ray's start-up."""
+    for path in annotations:
+        if path:
+            _check_file(str(path), "annotation file")
+    if video_dir:
+        _check_dir(str(video_dir), "video directory")
+    if audio_dir:
+        _check_dir(str(audio_dir), "audio directory")
 
 
 def _find(directory: Path, media_id: str, extensions: tuple[str, ...]) -> Path | None:
@@ -130,17 +176,34 @@ def _find(directory: Path, media_id: str, extensions: tuple[str, ...]) -> Path |
     return as_named if as_named.is_file() or as_named.is_symlink() else None
 
 
+def _finder(directory: str, extensions: tuple[str, ...]):
+    """media id -> its file's path or URI, or None. A storage folder is listed once (one LIST, not a request per
+    clip and extension)."""
+    if not storage.is_uri(directory):
+
+        def find_local(media_id: str) -> str | None:
+            found = _find(Path(directory), media_id, extensions)
+            return str(found) if found else None
+
+        return find_local
+    names = set(storage.list_names(directory))
+
+    def find(media_id: str) -> str | None:
+        for name in (*(f"{media_id}{ext}" for ext in extensions), media_id):
+            if name in names:
+                return storage.join(directory, name)
+        return None
+
+    return find
+
+
 def resolve_media(rows: list[ManifestRow], video_dir: str | Path, audio_dir: str | Path | None = None) -> None:
-    """Fill in video_path / audio_path. A video that is not found keeps video_path None (reported as missing
-    at decode time, so the other rows go on). Audio: <audio_dir>/<id>.<ext> if present, else the video's track."""
-    video_dir = Path(video_dir)
-    if not video_dir.is_dir():
-        raise ManifestError(f"video directory {video_dir} does not exist")
-    audio_dir = Path(audio_dir) if audio_dir else None
-    if audio_dir is not None and not audio_dir.is_dir():
-        raise ManifestError(f"audio directory {audio_dir} does not exist")
+    """Fill in video_path / audio_path (local paths, or URIs for folders in storage). A video that is not found
+    keeps video_path None (reported as missing at decode time, so the other rows go on). Audio:
+    <audio_dir>/<id>.<ext> if present, else the video's track."""
+    check_sources([], str(video_dir), str(audio_dir) if audio_dir else None)
+    find_video = _finder(str(video_dir), VIDEO_EXTENSIONS)
+    find_audio = _finder(str(audio_dir), AUDIO_EXTENSIONS) if audio_dir else None
     for row in rows:
-        video = _find(video_dir, row.id, VIDEO_EXTENSIONS)
-        row.video_path = str(video) if video else None
-        audio = _find(audio_dir, row.id, AUDIO_EXTENSIONS) if audio_dir else None
-        row.audio_path = str(audio) if audio else None
+        row.video_path = find_video(row.id)
+        row.audio_path = find_audio(row.id) if find_audio else None

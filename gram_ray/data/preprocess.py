@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from gram_ray import storage
 from gram_ray.config import DataConfig
 from gram_ray.data.audio import decode_audio
-from gram_ray.data.errors import DecodeError
+from gram_ray.data.errors import DecodeError, load_media
 from gram_ray.data.manifest import ManifestRow, read_annotations, resolve_media
 from gram_ray.data.parquet_layout import to_parquet_layout
 from gram_ray.data.schema import CACHE_COLUMNS, MODALITIES, object_column
@@ -82,11 +82,12 @@ def decode_rows(batch: dict, data: DataConfig, mode: Mode, seeded: bool = False)
         video_path, audio_path = str(batch["video_path"][i]) or None, str(batch["audio_path"][i]) or None
         rng = _clip_rng(media_id) if seeded and mode == "train" else fresh
         try:
+            video = load_media(video_path, "video")  # a clip in storage is read once, for its frames and its audio
             # Training caches keep train_draws independent draws (a random frame per segment each), so that epochs
             # see different frames without decoding again; Collate picks one per clip per epoch.
             draws = data.video.train_draws if mode == "train" else 1
             frames = [
-                decode_video(video_path, data.video.num_frames, data.video.size, mode, rng, decoder=data.video.decoder)
+                decode_video(video, data.video.num_frames, data.video.size, mode, rng, decoder=data.video.decoder)
                 for _ in range(draws)
             ]
             frames = np.stack(frames) if draws > 1 else frames[0]
@@ -94,7 +95,7 @@ def decode_rows(batch: dict, data: DataConfig, mode: Mode, seeded: bool = False)
             failures.append({"id": str(media_id), "reason": str(e)})
             continue
         try:
-            fbank, has_audio = decode_audio(audio_path, video_path, data.audio, mode, rng), True
+            fbank, has_audio = decode_audio(audio_path, video, data.audio, mode, rng), True
         except DecodeError as e:
             if not data.audio.allow_missing:
                 failures.append({"id": str(media_id), "reason": f"{e} (set data.audio.allow_missing=true to keep it)"})
@@ -188,21 +189,36 @@ def rows_per_shard(data: DataConfig) -> int:
     return max(1, int(data.shard_mb * 2**20 // clip_bytes))
 
 
-def _file_signature(path: str | None) -> list:
-    if path is None:
-        return [None]
-    try:
-        st = os.stat(path)
-    except OSError:  # a dangling symlink: skipped at decode time with that reason
-        return [os.path.basename(path), None, None]
-    return [os.path.basename(path), st.st_size, int(st.st_mtime)]
+def _file_signatures(paths: list[str | None]) -> dict[str, list]:
+    """{path: [name, size, mtime]} of the media files (None where they cannot be stat'ed: skipped at decode time
+    with the reason). A storage folder is listed once for all its files, not asked about each."""
+    out: dict[str, list] = {}
+    folders: dict[str, list[str]] = {}
+    for path in filter(None, paths):
+        if storage.is_uri(path):
+            folders.setdefault(posixpath.dirname(path), []).append(path)
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:  # a dangling symlink: skipped at decode time with that reason
+            out[path] = [os.path.basename(path), None, None]
+            continue
+        out[path] = [os.path.basename(path), st.st_size, int(st.st_mtime)]
+    for folder, members in folders.items():
+        infos = storage.file_infos(folder)
+        for path in members:
+            info = infos.get(posixpath.basename(path))
+            mtime = int(info.mtime.timestamp()) if info is not None and info.mtime is not None else None
+            out[path] = [posixpath.basename(path), info.size if info else None, mtime]
+    return out
 
 
 def cache_key(annotations: str | Path, rows: list[ManifestRow], data: DataConfig, mode: Mode) -> str:
     h = hashlib.sha256()
-    h.update(Path(annotations).read_bytes())
+    h.update(storage.read_bytes(str(annotations)))
+    signatures = _file_signatures([p for r in rows for p in (r.video_path, r.audio_path)])
     for r in rows:
-        h.update(json.dumps([r.id, _file_signature(r.video_path), _file_signature(r.audio_path)]).encode())
+        h.update(json.dumps([r.id, *(signatures.get(p, [None]) for p in (r.video_path, r.audio_path))]).encode())
     # Only what changes the decoded content: inputs are covered above by their bytes and file signatures, so
     # paths may be spelled differently and scheduling knobs may change without invalidating the cache.
     content = {"video": data.video.model_dump(), "audio": data.audio.model_dump()}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from decord import DECORDError, VideoReader, cpu
 
-from gram_ray.data.errors import DecodeError, check_media_file
+from gram_ray.data.errors import DecodeError, Media, load_media, reader_input
 
 __all__ = ["segment_indices", "decode_video", "probe_size", "DECODERS"]
 
@@ -69,18 +69,22 @@ def _pyav():
     return av
 
 
-def probe_size(path: str) -> tuple[int, int]:
+# decord raises DECORDError for a bad file, RuntimeError for bad bytes in memory.
+_DECORD_ERRORS = (DECORDError, RuntimeError)
+
+
+def probe_size(media: Media) -> tuple[int, int]:
     """(width, height) from the container header, without decoding a frame (from the first frame, by decord,
-    where PyAV is not installed)."""
+    where PyAV is not installed). media: a local path or the clip's bytes."""
     av = _pyav()
     if av is None:
         try:
-            height, width = VideoReader(path, ctx=cpu(0), num_threads=1)[0].shape[:2]
-        except (DECORDError, IndexError) as e:  # IndexError: no frame at all
+            height, width = VideoReader(reader_input(media), ctx=cpu(0), num_threads=1)[0].shape[:2]
+        except (*_DECORD_ERRORS, IndexError) as e:  # IndexError: no frame at all
             raise _not_readable(e) from None
         return width, height
     try:
-        with av.open(path) as container:
+        with av.open(reader_input(media)) as container:
             if not container.streams.video:
                 raise DecodeError("file has no video stream")
             stream = container.streams.video[0]
@@ -100,12 +104,12 @@ def _crop(frames: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(frames[:, top : top + size, left : left + size].transpose(0, 3, 1, 2))
 
 
-def _decode_pyav(path: str, num_frames: int, size: int, mode: Mode, rng) -> np.ndarray:
+def _decode_pyav(media: Media, num_frames: int, size: int, mode: Mode, rng) -> np.ndarray:
     av = _pyav()
     if av is None:  # not a property of this file: stop the job with what to do
         raise RuntimeError("data.video.decoder=pyav needs PyAV (pip install av); or set data.video.decoder=decord")
     try:
-        container = av.open(path)
+        container = av.open(reader_input(media))
     except (av.FFmpegError, UnicodeDecodeError) as e:
         raise _not_readable(e) from None
     try:
@@ -122,7 +126,7 @@ def _decode_pyav(path: str, num_frames: int, size: int, mode: Mode, rng) -> np.n
                     f"video is truncated: its index lists {listed} frames but only {len(packets)} are in the file"
                 )
             if any(p.pts is None for p in packets):
-                return _decode_decord(path, num_frames, size, mode, rng)  # no timestamps to find frames by
+                return _decode_decord(media, num_frames, size, mode, rng)  # no timestamps to find frames by
             timeline = sorted(p.pts for p in packets)  # presentation order
             wanted = [timeline[i] for i in segment_indices(len(timeline), num_frames, mode, rng)]
             targets = set(wanted)
@@ -159,36 +163,37 @@ def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _decode_decord(path: str, num_frames: int, size: int, mode: Mode, rng) -> np.ndarray:
-    width, height = _scaled(*probe_size(path), size)
+def _decode_decord(media: Media, num_frames: int, size: int, mode: Mode, rng) -> np.ndarray:
+    width, height = _scaled(*probe_size(media), size)
     try:
         try:
-            reader = VideoReader(path, ctx=cpu(0), width=width, height=height, num_threads=1)
+            reader = VideoReader(reader_input(media), ctx=cpu(0), width=width, height=height, num_threads=1)
             frames = _read_decord(reader, num_frames, mode, rng)
-        except DECORDError as e:
+        except _DECORD_ERRORS as e:
             if "must exactly match" not in str(e):
                 raise
             # decord's scaler mis-sizes some small outputs (e.g. 16, 24, 48 px wide): decode at the native size
             # and resize here instead.
-            reader = VideoReader(path, ctx=cpu(0), num_threads=1)
+            reader = VideoReader(reader_input(media), ctx=cpu(0), num_threads=1)
             frames = _resize(_read_decord(reader, num_frames, mode, rng), width, height)
-    except DECORDError as e:
+    except _DECORD_ERRORS as e:
         raise _undecodable(e) from None
     return _crop(frames, size)
 
 
 def decode_video(
-    path: str | None,
+    source: Media | None,
     num_frames: int,
     size: int,
     mode: Mode,
     rng: np.random.Generator | None = None,
     decoder: str = "pyav",
 ) -> np.ndarray:
-    """uint8 [num_frames, 3, size, size]. Raises DecodeError with the reason for any file it cannot use."""
-    check_media_file(path, "video")
+    """uint8 [num_frames, 3, size, size] from a local path, a storage URI, or a clip's bytes (see load_media).
+    Raises DecodeError with the reason for any file it cannot use."""
+    media = load_media(source, "video")
     if decoder == "pyav":
-        return _decode_pyav(path, num_frames, size, mode, rng)
+        return _decode_pyav(media, num_frames, size, mode, rng)
     if decoder == "decord":
-        return _decode_decord(path, num_frames, size, mode, rng)
+        return _decode_decord(media, num_frames, size, mode, rng)
     raise ValueError(f"unknown video decoder {decoder!r}: use one of {', '.join(DECODERS)} (data.video.decoder)")

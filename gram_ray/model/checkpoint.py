@@ -12,6 +12,7 @@ has already trained on in that epoch, so a resumed run trains on exactly the res
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -79,9 +80,18 @@ def save_checkpoint(
     write_checkpoint(directory, state, cfg)
 
 
-def write_checkpoint(directory: Path, state: dict, cfg: GramConfig) -> None:
-    """The checkpoint folder: state.pt (tensors and plain values only, so it loads with weights_only=True) and
-    the config beside it, for people."""
+def write_checkpoint(directory: str | Path, state: dict, cfg: GramConfig) -> None:
+    """The checkpoint folder (a local path or a storage URI): state.pt (tensors and plain values only, so it
+    loads with weights_only=True) and the config beside it, for people."""
+    if storage.is_uri(directory):  # written locally, then uploaded: an object appears whole or not at all
+        with tempfile.TemporaryDirectory(prefix="gram-ray-checkpoint-") as tmp:
+            write_checkpoint(Path(tmp), state, cfg)
+            try:
+                storage.upload_dir(tmp, directory)
+            except OSError as e:
+                raise CheckpointWriteError(f"uploading the checkpoint to {directory} failed: {e}") from e
+        return
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Written beside, then renamed: a write cut off (disk full, a kill) leaves no state.pt that looks whole.
     partial = directory / (STATE_FILE + ".partial")

@@ -207,7 +207,7 @@ def import_gram_checkpoint(
     imported = cfg.model_copy(deep=True)
     imported.model.init_from = None  # the folder is itself the starting point
     write_checkpoint(
-        Path(out),
+        out,
         {
             "model": weights,
             "optimizer": None,

@@ -15,9 +15,22 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["Console", "ProgressQueue", "NOTE", "step_record", "progress_callback", "run_with_progress"]
+__all__ = [
+    "Console",
+    "ProgressQueue",
+    "NOTE",
+    "FAILED",
+    "RESTARTED",
+    "step_record",
+    "put_record",
+    "progress_callback",
+    "run_with_progress",
+]
 
 STEP, EVAL, NOTE = "step", "eval", "note"  # a note: one line of text (e.g. a restart and what it cost)
+# Notes that mark a recovery (a field "event" of a NOTE record): the worker group failed (a worker or its node
+# died), then restarted from a checkpoint ("step": the checkpoint's step).
+FAILED, RESTARTED = "failed", "restarted"
 
 
 def _duration(seconds: float) -> str:
@@ -37,6 +50,39 @@ class Console:
         self.lines = 0
         self._bar_shown = False
         self._origin: dict[str, tuple[float, int]] = {}  # per source: (time, step) of its first step record
+        self.recoveries: list[dict] = []  # one per worker-group restart: what it cost
+        self._last_step: dict[str, int] = {}  # per source: the newest step seen
+        self._failure: dict[str, dict] = {}  # per source: a failure whose recovery is not finished yet
+
+    def _track(self, record: dict) -> str | None:
+        """Follow failures and restarts: the line that says what a finished recovery cost, when one finished.
+        Steps lost: the newest step seen before the failure minus the step of the checkpoint the group restarted
+        from (those are trained again). Time: from the failure's report to the first step after the restart."""
+        source, now = record.get("source", ""), time.monotonic()
+        if record["kind"] == NOTE and record.get("event") == FAILED:
+            self._failure.setdefault(source, {"at": now, "step": self._last_step.get(source, 0)})
+        elif record["kind"] == NOTE and record.get("event") == RESTARTED and source in self._failure:
+            self._failure[source]["restart_step"] = record["step"]
+            self._origin.pop(source, None)  # the ETA starts again from the restart
+        elif record["kind"] == STEP:
+            failure = self._failure.get(source)
+            self._last_step[source] = record["step"]
+            if failure is not None and "restart_step" in failure:
+                del self._failure[source]
+                recovery = {
+                    "failed_after_step": failure["step"],
+                    "restarted_from_step": failure["restart_step"],
+                    "steps_lost": max(0, failure["step"] - failure["restart_step"]),
+                    "recovery_s": round(now - failure["at"], 1),
+                    "first_step_after": record["step"],
+                }
+                self.recoveries.append(recovery)
+                return (
+                    f"recovered: {recovery['steps_lost']} steps lost (trained up to step {failure['step']}, restarted "
+                    f"from the checkpoint of step {failure['restart_step']}), {recovery['recovery_s']:.1f} s from the "
+                    "failure to the first step after it"
+                )
+        return None
 
     def _eta(self, source: str, step: int, total: int) -> str:
         now = time.perf_counter()
@@ -62,12 +108,16 @@ class Console:
 
     def show(self, record: dict) -> None:
         prefix = f"[{record['source']}] " if record.get("source") else ""
+        recovered = self._track(record)
         if record["kind"] == NOTE:
             line = prefix + record["text"]
         else:
             line = self.step_line(record, prefix) if record["kind"] == STEP else self.eval_line(record, prefix)
         if self.bar and self._bar_shown:
             sys.stdout.write("\r\033[K")
+        for text in (prefix + recovered,) if recovered else ():
+            self.echo(text)
+            self.lines += 1
         self.echo(line)
         self.lines += 1
         if self.bar and record.get("total_steps") and record["kind"] != NOTE:
@@ -85,10 +135,14 @@ class Console:
 
 
 def ProgressQueue():  # a factory that reads like the class it makes
-    """A Ray queue (a zero-CPU actor) that workers and the train controller put progress records into."""
+    """A Ray queue (a zero-CPU actor) that workers and the train controller put progress records into. It lives
+    on the driver's node, whose life is the run's: on a worker node it would die with that node (a spot node)."""
+    import ray
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return Queue(actor_options={"num_cpus": 0})
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
 def step_record(metrics: dict, epochs: float) -> dict:
@@ -107,12 +161,24 @@ def progress_callback(progress, main_metric: str, epochs: float, source: str = "
                 return  # a mid-epoch checkpoint: the step lines already say where training is
             record = {k: first[k] for k in ("step", "total_steps", "epoch", main_metric) if k in first}
             record |= {"kind": EVAL, "epochs": epochs, "source": source, "checkpoint": checkpoint is not None}
-            try:
-                progress.put_nowait(record)
-            except Exception:  # progress display must never fail a training run
-                pass
+            put_record(progress, record)
+
+        def after_exception(self, run_context, worker_exceptions):
+            # A worker raised, or its process or node died (Ray Train's health check): the group is restarted
+            # from the last checkpoint if scaling.max_failures allows, else the run fails.
+            errors = sorted(worker_exceptions.items())
+            text = "worker group failed: " + ", ".join(f"rank {r} ({str(e).splitlines()[0][:160]})" for r, e in errors)
+            put_record(progress, {"kind": NOTE, "event": FAILED, "text": text, "source": source})
 
     return ProgressCallback()
+
+
+def put_record(progress, record: dict) -> None:
+    """Put a record without waiting; a progress display must never fail a training run."""
+    try:
+        progress.put_nowait(record)
+    except Exception:
+        pass
 
 
 def run_with_progress(fit: Callable[[], object], progress, console: Console, poll_s: float = 0.5):

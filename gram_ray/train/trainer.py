@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,16 @@ from gram_ray.data.preprocess import REPORT, SHARDS, build_dataset, preprocess
 from gram_ray.data.schema import ID
 from gram_ray.data.text import build_word_vocab
 from gram_ray.model.checkpoint import load_checkpoint
-from gram_ray.train.console import NOTE, Console, ProgressQueue, progress_callback, run_with_progress, step_record
+from gram_ray.train.console import (
+    NOTE,
+    RESTARTED,
+    Console,
+    ProgressQueue,
+    progress_callback,
+    put_record,
+    run_with_progress,
+    step_record,
+)
 from gram_ray.train.layout import RunLayout
 from gram_ray.train.loop import main_metric_name, run_training
 from gram_ray.train.resume import latest_checkpoint, latest_registered, position
@@ -210,6 +220,18 @@ def train_iter_options(cfg: GramConfig, vocab: list[str] | None, epoch: int, ran
     }
 
 
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (collective: every rank calls it)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
+
+
 def _optional_shard(name: str):
     import ray.train
 
@@ -261,10 +283,8 @@ def train_loop_per_worker(config: dict) -> None:
             )
             print(note, flush=True)
             if config.get("progress") is not None:
-                try:
-                    config["progress"].put_nowait({"kind": NOTE, "text": note, "source": config.get("source", "")})
-                except Exception:  # progress display must never fail a training run
-                    pass
+                record = {"kind": NOTE, "event": RESTARTED, "step": resume["step"], "text": note}
+                put_record(config["progress"], record | {"source": config.get("source", "")})
     elif config.get("resume_from"):
         resume = load_checkpoint(config["resume_from"])
     resume_epoch = resume["epoch"] if resume is not None and not resume.get("epoch_complete", True) else None
@@ -299,14 +319,14 @@ def train_loop_per_worker(config: dict) -> None:
     def log(metrics: dict) -> None:
         tracker.log(metrics)
         if progress is not None and "train/loss" in metrics and "val_eval" not in metrics:
-            try:
-                progress.put_nowait(step_record(metrics, cfg.train.epochs) | {"source": config.get("source", "")})
-            except Exception:  # progress display must never fail a training run
-                pass
+            put_record(progress, step_record(metrics, cfg.train.epochs) | {"source": config.get("source", "")})
+
+    # Where each rank runs, in every report (and so in result.json): a run's world over time, node by node.
+    where = {"world/size": world, "world/nodes": ",".join(_worker_nodes(world))}
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(dict(metrics), checkpoint=ckpt)
+        ray.train.report(dict(metrics) | where, checkpoint=ckpt)
 
     try:
         run_training(
@@ -419,11 +439,15 @@ def fit(
     kept = result.best_checkpoints or [(result.checkpoint, result.metrics)]
     best = max(kept, key=lambda pair: pair[1].get(metric, float("-inf")))
     summary = {
-        "checkpoint": best[0].path if best[0] else None,
+        # Ray gives a checkpoint's path inside its filesystem (bucket/key, no scheme): the run's URI is what
+        # evaluate, --resume and model.init_from take.
+        "checkpoint": storage.join(layout.run_root, posixpath.basename(best[0].path)) if best[0] else None,
         "best_metrics": {k: v for k, v in best[1].items() if k != "val_eval"},
         "best_eval": json.loads(best[1]["val_eval"]) if "val_eval" in best[1] else None,
         "last_metrics": {k: v for k, v in (result.metrics or {}).items() if k != "val_eval"},
         "train_cache_report": storage.join(layout.cache("train"), REPORT),
+        # Each restart of the worker group (a worker or its node lost): steps lost and time to recover.
+        "recoveries": console.recoveries if console is not None else [],
     }
     layout.write_result("result.json", json.dumps(summary, indent=2))
     if layout.shared:
