@@ -1,4 +1,5 @@
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,17 @@ from s3 import S3Server, free_port, point_s3_at
 # Never talk to W&B's servers or prompt for a key from a test.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+# Token authentication is on for every Ray of the session, as on a cluster (Ray reads this when it is imported):
+# the session's own Ray, the Cluster of several nodes and the commands tests run share this token; the
+# `ray start` heads of test_cluster.py get their own.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+# Every Ray of the session stays on 127.0.0.1: Ray would otherwise rewrite 127.0.0.1 in an address it connects to
+# into this machine's network address (its "remotely reachable IP"). This setting makes the loopback address
+# every node's IP instead (Ray's own switch for single-machine clusters; Cluster's nodes start without `ray start`).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 # Every S3 client of the session (this process, the Ray it starts, the Ray heads and nodes tests start) talks to
 # the local S3 server, set before any of them starts; the server itself starts when a test first asks for it.
