@@ -336,6 +336,36 @@ def import_checkpoint(source, out, config_path, overrides, allow_partial) -> Non
 
 
 @main.group()
+def cluster() -> None:
+    """Clusters: check a job against a cluster YAML before paying for it."""
+
+
+@cluster.command("check")
+@click.option("--yaml", "yaml_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_CONFIG
+@_SET
+@click.option("--gpu-gb", type=float, help="GPU memory per GPU, where the YAML names no instance type gram-ray knows")
+def cluster_check_cmd(yaml_path, config_path, overrides, gpu_gb) -> None:
+    """Which node types host the trainer workers and the decode tasks, how many nodes the job needs, whether every
+    request fits a node type (a request none can hold would stay pending for ever) and whether the training step
+    fits the GPUs' memory. Exits non-zero when the job cannot run as configured."""
+    from gram_ray.cluster.check import CheckError, check_cluster
+
+    cfg = _config(config_path, overrides)
+    try:
+        result = check_cluster(cfg, yaml_path, gpu_gb=gpu_gb)
+    except CheckError as e:
+        raise click.ClickException(str(e)) from None
+    for line in result.lines:
+        click.echo(line)
+    if result.fits_memory is False:
+        raise click.ClickException(
+            f"the training step does not fit the GPUs of {result.trainer_type.name}: use a node type with more GPU "
+            "memory, lower train.batch_size, or turn on model.gradient_checkpointing / freeze the vision tower"
+        )
+
+
+@main.group()
 def bench() -> None:
     """Built-in benchmarks: side-by-side measurements in one run."""
 
