@@ -21,15 +21,20 @@ def registered_steps(run_root: Path) -> list[int]:
 def kill_a_worker_when(run_root: Path, ready) -> tuple[threading.Thread, dict, threading.Event]:
     """Start a thread that SIGKILLs one Ray Train worker process as soon as ready(registered steps) is true.
     Returns (thread, info: {"after_step"} once killed, an event to set when the fit is over)."""
+    import ray
     from ray.util.state import list_actors
 
     info, finished = {}, threading.Event()
+    # This session's own Ray, named: without an address the state API refuses to choose when another Ray runs on
+    # the machine (a test's cluster, another user's).
+    address = ray.get_runtime_context().gcs_address
 
     def watch():
         while not finished.is_set():
             steps = registered_steps(run_root)
             if steps and ready(steps):
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+                workers = list_actors(address=address, filters=alive)
                 if workers:
                     os.kill(workers[-1].pid, signal.SIGKILL)
                     info["after_step"] = max(steps)
