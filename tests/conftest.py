@@ -3,7 +3,9 @@ import secrets
 from pathlib import Path
 
 import pytest
-from s3 import S3Server, free_port, point_s3_at
+from s3 import S3Server, point_s3_at
+
+from gram_ray.cluster.processes import free_port
 
 # Never talk to W&B's servers or prompt for a key from a test.
 os.environ.setdefault("WANDB_MODE", "disabled")

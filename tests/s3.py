@@ -8,8 +8,6 @@ so Ray's workers inherit it); the credentials are moto's dummies. Nothing in a t
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,12 +16,7 @@ import uuid
 from pathlib import Path
 
 from gram_ray import storage
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from gram_ray.cluster.processes import stop_group
 
 
 def point_s3_at(port: int) -> None:
@@ -79,12 +72,5 @@ class S3Server:
         return {key: f"{bucket}/data/{Path(path).relative_to(root)}" for key, path in paths.items()}
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_group(self.process, grace_s=10)
         self._log.close()

@@ -8,7 +8,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 from tiny import OVERRIDES
+
+from gram_ray.cluster.processes import free_port, ray_head_command, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 AUTOSCALER_YAMLS = sorted((REPO / "cluster").glob("*.yaml"))
@@ -73,52 +74,15 @@ def test_kuberay_manifests_parse_and_agree_on_image_and_entrypoint():
     assert "WORKDIR /home/ray/gram-ray" in (REPO / "cluster" / "Dockerfile").read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_head(env: dict, temp_dir: str | None = None, dashboard: bool = True) -> tuple[subprocess.Popen, dict]:
     """`ray start --head --block` bound to 127.0.0.1 on free ports, in its own process group, so that exactly this
     head (and nothing else Ray on the machine, e.g. the test session's own instance) is stopped afterwards."""
-    ports = {name: _free_port() for name in ("gcs", "dashboard", "client", "agent", "metrics")}
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={ports['gcs']}",
-        f"--ray-client-server-port={ports['client']}",
-        f"--dashboard-agent-listen-port={ports['agent']}",
-        f"--metrics-export-port={ports['metrics']}",
-        "--num-cpus=8",
-        "--disable-usage-stats",
-    ]
-    command += [f"--temp-dir={temp_dir}"] if temp_dir else []
-    if dashboard:
-        command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}"]
-    else:
-        command += ["--include-dashboard=false"]
+    gcs, dashboard_port = free_port(), free_port()
+    command = ray_head_command(gcs, num_cpus=8, dashboard_port=dashboard_port if dashboard else None, temp_dir=temp_dir)
     head = subprocess.Popen(
         command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    return head, {"address": f"http://127.0.0.1:{ports['dashboard']}", "gcs": f"127.0.0.1:{ports['gcs']}"}
-
-
-def _stop_head(head: subprocess.Popen) -> None:
-    try:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(head.pid, signal.SIGKILL)  # anything of this head left in its group
-    except ProcessLookupError:
-        pass
+    return head, {"address": f"http://127.0.0.1:{dashboard_port}", "gcs": f"127.0.0.1:{gcs}"}
 
 
 def _token_env(token: str) -> dict:
@@ -145,13 +109,13 @@ def local_head():
             break
         except Exception:
             if time.time() > deadline or head.poll() is not None:
-                _stop_head(head)
+                stop_group(head)
                 pytest.fail("the local Ray head did not come up within 120 s")
             time.sleep(1)
     try:
         yield info
     finally:
-        _stop_head(head)
+        stop_group(head)
 
 
 def _client(head: dict, token: str | None = None):

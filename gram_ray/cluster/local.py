@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gram_ray.cluster.check import NodeType, read_node_types
+from gram_ray.cluster.processes import free_port, ray_head_command, stop_group
 
 __all__ = ["LOCAL_GPU", "LocalNodeType", "local_node_types", "autoscaling_config", "LocalCluster", "NodeTimeline"]
 
@@ -119,12 +118,6 @@ def autoscaling_config(
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class NodeTimeline:
     """The worker nodes seen over time: (seconds since start, "up" | "down", node type, node id)."""
@@ -190,7 +183,7 @@ class LocalCluster:
         self.types = local_node_types(read_node_types(yaml_path), node_cpus, object_store_mb)
         self.idle_timeout_minutes = idle_timeout_minutes if idle_timeout_minutes is not None else _idle(yaml_path)
         self.token = os.environ.get("RAY_AUTH_TOKEN") or _token()
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.temp_dir = tempfile.mkdtemp(prefix="grl", dir="/tmp")  # short: Ray's unix sockets live under it
@@ -220,23 +213,13 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         config = autoscaling_config(self.types, self.idle_timeout_minutes, self.gcs_address)
         self.config_path.write_text(json.dumps(config))
-        command = [
-            str(Path(sys.executable).parent / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={self.gcs_port}",
-            "--num-cpus=0",
-            f"--autoscaling-config={self.config_path}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--temp-dir={self.temp_dir}",
-            "--disable-usage-stats",
-        ]
+        command = ray_head_command(
+            self.gcs_port,
+            num_cpus=0,
+            dashboard_port=self.dashboard_port,
+            temp_dir=self.temp_dir,
+            extra=(f"--autoscaling-config={self.config_path}",),
+        )
         log = open(Path(self.temp_dir) / "head.log", "wb")  # noqa: SIM115 - the head writes to it until stopped
         self.head = subprocess.Popen(command, env=self.env, start_new_session=True, stdout=log, stderr=log)
         deadline = time.monotonic() + 120
@@ -319,20 +302,9 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop the head and every node of this cluster (one process group), nothing else."""
-        if self.head is None:
-            return
-        try:
-            os.killpg(self.head.pid, signal.SIGTERM)
-            self.head.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.head = None
+        if self.head is not None:
+            stop_group(self.head)
+            self.head = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()
