@@ -50,3 +50,46 @@ def test_an_error_in_fit_reaches_the_caller():
 
     with pytest.raises(ValueError, match="bad config"):
         run_with_progress(fit, queue.Queue(), Console(lambda line: None, bar=False), poll_s=0.01)
+
+
+def test_a_failure_and_restart_are_followed_by_what_the_recovery_cost():
+    """Steps lost: the newest step seen before the failure minus the step of the checkpoint the group restarted
+    from; time: from the failure's report to the first step after the restart."""
+    from gram_ray.train.console import FAILED, NOTE, RESTARTED
+
+    clock = iter([0.0, 0.0, 10.0, 12.0, 40.0, 41.0])  # the time of each record below
+    lines = []
+    console = Console(lines.append, bar=False, main_metric=METRIC, clock=lambda: next(clock))
+    console.show(step_record(_step(2), epochs=4))
+    console.show(step_record(_step(3), epochs=4))
+    console.show({"kind": NOTE, "event": FAILED, "text": "worker group failed: rank 1 (node died)"})
+    console.show({"kind": NOTE, "event": RESTARTED, "step": 1, "text": "restarted from the checkpoint of step 1"})
+    console.show(step_record(_step(2), epochs=4))
+    console.show(step_record(_step(3), epochs=4))
+    assert console.recoveries == [
+        {"failed_after_step": 3, "restarted_from_step": 1, "steps_lost": 2, "recovery_s": 30.0, "first_step_after": 2}
+    ]
+    recovered = [line for line in lines if line.startswith("recovered:")]
+    assert recovered == [
+        "recovered: 2 steps lost (trained up to step 3, restarted from the checkpoint of step 1), 30.0 s from the "
+        "failure to the first step after it"
+    ]
+    assert lines.index(recovered[0]) == 4  # printed just before the first step line after the restart
+
+
+def test_an_evaluation_without_a_val_split_is_not_shown_as_zero_recall():
+    """The loop reports the main metric as 0.0 when there is no val split (checkpoints are scored by it); the
+    eval line says there is no val split instead."""
+    from gram_ray.train.console import progress_callback
+
+    progress = queue.Queue()
+    callback = progress_callback(progress, METRIC, epochs=4)
+    report = {"step": 8, "total_steps": 8, "epoch": 3, METRIC: 0.0}
+    callback.after_report(run_context=None, metrics=[report], checkpoint=object())
+    callback.after_report(run_context=None, metrics=[report | {METRIC: 62.5, "val_eval": "{}"}], checkpoint=None)
+    console = Console(lambda line: None, bar=False, main_metric=METRIC)
+    lines = [console.eval_line(progress.get_nowait()), console.eval_line(progress.get_nowait())]
+    assert lines == [
+        "eval  epoch 4/4  step 8/8  no val split  checkpoint saved",
+        "eval  epoch 4/4  step 8/8  val text-video-audio/t2v/R@1 62.5",
+    ]

@@ -43,8 +43,15 @@ def _duration(seconds: float) -> str:
 class Console:
     """Formats progress records as lines; on a terminal also keeps a one-line bar at the bottom."""
 
-    def __init__(self, echo: Callable[[str], None] = print, bar: bool | None = None, main_metric: str = "") -> None:
+    def __init__(
+        self,
+        echo: Callable[[str], None] = print,
+        bar: bool | None = None,
+        main_metric: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.echo = echo
+        self.clock = clock  # for the recovery times
         self.bar = sys.stdout.isatty() if bar is None else bar
         self.main_metric = main_metric
         self.lines = 0
@@ -58,7 +65,7 @@ class Console:
         """Follow failures and restarts: the line that says what a finished recovery cost, when one finished.
         Steps lost: the newest step seen before the failure minus the step of the checkpoint the group restarted
         from (those are trained again). Time: from the failure's report to the first step after the restart."""
-        source, now = record.get("source", ""), time.monotonic()
+        source, now = record.get("source", ""), self.clock()
         if record["kind"] == NOTE and record.get("event") == FAILED:
             self._failure.setdefault(source, {"at": now, "step": self._last_step.get(source, 0)})
         elif record["kind"] == NOTE and record.get("event") == RESTARTED and source in self._failure:
@@ -159,7 +166,13 @@ def progress_callback(progress, main_metric: str, epochs: float, source: str = "
             first = metrics[0] if metrics else {}
             if main_metric not in first:
                 return  # a mid-epoch checkpoint: the step lines already say where training is
-            record = {k: first[k] for k in ("step", "total_steps", "epoch", main_metric) if k in first}
+            # Without a val split the loop reports the main metric as 0.0 (for checkpoint scoring): not shown.
+            shown = (
+                ("step", "total_steps", "epoch", main_metric)
+                if "val_eval" in first
+                else ("step", "total_steps", "epoch")
+            )
+            record = {k: first[k] for k in shown if k in first}
             record |= {"kind": EVAL, "epochs": epochs, "source": source, "checkpoint": checkpoint is not None}
             put_record(progress, record)
 
