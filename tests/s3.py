@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 from gram_ray import storage
-from gram_ray.cluster.processes import stop_group
+from gram_ray.cluster.processes import stop_group, wait_until_up
 
 
 def point_s3_at(port: int) -> None:
@@ -43,16 +42,9 @@ class S3Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=1).close()
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"the local S3 server did not start on port {port}; see {log}") from None
-                time.sleep(0.2)
+        if not wait_until_up(self.process, lambda: urllib.request.urlopen(self.endpoint, timeout=1).close(), 60, 0.2):
+            self._log.close()
+            raise RuntimeError(f"the local S3 server did not start on port {port}; see {log}")
 
     def bucket(self, prefix: str = "gram") -> str:
         """A new, empty bucket: its s3:// URI."""

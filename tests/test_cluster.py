@@ -19,7 +19,7 @@ import pytest
 import yaml
 from tiny import OVERRIDES
 
-from gram_ray.cluster.processes import free_port, ray_head_command, stop_group
+from gram_ray.cluster.processes import free_port, ray_head_command, stop_group, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 AUTOSCALER_YAMLS = sorted((REPO / "cluster").glob("*.yaml"))
@@ -102,16 +102,8 @@ def local_head():
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix sockets live under it
     head, info = _ray_head(env, temp_dir)
     info |= {"token": token, "env": env}
-    deadline = time.time() + 120
-    while True:
-        try:
-            _client(info).list_jobs()
-            break
-        except Exception:
-            if time.time() > deadline or head.poll() is not None:
-                stop_group(head)
-                pytest.fail("the local Ray head did not come up within 120 s")
-            time.sleep(1)
+    if not wait_until_up(head, lambda: _client(info).list_jobs(), timeout_s=120):
+        pytest.fail("the local Ray head did not come up within 120 s")
     try:
         yield info
     finally:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gram_ray.cluster.check import NodeType, read_node_types
-from gram_ray.cluster.processes import free_port, ray_head_command, stop_group
+from gram_ray.cluster.processes import free_port, ray_head_command, stop_group, wait_until_up
 
 __all__ = ["LOCAL_GPU", "LocalNodeType", "local_node_types", "autoscaling_config", "LocalCluster", "NodeTimeline"]
 
@@ -222,16 +222,9 @@ class LocalCluster:
         )
         log = open(Path(self.temp_dir) / "head.log", "wb")  # noqa: SIM115 - the head writes to it until stopped
         self.head = subprocess.Popen(command, env=self.env, start_new_session=True, stdout=log, stderr=log)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                self.client().list_jobs()
-                break
-            except Exception:
-                if self.head.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"the local head did not come up; see {self.temp_dir}/head.log") from None
-                time.sleep(1)
+        if not wait_until_up(self.head, lambda: self.client().list_jobs(), timeout_s=120):
+            self.head = None
+            raise RuntimeError(f"the local head did not come up; see {self.temp_dir}/head.log")
         self.timeline = NodeTimeline()
         return self
 

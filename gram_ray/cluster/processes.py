@@ -11,9 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["free_port", "ray_head_command", "stop_group"]
+__all__ = ["free_port", "ray_head_command", "stop_group", "wait_until_up"]
 
 
 def free_port() -> int:
@@ -67,3 +69,20 @@ def stop_group(process: subprocess.Popen, grace_s: float = 30) -> None:
     except ProcessLookupError:
         pass
     process.wait()
+
+
+def wait_until_up(
+    process: subprocess.Popen, answers: Callable[[], object], timeout_s: float, poll_s: float = 1
+) -> bool:
+    """Call answers() until it returns without raising (True), or the process exits or timeout_s passes (then the
+    process group is stopped and False returned)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            answers()
+            return True
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_group(process)
+                return False
+            time.sleep(poll_s)
