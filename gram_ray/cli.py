@@ -538,8 +538,8 @@ def bench_shuffle_cmd(config_path, overrides, rows, cache, epochs, json_path) ->
         else:
             click.echo(f"writing a synthetic cache of {rows} clips with {cfg.data.video} {cfg.data.audio} ...")
             shards = write_synthetic_cache(tmp, rows, cfg.data)
-        click.echo(f"bench shuffle on {hardware_name('cpu')}, {cfg.scaling.num_workers} workers")
-        result = bench_shuffle(cfg, shards, epochs=epochs, workers=cfg.scaling.num_workers, progress=click.echo)
+        click.echo(f"bench shuffle on {hardware_name('cpu')}, {cfg.scaling.max_workers} workers")
+        result = bench_shuffle(cfg, shards, epochs=epochs, workers=cfg.scaling.max_workers, progress=click.echo)
     none = result["seconds_per_epoch"]["none"]
     click.echo(f"\n{'shuffle':<8} {'s/epoch':>8} {'extra s/epoch':>14}")
     for mode, seconds in result["seconds_per_epoch"].items():

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gram_ray.data.schema import MODALITY_NAMES
+from gram_ray.train.world import WorldSizeError, plans_for_range, step_clips
 
 __all__ = [
     "ConfigError",
@@ -306,10 +307,60 @@ class TrainConfig(_Section):
 
 
 class ScalingSection(_Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2,
+        description="trainer workers; [min, max]: elastic, Ray Train runs any size in that range (fewer after a lost "
+        "node, without waiting for a replacement; more when nodes come back), each step keeping the same global "
+        "batch through gradient accumulation",
+    )
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
+    resize_check_s: float = Field(
+        60.0,
+        gt=0,
+        description="elastic: how often a running group checks whether more workers fit now (a grow restarts the "
+        "group from the last checkpoint); Ray Train's elastic_resize_monitor_interval_s",
+    )
+
+    start_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="how long a worker group's resources may take to be granted before Ray Train gives up that "
+        "start and decides again (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S); default Ray's 60 s, and 15 s for elastic "
+        "runs, which only start on resources that are there: after a node is lost without warning Ray's view of "
+        "the cluster lags, and a start at the old size waits this long before the group goes on with fewer",
+    )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("needs at least 1 worker, and [min, max] with min <= max")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @model_validator(mode="after")
+    def _elastic_restarts(self) -> ScalingSection:
+        if self.elastic and self.max_failures == 0:
+            raise ValueError(
+                f"scaling.num_workers={list(self.num_workers)} goes on with fewer workers after a node is lost by "
+                "restarting the worker group, which Ray Train counts as a failure: set scaling.max_failures to "
+                "allow it (e.g. 5, or -1 for no limit)"
+            )
+        return self
 
 
 class RunSection(_Section):
@@ -371,15 +422,26 @@ class GramConfig(_Section):
 
     @model_validator(mode="after")
     def _global_batch(self) -> GramConfig:
-        g, workers = self.train.global_batch_size, self.scaling.num_workers
+        g, s = self.train.global_batch_size, self.scaling
         if g is not None:
-            if g % workers:
+            if g % s.max_workers:
                 raise ValueError(
-                    f"train.global_batch_size={g} does not divide over scaling.num_workers={workers}: choose a "
+                    f"train.global_batch_size={g} does not divide over scaling.num_workers={s.max_workers}: choose a "
                     "multiple of the worker count"
                 )
-            if self.train.batch_size != g // workers:
-                self.train.batch_size = g // workers
+            if self.train.batch_size != g // s.max_workers:
+                self.train.batch_size = g // s.max_workers
+        if s.elastic:
+            step = step_clips(self)
+            try:
+                plans_for_range(step, self.train.batch_size, s.min_workers, s.max_workers)
+            except WorldSizeError as e:
+                raise ValueError(
+                    f"scaling.num_workers={list(s.num_workers)} cannot keep the global batch of {step} clips a step "
+                    f"(train.batch_size {self.train.batch_size} x {s.max_workers} workers x train.grad_accum "
+                    f"{self.train.grad_accum}) at every size in the range: {e}. Every size from min to max must divide "
+                    "the step: e.g. [1, 2] with an even step, [2, 4] with a step divisible by 12"
+                ) from None
         return self
 
 
@@ -410,7 +472,8 @@ def _describe(error: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling; see gram_ray/config.py for the keys)")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            got = f" (got {e.get('input')!r})" if not isinstance(e.get("input"), dict) else ""  # not a whole section
+            lines.append(f"  {key or 'config'}: {e['msg']}{got}")
     return "\n".join(lines)
 
 

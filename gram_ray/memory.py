@@ -123,7 +123,7 @@ def estimate_memory(cfg: GramConfig, batch_size: int | None = None, workers: int
     """Per-GPU estimates of a config's training step in bf16, for the ways to fit it: as configured (DDP),
     with gradient checkpointing, with the vision tower frozen, and sharded with FSDP over the workers."""
     batch_size = batch_size or cfg.train.batch_size
-    workers = workers or cfg.scaling.num_workers
+    workers = workers or cfg.scaling.min_workers  # FSDP's shards: an elastic group at its smallest holds most
     model = _meta_model(cfg, vocab_size=None)
     if model.vision is not None:  # the input augmentation has no gradient to save, and draws need real values
         model.vision.augment = "none"

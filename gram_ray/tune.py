@@ -49,7 +49,7 @@ def trial_driver(config: dict, base: dict, progress=None) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from gram_ray.train.layout import RunLayout
-    from gram_ray.train.trainer import build_trainer, prepare_data
+    from gram_ray.train.trainer import build_trainer, prepare_data, train_env
 
     tree = copy.deepcopy(base)
     apply_overrides(tree, [f"{k}={v}" for k, v in config.items()])
@@ -72,7 +72,8 @@ def trial_driver(config: dict, base: dict, progress=None) -> None:
     trainer = build_trainer(
         cfg, data, layout, callbacks=[TuneReportCallback()], progress=progress, source=f"trial {trial_id}"
     )
-    trainer.fit()
+    with train_env(cfg):
+        trainer.fit()
 
 
 def sweep_root(cfg: GramConfig) -> str:
@@ -86,8 +87,9 @@ def _max_concurrent(cfg: GramConfig) -> int:
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     resources = ray.cluster_resources()
-    per_trial_gpu = cfg.scaling.num_workers if cfg.scaling.use_gpu else 0
-    per_trial_cpu = cfg.scaling.num_workers + 2  # workers, the trial driver, the train controller
+    workers = cfg.scaling.max_workers  # an elastic trial may grow to its max
+    per_trial_gpu = workers if cfg.scaling.use_gpu else 0
+    per_trial_cpu = workers + 2  # workers, the trial driver, the train controller
     fits = resources.get("CPU", 1) // per_trial_cpu
     if per_trial_gpu:
         fits = min(fits, resources.get("GPU", 0) // per_trial_gpu)

@@ -130,6 +130,82 @@ def nonfinite_run(rank: int, world: int) -> dict:
     return {"logged": logged, "reported": reported, "weights": every}
 
 
+ELASTIC_ROWS, ELASTIC_STOP = 16, 3
+
+
+def elastic_setup():
+    """The elastic resume case: 16 clips, 2 a micro-batch, [1, 2] workers (4 clips a step at either size), 2
+    epochs (8 steps), a checkpoint every 3 steps (step 3 is mid-epoch 0)."""
+    from tiny import random_rows, tiny_config
+
+    from gram_ray.data.collate import Collate
+    from gram_ray.data.text import build_word_vocab
+
+    cfg = tiny_config(
+        "train.batch_size=2",
+        "scaling.num_workers=[1, 2]",
+        "scaling.max_failures=1",
+        "train.epochs=2",
+        "train.checkpoint_every_steps=3",
+        "train.log_every_steps=1",
+    )
+    rows = random_rows(cfg, ELASTIC_ROWS)
+    vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
+    return cfg, rows, vocab, Collate(cfg, vocab, train=True)
+
+
+def elastic_run(rank: int, world: int, resume: dict | None = None, stop_at: int | None = None) -> dict:
+    """run_training at `world` workers with the world plan's micro-batch and accumulation; rank r takes every
+    world-th micro-batch of the epoch's order (less the clips a resumed epoch already trained on). Stops after the
+    checkpoint of step stop_at. Returns rank 0's view: the checkpoints, the logged metrics, the clips seen per
+    epoch by this rank, and the final weights."""
+    from gram_ray.data.collate import epoch_batches
+    from gram_ray.model.checkpoint import load_checkpoint
+    from gram_ray.train.loop import run_training
+    from gram_ray.train.world import plan_of
+
+    cfg, rows, vocab, collate = elastic_setup()
+    plan = plan_of(cfg, world)
+    seen, logged, checkpoints, models = {}, [], [], []
+
+    def train_batches(epoch, skip):
+        for i, batch in enumerate(epoch_batches(rows, plan.micro_batch, collate, epoch, skip)):
+            if i % world == rank:
+                seen.setdefault(epoch, []).extend(batch["ids"])
+                yield batch
+
+    class Stop(Exception):
+        pass
+
+    def report(metrics, checkpoint):
+        if checkpoint is not None:
+            checkpoints.append(load_checkpoint(checkpoint))
+        if metrics["step"] == stop_at:
+            raise Stop
+
+    def prepare(model):
+        models.append(model)
+        return DistributedDataParallel(model) if world > 1 else model
+
+    try:
+        run_training(
+            cfg,
+            train_batches=train_batches,
+            val_batches=None,
+            steps_per_epoch=ELASTIC_ROWS // (plan.micro_batch * world),
+            grad_accum=plan.grad_accum,
+            report=report,
+            vocab=vocab,
+            resume=resume,
+            prepare_model=prepare,
+            log=logged.append,
+        )
+    except Stop:
+        pass
+    weights = {k: v.detach().clone() for k, v in models[0].state_dict().items()}
+    return {"checkpoints": checkpoints, "logged": logged, "seen": seen, "weights": weights}
+
+
 def grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -196,6 +272,14 @@ def main():
         dist.all_gather(all_grads, rows.grad.contiguous())
         if rank == 0:
             torch.save({"fetched": torch.cat(all_fetched), "grad": torch.cat(all_grads)}, out)
+        dist.destroy_process_group()
+        return
+    elif gather == "elastic":  # 2 ranks train to the checkpoint of step ELASTIC_STOP, then stop
+        result = elastic_run(rank, world, stop_at=ELASTIC_STOP)
+        seen = [None] * world
+        dist.all_gather_object(seen, result["seen"])
+        if rank == 0:
+            torch.save(result | {"seen_by_rank": seen}, out)
         dist.destroy_process_group()
         return
     elif gather == "nonfinite":

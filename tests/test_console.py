@@ -52,29 +52,66 @@ def test_an_error_in_fit_reaches_the_caller():
         run_with_progress(fit, queue.Queue(), Console(lambda line: None, bar=False), poll_s=0.01)
 
 
-def test_a_failure_and_restart_are_followed_by_what_the_recovery_cost():
-    """Steps lost: the newest step seen before the failure minus the step of the checkpoint the group restarted
-    from; time: from the failure's report to the first step after the restart."""
-    from gram_ray.train.console import FAILED, NOTE, RESTARTED
+def test_a_failure_and_a_resize_are_followed_by_what_they_cost_and_the_world_size_over_time():
+    """Steps lost: the newest step seen before the failure (or resize) minus the step of the checkpoint the group
+    restarted from; time: from the failure's (resize's) report to the first step after the restart. The world
+    size comes with the step records; each change is a line and an entry of world_sizes."""
+    from gram_ray.train.console import FAILED, NOTE, RESIZING, RESTARTED
 
-    clock = iter([0.0, 0.0, 10.0, 12.0, 40.0, 41.0])  # the time of each record below
+    # the time of each record below
+    clock = iter([0.0, 0.0, 10.0, 12.0, 40.0, 41.0, 50.0, 51.0, 60.0, 61.0, 62.0])
     lines = []
     console = Console(lines.append, bar=False, main_metric=METRIC, clock=lambda: next(clock))
-    console.show(step_record(_step(2), epochs=4))
-    console.show(step_record(_step(3), epochs=4))
+
+    def step(n: int, workers: int):
+        console.show(step_record(_step(n), epochs=4) | {"workers": workers})
+
+    step(2, 2)
+    step(3, 2)
     console.show({"kind": NOTE, "event": FAILED, "text": "worker group failed: rank 1 (node died)"})
     console.show({"kind": NOTE, "event": RESTARTED, "step": 1, "text": "restarted from the checkpoint of step 1"})
-    console.show(step_record(_step(2), epochs=4))
-    console.show(step_record(_step(3), epochs=4))
+    step(2, 1)
+    step(3, 1)
+    step(4, 1)
+    console.show({"kind": NOTE, "event": RESIZING, "text": "resizing the worker group: 1 -> 2 workers"})
+    console.show({"kind": NOTE, "event": RESTARTED, "step": 4, "text": "restarted from the checkpoint of step 4"})
+    step(5, 2)
+    step(6, 2)
     assert console.recoveries == [
-        {"failed_after_step": 3, "restarted_from_step": 1, "steps_lost": 2, "recovery_s": 30.0, "first_step_after": 2}
+        {
+            "cause": "failure",
+            "failed_after_step": 3,
+            "restarted_from_step": 1,
+            "steps_lost": 2,
+            "recovery_s": 30.0,
+            "first_step_after": 2,
+            "workers": 1,
+        },
+        {
+            "cause": "resize",
+            "failed_after_step": 4,
+            "restarted_from_step": 4,
+            "steps_lost": 0,
+            "recovery_s": 10.0,
+            "first_step_after": 5,
+            "workers": 2,
+        },
     ]
-    recovered = [line for line in lines if line.startswith("recovered:")]
-    assert recovered == [
+    assert console.world_sizes[""] == [
+        {"from_step": 2, "workers": 2, "at_s": 0.0},
+        {"from_step": 2, "workers": 1, "at_s": 40.0},
+        {"from_step": 5, "workers": 2, "at_s": 61.0},
+    ]
+    tracked = [line for line in lines if line.startswith(("recovered:", "resized:", "world size:"))]
+    assert tracked == [
         "recovered: 2 steps lost (trained up to step 3, restarted from the checkpoint of step 1), 30.0 s from the "
-        "failure to the first step after it"
+        "failure to the first step after it",
+        "world size: 2 -> 1 workers from step 2",
+        "resized: 0 steps lost (trained up to step 4, restarted from the checkpoint of step 4), 10.0 s from the "
+        "resize to the first step after it",
+        "world size: 1 -> 2 workers from step 5",
     ]
-    assert lines.index(recovered[0]) == 4  # printed just before the first step line after the restart
+    assert lines.index(tracked[0]) == 4  # printed just before the first step line after the restart
 
 
 def test_an_evaluation_without_a_val_split_is_not_shown_as_zero_recall():

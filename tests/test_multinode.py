@@ -52,12 +52,13 @@ def cluster():
             record.unlink()  # Cluster records itself as the machine's current cluster: take that back
 
 
-def _train(cluster, cfg, out: Path) -> subprocess.Popen:
+def _train(cluster, cfg, out: Path, start_timeout_s: int | None = 120) -> subprocess.Popen:
+    """gram-ray train against the cluster; start_timeout_s: how long a worker group start may wait for its
+    resources (a lost node's replacement takes a while here), None: what gram-ray sets."""
     save_config(cfg, out / "config.yaml")
-    env = os.environ | {
-        "RAY_ADDRESS": cluster["cluster"].address,
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",  # a lost node's replacement takes a while here
-    }
+    env = os.environ | {"RAY_ADDRESS": cluster["cluster"].address}
+    if start_timeout_s is not None:
+        env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(start_timeout_s)
     command = [sys.executable, "-m", "gram_ray", "train", "--config", str(out / "config.yaml"), "--out", str(out)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -137,3 +138,84 @@ def test_a_node_lost_mid_epoch_is_replaced_and_the_run_ends_at_the_planned_step(
     assert recovery["steps_lost"] >= 0 and 0 < recovery["recovery_s"] < time.monotonic() - removed_at + 5
     _assert_every_clip_once_after_each_checkpoint(run, steps_per_epoch=4, per_step=4)
     print(json.dumps(recovery), output[-3000:])
+
+
+def _reported(run: str) -> list[dict]:
+    """The metrics of every checkpoint the run registered, by step."""
+    try:
+        snapshot = json.loads(storage.read_text(storage.join(run, SNAPSHOT)))
+    except (OSError, ValueError):
+        return []
+    return sorted((r["metrics"] for r in snapshot.get("checkpoint_results") or []), key=lambda m: m["step"])
+
+
+def test_an_elastic_run_shrinks_to_one_worker_without_waiting_and_grows_back(cluster, s3, synth_small, tmp_path):
+    """scaling.num_workers [1, 2]: a lost node leaves one worker, which goes on at once (no replacement is
+    waited for); when a node comes back the group grows to 2 again. Every step trains on the same 4 clips (2 a
+    micro-batch: 2 workers x 2, or 1 worker x 2 accumulated), the run ends at the planned step, and every epoch's
+    clips are each trained on once."""
+    data = s3.upload_dataset(synth_small)
+    bucket = data["val"].split("/data/")[0]
+    cfg = tiny_config(
+        "run.name=elastic",
+        f"run.storage_path={bucket}/runs",
+        "train.epochs=3",  # 16 clips / 4 a step: 4 steps an epoch, 12 in all
+        "train.batch_size=2",
+        "train.log_every_steps=1",
+        "train.checkpoint_every_steps=1",
+        "train.keep_checkpoints=1000",
+        "train.eval_every_epochs=100",
+        "scaling.num_workers=[1, 2]",
+        "scaling.resources_per_worker={CPU: 1, fake_gpu: 1}",
+        "scaling.max_failures=3",
+        "scaling.resize_check_s=2",
+        "data.materialize=never",
+        f"data.train_annotations={data['train']}",
+        f"data.video_dir={data['videos']}",
+        f"data.audio_dir={data['audios']}",
+    )
+    run = f"{bucket}/runs/elastic"
+    driver = _train(cluster, cfg, tmp_path, start_timeout_s=None)  # gram-ray's elastic default
+    c = cluster["cluster"]
+
+    def wait_for(condition, what: str, limit: float = 300):
+        deadline = time.monotonic() + limit
+        while driver.poll() is None and time.monotonic() < deadline:
+            reports = _reported(run)
+            if condition(reports):
+                return reports
+            time.sleep(0.2)
+        ended = driver.stdout.read()[-3000:] if driver.poll() is not None else ""
+        raise AssertionError(f"{what}: not seen; {ended}")
+
+    wait_for(lambda r: any(m["world/size"] == 2 and m["step"] >= 2 for m in r), "two workers training")
+    lost = cluster["workers"][1]
+    c.remove_node(lost, allow_graceful=False)
+    removed_at = time.monotonic()
+    reports = wait_for(lambda r: r and r[-1]["world/size"] == 1, "one worker going on")
+    shrunk_after_s = time.monotonic() - removed_at
+    shrunk_step = reports[-1]["step"]
+    wait_for(lambda r: r[-1]["step"] >= shrunk_step + 2, "two more steps on one worker")
+    back = c.add_node(node_ip_address="127.0.0.1", **WORKER_NODE)
+    cluster["workers"][1] = back
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output[-4000:]
+
+    result = json.loads(storage.read_text(f"{run}/result.json"))
+    last = result["last_metrics"]
+    assert last["step"] == last["total_steps"] == 12
+    assert last["world/size"] == 2 and back.node_id in last["world/nodes"].split(",")
+    reports = _reported(run)
+    assert {m["train/step_clips"] for m in reports} == {4}  # the same global batch at every step, at every size
+    assert [w["workers"] for w in result["world_sizes"]] == [2, 1, 2], result["world_sizes"]
+    causes = [r["cause"] for r in result["recoveries"]]
+    assert causes == ["failure", "resize"], result["recoveries"]
+    # No replacement is waited for: the node comes back only once one worker has trained two steps. The time is
+    # Ray noticing the loss (GCS health checks ~15 s, its autoscaling coordinator's view refreshed every 20 s;
+    # each start at the old size meanwhile waits scaling.start_timeout_s) and the new group's start.
+    assert shrunk_after_s < 120
+    assert "1 worker x 2 clips x 2 micro-batches = 4 clips a step" in output  # the plan, said at the start
+    assert "world size: 2 -> 1 workers" in output and "world size: 1 -> 2 workers" in output
+    assert "resizing the worker group: 1 -> 2 workers" in output
+    _assert_every_clip_once_after_each_checkpoint(run, steps_per_epoch=4, per_step=4)
+    print(json.dumps({"recoveries": result["recoveries"], "world_sizes": result["world_sizes"]}), output[-3000:])

@@ -202,17 +202,19 @@ def check_cluster(cfg: GramConfig, yaml_path: str | Path, gpu_gb: float | None =
     # A job without GPUs stays off GPU nodes where it can; then the type that holds the most workers.
     host = max(hosts, key=lambda t: (not (t.resources.get("GPU") and "GPU" not in request), t.holds(request)))
     per_node = host.holds(request)
-    nodes = math.ceil(cfg.scaling.num_workers / per_node)
+    trainers = cfg.scaling.max_workers  # elastic: the size it grows to when the nodes are there
+    elastic = f" (elastic: {cfg.scaling.min_workers} to {trainers})" if cfg.scaling.elastic else ""
+    nodes = math.ceil(trainers / per_node)
     if nodes > host.max_workers:
         raise CheckError(
-            f"{cfg.scaling.num_workers} trainer workers need {nodes} {host.name} nodes ({per_node} each), but "
+            f"{trainers} trainer workers{elastic} need {nodes} {host.name} nodes ({per_node} each), but "
             f"{yaml_path} allows at most {host.max_workers}: raise its max_workers or lower scaling.num_workers"
         )
     cpu_only = [t for t in workers if t.holds({"CPU": 1}) and not t.resources.get("GPU")]
     decode = max(cpu_only or [t for t in workers if t.holds({"CPU": 1})], key=lambda t: t.resources.get("CPU", 0))
     result = CheckResult(host, nodes, per_node, decode)
     result.lines += [
-        f"trainer workers: {cfg.scaling.num_workers} x {request} on node type {host.name} "
+        f"trainer workers: {trainers}{elastic} x {request} on node type {host.name} "
         f"({host.instance or 'instance not named'}, {host.resources}): {per_node} per node, {nodes} node(s) of "
         f"at most {host.max_workers}",
         f"Ray Data decode tasks: node type {decode.name} ({decode.instance or 'instance not named'}, "

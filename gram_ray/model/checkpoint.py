@@ -62,6 +62,7 @@ def save_checkpoint(
     epoch_complete: bool = True,
     consumed_ids: list[str] | None = None,
     rng_states: list[dict] | None = None,
+    world_size: int = 1,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -74,6 +75,7 @@ def save_checkpoint(
         "epoch_complete": epoch_complete,
         "consumed_ids": list(consumed_ids or []),
         "rng_states": rng_states,  # mid-epoch: every rank's torch RNG state, so dropout draws continue exactly
+        "world_size": world_size,  # the worker group's size: an elastic run may resume at another
         "config": cfg.model_dump(mode="json"),
         "vocab": vocab,
     }
@@ -98,7 +100,7 @@ def write_checkpoint(directory: str | Path, state: dict, cfg: GramConfig) -> Non
     try:
         torch.save(state, partial)
         save_config(cfg, directory / "config.yaml")
-        position = {k: state.get(k) for k in ("step", "epoch", "epoch_complete", "consumed_ids")}
+        position = {k: state.get(k) for k in ("step", "epoch", "epoch_complete", "consumed_ids", "world_size")}
         (directory / POSITION_FILE).write_text(json.dumps(position))
         partial.replace(directory / STATE_FILE)
     except OSError as e:

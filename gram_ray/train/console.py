@@ -21,16 +21,19 @@ __all__ = [
     "NOTE",
     "FAILED",
     "RESTARTED",
+    "RESIZING",
     "step_record",
     "put_record",
     "progress_callback",
+    "resize_callback",
     "run_with_progress",
 ]
 
 STEP, EVAL, NOTE = "step", "eval", "note"  # a note: one line of text (e.g. a restart and what it cost)
 # Notes that mark a recovery (a field "event" of a NOTE record): the worker group failed (a worker or its node
-# died), then restarted from a checkpoint ("step": the checkpoint's step).
-FAILED, RESTARTED = "failed", "restarted"
+# died), or an elastic group is being resized (nodes came or went), then it restarted from a checkpoint ("step":
+# the checkpoint's step).
+FAILED, RESIZING, RESTARTED = "failed", "resizing", "restarted"
 
 
 def _duration(seconds: float) -> str:
@@ -58,38 +61,57 @@ class Console:
         self._bar_shown = False
         self._origin: dict[str, tuple[float, int]] = {}  # per source: (time, step) of its first step record
         self.recoveries: list[dict] = []  # one per worker-group restart: what it cost
+        # per source: the worker group's size over the run, [{"from_step", "workers", "at_s"}] (step records
+        # carry the size; at_s counts from the source's first record)
+        self.world_sizes: dict[str, list[dict]] = {}
+        self._start: dict[str, float] = {}
         self._last_step: dict[str, int] = {}  # per source: the newest step seen
-        self._failure: dict[str, dict] = {}  # per source: a failure whose recovery is not finished yet
+        self._failure: dict[str, dict] = {}  # per source: a failure or resize whose recovery is not finished yet
 
-    def _track(self, record: dict) -> str | None:
-        """Follow failures and restarts: the line that says what a finished recovery cost, when one finished.
-        Steps lost: the newest step seen before the failure minus the step of the checkpoint the group restarted
-        from (those are trained again). Time: from the failure's report to the first step after the restart."""
+    def _track(self, record: dict) -> list[str]:
+        """Follow failures, resizes and restarts: the lines that say what a finished recovery cost and when the
+        world size changed. Steps lost: the newest step seen before the failure (or resize) minus the step of the
+        checkpoint the group restarted from (those are trained again). Time: from the failure's (or resize's)
+        report to the first step after the restart."""
         source, now = record.get("source", ""), self.clock()
-        if record["kind"] == NOTE and record.get("event") == FAILED:
-            self._failure.setdefault(source, {"at": now, "step": self._last_step.get(source, 0)})
-        elif record["kind"] == NOTE and record.get("event") == RESTARTED and source in self._failure:
+        start = self._start.setdefault(source, now)
+        event = record.get("event") if record["kind"] == NOTE else None
+        if event in (FAILED, RESIZING):
+            cause = "failure" if event == FAILED else "resize"
+            self._failure.setdefault(source, {"at": now, "step": self._last_step.get(source, 0), "cause": cause})
+        elif event == RESTARTED and source in self._failure:
             self._failure[source]["restart_step"] = record["step"]
             self._origin.pop(source, None)  # the ETA starts again from the restart
         elif record["kind"] == STEP:
+            lines = []
             failure = self._failure.get(source)
             self._last_step[source] = record["step"]
             if failure is not None and "restart_step" in failure:
                 del self._failure[source]
                 recovery = {
+                    "cause": failure["cause"],
                     "failed_after_step": failure["step"],
                     "restarted_from_step": failure["restart_step"],
                     "steps_lost": max(0, failure["step"] - failure["restart_step"]),
                     "recovery_s": round(now - failure["at"], 1),
                     "first_step_after": record["step"],
+                    "workers": record.get("workers"),
                 }
                 self.recoveries.append(recovery)
-                return (
-                    f"recovered: {recovery['steps_lost']} steps lost (trained up to step {failure['step']}, restarted "
+                what = "recovered" if failure["cause"] == "failure" else "resized"
+                lines.append(
+                    f"{what}: {recovery['steps_lost']} steps lost (trained up to step {failure['step']}, restarted "
                     f"from the checkpoint of step {failure['restart_step']}), {recovery['recovery_s']:.1f} s from the "
-                    "failure to the first step after it"
+                    f"{failure['cause']} to the first step after it"
                 )
-        return None
+            sizes = self.world_sizes.setdefault(source, [])
+            workers = record.get("workers")
+            if workers is not None and (not sizes or sizes[-1]["workers"] != workers):
+                if sizes:
+                    lines.append(f"world size: {sizes[-1]['workers']} -> {workers} workers from step {record['step']}")
+                sizes.append({"from_step": record["step"], "workers": workers, "at_s": round(now - start, 1)})
+            return lines
+        return []
 
     def _eta(self, source: str, step: int, total: int) -> str:
         now = time.perf_counter()
@@ -115,15 +137,15 @@ class Console:
 
     def show(self, record: dict) -> None:
         prefix = f"[{record['source']}] " if record.get("source") else ""
-        recovered = self._track(record)
+        tracked = self._track(record)
         if record["kind"] == NOTE:
             line = prefix + record["text"]
         else:
             line = self.step_line(record, prefix) if record["kind"] == STEP else self.eval_line(record, prefix)
         if self.bar and self._bar_shown:
             sys.stdout.write("\r\033[K")
-        for text in (prefix + recovered,) if recovered else ():
-            self.echo(text)
+        for text in tracked:
+            self.echo(prefix + text)
             self.lines += 1
         self.echo(line)
         self.lines += 1
@@ -184,6 +206,29 @@ def progress_callback(progress, main_metric: str, epochs: float, source: str = "
             put_record(progress, {"kind": NOTE, "event": FAILED, "text": text, "source": source})
 
     return ProgressCallback()
+
+
+def resize_callback(progress, source: str = ""):
+    """A Ray Train controller callback that puts a note when an elastic worker group is resized while it runs
+    (nodes came back, or the cluster shrank without a worker failing). Ray Train's public UserCallback has no hook
+    for it; this uses the controller's own callback interface (RunConfig.callbacks takes it as is)."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class ResizeCallback(ControllerCallback):
+        def __init__(self) -> None:
+            self.workers = None  # the size of the group started last
+
+        def before_controller_execute_resize_decision(self, resize_decision):
+            self.workers = resize_decision.num_workers
+
+        def after_controller_state_update(self, previous_state, current_state):
+            if type(current_state).__name__ != "ResizingState":  # a running group about to be resized
+                return
+            new = current_state.scaling_decision.num_workers
+            text = f"resizing the worker group: {self.workers} -> {new} workers (the cluster's resources changed)"
+            put_record(progress, {"kind": NOTE, "event": RESIZING, "text": text, "source": source})
+
+    return ResizeCallback()
 
 
 def put_record(progress, record: dict) -> None:

@@ -30,6 +30,7 @@ from gram_ray.evaluate import evaluate_embeddings
 from gram_ray.model.checkpoint import CheckpointWriteError, save_checkpoint
 from gram_ray.model.gram import GramModel, build_model, init_weights
 from gram_ray.train.step_timer import StepTimer
+from gram_ray.train.world import derive_seed
 
 __all__ = [
     "main_metric_name",
@@ -271,14 +272,17 @@ def run_training(
     device: torch.device | None = None,
     prepare_model: Callable = lambda m: m,
     log: Callable[[dict], None] = lambda metrics: None,
+    grad_accum: int | None = None,
 ) -> dict:
     """Train for cfg.train.epochs; returns the last metrics.
 
     steps_per_epoch: batches per rank in a full epoch (every rank the same). report() is called on every rank at
     each epoch end (and every checkpoint_every_steps), with a checkpoint folder from rank 0 only. log() gets the
     step metrics every log_every_steps on rank 0. With train.time_steps, every epoch-end report also carries
-    this rank's step-time breakdown (StepTimer.summary: time/...)."""
+    this rank's step-time breakdown (StepTimer.summary: time/...). grad_accum: micro-batches per optimizer step
+    at this world size (an elastic run's WorldPlan), default train.grad_accum."""
     t = cfg.train
+    grad_accum = grad_accum or t.grad_accum
     device = device or torch.device("cpu")
     timer = StepTimer(device, warmup=t.time_warmup_steps, enabled=t.time_steps)
     if device.type == "cuda":
@@ -288,10 +292,10 @@ def run_training(
     if resume is None and cfg.model.init_from:
         init_weights(model, cfg.model.init_from, log=print if get_rank() == 0 else lambda line: None)
     model = model.to(device)
-    updates_per_epoch = steps_per_epoch // t.grad_accum
+    updates_per_epoch = steps_per_epoch // grad_accum
     if updates_per_epoch < 1:
         raise ValueError(
-            f"an epoch has {steps_per_epoch} batches per worker, fewer than train.grad_accum={t.grad_accum}: "
+            f"an epoch has {steps_per_epoch} batches per worker, fewer than train.grad_accum={grad_accum}: "
             "lower train.grad_accum or train.batch_size"
         )
     total_steps = max(1, round(t.epochs * updates_per_epoch))
@@ -313,9 +317,11 @@ def run_training(
             start_epoch = resume["epoch"] + 1
         else:  # mid-epoch: the rest of that epoch, in the state every rank had
             start_epoch, skip_ids = resume["epoch"], frozenset(resume["consumed_ids"])
-            states = resume.get("rng_states") or []
-            if len(states) == get_world_size():
-                _set_rng_state(states[get_rank()], device)
+        states = resume.get("rng_states") or []
+        if not resume.get("epoch_complete", True) and len(states) == get_world_size():
+            _set_rng_state(states[get_rank()], device)  # the same group: its draws continue exactly
+        else:  # an epoch's end, or a group of another size: streams of (seed, step, rank), distinct per rank
+            torch.manual_seed(derive_seed(t.seed, step, get_rank()))
     model = prepare_model(model)
     rank0 = get_rank() == 0
     metric_name = main_metric_name(cfg)
@@ -356,6 +362,7 @@ def run_training(
                 epoch_complete=consumed is None,
                 consumed_ids=sorted(skip_ids | set(all_consumed)),
                 rng_states=rng_states,
+                world_size=get_world_size(),
             )
             report(metrics, Path(tmp))
 
@@ -403,9 +410,9 @@ def run_training(
                     "left: every rank must get steps_per_epoch batches (drop_last, equal shards)"
                 )
             micro += 1
-            last_micro = micro % t.grad_accum == 0
+            last_micro = micro % grad_accum == 0
             with _autocast(device, cfg):
-                out = accumulate_gradients(model, batch, t.grad_accum, sync=last_micro, timer=timer, scaler=scaler)
+                out = accumulate_gradients(model, batch, grad_accum, sync=last_micro, timer=timer, scaler=scaler)
             consumed.extend(batch[IDS])
             step_samples += len(batch[IDS])
             window_samples += len(batch[IDS]) * get_world_size()
@@ -456,6 +463,7 @@ def run_training(
                         "checkpoint (gram-ray train --resume auto)."
                     )
             timer.step_done(step_samples)
+            step_clips = step_samples * get_world_size()  # every rank trains on as many (equal shards, drop_last)
             step_samples = 0
             step += 1
             updates_left -= 1
@@ -471,6 +479,7 @@ def run_training(
                     "train/positive_volume": out.positive_volume.mean().item(),
                     "train/grad_norm": float(grad_norm),
                     "train/samples_per_s": window_samples / elapsed,
+                    "train/step_clips": step_clips,  # the global batch of this step, whatever the world size
                     "train/skipped_steps": skipped_steps,
                 }
                 if out.matching_loss is not None:

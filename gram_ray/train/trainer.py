@@ -7,8 +7,10 @@ train_loop_config; each worker runs the Ray-free loop (loop.py) over its shard o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import posixpath
 import zlib
 from dataclasses import dataclass
@@ -35,12 +37,14 @@ from gram_ray.train.console import (
     ProgressQueue,
     progress_callback,
     put_record,
+    resize_callback,
     run_with_progress,
     step_record,
 )
 from gram_ray.train.layout import RunLayout
 from gram_ray.train.loop import main_metric_name, run_training
 from gram_ray.train.resume import latest_checkpoint, latest_registered, position
+from gram_ray.train.world import plan_of, step_clips
 
 __all__ = [
     "TrainingData",
@@ -53,6 +57,7 @@ __all__ = [
     "train_iter_options",
     "train_loop_per_worker",
     "build_trainer",
+    "train_env",
     "fit",
 ]
 
@@ -207,11 +212,14 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def train_iter_options(cfg: GramConfig, vocab: list[str] | None, epoch: int, rank: int) -> dict:
-    """iter_torch_batches arguments of a worker's train shard in an epoch."""
+def train_iter_options(
+    cfg: GramConfig, vocab: list[str] | None, epoch: int, rank: int, batch_size: int | None = None
+) -> dict:
+    """iter_torch_batches arguments of a worker's train shard in an epoch (batch_size: the world plan's
+    micro-batch, default train.batch_size)."""
     shuffle = cfg.train.shuffle == "blocks"
     return {
-        "batch_size": cfg.train.batch_size,
+        "batch_size": batch_size or cfg.train.batch_size,
         "collate_fn": RayCollate(cfg, vocab, train=True, epoch=epoch),
         "drop_last": True,  # equal steps on every rank, so the gathers in the loss always pair up
         "prefetch_batches": cfg.train.prefetch_batches,
@@ -241,11 +249,21 @@ def _optional_shard(name: str):
         return None
 
 
+def _restart_note(resume: dict, world: int) -> str:
+    where = "mid-epoch, with the rest of its clips" if not resume.get("epoch_complete", True) else "its end"
+    was = resume.get("world_size")
+    size = f" with {world} worker" + ("s" if world > 1 else "") + (f" (was {was})" if was and was != world else "")
+    return (
+        f"the worker group restarted{size} from the checkpoint of step {resume['step']} (epoch "
+        f"{resume['epoch'] + 1}, {where}): the steps after it are trained again"
+    )
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: config = {"cfg": GramConfig as a dict, "vocab": [...] | None, "steps_per_epoch":
-    int, "output_dir": str, "progress": a ray.util.queue.Queue or None, "source": a label for progress lines,
-    "resume_from": a checkpoint folder or URI to start from, or None, "restored": the run's latest checkpoint when
-    the fit started (Train V2 hands it to the first workers), or None}."""
+    """Ray Train entry point: config = {"cfg": GramConfig as a dict, "vocab": [...] | None, "train_rows": int
+    (clips of the train split), "output_dir": str, "progress": a ray.util.queue.Queue or None, "source": a label
+    for progress lines, "resume_from": a checkpoint folder or URI to start from, or None, "restored": the run's
+    latest checkpoint when the fit started (Train V2 hands it to the first workers), or None}."""
     import ray.data
     import ray.train
     import ray.train.torch
@@ -259,7 +277,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(cfg.train.threads_per_worker or 1)
     device = ray.train.torch.get_device()
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # The step's clips are the same at every world size an elastic group runs at: a smaller group accumulates.
+    plan = plan_of(cfg, world)
     train_shard = ray.train.get_dataset_shard("train")
     rest_shard = _optional_shard(REST)
     val_data = _optional_shard("val")
@@ -275,12 +295,8 @@ def train_loop_per_worker(config: dict) -> None:
     if own or (checkpoint is not None and not config.get("resume_from")):
         with checkpoint.as_directory() as d:
             resume = load_checkpoint(d)
-        if rank == 0 and own:
-            where = "mid-epoch, with the rest of its clips" if not resume.get("epoch_complete", True) else "its end"
-            note = (
-                f"a worker failed; the worker group restarted (scaling.max_failures) from the checkpoint of step "
-                f"{resume['step']} (epoch {resume['epoch'] + 1}, {where}): the steps after it are trained again"
-            )
+        if rank == 0 and own:  # after a failure (scaling.max_failures), or an elastic group's resize
+            note = _restart_note(resume, world)
             print(note, flush=True)
             if config.get("progress") is not None:
                 record = {"kind": NOTE, "event": RESTARTED, "step": resume["step"], "text": note}
@@ -298,10 +314,9 @@ def train_loop_per_worker(config: dict) -> None:
                 logging.getLogger("gram_ray").warning(
                     "epoch %d restarts from its beginning: this restart has no rest-of-epoch dataset", epoch
                 )
-        return shard.iter_torch_batches(**train_iter_options(cfg, vocab, epoch, rank))
+        return shard.iter_torch_batches(**train_iter_options(cfg, vocab, epoch, rank, plan.micro_batch))
 
     val_cache: list[dict] = []
-    world = context.get_world_size()
 
     def val_batches():
         # The val split is not sharded (sharding drops rows to equalise shards); each rank embeds every
@@ -319,7 +334,8 @@ def train_loop_per_worker(config: dict) -> None:
     def log(metrics: dict) -> None:
         tracker.log(metrics)
         if progress is not None and "train/loss" in metrics and "val_eval" not in metrics:
-            put_record(progress, step_record(metrics, cfg.train.epochs) | {"source": config.get("source", "")})
+            record = step_record(metrics, cfg.train.epochs) | {"workers": world, "source": config.get("source", "")}
+            put_record(progress, record)
 
     # Where each rank runs, in every report (and so in result.json): a run's world over time, node by node.
     where = {"world/size": world, "world/nodes": ",".join(_worker_nodes(world))}
@@ -333,7 +349,8 @@ def train_loop_per_worker(config: dict) -> None:
             cfg,
             train_batches=train_batches,
             val_batches=val_batches if val_data is not None else None,
-            steps_per_epoch=config["steps_per_epoch"],
+            steps_per_epoch=config["train_rows"] // (plan.micro_batch * world),
+            grad_accum=plan.grad_accum,
             report=report,
             vocab=vocab,
             resume=resume,
@@ -359,11 +376,12 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
-    per_step = cfg.train.batch_size * s.num_workers
+    per_step = step_clips(cfg)
     if data.train_rows < per_step:
         raise ValueError(
             f"{data.train_rows} training clips cannot fill one step of {cfg.train.batch_size} per worker x "
-            f"{s.num_workers} workers; lower train.batch_size or scaling.num_workers"
+            f"{s.max_workers} workers x {cfg.train.grad_accum} accumulated; lower train.batch_size, "
+            "train.grad_accum or scaling.num_workers"
         )
     start = None
     if resume_from:
@@ -375,13 +393,15 @@ def build_trainer(
         datasets["val"] = data.val
     if progress is not None:
         callbacks = [*(callbacks or []), progress_callback(progress, main_metric_name(cfg), cfg.train.epochs, source)]
+        if s.elastic:
+            callbacks.append(resize_callback(progress, source))
     return TorchTrainer(
         train_loop_per_worker,
         datasets=datasets,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "vocab": data.vocab,
-            "steps_per_epoch": data.train_rows // per_step,
+            "train_rows": data.train_rows,
             "output_dir": str(layout.output_dir),
             "progress": progress,
             "source": source,
@@ -389,7 +409,10 @@ def build_trainer(
             "restored": restored,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.resources_per_worker
+            num_workers=s.num_workers,  # (min, max): Ray Train's elastic scaling
+            use_gpu=s.use_gpu,
+            resources_per_worker=s.resources_per_worker,
+            **({"elastic_resize_monitor_interval_s": s.resize_check_s} if s.elastic else {}),
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -406,6 +429,27 @@ def build_trainer(
         # every clip.
         dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k != "val"]),
     )
+
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train hands it from the driver to its controller
+ELASTIC_START_TIMEOUT_S = 15.0
+
+
+@contextlib.contextmanager
+def train_env(cfg: GramConfig):
+    """The environment Ray Train's controller reads, around a fit: the worker group's start timeout
+    (scaling.start_timeout_s), unless the user set the variable. Restored afterwards (Tune runs several fits in
+    one process)."""
+    s = cfg.scaling
+    timeout = s.start_timeout_s or (ELASTIC_START_TIMEOUT_S if s.elastic else None)
+    if timeout is None or START_TIMEOUT_ENV in os.environ:
+        yield
+        return
+    os.environ[START_TIMEOUT_ENV] = str(timeout)
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_ENV, None)
 
 
 def fit(
@@ -429,11 +473,17 @@ def fit(
             "--resume auto continues it; to start afresh, give another --out or run.name, or delete that folder."
         )
     data = prepare_data(cfg, layout, log=log)
-    workers, epochs = cfg.scaling.num_workers, cfg.train.epochs
-    log(f"training on {data.train_rows} clips with {workers} workers for {epochs:g} epochs ...")
+    s, epochs = cfg.scaling, cfg.train.epochs
+    if s.elastic:
+        sizes = "; ".join(plan_of(cfg, w).describe() for w in range(s.max_workers, s.min_workers - 1, -1))
+        workers = f"{s.min_workers} to {s.max_workers} workers (elastic: {sizes})"
+    else:
+        workers = f"{s.num_workers} workers"
+    log(f"training on {data.train_rows} clips with {workers} for {epochs:g} epochs ...")
     progress = ProgressQueue() if console is not None else None
     trainer = build_trainer(cfg, data, layout, resume_from, progress=progress, restored=existing)
-    result = run_with_progress(trainer.fit, progress, console) if console is not None else trainer.fit()
+    with train_env(cfg):
+        result = run_with_progress(trainer.fit, progress, console) if console is not None else trainer.fit()
     metric = main_metric_name(cfg)
     # best_checkpoints holds the kept checkpoints in the order they were reported, not by score.
     kept = result.best_checkpoints or [(result.checkpoint, result.metrics)]
@@ -448,6 +498,8 @@ def fit(
         "train_cache_report": storage.join(layout.cache("train"), REPORT),
         # Each restart of the worker group (a worker or its node lost): steps lost and time to recover.
         "recoveries": console.recoveries if console is not None else [],
+        # The worker group's size over the run: from which step (and second of the run) it trained at each size.
+        "world_sizes": console.world_sizes.get("", []) if console is not None else [],
     }
     layout.write_result("result.json", json.dumps(summary, indent=2))
     if layout.shared:
