@@ -13,7 +13,8 @@ group and is stopped by it, leaving any other Ray on the machine alone.
 Two traps of the locked Ray (2.60), and what this module does about them: the `fake_multinode` provider type
 fills its defaults from an example YAML the wheel does not ship, so the provider is named as an external module
 with every field given here; and only the v2 autoscaler takes these nodes down again (v1 sees them
-"uninitialized" for ever), so the head runs with RAY_enable_autoscaler_v2=1.
+"uninitialized" for ever), so the head runs with RAY_enable_autoscaler_v2=1. A third, of running fake nodes on
+one disk: their shared runtime-env folder (local_provider.py gives each node its own).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from gram_ray.cluster.processes import free_port, ray_head_command, stop_group, 
 __all__ = ["LOCAL_GPU", "LocalNodeType", "local_node_types", "autoscaling_config", "LocalCluster", "NodeTimeline"]
 
 LOCAL_GPU = "local_gpu"  # what a GPU becomes on this machine: a custom resource
-_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+# Ray's fake multi-node provider, each node with its own runtime-env folder (see local_provider.py)
+_PROVIDER = "gram_ray.cluster.local_provider.LocalNodeProvider"
 _HEAD_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"  # the provider's fixed head node id
 _HEAD_TYPE = "ray.head.default"
 
