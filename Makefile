@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 PIP_VERSION := 26.3
 
-.PHONY: install lock test lint demo demo-tv demo-dam bench gpu-bundle gpu-check clean
+.PHONY: install lock test test-cluster lint demo demo-tv demo-dam bench gpu-bundle gpu-check clean
 
 install: $(STAMP)
 
@@ -30,7 +30,12 @@ lock:
 	rm -rf .lock-venv
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not cluster_e2e"
+
+# Whole jobs (a GPU job; the demo's training job and a 4-trial sweep) on a local autoscaling cluster shaped like
+# cluster/aws.yaml: about 15 minutes on 2 cores, so apart from `make test`. CI runs both.
+test-cluster: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -s -m cluster_e2e
 
 lint: $(STAMP)
 	$(BIN)/ruff check gram_ray tests scripts

@@ -322,7 +322,6 @@ class ScalingSection(_Section):
         description="elastic: how often a running group checks whether more workers fit now (a grow restarts the "
         "group from the last checkpoint); Ray Train's elastic_resize_monitor_interval_s",
     )
-
     start_timeout_s: float | None = Field(
         None,
         gt=0,

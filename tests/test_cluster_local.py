@@ -1,7 +1,10 @@
 """`gram-ray cluster local`: the project's own cluster YAMLs, tried on this machine with Ray's real autoscaler
 (its fake multi-node provider launches and removes nodes as local processes): the node types keep their
 resources (scaled down, a GPU as `local_gpu`), min and max workers; a job that asks for GPUs brings the GPU node
-type up from 0 to the YAML's maximum, and it goes back to 0 after the idle timeout (shortened to 15 s)."""
+type up from 0 to the YAML's maximum, and it goes back to 0 after the idle timeout (shortened to 15 s).
+
+The two runs of whole jobs against the autoscaler (marker cluster_e2e, ~15 min together) are left out of
+`make test` to keep it under 25 minutes on 2 cores; `make test-cluster` runs them, and CI runs both."""
 
 import copy
 import re
@@ -38,6 +41,7 @@ def test_the_local_cluster_keeps_the_node_types_and_passes_rays_validator(path):
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.multinode
+@pytest.mark.cluster_e2e
 def test_aws_yaml_on_this_machine_brings_gpu_nodes_up_from_zero_for_a_job_and_down_after_the_idle_timeout():
     """8 tasks that each need a GPU (local_gpu: 1, 1 CPU) on 4-CPU local nodes: two gpu_train nodes, the YAML's
     maximum, from zero; then back to zero 15 s after they are idle (--idle-timeout-minutes 0.25 for the
@@ -56,3 +60,66 @@ def test_aws_yaml_on_this_machine_brings_gpu_nodes_up_from_zero_for_a_job_and_do
     downs = [float(t) for t in re.findall(r"at (\d+) s a gpu_train node went away", timeline)]
     assert len(ups) == len(downs) == 2 and min(downs) - max(ups) >= 15  # not before the idle timeout
     print(output[-3000:])
+
+
+def _job(script: str, config: str, out: Path, data: dict, bucket: str, *extra: str) -> str:
+    """A job command line: the demo's model on the bucket's data, caches and runs in the bucket, each trainer
+    worker asking for one whole simulated GPU node's worth of `local_gpu` or one of them."""
+    sets = [
+        f"data.train_annotations={data['train']}",
+        f"data.val_annotations={data['val']}",
+        f"data.video_dir={data['videos']}",
+        f"data.audio_dir={data['audios']}",
+        f"data.cache_dir={bucket}/cache",
+        f"run.storage_path={bucket}/runs",
+        "scaling.use_gpu=false",
+        "train.batch_size=4",
+        "train.warmup_steps=2",
+        "train.log_every_steps=2",
+        "wandb.enabled=false",
+        *extra,
+    ]
+    return f"python {script} --config {config} --out {out} " + " ".join(f"--set '{s}'" for s in sets)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.multinode
+@pytest.mark.cluster_e2e
+def test_aws_yaml_on_this_machine_scales_the_gpu_nodes_for_a_training_job_and_a_sweep_then_back_to_zero(
+    s3, synth_small, tmp_path
+):
+    """`ray job submit` of jobs/train.py (2 workers, one local_gpu each) and jobs/tune.py (4 trials, 2 at a
+    time, each worker holding a whole 4-GPU node) against a local cluster shaped like aws.yaml, media and
+    everything else in a bucket: the GPU node type comes up from 0 for the training job, reaches the YAML's
+    maximum (2) for the sweep, and is back at 0 after the idle timeout (shortened to 15 s)."""
+    data = s3.upload_dataset(synth_small)
+    bucket = data["val"].split("/data/")[0]
+    train = _job(
+        "jobs/train.py", "configs/demo.yaml", tmp_path / "train", data, bucket,
+        "train.epochs=2", "scaling.num_workers=2", f"scaling.resources_per_worker={{CPU: 1, {LOCAL_GPU}: 1}}",
+    )  # fmt: skip
+    sweep = _job(
+        "jobs/tune.py", "configs/tune-demo.yaml", tmp_path / "sweep", data, bucket,
+        "train.epochs=1", "train.eval_every_epochs=1", "scaling.num_workers=1",
+        f"scaling.resources_per_worker={{CPU: 1, {LOCAL_GPU}: 4}}",
+        "tune.num_samples=4", "tune.max_concurrent_trials=2",
+    )  # fmt: skip
+    command = [sys.executable, "-m", "gram_ray", "cluster", "local", "cluster/aws.yaml"]
+    command += ["--idle-timeout-minutes", "0.25", "--settle-s", "300", "--job", train, "--job", sweep]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    assert f"gpu_train (g6e.12xlarge): CPU 48, GPU 4 -> CPU 4, {LOCAL_GPU} 4" in output  # the mapping, printed
+    assert output.count(": SUCCEEDED") == 2
+    timeline = output[output.index("node timeline:") :]
+    assert "gpu_train: at most 2 node(s) at once; 0 left at the end" in timeline, output[-3000:]
+    assert re.search(r"cpu_decode: at most \d+ node\(s\) at once; 0 left at the end", timeline)  # decoding's too
+    events = re.findall(r"at (\d+) s a gpu_train node (came up|went away)", timeline)
+    assert events[0][1] == "came up" and events[-1][1] == "went away"  # from 0, back to 0
+    ups = [float(t) for t, what in events if what == "came up"]
+    downs = [float(t) for t, what in events if what == "went away"]
+    assert min(downs) - max(ups) >= 15  # never before the idle timeout
+    trials = (tmp_path / "sweep" / "trials.csv").read_text().splitlines()
+    assert len(trials) == 1 + 4 and (tmp_path / "sweep" / "best_config.yaml").is_file()
+    print(timeline)
