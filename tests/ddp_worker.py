@@ -234,6 +234,13 @@ def run_ranks(mode: str, tmp_path: Path, backend: str = "gloo", world: int = 2, 
     return (torch.load(out) if out.exists() else None), results
 
 
+def _finish() -> None:
+    """Leave the process group together: a rank tearing gloo down while its peer still has work in flight can
+    abort at exit ("terminate called without an active exception", seen once in a full run)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main():
     rank, world, store, gather, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     backend = sys.argv[6] if len(sys.argv) > 6 else "gloo"
@@ -272,7 +279,7 @@ def main():
         dist.all_gather(all_grads, rows.grad.contiguous())
         if rank == 0:
             torch.save({"fetched": torch.cat(all_fetched), "grad": torch.cat(all_grads)}, out)
-        dist.destroy_process_group()
+        _finish()
         return
     elif gather == "elastic":  # 2 ranks train to the checkpoint of step ELASTIC_STOP, then stop
         result = elastic_run(rank, world, stop_at=ELASTIC_STOP)
@@ -280,13 +287,13 @@ def main():
         dist.all_gather_object(seen, result["seen"])
         if rank == 0:
             torch.save(result | {"seen_by_rank": seen}, out)
-        dist.destroy_process_group()
+        _finish()
         return
     elif gather == "nonfinite":
         extra = nonfinite_run(rank, world)
         if rank == 0:
             torch.save(extra, out)
-        dist.destroy_process_group()
+        _finish()
         return
     elif gather in ("gram", "gram-dam"):
         model, full = gram_model_and_batch(matching=gather == "gram-dam")
@@ -303,7 +310,7 @@ def main():
         extra = {}
     if rank == 0:
         torch.save({k.removeprefix("module."): v.cpu() for k, v in grads(model).items()} | extra, out)
-    dist.destroy_process_group()
+    _finish()
 
 
 if __name__ == "__main__":
