@@ -249,7 +249,7 @@ def test_a_worker_that_could_not_write_its_checkpoint_is_reported_in_one_line():
     assert training_failure(RuntimeError("something else")) is None
 
 
-def test_a_cache_that_cannot_be_written_stops_preprocessing_with_a_clear_message(synth_small, tmp_path):
+def test_a_cache_that_cannot_be_written_stops_preprocessing_with_a_clear_message(synth_small, ray_session, tmp_path):
     from gram_ray.data.preprocess import PreprocessError, preprocess
 
     blocker = tmp_path / "not-a-folder"
