@@ -548,6 +548,33 @@ def bench_shuffle_cmd(config_path, overrides, rows, cache, epochs, json_path) ->
         json_path.write_text(json.dumps(result | {"hardware": hardware_name("cpu")}, indent=2))
 
 
+@bench.command("fsdp")
+@_CONFIG
+@_SET
+@click.option("--device", default="cpu", show_default=True, help="cpu (gloo) or cuda (NCCL, one GPU a worker)")
+@click.option("--workers", default=2, show_default=True, help="processes (ranks) on this machine")
+@click.option("--steps", default=3, show_default=True, help="timed optimizer steps per strategy")
+@click.option("--warmup", default=1, show_default=True, help="untimed steps first")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
+def bench_fsdp_cmd(config_path, overrides, device, workers, steps, warmup, json_path) -> None:
+    """DDP against FSDP (scaling.strategy) on one machine, without Ray: weights, gradients and AdamW state held per
+    rank, peak memory per rank, step time, and how far FSDP's weights end from DDP's after the same steps on the
+    same batches. Random weights of the config's architectures (no download)."""
+    from gram_ray.bench import hardware_name
+    from gram_ray.bench_fsdp import bench_fsdp, fsdp_table
+    from gram_ray.demo import DEMO_CONFIG
+
+    cfg = _config(config_path or DEMO_CONFIG, overrides)
+    click.echo(f"bench fsdp of {config_path or DEMO_CONFIG} on {hardware_name(device)}")
+    try:
+        result = bench_fsdp(cfg, workers=workers, steps=steps, warmup=warmup, device=device, progress=click.echo)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo("\n" + fsdp_table(result))
+    if json_path:
+        json_path.write_text(json.dumps(result | {"hardware": hardware_name(device)}, indent=2))
+
+
 @bench.command("train")
 @_CONFIG
 @_SET

@@ -314,6 +314,18 @@ class ScalingSection(_Section):
         "batch through gradient accumulation",
     )
     use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole model, its gradients and AdamW state; fsdp: FSDP2 shards "
+        "them over the workers, one unit per transformer block, bf16 compute on GPU from fp32 master weights "
+        "(GRAM's 1.24 B parameters: ~23 GB a GPU under DDP, a quarter of it over 4 workers)",
+    )
+    fsdp_sync: Literal["every_micro_batch", "last_micro_batch"] = Field(
+        "every_micro_batch",
+        description="fsdp with gradient accumulation: reduce-scatter each micro-batch's gradients (least memory), "
+        "or keep gradients and gathered weights on every worker until the step's last micro-batch (one "
+        "reduce-scatter a step, no re-gathering; a full fp32 gradient and bf16 weights a worker more)",
+    )
     resources_per_worker: dict[str, float] | None = None
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
     resize_check_s: float = Field(
@@ -430,6 +442,16 @@ class GramConfig(_Section):
                 )
             if self.train.batch_size != g // s.max_workers:
                 self.train.batch_size = g // s.max_workers
+        if s.strategy == "fsdp" and self.train.fp16:
+            raise ValueError(
+                "scaling.strategy: fsdp computes in bf16 on GPU (train.bf16); train.fp16's loss scaler does not "
+                "handle sharded gradients here: use train.bf16 (Ampere and later GPUs), or scaling.strategy: ddp"
+            )
+        if s.strategy == "fsdp" and self.model.compile:
+            raise ValueError(
+                "model.compile with scaling.strategy: fsdp has not been tested together (the encoders would be "
+                "compiled before they are sharded): turn one of them off"
+            )
         if s.elastic:
             step = step_clips(self)
             try:

@@ -94,7 +94,8 @@ class VolumeContrastiveLoss(nn.Module):
                 raise ValueError(
                     f"temperature_bounds {temperature_bounds} must satisfy 0 < min <= {temperature} <= max"
                 )
-        log_t = torch.tensor(math.log(temperature), dtype=torch.float32)
+        # One element, not a scalar: FSDP shards parameters along their first dimension and refuses 0-d ones.
+        log_t = torch.tensor([math.log(temperature)], dtype=torch.float32)
         if learnable_temperature:
             self.log_temperature = nn.Parameter(log_t)
         else:
@@ -108,7 +109,7 @@ class VolumeContrastiveLoss(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
-        t = self.log_temperature.exp()
+        t = self.log_temperature.exp().reshape(())
         if self.temperature_bounds is not None:
             t = t.clamp(*self.temperature_bounds)
         return t

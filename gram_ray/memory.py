@@ -6,9 +6,13 @@ pairs) runs there in bf16, counting every tensor autograd saves for the backward
 parameters excluded). Attention is counted as a fused kernel keeps it on a
 GPU (flash / memory-efficient SDPA: q, k, v, the output and the log-sum-exp, never the [heads, N, N] matrix).
 Added to that, per trainable parameter: the fp32 weight, its gradient, AdamW's two moments, and DDP's gradient
-bucket (frozen parameters: the weight only). FSDP shards the weight, gradient and optimizer terms over the
-workers. Not counted: the allocator's fragmentation, the CUDA context (~0.5 GB), kernels' workspaces and the
-volume loss (B x B: negligible), so treat the figures as a floor with ~10-15% to spare.
+bucket (frozen parameters: the weight only). Under FSDP (train/sharding.py) the fp32 weights, gradients and
+moments are sharded over the workers, and what the code gathers is added back: the root unit's weights in bf16
+(kept from forward through backward) with an fp32 gradient buffer, and two transformer blocks at a time (the one
+running and the one prefetched), each with its bf16 weights and fp32 gradient buffer; with
+scaling.fsdp_sync: last_micro_batch, every weight in bf16 and every gradient in fp32, unsharded. Not counted: the
+allocator's fragmentation, the CUDA context (~0.5 GB), kernels' workspaces and the volume loss (B x B:
+negligible), so treat the figures as a floor with ~10-15% to spare.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 
 from gram_ray.config import GramConfig
 
-__all__ = ["MemoryEstimate", "estimate_memory", "memory_table"]
+__all__ = ["MemoryEstimate", "static_bytes", "estimate_memory", "configured_estimate", "memory_table"]
 
 GIB = 2**30
 
@@ -119,9 +123,37 @@ def _saved_activation_bytes(model, batch: dict) -> int:
     return sum(saved.values())
 
 
+def _sizes(modules) -> tuple[int, int]:
+    """(parameters, trainable parameters) of modules."""
+    params = [p for m in modules for p in m.parameters()]
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def static_bytes(model, shards: int = 1, sync_every_micro_batch: bool = True) -> int:
+    """Weights, gradients and AdamW state per GPU of the model as its requires_grad flags stand: DDP (shards 1)
+    or FSDP over `shards` workers, as train/sharding.py shards it."""
+    parameters, trainable = _sizes([model])
+    if shards == 1:
+        # fp32 weights (4 B) of every parameter; per trainable one its gradient (4), AdamW's moments (8) and the
+        # DDP gradient bucket it is reduced through (4).
+        return 4 * parameters + 16 * trainable
+    from gram_ray.train.sharding import shard_units
+
+    sharded = (4 * parameters + 12 * trainable) // shards
+    if not sync_every_micro_batch:  # every weight gathered in bf16 and every gradient kept in fp32 until the last
+        return sharded + 2 * parameters + 4 * trainable
+    units = shard_units(model)
+    in_units = {id(p) for u in units for p in u.parameters()}
+    root = [p for p in model.parameters() if id(p) not in in_units]
+    root_bytes = sum(p.numel() * (2 + 4 * p.requires_grad) for p in root)
+    unit_bytes = sorted(sum(p.numel() * (2 + 4 * p.requires_grad) for p in u.parameters()) for u in units)
+    return sharded + root_bytes + sum(unit_bytes[-2:])
+
+
 def estimate_memory(cfg: GramConfig, batch_size: int | None = None, workers: int | None = None) -> list[MemoryEstimate]:
-    """Per-GPU estimates of a config's training step in bf16, for the ways to fit it: as configured (DDP),
-    with gradient checkpointing, with the vision tower frozen, and sharded with FSDP over the workers."""
+    """Per-GPU estimates of a config's training step in bf16, for the ways to fit it (DDP as it is, with gradient
+    checkpointing, with the vision tower frozen, both; FSDP over the workers with checkpointing), and last the
+    config as it stands (its strategy, checkpointing and frozen vision)."""
     batch_size = batch_size or cfg.train.batch_size
     workers = workers or cfg.scaling.min_workers  # FSDP's shards: an elastic group at its smallest holds most
     model = _meta_model(cfg, vocab_size=None)
@@ -129,13 +161,9 @@ def estimate_memory(cfg: GramConfig, batch_size: int | None = None, workers: int
         model.vision.augment = "none"
     batch = _meta_batch(cfg, batch_size)
     parameters = sum(p.numel() for p in model.parameters())
+    every_micro_batch = cfg.scaling.fsdp_sync == "every_micro_batch"
 
-    def static(trainable: int, shards: int = 1) -> int:
-        # fp32 weights (4 B) of every parameter; per trainable one its gradient (4), AdamW's moments (8) and,
-        # under DDP, the gradient bucket it is reduced through (4).
-        if shards > 1:  # FSDP: weights, gradients and moments sharded; no DDP buckets
-            return (4 * parameters + 12 * trainable) // shards
-        return 4 * parameters + 16 * trainable
+    counted: dict[tuple[bool, bool], int] = {}  # activations of (checkpointing, frozen vision): one pass each
 
     def run(name: str, checkpointing: bool = False, frozen_vision: bool = False, shards: int = 1) -> MemoryEstimate:
         for p in model.parameters():
@@ -148,27 +176,47 @@ def estimate_memory(cfg: GramConfig, batch_size: int | None = None, workers: int
                 encoder.backbone.set_gradient_checkpointing(checkpointing)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model.to(torch.bfloat16)  # what autocast runs the encoders in
-        activations = _saved_activation_bytes(model, batch)
-        return MemoryEstimate(name, parameters, trainable, activations, static(trainable, shards))
+        if (checkpointing, frozen_vision) not in counted:
+            counted[checkpointing, frozen_vision] = _saved_activation_bytes(model, batch)
+        activations = counted[checkpointing, frozen_vision]
+        static = static_bytes(model, shards, every_micro_batch)
+        return MemoryEstimate(name, parameters, trainable, activations, static)
 
+    own = dict(checkpointing=cfg.model.gradient_checkpointing, frozen_vision=cfg.model.vision.freeze)
+    fsdp = f"FSDP over {workers} GPUs" + ("" if every_micro_batch else " (sync: last_micro_batch)")
+    extras = ", ".join(
+        what for what, on in (("gradient checkpointing", own["checkpointing"]), ("vision frozen", own["frozen_vision"]))
+        if on
+    )  # fmt: skip
     return [
         run(f"DDP, batch {batch_size}"),
         run(f"DDP, batch {batch_size}, gradient checkpointing", checkpointing=True),
         run(f"DDP, batch {batch_size}, vision tower frozen", frozen_vision=True),
         run(f"DDP, batch {batch_size}, frozen vision + checkpointing", checkpointing=True, frozen_vision=True),
+        run(f"{fsdp}, batch {batch_size}, gradient checkpointing", checkpointing=True, shards=workers),
+        # The config as it stands (strategy, checkpointing, frozen vision): what `cluster check` compares with a GPU.
         run(
-            f"FSDP over {workers} GPUs, batch {batch_size}, gradient checkpointing", checkpointing=True, shards=workers
+            f"as configured: {fsdp if cfg.scaling.strategy == 'fsdp' else 'DDP'}, batch {batch_size}"
+            + (f", {extras}" if extras else ""),
+            shards=workers if cfg.scaling.strategy == "fsdp" else 1,
+            **own,
         ),
     ]
 
 
+def configured_estimate(cfg: GramConfig) -> MemoryEstimate:
+    """The estimate of the config's own setup: its strategy, gradient checkpointing and frozen vision tower."""
+    return estimate_memory(cfg)[-1]
+
+
 def memory_table(estimates: list[MemoryEstimate], gpu_gib: float = 80.0) -> str:
-    header = f"{'setup':<58} {'trainable':>10} {'activations':>12} {'weights+grads+optim':>20} {'total':>8}"
+    width = max(len(e.name) for e in estimates)
+    header = f"{'setup':<{width}} {'trainable':>10} {'activations':>12} {'weights+grads+optim':>20} {'total':>8}"
     lines = [f"{header}  fits {gpu_gib:.0f} GB"]
     for e in estimates:
         fits = "yes" if e.total_bytes / GIB <= gpu_gib * 0.9 else "no"
         lines.append(
-            f"{e.name:<58} {e.trainable / 1e6:>9.0f}M {e.activations_bytes / GIB:>11.1f}G "
+            f"{e.name:<{width}} {e.trainable / 1e6:>9.0f}M {e.activations_bytes / GIB:>11.1f}G "
             f"{e.static_bytes / GIB:>19.1f}G {e.total_bytes / GIB:>7.1f}G  {fits}"
         )
     lines.append(

@@ -7,6 +7,8 @@ Parts, each a command a user can rerun alone (the JSON records it), each with it
           each against the paper's own construction and the compiled cosine floor;
   train   bench train on configs/msrvtt-hf.yaml's model (282 M parameters) with random weights: (a) plain loop,
           (b) run_training from the Parquet cache, (c) TorchTrainer + Ray Data;
+  fsdp    bench fsdp on the same model: DDP against FSDP2 in bf16 over NCCL (one rank per GPU, up to 2): memory
+          per rank, step time, and FSDP's distance from DDP after the same steps;
   demo    the demo for one epoch on the GPU (decord decoding, one GPU worker, bf16).
 
 Writes <out>/gpu-check.json (everything), <out>/gpu-check.txt (the short table) and <out>/gpu-check.log (every
@@ -139,7 +141,7 @@ def run_checks(out: Path, data: Path | None, smoke: bool, budget_s: float, parts
         if "tests" in parts:
             xml = work / "pytest-gpu.xml"
             pytest = f"-m pytest -m gpu tests/test_gpu.py -rs -q -p no:cacheprovider --junitxml={xml}".split()
-            record = check.run("tests", [sys.executable, *pytest], timeout=240)
+            record = check.run("tests", [sys.executable, *pytest], timeout=360)
             record["result"] = _pytest_summary(xml)
             if record["status"] == "passed" and not has_cuda:
                 record["status"] = "skipped"
@@ -172,6 +174,18 @@ def run_checks(out: Path, data: Path | None, smoke: bool, budget_s: float, parts
             bench = f"bench train --device {device} {sizes}"
             check.run("train", [*GRAM_RAY, *bench.split(), "--json", path], timeout=300, json_path=path)
 
+        if gpu_part("fsdp", "bench fsdp over NCCL"):
+            path = work / "fsdp.json"
+            gpus = _gpu_count() if gpu else 2
+            sizes = (
+                "--steps 2 --warmup 1 --set train.batch_size=8"
+                if smoke
+                else "--config configs/msrvtt-hf.yaml --steps 5 --warmup 2 --set train.batch_size=8 "
+                "--set train.grad_accum=2"
+            )
+            bench = f"bench fsdp --device {device} --workers {max(1, min(2, gpus))} {sizes}"
+            check.run("fsdp", [*GRAM_RAY, *bench.split(), "--json", path], timeout=300, json_path=path)
+
         if gpu_part("demo", "a one-epoch demo on the GPU"):
             demo_out = work / "demo"
             overrides = (
@@ -202,6 +216,12 @@ def run_checks(out: Path, data: Path | None, smoke: bool, budget_s: float, parts
     (out / "gpu-check.txt").write_text(table + "\n")
     print("\n" + table)
     return report
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _version(module: str) -> str | None:
@@ -287,6 +307,12 @@ def summary_table(report: dict) -> str:
             f"{_meets(ray_share, TARGETS['ray_share_of_plain'], True)}",
         ]
 
+    fsdp = report["parts"].get("fsdp", {}).get("result")
+    if fsdp:
+        from gram_ray.bench_fsdp import fsdp_table
+
+        lines += ["", "DDP against FSDP (bench fsdp)", fsdp_table(fsdp)]
+
     demo = report["parts"].get("demo", {}).get("result")
     if demo:
         lines += ["", f"demo, one epoch: {json.dumps(demo['main_metric'])}, {demo['wall_seconds']} s"]
@@ -300,8 +326,8 @@ def main() -> int:
         "--data", type=Path, help="demo data written by `gram-ray synth` (default: .gpu/demo-data when there)"
     )
     parser.add_argument("--smoke", action="store_true", help="run every part on CPU with small sizes")
-    parser.add_argument("--budget", type=float, default=450, help="seconds for the whole check (parts after it skip)")
-    parser.add_argument("--parts", default="tests,volume,train,demo", help="which parts, comma-separated")
+    parser.add_argument("--budget", type=float, default=500, help="seconds for the whole check (parts after it skip)")
+    parser.add_argument("--parts", default="tests,volume,train,fsdp,demo", help="which parts, comma-separated")
     args = parser.parse_args()
     data = args.data
     if data is None and (REPO / ".gpu" / "demo-data").is_dir():

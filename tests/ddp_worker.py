@@ -207,6 +207,90 @@ def elastic_run(rank: int, world: int, resume: dict | None = None, stop_at: int 
     return {"checkpoints": checkpoints, "logged": logged, "seen": seen, "weights": weights}
 
 
+FSDP_ROWS, FSDP_VAL_ROWS = 16, 8
+
+
+def fsdp_setup(*extra: str):
+    """The FSDP loop case: GRAM's encoders with DAM, gradient checkpointing and reranking; 16 clips, micro-batches
+    of 2, 2 of them a step on each of 2 workers (8 clips a step, 2 steps an epoch), 2 epochs, a checkpoint every
+    step, an evaluation before the first step (8 val clips in batches of 3: the ranks embed 2 and 1 batches)."""
+    from tiny import GRAM_ENCODERS, random_rows, tiny_config
+
+    from gram_ray.data.text import build_word_vocab
+
+    cfg = tiny_config(
+        *GRAM_ENCODERS,
+        "model.text.cross_attention=true",
+        "model.itm_ratio=0.1",
+        "model.gradient_checkpointing=true",
+        "eval.rerank_k=4",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.epochs=2",
+        "train.checkpoint_every_steps=1",
+        "train.first_eval=true",
+        "train.eval_batch_size=3",
+        *extra,
+    )
+    rows = random_rows(cfg, FSDP_ROWS + FSDP_VAL_ROWS)
+    vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
+    train = {k: v[:FSDP_ROWS] for k, v in rows.items()}
+    val = {k: v[FSDP_ROWS:] for k, v in rows.items()}
+    return cfg, train, val, vocab
+
+
+def fsdp_run(
+    rank: int, world: int, strategy: str, resume: dict | None = None, *extra: str, device: torch.device | None = None
+) -> dict:
+    """run_training on `world` ranks under DDP or FSDP (or one plain process), on CPU or a GPU: every checkpoint
+    (rank 0's) and every logged metric."""
+    from gram_ray.data.collate import Collate, epoch_batches
+    from gram_ray.model.checkpoint import load_checkpoint
+    from gram_ray.train.loop import run_training
+    from gram_ray.train.sharding import shard_model
+    from gram_ray.train.world import plan_of
+
+    cfg, train, val, vocab = fsdp_setup(*extra)
+    device = device or torch.device("cpu")
+    plan = plan_of(cfg, world)
+    collate = Collate(cfg, vocab, train=True)
+    val_collate = Collate(cfg, vocab, train=False)
+    val_batches = [val_collate({k: v[i : i + 3] for k, v in val.items()}) for i in range(0, FSDP_VAL_ROWS, 3)][
+        rank::world
+    ]
+    checkpoints, logged = [], []
+
+    def train_batches(epoch, skip):
+        for i, batch in enumerate(epoch_batches(train, plan.micro_batch, collate, epoch, skip)):
+            if i % world == rank:
+                yield batch
+
+    def report(metrics, checkpoint):
+        if checkpoint is not None:
+            checkpoints.append(load_checkpoint(checkpoint))
+
+    def prepare(model):
+        if strategy == "fsdp":
+            return shard_model(model, cfg, device)
+        on_device = {"device_ids": [device]} if device.type == "cuda" else {}
+        return DistributedDataParallel(model, **on_device) if world > 1 else model
+
+    run_training(
+        cfg,
+        train_batches=train_batches,
+        val_batches=lambda: val_batches,
+        steps_per_epoch=FSDP_ROWS // (plan.micro_batch * world),
+        grad_accum=plan.grad_accum,
+        report=report,
+        vocab=vocab,
+        resume=resume,
+        device=device,
+        prepare_model=prepare,
+        log=logged.append,
+    )
+    return {"checkpoints": checkpoints, "logged": logged}
+
+
 def grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -298,6 +382,38 @@ def main():
         extra = nonfinite_run(rank, world)
         if rank == 0:
             torch.save(extra, out)
+        _finish()
+        return
+    elif gather.startswith("loop-"):  # loop-ddp, loop-fsdp, loop-fsdp-resume (from resume.pt beside the output)
+        resume = torch.load(Path(out).parent / "resume.pt", weights_only=False) if gather.endswith("-resume") else None
+        # The resumed run also accumulates the other way (gradients kept until the step's last micro-batch).
+        extra = ["scaling.fsdp_sync=last_micro_batch"] if resume is not None else []
+        extra += ["train.bf16=true"] if device.type == "cuda" else []  # FSDP's mixed precision on a GPU
+        result = fsdp_run(rank, world, gather.split("-")[1], resume, *extra, device=device)
+        if rank == 0:
+            torch.save(result, out)
+        _finish()
+        return
+    elif gather in ("fsdp", "fsdp-dam"):  # the same case as gram / gram-dam, sharded with FSDP2
+        from tiny import tiny_config
+
+        from gram_ray.train.sharding import shard_model
+
+        model, full = gram_model_and_batch(matching=gather == "fsdp-dam")
+        model = shard_model(model, tiny_config(), device)
+        rows = len(full["ids"]) // world
+        local = {k: v[rank * rows : (rank + 1) * rows] for k, v in full.items()}
+        loss = model(local).loss
+        loss.backward()
+        full_grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        # What each rank holds: its shard of every parameter (a DTensor, split along the first dimension).
+        held = {n: (type(p.data).__name__, p.to_local().numel(), p.numel()) for n, p in model.named_parameters()}
+        every, losses = [None] * world, [torch.zeros(()) for _ in range(world)]
+        dist.all_gather_object(every, held)
+        dist.all_gather(losses, loss.detach())
+        if rank == 0:
+            result = {"losses": torch.stack(losses), "held": every}
+            torch.save({k: v.cpu() for k, v in full_grads.items()} | result, out)
         _finish()
         return
     elif gather in ("gram", "gram-dam"):

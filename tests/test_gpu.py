@@ -99,3 +99,22 @@ def test_training_loop_runs_on_gpu_in_half_precision(precision):
     assert last["step"] == n // cfg.train.batch_size
     assert np.isfinite(last["train/loss"])
     assert last["time/peak_gpu_mib"] > 0 and last["time/samples_per_s"] > 0
+
+
+def test_fsdp_in_bf16_over_nccl_takes_the_unsharded_runs_steps_and_keeps_fp32_master_weights(tmp_path):
+    """tests/test_fsdp.py's training-loop case (GRAM's encoders, DAM, gradient checkpointing, accumulation, an
+    evaluation with reranking) on the GPU: FSDP2 over NCCL with bf16 mixed precision against the same run unsharded
+    (bf16 autocast), one rank per GPU up to 2 (one rank on a one-GPU machine: the sharding hooks, the bf16 policy
+    and the gathered checkpoint all still run). Losses agree to bf16's precision and the checkpoints hold fp32
+    weights, so a resume continues from the master weights, not a bf16 copy."""
+    world = min(2, torch.cuda.device_count())
+    fsdp, results = run_ranks("loop-fsdp", tmp_path, backend="nccl", world=world, timeout=300)
+    assert all(code == 0 for code, _ in results), [err[-3000:] for _, err in results]
+    plain, results = run_ranks("loop-ddp", tmp_path, backend="nccl", world=world, timeout=300)
+    assert all(code == 0 for code, _ in results), [err[-3000:] for _, err in results]
+    assert [c["step"] for c in fsdp["checkpoints"]] == [c["step"] for c in plain["checkpoints"]] == [1, 2, 3, 4]
+    for checkpoint in fsdp["checkpoints"]:
+        assert {v.dtype for v in checkpoint["model"].values() if v.is_floating_point()} == {torch.float32}
+    pairs = [(a["train/loss"], b["train/loss"]) for a, b in zip(plain["logged"], fsdp["logged"], strict=True)
+             if "train/loss" in a]  # fmt: skip
+    assert len(pairs) == 4 and all(abs(a - b) <= 0.05 * abs(a) for a, b in pairs), pairs

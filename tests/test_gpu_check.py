@@ -28,9 +28,9 @@ def test_dry_run_without_a_gpu_skips_the_gpu_parts_and_says_why(tmp_path):
     assert "Dry run" in proc.stdout
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     parts = report["parts"]
-    assert list(parts) == ["tests", "volume", "train", "demo"]
+    assert list(parts) == ["tests", "volume", "train", "fsdp", "demo"]
     assert all(p["status"] == "skipped" for p in parts.values())
-    for name in ("volume", "train", "demo"):
+    for name in ("volume", "train", "fsdp", "demo"):
         assert "no CUDA device" in parts[name]["reason"]
     tests = parts["tests"]["result"]
     assert tests["passed"] == tests["failed"] == 0 and tests["skipped"] == len(tests["tests"]) >= 4
@@ -61,6 +61,10 @@ def test_report_table_judges_the_figures_against_the_targets():
              "steps": 15, "bf16": True, "compile": False, "flops_per_step": 1e14, "peak_bf16_tflops": 989.0,
              "paths": {"plain": path, "loop": dict(path, samples_per_s=300.0), "ray": dict(path, samples_per_s=250.0)},
              "ratios": {"loop/plain": 300 / 320, "ray/plain": 250 / 320}}  # fmt: skip
+    strategy = {"state_bytes": 4.5e9, "peak_bytes": 9e9, "step_s": 0.5, "losses": [1.0]}
+    fsdp = {"workers": 2, "steps": 5, "warmup": 2, "grad_accum": 2, "micro_batch": 8, "fsdp_sync": "every_micro_batch",
+            "ddp": strategy, "fsdp": dict(strategy, state_bytes=2.25e9, step_s=0.6), "parameters": 282e6,
+            "max_weight_diff": 1e-3, "max_loss_diff": 1e-2, "peak_measure": "cuda"}  # fmt: skip
     report = {
         "device": "NVIDIA H100 80GB HBM3",
         "ran_on": "cuda",
@@ -80,6 +84,7 @@ def test_report_table_judges_the_figures_against_the_targets():
                 "result": _volume_result(40.8, 3.0, 2.3, 4000, 300),
             },
             "train": {"status": "passed", "seconds": 120, "result": train},
+            "fsdp": {"status": "passed", "seconds": 60, "result": fsdp},
         },
     }
     table = gpu_check.summary_table(report)
@@ -88,3 +93,4 @@ def test_report_table_judges_the_figures_against_the_targets():
     assert "x paper meets" in k5 and "x floor MISSES" in k5  # 13.6x the paper, 1.30x the floor
     assert "(c) >= 90% of (a): MISSES" in table  # 250 / 320 = 78%
     assert "30.0%" in table and "989 TFLOP/s" in table
+    assert "FSDP/DDP: state 0.50x, peak 1.00x, step time 1.20x" in table

@@ -53,7 +53,7 @@ def _tiny_gram_checkpoint(tmp_path):
     for key, value in model.state_dict().items():
         theirs = gram_ray_to_gram(key)
         assert theirs is not None, key
-        source[theirs] = value.exp() if key == "loss_fn.log_temperature" else value
+        source[theirs] = value.exp().reshape(()) if key == "loss_fn.log_temperature" else value  # GRAM's: a scalar
     source |= {
         "itm_head.linear1.weight": torch.randn(16, 16),
         "hidden_trans_vision_multimodal.0.weight": torch.randn(16, 16),
@@ -84,7 +84,7 @@ def test_a_tiny_gram_checkpoint_imports_and_embeds_like_its_source(tmp_path, whe
     assert "kept, not loaded" in result.output and "MISSING" not in result.output
     state = load_weights(storage.join(out, "state.pt"))
     assert "itm_head.linear1.weight" in state["gram_unused"]  # kept for the fusion, not dropped
-    assert torch.equal(state["model"]["loss_fn.log_temperature"], torch.tensor(-2.0))  # GRAM's t -> log t
+    assert torch.equal(state["model"]["loss_fn.log_temperature"], torch.tensor([-2.0]))  # GRAM's t -> log t
     fresh_cfg = cfg.model_copy(deep=True)
     fresh_cfg.model.init_from = str(out)
     torch.manual_seed(123)  # other random weights: everything must come from the checkpoint

@@ -20,7 +20,10 @@ def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpo
     # scaling.max_failures=1 Ray Train restarts the group from it. The datasets are rebuilt for the restarted
     # group from that checkpoint's position (the rest of epoch 0): the step-3 checkpoint must count exactly the
     # 8 clips of its epoch's 2 steps (a replayed clip would count once, a set; a skipped one not at all), and
-    # the run must end at its planned 4 steps. Then `gram-ray evaluate` on the checkpoint.
+    # the run must end at its planned 4 steps. Then `gram-ray evaluate` on the checkpoint. The workers shard the
+    # model with FSDP (scaling.strategy: fsdp), so this is also FSDP through Ray Train: the sharded model's gathered
+    # checkpoints, a restart from one, and an FSDP checkpoint read by `evaluate` without any process group (every
+    # other Ray Train test runs DDP).
     from chaos import kill_a_worker_when
 
     cfg = tiny_config(
@@ -28,6 +31,7 @@ def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpo
         "train.checkpoint_every_steps=1",  # 2 steps an epoch: steps 1 and 3 are mid-epoch checkpoints
         "train.keep_checkpoints=10",
         "scaling.num_workers=2",
+        "scaling.strategy=fsdp",
         "scaling.max_failures=1",
         f"data.train_annotations={synth_small['train']}",
         f"data.val_annotations={synth_small['val']}",

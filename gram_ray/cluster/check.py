@@ -169,16 +169,12 @@ class CheckResult:
 
 
 def _step_memory(cfg: GramConfig) -> tuple[str, float]:
-    """The memory estimate per GPU of the config's own setup (gradient checkpointing and a frozen vision tower as
-    the config says; DDP), in GB."""
-    from gram_ray.memory import estimate_memory
+    """The memory estimate per GPU of the config's own setup (strategy, gradient checkpointing and a frozen vision
+    tower as the config says), in GB."""
+    from gram_ray.memory import configured_estimate
 
-    estimates = estimate_memory(cfg)
-    checkpointing, frozen = cfg.model.gradient_checkpointing, cfg.model.vision.freeze
-    chosen = estimates[
-        {(False, False): 0, (True, False): 1, (False, True): 2, (True, True): 3}[(checkpointing, frozen)]
-    ]
-    return chosen.name, chosen.total_bytes / GIB
+    estimate = configured_estimate(cfg)
+    return estimate.name, estimate.total_bytes / GIB
 
 
 def check_cluster(cfg: GramConfig, yaml_path: str | Path, gpu_gb: float | None = None, memory=_step_memory):

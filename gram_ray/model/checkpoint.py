@@ -44,17 +44,13 @@ STATE_FILE = "state.pt"
 POSITION_FILE = "position.json"  # where in training the checkpoint was taken, readable without the weights
 
 
-def _unwrap(model) -> GramModel:
-    return model.module if hasattr(model, "module") else model
-
-
 def save_checkpoint(
     directory: Path,
-    model,
+    model_state: dict,
     cfg: GramConfig,
     vocab: list[str] | None,
     *,
-    optimizer=None,
+    optimizer_state: dict | None = None,
     scheduler=None,
     scaler=None,
     step: int = 0,
@@ -64,10 +60,12 @@ def save_checkpoint(
     rng_states: list[dict] | None = None,
     world_size: int = 1,
 ) -> None:
+    """model_state and optimizer_state as one process's model and optimizer have them (by parameter index), whatever
+    the strategy that trained them: train/sharding.py's gathered_state gives them."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {
-        "model": _unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model_state,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale
         "step": step,
@@ -127,10 +125,15 @@ def load_checkpoint(directory: str | Path, map_location="cpu") -> dict:
 _ENCODERS = ("text", "vision", "audio")
 
 
+TEMPERATURE = "loss_fn.log_temperature"
+
+
 def upgrade_state(state: dict) -> dict:
-    """A checkpoint written before encoders sat behind backbone adapters, in today's layout: its Hugging Face
+    """An older checkpoint in today's layout. Before encoders sat behind backbone adapters its Hugging Face
     weights were under <encoder>.backbone.* (now <encoder>.backbone.model.*), and its projection heads had a
-    bias, which configs then did not mention (now model.head_bias, default false as GRAM)."""
+    bias, which configs then did not mention (now model.head_bias, default false as GRAM). Before FSDP the
+    temperature was a scalar (now one element), and so were its AdamW moments."""
+    state = _one_element_temperature(state)
     weights = state["model"]
     if not any(k.startswith(f"{e}.backbone.") for k in weights for e in _ENCODERS):
         return state
@@ -145,6 +148,22 @@ def upgrade_state(state: dict) -> dict:
     model_cfg = state["config"].setdefault("model", {})
     model_cfg.setdefault("head_bias", any(k.startswith("projections.") and k.endswith(".bias") for k in weights))
     return state | {"model": renamed}
+
+
+def _one_element_temperature(state: dict) -> dict:
+    weights = state["model"]
+    if TEMPERATURE not in weights or weights[TEMPERATURE].ndim != 0:
+        return state
+    state = state | {"model": weights | {TEMPERATURE: weights[TEMPERATURE].reshape(1)}}
+    optimizer = state.get("optimizer")
+    if optimizer:  # the only 0-d parameter was the temperature: its moments are the 0-d ones (not the step count)
+        moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        states = {
+            i: {k: v.reshape(1) if k in moments and torch.is_tensor(v) and v.ndim == 0 else v for k, v in s.items()}
+            for i, s in optimizer["state"].items()
+        }
+        state["optimizer"] = optimizer | {"state": states}
+    return state
 
 
 def model_from_state(state: dict) -> tuple[GramModel, GramConfig]:

@@ -10,8 +10,9 @@ A *backbone* turns one input (a caption's token ids, one frame, one filterbank w
   weights): pooled = the mean over tokens, as GRAM.
 A modality encoder runs its backbone over a sample's parts (frames, windows), pools across them, and returns
 `Encoded(pooled [B, out_dim], tokens [B, parts x L, D], mask)`: the pooled vector feeds the contrastive head,
-the tokens the fusion. A new backbone is one class with `forward(x, mask) -> (tokens, pooled)`, `width` and
-`set_gradient_checkpointing(enabled)`.
+the tokens the fusion. A new backbone is one class with `forward(x, mask) -> (tokens, pooled)`, `width`,
+`set_gradient_checkpointing(enabled)` and `shard_units()` (the modules FSDP shards one by one: its transformer
+blocks, and any module several blocks share, innermost first).
 """
 
 from __future__ import annotations
@@ -145,6 +146,17 @@ class HFBackbone(nn.Module):
                 getattr(self.model, name)()
                 return
 
+    def shard_units(self) -> list[nn.Module]:
+        # Every transformers encoder keeps its blocks in one ModuleList: encoder.layer (BERT, ViT, AST),
+        # encoder.layers (CLIP, SigLIP).
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers") and len(module):
+                return list(module)
+        raise ValueError(
+            f"{type(self.model).__name__} has no list of transformer layers (encoder.layer / encoder.layers) for "
+            "FSDP to shard: use scaling.strategy: ddp with it"
+        )
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {self.input_name: x} | ({"attention_mask": mask} if mask is not None else {})
         out = self.model(**inputs)
@@ -182,6 +194,9 @@ class EvaBackbone(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.tower.visual.set_grad_checkpointing(enabled)
 
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.tower.visual.blocks)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tower(x)
         return tokens, tokens[:, 0]
@@ -200,6 +215,13 @@ class BeatsBackbone(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.beats.encoder.gradient_checkpointing = enabled
+
+    def shard_units(self) -> list[nn.Module]:
+        # The relative position bias is one Embedding every layer holds (and the encoder calls outside any layer):
+        # a unit of its own, so no layer's shard owns it.
+        layers = list(self.beats.encoder.layers)
+        shared = getattr(layers[0].self_attn, "relative_attention_bias", None) if layers else None
+        return ([shared] if shared is not None else []) + layers
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.beats(x)

@@ -89,43 +89,66 @@ class GramModel(nn.Module):
         groups = [(self.text, self.cfg.text), (self.vision, self.cfg.vision), (self.audio, self.cfg.audio)]
         return [p for enc, c in groups if enc is not None and c.pretrained for p in enc.parameters() if p.requires_grad]
 
+    # Entry points other than forward. Under FSDP (train/sharding.py) each is registered as a forward method, so
+    # that calling it gathers the root's parameters as forward does; they and forward call only the private
+    # versions below, never one another, so no gathering hook runs inside another.
+    ENTRY_POINTS = ("encode", "embed", "embed_for_eval", "condition", "match_logits")
+
     def encode(self, batch: dict[str, torch.Tensor], modalities: list[str] | None = None) -> dict[str, Encoded]:
         """Each modality's encoder output: the pooled feature and the token states (for the fusion)."""
+        return self._encode(batch, modalities)
+
+    def embed(self, batch: dict[str, torch.Tensor], modalities: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """L2-normalised float32 embeddings [B, embed_dim] of each modality."""
+        return self._project(self._encode(batch, modalities))
+
+    def embed_for_eval(
+        self, batch: dict[str, torch.Tensor], with_condition: bool
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """embed(batch), and with_condition the clips' condition features for reranking, from one encoding."""
+        encoded = self._encode(batch)
+        return self._project(encoded), self._condition(encoded) if with_condition else None
+
+    def condition(self, encoded: dict[str, Encoded]) -> torch.Tensor:
+        """The fusion's condition features [B, M, text width] of a batch's clips."""
+        return self._condition(encoded)
+
+    def match_logits(self, input_ids: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """[B, 2] match-head logits of captions fused with clips' condition features. The fused caption is pooled
+        as the text encoder pools the plain one (GRAM: BERT's CLS; a text encoder trained with mean pooling never
+        puts the caption in its CLS state, and a match head reading it stays at the base rate)."""
+        return self._match_logits(input_ids, mask, condition)
+
+    def _encode(self, batch: dict[str, torch.Tensor], modalities: list[str] | None = None) -> dict[str, Encoded]:
         out = {}
         for m in modalities or self.modalities:
             spec = MODALITIES[m]  # which encoder reads which batch keys: the data contract's table
             out[m] = getattr(self, spec.encoder)(*(batch[key] for key in spec.batch_keys))
         return out
 
-    def embed(self, batch: dict[str, torch.Tensor], modalities: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """L2-normalised float32 embeddings [B, embed_dim] of each modality."""
-        encoded = self.encode(batch, modalities)
+    def _project(self, encoded: dict[str, Encoded]) -> dict[str, torch.Tensor]:
         return {m: F.normalize(self.projections[m](e.pooled).float(), dim=-1) for m, e in encoded.items()}
 
-    def condition(self, encoded: dict[str, Encoded]) -> torch.Tensor:
-        """The fusion's condition features [B, M, text width] of a batch's clips."""
+    def _condition(self, encoded: dict[str, Encoded]) -> torch.Tensor:
         fused = self.fusion.order
         return self.fusion.condition({m: encoded[m].tokens for m in fused}, {m: encoded[m].parts for m in fused})
 
-    def match_logits(self, input_ids: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """[B, 2] match-head logits of captions fused with clips' condition features. The fused caption is pooled
-        as the text encoder pools the plain one (GRAM: BERT's CLS; a text encoder trained with mean pooling never
-        puts the caption in its CLS state, and a match head reading it stays at the base rate)."""
+    def _match_logits(self, input_ids: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         states = self.text.backbone.fuse(input_ids, mask, condition, None)
         return self.fusion.match_head(pool_tokens(states, self.cfg.text.pooling, mask))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> VolumeLossOutput:
-        encoded = self.encode(batch)
-        emb = {m: F.normalize(self.projections[m](e.pooled).float(), dim=-1) for m, e in encoded.items()}
+        encoded = self._encode(batch)
+        emb = self._project(encoded)
         out = self.loss_fn.compute(emb["text"], *[emb[m] for m in self.modalities if m != "text"])
         if self.fusion is None:
             return out
         text_ids, text_mask = (batch[key] for key in MODALITIES["text"].batch_keys)
         dam = matching_loss(
-            self.match_logits,
+            self._match_logits,
             text_ids,
             text_mask,
-            self.condition(encoded),
+            self._condition(encoded),
             out.logits_t2v,
             out.logits_v2t,
             out.sizes,

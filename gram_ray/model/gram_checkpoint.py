@@ -162,7 +162,8 @@ def import_gram_state(
             report.unused[key] = f"{ours} is not part of this model (model.modalities, model.itm_ratio)"
             continue
         if key == TEMPERATURE[0]:
-            value = torch.log(value.to(torch.float64)).to(torch.float32)  # GRAM keeps t itself; gram-ray log t
+            # GRAM keeps t itself (a scalar); gram-ray log t, in one element
+            value = torch.log(value.to(torch.float64)).to(torch.float32).reshape(shapes[ours])
         if value.shape != shapes[ours]:
             if ours.endswith("visual.pos_embed") and value.ndim == 3 and value.shape[-1] == shapes[ours][-1]:
                 report.resized.append(f"{key}: {list(value.shape)} -> {list(shapes[ours])} (another vision resolution)")

@@ -11,7 +11,6 @@ rank has trained on in that epoch and every rank's RNG state. The resumed run tr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import tempfile
@@ -29,6 +28,7 @@ from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, i
 from gram_ray.evaluate import evaluate_embeddings
 from gram_ray.model.checkpoint import CheckpointWriteError, save_checkpoint
 from gram_ray.model.gram import GramModel, build_model, init_weights
+from gram_ray.train.sharding import as_local, gathered_state, load_optimizer_state, micro_batch_sync, whole_weights
 from gram_ray.train.step_timer import StepTimer
 from gram_ray.train.world import derive_seed
 
@@ -131,12 +131,19 @@ def _autocast(device: torch.device, cfg: GramConfig):
 _UNTIMED = StepTimer(None, enabled=False)
 
 
-def accumulate_gradients(model, batch: dict, grad_accum: int, sync: bool, timer: StepTimer = _UNTIMED, scaler=None):
+def accumulate_gradients(
+    model,
+    batch: dict,
+    grad_accum: int,
+    sync: bool,
+    timer: StepTimer = _UNTIMED,
+    scaler=None,
+    sync_every_micro_batch: bool = True,
+):
     """Forward and backward of one micro-batch, its loss scaled by 1/grad_accum so that the accumulated gradient
-    is the mean over micro-batches. DDP all-reduces gradients on every backward unless told not to, so every
-    micro-batch but the last of a group runs under no_sync (forward included: DDP decides in forward)."""
-    skip = not sync and hasattr(model, "no_sync")
-    with model.no_sync() if skip else contextlib.nullcontext():
+    is the mean over micro-batches. sync: the step's last micro-batch, whose backward reduces the gradients across
+    ranks (DDP: only it; FSDP: every micro-batch unless scaling.fsdp_sync says last_micro_batch)."""
+    with micro_batch_sync(model, sync, sync_every_micro_batch):
         with timer.phase("forward"):
             out = model(batch)
         with timer.phase("backward"):
@@ -171,11 +178,10 @@ def embed_batches(
     for batch in batches:
         batch = _to_device(batch, device)
         with _autocast(device, cfg):
-            encoded = model.encode(batch)
-            emb = {m: F.normalize(model.projections[m](e.pooled).float(), dim=-1) for m, e in encoded.items()}
+            emb, condition = model.embed_for_eval(batch, with_condition=fusion_inputs is not None)
             if fusion_inputs is not None:
                 text_ids, text_mask = (batch[key] for key in MODALITIES["text"].batch_keys)
-                fusion_inputs.append((model.condition(encoded), text_ids, text_mask))
+                fusion_inputs.append((condition, text_ids, text_mask))
         for m, e in emb.items():
             parts.setdefault(m, []).append(e.float())
         text_to_video.append(batch[TEXT_TO_VIDEO].cpu() + offset)
@@ -300,15 +306,18 @@ def run_training(
         )
     total_steps = max(1, round(t.epochs * updates_per_epoch))
     epochs = math.ceil(total_steps / updates_per_epoch)  # a fractional last epoch stops early
-    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    if resume is not None:  # whole weights, before DDP copies them or FSDP shards them
+        model.load_state_dict(resume["model"])
+    # The optimizer is built on the prepared model's parameters: FSDP replaces each by its shard.
+    model = prepare_model(model)
+    optimizer, scheduler = build_optimizer(_unwrap(model), cfg, total_steps)
     # fp16 autocast needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler("cuda") if t.fp16 and device.type == "cuda" else None
     step, start_epoch, skip_ids = 0, 0, frozenset()
     skipped_steps = skipped_in_a_row = 0  # updates left out because a loss or gradient norm was not finite
     last_checkpoint_step = resume["step"] if resume is not None else None
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(model, optimizer, resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
@@ -322,7 +331,7 @@ def run_training(
             _set_rng_state(states[get_rank()], device)  # the same group: its draws continue exactly
         else:  # an epoch's end, or a group of another size: streams of (seed, step, rank), distinct per rank
             torch.manual_seed(derive_seed(t.seed, step, get_rank()))
-    model = prepare_model(model)
+    sync_every_micro_batch = cfg.scaling.fsdp_sync == "every_micro_batch"
     rank0 = get_rank() == 0
     metric_name = main_metric_name(cfg)
     last: dict = {"step": step, "total_steps": total_steps}
@@ -334,11 +343,12 @@ def run_training(
         # Mid-epoch (consumed is not None) every rank contributes its clips and RNG state: a collective.
         all_consumed = [i for part in _gather_objects(consumed) for i in part] if consumed is not None else []
         rng_states = _gather_objects(_rng_state(device)) if consumed is not None else None
+        model_state, optimizer_state = gathered_state(model, optimizer)  # FSDP: every rank sends rank 0 its shards
         if not rank0:
             report(metrics, None)
             return
         try:
-            _save_and_report(metrics, epoch, consumed, all_consumed, rng_states)
+            _save_and_report(metrics, epoch, consumed, all_consumed, rng_states, model_state, optimizer_state)
         except OSError as e:  # disk full, permission denied, storage unreachable: stop, saying what to do
             raise CheckpointWriteError(
                 f"step {step}: the checkpoint could not be written or stored ({e}). Training stopped here; the "
@@ -347,14 +357,14 @@ def run_training(
                 + ". Free space or fix the storage's permissions, then continue with gram-ray train --resume auto."
             ) from e
 
-    def _save_and_report(metrics, epoch, consumed, all_consumed, rng_states) -> None:
+    def _save_and_report(metrics, epoch, consumed, all_consumed, rng_states, model_state, optimizer_state) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(
                 Path(tmp),
-                model,
+                model_state,
                 cfg,
                 vocab,
-                optimizer=optimizer,
+                optimizer_state=optimizer_state,
                 scheduler=scheduler,
                 scaler=scaler,
                 step=step,
@@ -371,11 +381,12 @@ def run_training(
         if val_batches is not None:
             plain = _unwrap(model)
             fusion_inputs = [] if cfg.eval.rerank_k and plain.fusion is not None else None
-            emb, text_to_video, _ = embed_batches(plain, val_batches(), device, cfg, fusion_inputs)
-            evaluation = evaluate_embeddings(emb, text_to_video)
-            if fusion_inputs is not None:
-                evaluation["rerank"] = rerank_evaluation(plain, fusion_inputs, emb, text_to_video, device, cfg)
-                plain.train()
+            with whole_weights(plain):  # FSDP: gathered once, so ranks may embed different numbers of batches
+                emb, text_to_video, _ = embed_batches(plain, val_batches(), device, cfg, fusion_inputs)
+                evaluation = evaluate_embeddings(emb, text_to_video)
+                if fusion_inputs is not None:
+                    evaluation["rerank"] = rerank_evaluation(plain, fusion_inputs, emb, text_to_video, device, cfg)
+                    plain.train()
             metrics = metrics | flatten_metrics(evaluation, "val")
             metrics["val_eval"] = json.dumps(evaluation)
             if rank0:
@@ -412,7 +423,9 @@ def run_training(
             micro += 1
             last_micro = micro % grad_accum == 0
             with _autocast(device, cfg):
-                out = accumulate_gradients(model, batch, grad_accum, sync=last_micro, timer=timer, scaler=scaler)
+                out = accumulate_gradients(
+                    model, batch, grad_accum, last_micro, timer, scaler, sync_every_micro_batch=sync_every_micro_batch
+                )
             consumed.extend(batch[IDS])
             step_samples += len(batch[IDS])
             window_samples += len(batch[IDS]) * get_world_size()
@@ -421,7 +434,8 @@ def run_training(
             with timer.phase("optimizer"):
                 if scaler is not None:  # fp16: clip the true gradients
                     scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                # Under FSDP the norm is over every rank's shards (a DTensor, replicated): the global norm as DDP's.
+                grad_norm = as_local(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
                 if scaler is not None:
                     # fp16 overflow is the scaler's business: it skips that step itself and lowers the scale.
                     finite = step_is_finite(out.loss, torch.zeros(()), device)

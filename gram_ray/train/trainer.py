@@ -355,11 +355,22 @@ def train_loop_per_worker(config: dict) -> None:
             vocab=vocab,
             resume=resume,
             device=device,
-            prepare_model=ray.train.torch.prepare_model,
+            prepare_model=_preparer(cfg, device),
             log=log,
         )
     finally:
         tracker.finish()
+
+
+def _preparer(cfg: GramConfig, device):
+    """How a worker wraps its model: DDP through Ray Train, or FSDP2 over the worker group (train/sharding.py)."""
+    import ray.train.torch
+
+    if cfg.scaling.strategy == "fsdp":
+        from gram_ray.train.sharding import shard_model
+
+        return lambda model: shard_model(model, cfg, device)
+    return ray.train.torch.prepare_model
 
 
 def build_trainer(
