@@ -199,8 +199,10 @@ def test_each_bad_input_is_skipped_with_its_reason(bad_inputs, ray_session):
     assert "not found" in reasons["missing"]
     assert "audio" in reasons["noaudio"] and "silent" in reasons["silent"]
 
+    from tiny import cached_frames
+
     rows = read_cache(str(bad_inputs / "out" / "shards")).take_all()
-    assert [r["id"] for r in rows] == ["good"] and rows[0]["frames"].shape == (8, 3, 224, 224)
+    assert [r["id"] for r in rows] == ["good"] and cached_frames(rows[0]).shape == (8, 3, 224, 224)
 
 
 def test_missing_audio_kept_with_flag_when_allowed(bad_inputs, ray_session):
@@ -237,12 +239,13 @@ def test_cache_reused_unless_forced_or_changed(synth_small, ray_session, tmp_pat
 
 
 def test_cache_stores_tensors_as_fixed_size_binary_and_reads_them_back(synth_small, ray_session, tmp_path):
-    """Parquet holds one plain binary value per clip (fast to read); read_cache gives the tensors back exactly."""
+    """Parquet holds one plain binary value per clip (fast to read); read_cache gives the tensors back exactly.
+    (Frames stored raw, data.video.cache_codec: raw; test_a_jpeg_cache_... covers the default.)"""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     data = DataConfig()
-    data.video.size, data.audio.window_frames = 32, 256
+    data.video.size, data.audio.window_frames, data.video.cache_codec = 32, 256, "raw"
     preprocess(synth_small["val"], synth_small["videos"], tmp_path / "c", data, audio_dir=synth_small["audios"])
     schema = pq.read_schema(next((tmp_path / "c" / "shards").glob("*.parquet")))
     assert schema.field("frames").type == pa.binary(8 * 3 * 32 * 32)
@@ -258,29 +261,35 @@ def test_cache_stores_tensors_as_fixed_size_binary_and_reads_them_back(synth_sma
 
 
 @pytest.mark.ray
-def test_training_cache_keeps_several_frame_draws_and_each_epoch_uses_one(synth_small, ray_session, tmp_path):
-    from tiny import tiny_config
+@pytest.mark.parametrize("codec", ["raw", "jpeg"])
+def test_training_cache_keeps_several_frame_draws_and_each_epoch_uses_one(codec, synth_small, ray_session, tmp_path):
+    """Whichever codec stores them, a training cache keeps 3 draws of each clip and Collate gives each epoch one
+    of them, chosen by (seed, epoch, clip); a JPEG cache decodes only the chosen draw."""
+    from tiny import cached_frames, tiny_config
 
     from gram_ray.data.collate import Collate
     from gram_ray.data.text import build_word_vocab
 
-    cfg = tiny_config("data.video.train_draws=3")
+    cfg = tiny_config("data.video.train_draws=3", f"data.video.cache_codec={codec}")
     report = preprocess(
         synth_small["train"], synth_small["videos"], tmp_path / "c", cfg.data, audio_dir=synth_small["audios"],
         mode="train",
     )  # fmt: skip
     rows = read_cache(str(tmp_path / "c" / "shards")).take_batch(report["rows_written"], batch_format="numpy")
     v = cfg.data.video
-    assert rows["frames"].shape[1:] == (3, v.num_frames, 3, v.size, v.size)  # [draws, N, 3, S, S] a clip
-    assert not np.array_equal(rows["frames"][:, 0], rows["frames"][:, 1])  # independent random frames
+    draws = np.stack([cached_frames({k: rows[k][i] for k in rows}) for i in range(len(rows["id"]))])
+    if codec == "jpeg":
+        draws = draws.reshape(len(rows["id"]), 3, v.num_frames, 3, v.size, v.size)
+    assert draws.shape[1:] == (3, v.num_frames, 3, v.size, v.size)  # [draws, N, 3, S, S] a clip
+    assert not np.array_equal(draws[:, 0], draws[:, 1])  # independent random frames
     vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
     epochs = [Collate(cfg, vocab, train=True, epoch=e)(rows)["frames"] for e in (0, 1, 0)]
     assert torch.equal(epochs[0], epochs[2]) and not torch.equal(epochs[0], epochs[1])  # (seed, epoch, clip)
     assert epochs[0].shape[1:] == (v.num_frames, 3, v.size, v.size)
     for i in range(len(rows["id"])):  # each clip's frames are one of its draws
-        assert any(torch.equal(epochs[1][i], torch.from_numpy(np.array(rows["frames"][i, d]))) for d in range(3))
+        assert any(torch.equal(epochs[1][i], torch.from_numpy(np.array(draws[i, d]))) for d in range(3))
     val = Collate(cfg, vocab, train=False)(rows)["frames"]
-    assert torch.equal(val, torch.from_numpy(rows["frames"][:, 0]))
+    assert torch.equal(val, torch.from_numpy(draws[:, 0]))
 
 
 def test_synthetic_val_captions_unique_and_need_the_audio(synth_small):

@@ -208,8 +208,9 @@ class _Interrupted(Exception):
 
 def _resume_run(cfg, train, vocab, resume=None, stop_at=None):
     """run_training over in-memory rows; stop_at: raise right after the mid-epoch checkpoint of that step, as
-    a killed run would. Returns (lr of every optimizer step, checkpoints reported, ids trained on per epoch)."""
-    lrs, checkpoints, seen = [], [], {}
+    a killed run would. Returns (lr of every optimizer step, checkpoints reported, ids trained on per epoch,
+    the epoch-end reports)."""
+    lrs, checkpoints, seen, epoch_ends = [], [], {}, []
     collate = Collate(cfg, vocab, train=True)
 
     def train_batches(epoch, skip):
@@ -220,6 +221,8 @@ def _resume_run(cfg, train, vocab, resume=None, stop_at=None):
     def report(metrics, ckpt):
         if ckpt is not None:
             checkpoints.append(load_checkpoint(ckpt))
+            if load_checkpoint(ckpt)["epoch_complete"]:
+                epoch_ends.append(metrics)
         if stop_at is not None and metrics["step"] == stop_at:
             raise _Interrupted
 
@@ -236,7 +239,7 @@ def _resume_run(cfg, train, vocab, resume=None, stop_at=None):
         )
     except _Interrupted:
         pass
-    return lrs, checkpoints, seen
+    return lrs, checkpoints, seen, epoch_ends
 
 
 def test_resume_mid_epoch_equals_an_uninterrupted_run(setup):
@@ -246,12 +249,12 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(setup):
     cfg.train.epochs, cfg.train.checkpoint_every_steps = 3, 3
     cfg.train.warmup_steps, cfg.train.schedule = None, "linear"  # warmup_ratio 0.1 of 12 steps
     assert cfg.model.text.config.get("hidden_dropout_prob", 0.1) > 0  # dropout on: the RNG state must carry over
-    full_lrs, full_ckpts, full_seen = _resume_run(cfg, train, vocab)
-    first_lrs, first_ckpts, first_seen = _resume_run(cfg, train, vocab, stop_at=6)
+    full_lrs, full_ckpts, full_seen, full_ends = _resume_run(cfg, train, vocab)
+    first_lrs, first_ckpts, first_seen, _ = _resume_run(cfg, train, vocab, stop_at=6)
     mid = first_ckpts[-1]
     assert (mid["step"], mid["epoch"], mid["epoch_complete"]) == (6, 1, False)
     assert len(mid["consumed_ids"]) == 2 * cfg.train.batch_size  # steps 5 and 6 of epoch 1
-    rest_lrs, rest_ckpts, rest_seen = _resume_run(cfg, train, vocab, resume=mid)
+    rest_lrs, rest_ckpts, rest_seen, rest_ends = _resume_run(cfg, train, vocab, resume=mid)
 
     # No batch replayed or skipped: the resumed epoch trains on exactly the clips the full run had left.
     assert first_seen[1] + rest_seen[1] == full_seen[1] and set(mid["consumed_ids"]) == set(first_seen[1])
@@ -260,6 +263,14 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(setup):
     assert [s for s, _ in first_lrs + rest_lrs] == [s for s, _ in full_lrs] == list(range(1, 13))
     np.testing.assert_allclose([lr for _, lr in first_lrs + rest_lrs], [lr for _, lr in full_lrs], rtol=1e-12)
     assert full_lrs[-1][1] == 0.0 and rest_ckpts[-1]["step"] == full_ckpts[-1]["step"] == 12
+    # Every epoch's end reports that it trained each of the 16 clips once, the resumed epoch 1 included (8 before
+    # the checkpoint, 8 after it), with the epoch's throughput and the largest peak RSS of a rank.
+    counts = [
+        [(m["epoch"], m["train/epoch_clips"], m["train/epoch_repeats"]) for m in ends]
+        for ends in (full_ends, rest_ends)
+    ]
+    assert counts == [[(0, 16, 0), (1, 16, 0), (2, 16, 0)], [(1, 16, 0), (2, 16, 0)]]
+    assert all(m["train/epoch_samples_per_s"] > 0 and m["train/peak_rss_mb"] > 100 for m in full_ends)
     # The same final weights, to rounding.
     final, expected = rest_ckpts[-1]["model"], full_ckpts[-1]["model"]
     for name in expected:

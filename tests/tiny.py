@@ -42,6 +42,16 @@ def synth_data(paths: dict, val: bool = True) -> list[str]:
     ]
 
 
+def cached_frames(row: dict) -> np.ndarray:
+    """A cache row's frames as uint8 [(draws,) N, 3, S, S], whichever codec stored them (data.video.cache_codec)."""
+    from gram_ray.data.frame_codec import decode_jpegs
+    from gram_ray.data.schema import FRAMES_JPEG
+
+    if FRAMES_JPEG in row:
+        return decode_jpegs([list(row[FRAMES_JPEG])])[0].numpy()
+    return np.asarray(row["frames"])
+
+
 def tiny_config(*extra: str):
     return load_config(DEMO_CONFIG, [*OVERRIDES, *extra])
 

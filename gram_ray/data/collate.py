@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from gram_ray.config import GramConfig
-from gram_ray.data.schema import CAPTIONS, HAS_AUDIO, ID, IDS, MODALITIES, TEXT_TO_VIDEO
+from gram_ray.data.frame_codec import decode_jpegs, frames_of_draw
+from gram_ray.data.schema import CAPTIONS, FRAMES_JPEG, HAS_AUDIO, ID, IDS, MODALITIES, TEXT_TO_VIDEO
 from gram_ray.data.text import make_tokenizer, tokenize
 
 __all__ = ["Collate", "caption_index", "epoch_order", "epoch_batches"]
@@ -93,8 +94,10 @@ class Collate:
         tokens = tokenize(self.tokenizer, texts, max_length)
         out = {key: tokens[t] for key, t in zip(text.batch_keys, ("input_ids", "attention_mask"), strict=True)}
         out[TEXT_TO_VIDEO] = torch.from_numpy(text_to_video)
+        if "video" in modalities and FRAMES_JPEG in batch:
+            out |= self._jpeg_frames(batch[FRAMES_JPEG], ids)
         for name in ("video", "audio"):
-            if name in modalities:
+            if name in modalities and not (name == "video" and FRAMES_JPEG in batch):
                 m = MODALITIES[name]
                 (key,) = m.batch_keys
                 values = batch[m.cache_column]
@@ -112,6 +115,24 @@ class Collate:
             out[m.batch_keys[0]], out[m.batch_keys[1]] = subs["input_ids"], subs["attention_mask"]
         out[IDS] = ids
         return out
+
+    def _jpeg_frames(self, column, ids: list[str]) -> dict:
+        """A JPEG cache's frames: this epoch's draw of each clip (training; the one draw of an eval cache),
+        decoded here into uint8 [B, N, 3, S, S] (decode_device: cpu), or left as JPEG for the training loop to
+        decode on its GPU in one call (decode_device: cuda)."""
+        clips = [list(c) for c in column]
+        v = self.cfg.data.video
+        # A training cache holds draws x num_frames a clip; an eval cache one draw of eval_num_frames (all of it).
+        if self.train or (v.train_draws > 1 and all(len(c) == v.train_draws * v.num_frames for c in clips)):
+            n, seed = v.num_frames, self.cfg.train.seed
+            draws = [max(1, len(c) // n) for c in clips]
+            picks = [
+                caption_index(seed, self.epoch, i, d, 1) if self.train else 0 for i, d in zip(ids, draws, strict=True)
+            ]
+            clips = [frames_of_draw(c, n, p) for c, p in zip(clips, picks, strict=True)]
+        if self.cfg.data.video.decode_device == "cuda":
+            return {FRAMES_JPEG: clips}
+        return {MODALITIES["video"].batch_keys[0]: decode_jpegs(clips)}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

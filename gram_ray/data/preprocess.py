@@ -30,9 +30,10 @@ from gram_ray import storage
 from gram_ray.config import DataConfig
 from gram_ray.data.audio import decode_audio
 from gram_ray.data.errors import DecodeError, load_media
+from gram_ray.data.frame_codec import encode_frames
 from gram_ray.data.manifest import ManifestRow, read_annotations, resolve_media
 from gram_ray.data.parquet_layout import to_parquet_layout
-from gram_ray.data.schema import CACHE_COLUMNS, MODALITIES, object_column
+from gram_ray.data.schema import CACHE_COLUMNS, FRAMES_JPEG, MODALITIES, object_column
 from gram_ray.data.video import Mode, decode_video
 
 __all__ = [
@@ -52,6 +53,7 @@ REPORT = "report.json"
 _SKIPPED = "_skipped"  # side files of the lazily decoded dataset's skipped clips
 _DONE = "_done"  # the cache writer's progress: plan.json and one record per shard written
 _SUBTITLE = MODALITIES["subtitle"].cache_column
+_FRAMES = MODALITIES["video"].cache_column
 
 
 class PreprocessError(RuntimeError):
@@ -182,10 +184,15 @@ def build_dataset(rows: list[ManifestRow], data: DataConfig, mode: Mode = "eval"
     return ds if any(r.subtitle for r in rows) else ds.drop_columns(["subtitle"])
 
 
+# A JPEG frame at quality ~90 is about 1/13 of the raw frame (real clips at 224 px: README, Performance).
+_JPEG_SHARE = 0.08
+
+
 def rows_per_shard(data: DataConfig) -> int:
-    """Clips per Parquet file for data.shard_mb of decoded tensors."""
+    """Clips per Parquet file for about data.shard_mb of stored tensors."""
     v, a = data.video, data.audio
-    clip_bytes = v.num_frames * 3 * v.size * v.size + 4 * a.windows * a.window_frames * a.mel_bins
+    frame_bytes = v.num_frames * 3 * v.size * v.size * (_JPEG_SHARE if v.cache_codec == "jpeg" else 1)
+    clip_bytes = frame_bytes + 4 * a.windows * a.window_frames * a.mel_bins
     return max(1, int(data.shard_mb * 2**20 // clip_bytes))
 
 
@@ -221,7 +228,12 @@ def cache_key(annotations: str | Path, rows: list[ManifestRow], data: DataConfig
         h.update(json.dumps([r.id, *(signatures.get(p, [None]) for p in (r.video_path, r.audio_path))]).encode())
     # Only what changes the decoded content: inputs are covered above by their bytes and file signatures, so
     # paths may be spelled differently and scheduling knobs may change without invalidating the cache.
-    content = {"video": data.video.model_dump(), "audio": data.audio.model_dump()}
+    # decode_device is where a cached JPEG is decoded, not what is stored; a raw cache stays valid across the
+    # JPEG settings (and across the versions before they existed).
+    video = data.video.model_dump(exclude={"decode_device"})
+    if data.video.cache_codec == "raw":
+        video = {k: v for k, v in video.items() if k not in ("cache_codec", "jpeg_quality")}
+    content = {"video": video, "audio": data.audio.model_dump()}
     h.update(json.dumps([content, mode], sort_keys=True).encode())
     return h.hexdigest()
 
@@ -265,11 +277,16 @@ def _columns_to_arrow(columns: dict) -> pa.Table:
     and a column type that differs from the other blocks'."""
     from ray.data.extensions import ArrowTensorArray
 
+    frames = (
+        {FRAMES_JPEG: pa.array(list(columns[FRAMES_JPEG]), pa.list_(pa.binary()))}
+        if FRAMES_JPEG in columns
+        else {"frames": ArrowTensorArray.from_numpy(columns["frames"])}
+    )
     return pa.table(
         {
             "id": pa.array(list(columns["id"]), pa.string()),
             "captions": pa.array([list(c) for c in columns["captions"]], pa.list_(pa.string())),
-            "frames": ArrowTensorArray.from_numpy(columns["frames"]),
+            **frames,
             "audio_fbank": ArrowTensorArray.from_numpy(columns["audio_fbank"]),
             "has_audio": pa.array(columns["has_audio"], pa.bool_()),
             **({"subtitle": pa.array(list(columns["subtitle"]), pa.string())} if "subtitle" in columns else {}),
@@ -298,6 +315,9 @@ def write_shards(batch: dict, data: DataConfig, mode: Mode, out: str, key: str, 
         columns, failures = decode_rows(manifest, data, mode, seeded=True)
         if not subtitles:
             columns.pop("subtitle")
+        if data.video.cache_codec == "jpeg":  # each frame of each draw, one JPEG (data/frame_codec.py)
+            frames = columns.pop("frames")
+            columns[FRAMES_JPEG] = [encode_frames(clip, data.video.jpeg_quality) for clip in frames]
         table = _columns_to_table(columns)
         name = _shard_name(int(index))
         storage.write_bytes_with(
@@ -444,7 +464,12 @@ def preprocess(
         "config": data.model_dump(),
         "wall_seconds": round(wall, 3),
         "clips_per_second": round((len(rows) - reused) / wall, 3) if wall > 0 else None,
-        "columns": [c for c in CACHE_COLUMNS if c != _SUBTITLE or any(r.subtitle for r in rows)],
+        "columns": [
+            c
+            for c in CACHE_COLUMNS
+            if (c != _SUBTITLE or any(r.subtitle for r in rows))
+            and c != (_FRAMES if data.video.cache_codec == "jpeg" else FRAMES_JPEG)
+        ],
     }
     storage.write_text(report_path, json.dumps(report, indent=2))
     log(

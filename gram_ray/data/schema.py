@@ -15,6 +15,7 @@ __all__ = [
     "ID",
     "CAPTIONS",
     "HAS_AUDIO",
+    "FRAMES_JPEG",
     "TEXT_TO_VIDEO",
     "IDS",
     "CACHE_COLUMNS",
@@ -28,6 +29,9 @@ __all__ = [
 ID = "id"  # str: the video id of the annotation file
 CAPTIONS = "captions"  # list[str]: every caption of the clip (the text modality draws from these)
 HAS_AUDIO = "has_audio"  # bool: false when the clip was kept without audible audio (data.audio.allow_missing)
+# list[bytes]: a JPEG cache's frames instead of the video column (data.video.cache_codec: jpeg): one JPEG per
+# frame, draws x N, draw-major; decoded by the input pipeline (data/frame_codec.py) into the same uint8 frames.
+FRAMES_JPEG = "frames_jpeg"
 
 # Model-batch keys that are not a modality's input.
 TEXT_TO_VIDEO = "text_to_video"  # long [n_captions]: row of the caption's clip in the batch
@@ -61,6 +65,7 @@ CACHE_COLUMNS = (
     ID,
     CAPTIONS,
     MODALITIES["video"].cache_column,
+    FRAMES_JPEG,
     MODALITIES["audio"].cache_column,
     HAS_AUDIO,
     MODALITIES["subtitle"].cache_column,

@@ -27,6 +27,7 @@ class _EmbedClips:
     def __init__(self, checkpoint_dir: str) -> None:
         state = load_checkpoint(checkpoint_dir)
         self.model, cfg = model_from_state(state)
+        cfg.data.video.decode_device = "cpu"  # the model runs on this actor's CPU: a JPEG cache decodes here
         self.collate = Collate(cfg, state["vocab"], train=False)
 
     def __call__(self, batch: dict) -> dict:
@@ -51,6 +52,7 @@ class _ScorePairs:
     def __init__(self, checkpoint_dir: str, captions: list[str], pairs_by_clip: dict) -> None:
         state = load_checkpoint(checkpoint_dir)
         self.model, cfg = model_from_state(state)
+        cfg.data.video.decode_device = "cpu"  # the model runs on this actor's CPU: a JPEG cache decodes here
         self.collate = Collate(cfg, state["vocab"], train=False)
         tokens = tokenize(self.collate.tokenizer, captions, cfg.model.max_text_length)
         self.ids, self.mask = tokens["input_ids"], tokens["attention_mask"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gram_ray.config import GramConfig
+from gram_ray.data.frame_codec import decode_on_device
 from gram_ray.data.schema import IDS, MODALITIES, TEXT_TO_VIDEO
 from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, is_distributed, max_over_ranks
 from gram_ray.evaluate import evaluate_embeddings
@@ -116,6 +118,9 @@ def build_optimizer(model: GramModel, cfg: GramConfig, total_steps: int):
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on the device; frames a JPEG cache left undecoded (data.video.decode_device: cuda) are
+    decoded there, in one batched call."""
+    batch = decode_on_device(batch, device)
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -408,6 +413,7 @@ def run_training(
         updates_left = min(updates_per_epoch - (step - epoch * updates_per_epoch), total_steps - step)
         consumed: list[str] = []
         window_start, window_samples, micro = time.perf_counter(), 0, 0
+        epoch_start = window_start
         batches = iter(train_batches(epoch, skip_ids))
         step_samples = 0
         while updates_left > 0:
@@ -509,6 +515,16 @@ def run_training(
                 model.train()
             elif t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and updates_left > 0:
                 checkpoint_and_report({**last, "step": step, "epoch": epoch}, epoch, consumed)
+        # Every rank's clips of the epoch (with those a resumed epoch had trained on before), each counted once: a
+        # reported check that the epoch trained every clip of the split once (drop_last leaves out the remainder).
+        # With them the epoch's throughput and the largest peak RSS of any rank (memory a worker needs).
+        parts = _gather_objects((consumed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        everyone = [i for ids, _ in parts for i in ids]
+        distinct = set(everyone)
+        last["train/epoch_clips"] = len(distinct | skip_ids)
+        last["train/epoch_repeats"] = len(everyone) - len(distinct) + len(distinct & skip_ids)
+        last["train/epoch_samples_per_s"] = len(everyone) / (time.perf_counter() - epoch_start)
+        last["train/peak_rss_mb"] = max(rss for _, rss in parts)  # Linux reports ru_maxrss in KiB
         skip_ids = frozenset()
         periodic = step in eval_steps if t.evals_per_run else (epoch + 1) % t.eval_every_epochs == 0
         if not (periodic or epoch + 1 == epochs):
