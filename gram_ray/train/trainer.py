@@ -70,6 +70,10 @@ class TrainingData:
     val: object | None
     train_rows: int
     vocab: list[str] | None
+    # The train cache's shards when the split streams from storage every epoch (not kept in the object store):
+    # each epoch's order is then a shuffle of the files at read time, which streams, where a shuffle of the block
+    # order would first read the whole split into the object store (and spill it, for a cache larger than it).
+    train_shards: str | None = None
 
 
 class RayCollate(Collate, NumpyBatchCollateFn):
@@ -108,6 +112,7 @@ def prepare_data(cfg: GramConfig, layout: RunLayout, log=print) -> TrainingData:
     d = cfg.data
     train_ann = _require(d.train_annotations, "data.train_annotations")
     train_rows = decode_caches(cfg, layout, log)
+    train_shards = None
     if train_rows is None:
         rows = read_annotations(train_ann)
         resolve_media(rows, _require(d.video_dir, "data.video_dir"), d.audio_dir)
@@ -115,20 +120,22 @@ def prepare_data(cfg: GramConfig, layout: RunLayout, log=print) -> TrainingData:
         train_rows = len(rows)
     else:
         shards = storage.join(layout.cache("train"), SHARDS)
-        train = _maybe_materialize(read_cache(shards), shards, cfg, log)
+        train, kept = _maybe_materialize(read_cache(shards), shards, cfg, log)
+        train_shards = None if kept else shards
     val = None
     if d.val_annotations:
         shards = storage.join(layout.cache("val"), SHARDS)
-        val = _maybe_materialize(read_cache(shards), shards, cfg, log)
+        val, _ = _maybe_materialize(read_cache(shards), shards, cfg, log)
     vocab = None
     if not (cfg.model.tokenizer or cfg.model.text.pretrained):
         vocab = build_word_vocab(c for r in read_annotations(train_ann) for c in r.captions)
-    return TrainingData(train, val, train_rows, vocab)
+    return TrainingData(train, val, train_rows, vocab, train_shards)
 
 
 def _maybe_materialize(ds, shards: str, cfg: GramConfig, log):
     """Re-reading Parquet through Ray Data costs seconds of fixed overhead per epoch (measured: 5.5-8 s for 848
-    clips on 2 cores, against 0.1-0.3 s for a materialized dataset), so small caches are kept in memory."""
+    clips on 2 cores, against 0.1-0.3 s for a materialized dataset), so small caches are kept in memory. Returns
+    (dataset, kept in memory)."""
     import ray
 
     mode = cfg.data.materialize
@@ -136,8 +143,9 @@ def _maybe_materialize(ds, shards: str, cfg: GramConfig, log):
     budget = ray.cluster_resources().get("object_store_memory", 0) / 4
     if mode == "always" or (mode == "auto" and size < budget):
         log(f"keeping {shards} ({size / 2**20:.0f} MiB) in Ray's object store for every epoch")
-        return keep_in_memory(ds, cfg)
-    return ds
+        return keep_in_memory(ds, cfg), True
+    log(f"streaming {shards} ({size / 2**20:.0f} MiB) from storage every epoch")
+    return ds, False
 
 
 def keep_in_memory(ds, cfg: GramConfig):
@@ -164,6 +172,19 @@ def shuffled(ds, cfg: GramConfig, start_epoch: int):
     return ds
 
 
+def streamed(shards: str, cfg: GramConfig, start_epoch: int, consumed_ids: list[str] | None = None):
+    """The train split read from its files every epoch (a cache larger than the object store), the clips of
+    consumed_ids left out. shuffle: blocks shuffles the files' order at read time, anew every epoch (seeded as
+    shuffled() is), and each worker's local buffer mixes within them: both stream, where randomising the block
+    order would read the whole split into the object store first. full: Ray Data's random_shuffle, which moves
+    the whole split through the object store (spilling what does not fit) every epoch."""
+    blocks = cfg.train.shuffle == "blocks"
+    ds = read_cache(shards, shuffle_seed=_seed(cfg.train.seed, start_epoch) if blocks else None)
+    if consumed_ids:
+        ds = rest_of_epoch(ds, consumed_ids)
+    return shuffled(ds, cfg, start_epoch) if cfg.train.shuffle == "full" else ds
+
+
 def _drop_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch[ID], value_set=pa.array(ids, pa.string()))))
 
@@ -181,8 +202,11 @@ class EpochSplits:
     the run's latest registered checkpoint if this fit registered it, else where the fit started (start: the
     position of --resume's checkpoint, or None). No clip of that epoch is trained on twice or left out."""
 
-    def __init__(self, base, cfg: GramConfig, run_root: str, start: dict | None, restored: str | None) -> None:
+    def __init__(
+        self, base, cfg: GramConfig, run_root: str, start: dict | None, restored: str | None, shards: str | None = None
+    ) -> None:
         self.base, self.cfg, self.run_root, self.start, self.restored = base, cfg, run_root, start, restored
+        self.shards = shards  # the split streams from these files every epoch (TrainingData.train_shards)
 
     def position(self) -> dict | None:
         latest = latest_registered(self.run_root)
@@ -193,12 +217,16 @@ class EpochSplits:
     def train(self):
         p = self.position()
         first = 0 if p is None else p["epoch"] + 1  # a mid-epoch start's own epoch comes from rest()
+        if self.shards is not None:
+            return streamed(self.shards, self.cfg, first)
         return shuffled(self.base, self.cfg, first)
 
     def rest(self):
         p = self.position()
         if p is None or p.get("epoch_complete", True):
             return self.base.limit(0)
+        if self.shards is not None:
+            return streamed(self.shards, self.cfg, p["epoch"], p["consumed_ids"])
         return shuffled(rest_of_epoch(self.base, p["consumed_ids"]), self.cfg, p["epoch"])
 
 
@@ -398,7 +426,7 @@ def build_trainer(
     if resume_from:
         resume_from = storage.absolute(resume_from)  # a folder or a URI every worker can read
         start = position(resume_from)
-    splits = EpochSplits(data.train, cfg, layout.run_root, start, restored)
+    splits = EpochSplits(data.train, cfg, layout.run_root, start, restored, data.train_shards)
     datasets = {"train": splits.train, REST: splits.rest}  # called at every worker-group (re)start
     if data.val is not None:
         datasets["val"] = data.val
