@@ -143,6 +143,7 @@ def test_gram_ray_evaluate_reranks_as_training_evaluation_does(synth_small, ray_
     )
     assert load_checkpoint(tmp_path / "ckpt")["config"]["model"]["itm_ratio"] == 0.1
     val_data = cfg.data.model_copy(deep=True)
+    val_data.video.cache_codec = "raw"  # the loop's evaluation above read frames decoded straight from the videos
     preprocess(synth_small["val"], synth_small["videos"], tmp_path / "val", val_data, audio_dir=synth_small["audios"])
     metrics = evaluate_checkpoint(tmp_path / "ckpt", tmp_path / "val")
     expected = json.loads(saved["metrics"]["val_eval"])["rerank"]["text-video-audio"]
