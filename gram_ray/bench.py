@@ -22,7 +22,9 @@ __all__ = [
     "bench_volume",
     "VolumeBenchResult",
     "hardware_name",
+    "cpu_model",
     "bench_decode",
+    "video_like_frames",
     "write_synthetic_cache",
     "bench_shuffle",
 ]
@@ -151,7 +153,19 @@ class VolumeBenchResult:
 def hardware_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def bench_volume(
@@ -282,37 +296,57 @@ def bench_decode(videos, *, num_frames: int = 8, size: int = 224, reps: int = 3,
     return {"clips": len(paths), **rates}
 
 
+def video_like_frames(rng: np.random.Generator, shape: tuple[int, ...], size: int) -> np.ndarray:
+    """uint8 frames [*shape, 3, size, size] that code like video frames: smooth random colour fields (14 x 14
+    noise upsampled bicubically) with light sensor noise. At 224 px and JPEG quality 90 they take ~11.9 KB a
+    frame, against ~11.1 KB for the real clips of ../shared/data; uniform noise would take ~5x that and decode
+    slower, which would misstate a JPEG cache."""
+    low = torch.from_numpy(rng.integers(0, 256, (int(np.prod(shape)), 3, 14, 14)).astype(np.float32))
+    frames = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    frames += torch.from_numpy(rng.normal(0.0, 2.0, frames.shape).astype(np.float32))
+    return frames.clamp(0, 255).to(torch.uint8).numpy().reshape(*shape, 3, size, size)
+
+
 def write_synthetic_cache(out: str, rows: int, data, seed: int = 0, words: int = 1000, caption_words: int = 12) -> str:
-    """A Parquet cache of `rows` clips with random tensors of the data config's shapes, in the layout
-    preprocessing writes (no decoding: for benchmarks of what happens after the cache). Each caption is
-    caption_words words drawn from w0 ... w<words-1> (MSR-VTT's captions average ~9 words). Returns its shards
-    dir."""
+    """A train cache of `rows` clips with random contents of the data config's shapes, in the layout
+    preprocessing writes for it (data.video.cache_codec, train_draws draws a clip), without decoding any media:
+    for benchmarks of what happens after the cache. `out` may be a storage URI. Each caption is caption_words
+    words drawn from w0 ... w<words-1> (MSR-VTT's captions average ~9 words). Returns its shards dir."""
     import ray.data
 
+    from gram_ray import storage
+    from gram_ray.data.frame_codec import encode_frames
     from gram_ray.data.parquet_layout import to_parquet_layout
     from gram_ray.data.preprocess import SHARDS, rows_per_shard
-    from gram_ray.data.schema import object_column
+    from gram_ray.data.schema import FRAMES_JPEG, object_column
 
     v, a = data.video, data.audio
+    draws = (v.train_draws,) if v.train_draws > 1 else ()
 
     def make(batch: dict) -> dict:
         ids = batch["id"]
         rng = np.random.default_rng([seed, int(ids[0])])
         n = len(ids)
+        frames = video_like_frames(rng, (n, *draws, v.num_frames), v.size)
+        if v.cache_codec == "jpeg":
+            video = {FRAMES_JPEG: object_column([encode_frames(clip, v.jpeg_quality) for clip in frames])}
+        else:
+            video = {"frames": frames}
         return {
             "id": np.array([f"clip{i:06d}" for i in ids], dtype=object),
             "captions": object_column(
                 [[" ".join(f"w{w}" for w in rng.integers(0, words, caption_words))] for _ in ids]
             ),
-            "frames": rng.integers(0, 256, (n, v.num_frames, 3, v.size, v.size), dtype=np.uint8),
+            **video,
             "audio_fbank": rng.standard_normal((n, a.windows, a.window_frames, a.mel_bins)).astype(np.float32),
             "has_audio": np.ones(n, dtype=bool),
         }
 
-    shards = f"{out}/{SHARDS}"
+    shards = storage.join(out, SHARDS)
     ds = ray.data.range(rows, override_num_blocks=max(1, rows // 256)).map_batches(make, batch_format="numpy")
     ds = ds.map_batches(to_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-    ds.write_parquet(shards, min_rows_per_file=rows_per_shard(data), use_dictionary=False)
+    filesystem, path = storage.resolve(shards)
+    ds.write_parquet(path, filesystem=filesystem, min_rows_per_file=rows_per_shard(data), use_dictionary=False)
     return shards
 
 

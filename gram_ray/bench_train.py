@@ -36,6 +36,7 @@ __all__ = [
     "peak_bf16_tflops",
     "bench_config",
     "bench_vocab",
+    "cache_batches",
     "parquet_batches",
     "step_flops",
     "bench_train",
@@ -116,23 +117,33 @@ def _numpy_batch(table) -> dict:
     return out
 
 
-def parquet_batches(shards: str, batch_size: int, collate: Collate) -> Iterator[dict]:
-    """Model batches read from a local cache's Parquet files in file order, synchronously, without Ray."""
+def cache_batches(shards: str, batch_size: int) -> Iterator[dict]:
+    """Numpy batches of cache rows (tensor columns restored), as Ray Data would hand them to the collate
+    function: read from a cache's Parquet files (a local path or a storage URI) in file order, synchronously,
+    without Ray."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from gram_ray import storage
     from gram_ray.data.parquet_layout import from_parquet_layout
 
     pending, rows = [], 0
-    for path in sorted(Path(shards).rglob("*.parquet")):
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-            pending.append(pa.Table.from_batches([record_batch]))
-            rows += record_batch.num_rows
-            while rows >= batch_size:
-                table = pa.concat_tables(pending)
-                yield collate(_numpy_batch(from_parquet_layout(table.slice(0, batch_size))))
-                rest = table.slice(batch_size)
-                pending, rows = [rest], rest.num_rows
+    for path in storage.list_files(shards, ".parquet"):
+        filesystem, inside = storage.resolve(path)
+        with filesystem.open_input_file(inside) as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                pending.append(pa.Table.from_batches([record_batch]))
+                rows += record_batch.num_rows
+                while rows >= batch_size:
+                    table = pa.concat_tables(pending)
+                    yield _numpy_batch(from_parquet_layout(table.slice(0, batch_size)))
+                    rest = table.slice(batch_size)
+                    pending, rows = [rest], rest.num_rows
+
+
+def parquet_batches(shards: str, batch_size: int, collate: Collate) -> Iterator[dict]:
+    """Model batches read from a cache's Parquet files in file order, synchronously, without Ray."""
+    return (collate(batch) for batch in cache_batches(shards, batch_size))
 
 
 def step_flops(cfg: GramConfig, vocab, batch: dict, device: torch.device) -> int:

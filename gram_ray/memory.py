@@ -13,6 +13,9 @@ running and the one prefetched), each with its bf16 weights and fp32 gradient bu
 scaling.fsdp_sync: last_micro_batch, every weight in bf16 and every gradient in fp32, unsharded. Not counted: the
 allocator's fragmentation, the CUDA context (~0.5 GB), kernels' workspaces and the volume loss (B x B:
 negligible), so treat the figures as a floor with ~10-15% to spare.
+
+The same meta-device pass counts a training step's FLOPs (training_flops_per_clip): `bench data`'s rate of a GPU
+without one.
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ import torch.nn.functional as F
 
 from gram_ray.config import GramConfig
 
-__all__ = ["MemoryEstimate", "static_bytes", "estimate_memory", "configured_estimate", "memory_table"]
+__all__ = [
+    "MemoryEstimate",
+    "static_bytes",
+    "estimate_memory",
+    "configured_estimate",
+    "memory_table",
+    "training_flops_per_clip",
+]
 
 GIB = 2**30
 
@@ -114,13 +124,37 @@ def _saved_activation_bytes(model, batch: dict) -> int:
         return t
 
     with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        encoded = model.encode(batch)
-        for m, e in encoded.items():  # the heads; the volume loss on [B, B] adds next to nothing
-            model.projections[m](e.pooled)
-        if model.fusion is not None:  # DAM: the fusion reads 3B (caption, clip) pairs
-            condition = model.condition(encoded)
-            model.match_logits(torch.cat([batch["input_ids"]] * 3), None, torch.cat([condition] * 3))
+        _step_forward(model, batch)
     return sum(saved.values())
+
+
+def _step_forward(model, batch: dict) -> None:
+    """The forward pass of a training step, as far as it costs anything: the encoders and heads, and with the
+    matching loss the fusion over 3B (caption, clip) pairs; the volume loss on [B, B] adds next to nothing."""
+    encoded = model.encode(batch)
+    for m, e in encoded.items():
+        model.projections[m](e.pooled)
+    if model.fusion is not None:
+        condition = model.condition(encoded)
+        model.match_logits(torch.cat([batch["input_ids"]] * 3), None, torch.cat([condition] * 3))
+
+
+def training_flops_per_clip(cfg: GramConfig, batch_size: int = 8) -> tuple[int, int]:
+    """(forward FLOPs, training FLOPs) a clip of the config's model at its shapes, counted on the meta device by
+    torch.utils.flop_counter (matmuls, convolutions, attention) without a GPU or weights. Training = the forward,
+    a backward of twice its FLOPs, and with gradient checkpointing the forward once more (recomputed in the
+    backward pass): what a GPU executes, which is what its step time follows. Captions at the full text length."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _meta_model(cfg, vocab_size=None)
+    if model.vision is not None:  # crop_flip draws need real values; it costs no FLOPs worth counting
+        model.vision.augment = "none"
+    model.to(torch.bfloat16)  # what autocast runs the encoders in (and the meta batch's dtype)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        _step_forward(model, _meta_batch(cfg, batch_size))
+    forward = counter.get_total_flops() // batch_size
+    return forward, forward * (4 if cfg.model.gradient_checkpointing else 3)
 
 
 def _sizes(modules) -> tuple[int, int]:

@@ -94,27 +94,30 @@ class Collate:
         tokens = tokenize(self.tokenizer, texts, max_length)
         out = {key: tokens[t] for key, t in zip(text.batch_keys, ("input_ids", "attention_mask"), strict=True)}
         out[TEXT_TO_VIDEO] = torch.from_numpy(text_to_video)
-        if "video" in modalities and FRAMES_JPEG in batch:
-            out |= self._jpeg_frames(batch[FRAMES_JPEG], ids)
-        for name in ("video", "audio"):
-            if name in modalities and not (name == "video" and FRAMES_JPEG in batch):
-                m = MODALITIES[name]
-                (key,) = m.batch_keys
-                values = batch[m.cache_column]
-                if name == "video" and np.ndim(values) == 6:  # [B, draws, N, 3, S, S]: this epoch's draw per clip
-                    draws = np.shape(values)[1]
-                    pick = [
-                        caption_index(self.cfg.train.seed, self.epoch, i, draws, 1) if self.train else 0 for i in ids
-                    ]
-                    values = np.asarray(values)[np.arange(len(ids)), pick]
-                tensor = _writable_tensor(values)
-                out[key] = tensor.float() if name == "audio" else tensor  # frames stay uint8 until the encoder
+        if "video" in modalities:
+            out |= self.frames(batch, ids)
+        if "audio" in modalities:
+            m = MODALITIES["audio"]
+            out[m.batch_keys[0]] = _writable_tensor(batch[m.cache_column]).float()
         if "subtitle" in modalities:
             m = MODALITIES["subtitle"]
             subs = tokenize(self.tokenizer, _strings(batch[m.cache_column]), self.cfg.model.max_subtitle_length)
             out[m.batch_keys[0]], out[m.batch_keys[1]] = subs["input_ids"], subs["attention_mask"]
         out[IDS] = ids
         return out
+
+    def frames(self, batch: dict, ids: list[str]) -> dict:
+        """The batch's video entry: this epoch's draw of each clip's frames, uint8 [B, N, 3, S, S] (they stay
+        uint8 until the encoder), or JPEG left for the device to decode (decode_device: cuda)."""
+        if FRAMES_JPEG in batch:
+            return self._jpeg_frames(batch[FRAMES_JPEG], ids)
+        m = MODALITIES["video"]
+        values = batch[m.cache_column]
+        if np.ndim(values) == 6:  # [B, draws, N, 3, S, S]: this epoch's draw per clip
+            draws = np.shape(values)[1]
+            pick = [caption_index(self.cfg.train.seed, self.epoch, i, draws, 1) if self.train else 0 for i in ids]
+            values = np.asarray(values)[np.arange(len(ids)), pick]
+        return {m.batch_keys[0]: _writable_tensor(values)}
 
     def _jpeg_frames(self, column, ids: list[str]) -> dict:
         """A JPEG cache's frames: this epoch's draw of each clip (training; the one draw of an eval cache),
