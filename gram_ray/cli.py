@@ -548,6 +548,140 @@ def bench_shuffle_cmd(config_path, overrides, rows, cache, epochs, json_path) ->
         json_path.write_text(json.dumps(result | {"hardware": hardware_name("cpu")}, indent=2))
 
 
+@bench.command("data")
+@_CONFIG
+@_SET
+@click.option("--cache", help="an existing cache (a preprocess --out folder, a path or URI) instead of synthetic ones")
+@click.option(
+    "--storage",
+    "storage_uri",
+    help="where to write the synthetic caches (a folder or a URI, e.g. s3://bucket/prefix); default: /tmp",
+)
+@click.option(
+    "--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N: where batches go and augment runs"
+)
+@click.option("--batches", default=8, show_default=True, help="batches of train.batch_size a pass")
+@click.option("--reps", default=3, show_default=True, help="timed passes (median reported) after one warm-up pass")
+@click.option(
+    "--train-json",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a `bench train --json` result of this config on the GPU: its measured clips/s per GPU",
+)
+@click.option(
+    "--gpu",
+    "gpu_name",
+    help="without --train-json: the GPU whose bf16 peak to use [default: this one with --device cuda, else A10G]",
+)
+@click.option("--mfu", default=0.4, show_default=True, help="without --train-json: the model FLOPs utilisation assumed")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
+def bench_data_cmd(
+    config_path, overrides, cache, storage_uri, device, batches, reps, train_json, gpu_name, mfu, json_path
+):
+    """The training input pipeline alone: storage read, frame decode (raw or JPEG, CPU or GPU), collate, host to
+    device and augmentation, in clips/s per CPU core, and the CPU cores one GPU of the config's model needs."""
+    import tempfile
+
+    from gram_ray import storage
+    from gram_ray.bench import cpu_model, hardware_name, write_synthetic_cache
+    from gram_ray.bench_data import DEFAULT_GPU, bench_data, data_table, gpu_rate
+    from gram_ray.bench_train import bench_vocab
+    from gram_ray.data.preprocess import SHARDS
+    from gram_ray.demo import DEMO_CONFIG
+    from gram_ray.model.architectures import random_weights
+
+    cfg = _config(config_path or DEMO_CONFIG, overrides)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        gpu_name = gpu_name or torch.cuda.get_device_name(torch.device(device))
+    tokenizer = cfg.model.tokenizer or cfg.model.text.pretrained
+    if tokenizer:
+        from gram_ray.data.text import make_tokenizer
+
+        try:
+            make_tokenizer(tokenizer)
+        except OSError:
+            click.echo(f"tokenizer {tokenizer} is not available here: captions go through a word vocabulary instead")
+            cfg.model = random_weights(cfg.model)
+    vocab = bench_vocab(cfg)
+    try:
+        rate = gpu_rate(cfg, train_json=train_json, gpu=gpu_name or DEFAULT_GPU, mfu=mfu)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    with tempfile.TemporaryDirectory(prefix="gram-ray-bench-data-") as tmp:
+        if cache:
+            caches = {"cache": storage.join(storage.absolute(cache), SHARDS)}
+            if not storage.list_files(caches["cache"], ".parquet"):
+                raise click.UsageError(
+                    f"no Parquet shards under {caches['cache']}: is {cache} a preprocess --out folder?"
+                )
+        else:
+            _init_ray()
+            rows = batches * cfg.train.batch_size
+            v = cfg.data.video
+            caches = {}
+            for codec in ("raw", "jpeg"):
+                click.echo(
+                    f"writing a synthetic {codec} cache of {rows} clips ({v.train_draws} draws x {v.num_frames} frames "
+                    f"of {v.size} px{f', quality {v.jpeg_quality}' if codec == 'jpeg' else ''}) ..."
+                )
+                c = cfg.model_copy(deep=True)
+                c.data.video.cache_codec = codec
+                base = storage.join(storage_uri, f"bench-data-{codec}") if storage_uri else f"{tmp}/{codec}"
+                caches[codec] = write_synthetic_cache(base, rows, c.data)
+        hardware = hardware_name(device) if device.startswith("cuda") else cpu_model()
+        click.echo(f"bench data of {config_path or DEMO_CONFIG} on {hardware}")
+        result = bench_data(
+            cfg, caches, vocab=vocab, device=device, batches=batches, reps=reps, rate=rate, progress=click.echo
+        )
+        if storage_uri and not cache:
+            for shards in caches.values():
+                storage.delete_dir(shards)
+    result["hardware"] = hardware
+    click.echo("\n" + data_table(result))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
+@bench.command("preprocess")
+@_CONFIG
+@_SET
+@click.option("--clips", default=10000, show_default=True, help="synthetic clips to generate and decode")
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="where the clips and caches go (the clips are kept and reused); default: a temporary folder",
+)
+@click.option("--no-cluster", is_flag=True, help="leave out the run on a 2-node Ray cluster on this machine")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
+def bench_preprocess_cmd(config_path, overrides, clips, work, no_cluster, json_path) -> None:
+    """Preprocessing a large collection: clips/s and each decode worker's peak memory with 1 and 2 decode
+    workers, at a tenth and all of the clips, and on a 2-node Ray cluster on this machine. Starts its own Rays."""
+    import tempfile
+
+    from gram_ray.bench import cpu_model
+    from gram_ray.bench_preprocess import bench_preprocess, preprocess_table
+    from gram_ray.demo import DEMO_CONFIG
+
+    # Every node of the 2-node cluster is this machine's 127.0.0.1, and so is the address this process joins it
+    # by (else Ray rewrites it into the machine's network address). Ray reads this when it is first imported.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    cfg = _config(config_path or DEMO_CONFIG, overrides)
+    with tempfile.TemporaryDirectory(prefix="gram-ray-bench-preprocess-") as tmp:
+        where = work or Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        try:
+            result = bench_preprocess(cfg.data, clips, where, cluster=not no_cluster, progress=click.echo)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+    result["hardware"] = cpu_model()
+    click.echo("\n" + preprocess_table(result))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
 @bench.command("fsdp")
 @_CONFIG
 @_SET

@@ -7,6 +7,8 @@ Parts, each a command a user can rerun alone (the JSON records it), each with it
           each against the paper's own construction and the compiled cosine floor;
   train   bench train on configs/msrvtt-hf.yaml's model (282 M parameters) with random weights: (a) plain loop,
           (b) run_training from the Parquet cache, (c) TorchTrainer + Ray Data;
+  data    bench data on the same model's input: the pipeline's stages per CPU core, JPEG decoded by nvjpeg, and
+          the cores one GPU needs at train's measured rate;
   fsdp    bench fsdp on the same model: DDP against FSDP2 in bf16 over NCCL (one rank per GPU, up to 2): memory
           per rank, step time, and FSDP's distance from DDP after the same steps;
   demo    the demo for one epoch on the GPU (decord decoding, one GPU worker, bf16).
@@ -174,6 +176,18 @@ def run_checks(out: Path, data: Path | None, smoke: bool, budget_s: float, parts
             bench = f"bench train --device {device} {sizes}"
             check.run("train", [*GRAM_RAY, *bench.split(), "--json", path], timeout=300, json_path=path)
 
+        if gpu_part("data", "bench data with nvjpeg decoding"):
+            path, train_json = work / "data.json", work / "train.json"
+            sizes = (
+                "--config configs/demo.yaml --batches 2 --reps 1"
+                if smoke
+                else "--config configs/msrvtt-hf.yaml --batches 8 --reps 3"
+            )
+            bench = f"bench data --device {device} {sizes}".split()
+            if train_json.is_file():  # the GPU's measured rate of the same model (bench train above)
+                bench += ["--train-json", train_json]
+            check.run("data", [*GRAM_RAY, *bench, "--json", path], timeout=180, json_path=path)
+
         if gpu_part("fsdp", "bench fsdp over NCCL"):
             path = work / "fsdp.json"
             gpus = _gpu_count() if gpu else 2
@@ -307,6 +321,12 @@ def summary_table(report: dict) -> str:
             f"{_meets(ray_share, TARGETS['ray_share_of_plain'], True)}",
         ]
 
+    data = report["parts"].get("data", {}).get("result")
+    if data:
+        from gram_ray.bench_data import data_table
+
+        lines += ["", data_table(data)]
+
     fsdp = report["parts"].get("fsdp", {}).get("result")
     if fsdp:
         from gram_ray.bench_fsdp import fsdp_table
@@ -327,7 +347,7 @@ def main() -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="run every part on CPU with small sizes")
     parser.add_argument("--budget", type=float, default=500, help="seconds for the whole check (parts after it skip)")
-    parser.add_argument("--parts", default="tests,volume,train,fsdp,demo", help="which parts, comma-separated")
+    parser.add_argument("--parts", default="tests,volume,train,data,fsdp,demo", help="which parts, comma-separated")
     args = parser.parse_args()
     data = args.data
     if data is None and (REPO / ".gpu" / "demo-data").is_dir():

@@ -28,9 +28,9 @@ def test_dry_run_without_a_gpu_skips_the_gpu_parts_and_says_why(tmp_path):
     assert "Dry run" in proc.stdout
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     parts = report["parts"]
-    assert list(parts) == ["tests", "volume", "train", "fsdp", "demo"]
+    assert list(parts) == ["tests", "volume", "train", "data", "fsdp", "demo"]
     assert all(p["status"] == "skipped" for p in parts.values())
-    for name in ("volume", "train", "fsdp", "demo"):
+    for name in ("volume", "train", "data", "fsdp", "demo"):
         assert "no CUDA device" in parts[name]["reason"]
     tests = parts["tests"]["result"]
     assert tests["passed"] == tests["failed"] == 0 and tests["skipped"] == len(tests["tests"]) >= 4
