@@ -215,7 +215,7 @@ def data_table(result: dict) -> str:
         lines.append(
             f"{name:<22} {v['stored_bytes_per_clip'] / 1e6:>8.3f} {r['read']:>8.0f} "
             f"{r['decode']:>8.0f} {r['collate']:>8.0f} {r['to_device']:>8.0f} "
-            f"{v['cpu_clips_per_s_per_core']:>9.0f} {r['pipeline']:>9.0f} {v['cores_per_gpu']:>10.2f}"
+            f"{v['cpu_clips_per_s_per_core']:>9.0f} {r['pipeline']:>9.0f} {v['cores_per_gpu']:>10.3g}"
         )
     lines += [
         "(clips/s; CPU/core: read + decode + collate on one core, the decode counted only where it runs on the CPU; "

@@ -428,6 +428,13 @@ def cluster_local_cmd(yaml_path, node_cpus, idle_timeout_minutes, jobs, settle_s
         raise click.ClickException(f"{len(failed)} job(s) failed: {failed}")
 
 
+def _report(table: str, result, json_path: Path | None) -> None:
+    """A benchmark's table on the console, and its whole result as JSON where asked."""
+    click.echo("\n" + table)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
 @main.group()
 def bench() -> None:
     """Built-in benchmarks: side-by-side measurements in one run."""
@@ -640,9 +647,7 @@ def bench_data_cmd(
             for shards in caches.values():
                 storage.delete_dir(shards)
     result["hardware"] = hardware
-    click.echo("\n" + data_table(result))
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
+    _report(data_table(result), result, json_path)
 
 
 @bench.command("preprocess")
@@ -677,9 +682,7 @@ def bench_preprocess_cmd(config_path, overrides, clips, work, no_cluster, json_p
         except ValueError as e:
             raise click.UsageError(str(e)) from None
     result["hardware"] = cpu_model()
-    click.echo("\n" + preprocess_table(result))
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
+    _report(preprocess_table(result), result, json_path)
 
 
 @bench.command("fsdp")
@@ -704,9 +707,7 @@ def bench_fsdp_cmd(config_path, overrides, device, workers, steps, warmup, json_
         result = bench_fsdp(cfg, workers=workers, steps=steps, warmup=warmup, device=device, progress=click.echo)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    click.echo("\n" + fsdp_table(result))
-    if json_path:
-        json_path.write_text(json.dumps(result | {"hardware": hardware_name(device)}, indent=2))
+    _report(fsdp_table(result), result | {"hardware": hardware_name(device)}, json_path)
 
 
 @bench.command("train")
@@ -782,9 +783,7 @@ def bench_train_cmd(
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    click.echo("\n" + train_table(result))
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
+    _report(train_table(result), result, json_path)
 
 
 if __name__ == "__main__":

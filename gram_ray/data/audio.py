@@ -1,6 +1,7 @@
 """Audio -> normalised log-mel filterbank windows [A, L, mel_bins], as GRAM's code prepares it for each encoder.
 
-decord's AudioReader resamples to 16 kHz mono (from a separate audio file or the video's own track), then
+FFmpeg (through PyAV; decord where PyAV is missing) decodes and resamples to 16 kHz mono (from a separate audio
+file or the video's own track), then
 torchaudio's Kaldi-compatible fbank (25 ms window, 10 ms hop, 64 mel bins) by the audio encoder's recipe
 (data.audio.frontend):
 - ast: waveform mean removed, hanning window, htk_compat, then (x + 4.2677393) / (2 * 4.5689974);
@@ -19,20 +20,52 @@ import torchaudio.compliance.kaldi as kaldi
 from decord import AudioReader, DECORDError, cpu
 
 from gram_ray.config import AudioConfig
-from gram_ray.data.errors import DecodeError, Media, load_media, reader_input
+from gram_ray.data.errors import DecodeError, Media, load_media, pyav_or_none, reader_input
 
 __all__ = ["NORMALISATION", "load_waveform", "filterbank", "window_starts", "fbank_windows", "decode_audio"]
 
 Mode = Literal["train", "eval"]
 
 
+def _unreadable(e: Exception) -> DecodeError:
+    return DecodeError(f"no readable audio track ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
+
+
+def _waveform_pyav(av, media: Media, sample_rate: int) -> np.ndarray:
+    """FFmpeg's decoder and resampler (libswresample), as GRAM's preprocessing runs them (`ffmpeg -ac 1 -ar 16000`)."""
+    try:
+        with av.open(reader_input(media)) as container:
+            if not container.streams.audio:
+                raise DecodeError("no readable audio track (the file has no audio stream)")
+            stream = container.streams.audio[0]
+            stream.codec_context.thread_count = 1  # one Ray Data task per CPU: threads would only contend
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            chunks = [
+                out.to_ndarray().reshape(-1)
+                for frame in (*container.decode(stream), None)  # None: flush the resampler's tail
+                for out in resampler.resample(frame)
+            ]
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise _unreadable(e) from None
+    if not chunks:
+        raise DecodeError("no readable audio track (the audio stream holds no samples)")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
 def load_waveform(source: Media, sample_rate: int) -> np.ndarray:
-    """Mono float32 samples at sample_rate, from a local path, a storage URI or a file's bytes."""
+    """Mono float32 samples at sample_rate, from a local path, a storage URI or a file's bytes.
+
+    With PyAV (the default install). decord's AudioReader is the fallback where PyAV is missing (a bare GPU image):
+    decord 0.6.0 never frees its output buffer (dmlc/decord#189), so a process grows by ~0.13 MB with every clip
+    it reads, without bound (measured: a decode worker at 2.5 GB after 10,000 clips, 1.1 GB after 1,000)."""
     media = load_media(source, "audio")
+    av = pyav_or_none()
+    if av is not None:
+        return _waveform_pyav(av, media, sample_rate)
     try:
         samples = AudioReader(reader_input(media), ctx=cpu(0), sample_rate=sample_rate, mono=True)[:].asnumpy()
     except (DECORDError, RuntimeError) as e:  # RuntimeError: decord's error for bad bytes in memory
-        raise DecodeError(f"no readable audio track ({str(e).splitlines()[0][:200]})") from None
+        raise _unreadable(e) from None
     return samples.reshape(-1).astype(np.float32)
 
 

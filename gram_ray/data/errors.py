@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gram_ray import storage
 
-__all__ = ["DecodeError", "Media", "check_media_file", "load_media", "reader_input"]
+__all__ = ["DecodeError", "Media", "check_media_file", "load_media", "reader_input", "pyav_or_none"]
 
 Media = str | bytes  # a local file's path, or the bytes of an object read from storage
 
@@ -60,3 +60,12 @@ def load_media(source: Media | None, what: str) -> Media:
 def reader_input(media: Media):
     """What PyAV and decord open: the path, or a fresh in-memory file over the bytes (each reader seeks its own)."""
     return io.BytesIO(media) if isinstance(media, bytes) else media
+
+
+def pyav_or_none():
+    """PyAV, imported on first use, or None where it is not installed (a bare GPU image has decord only)."""
+    try:
+        import av
+    except ImportError:
+        return None
+    return av

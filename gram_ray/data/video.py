@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from decord import DECORDError, VideoReader, cpu
 
 from gram_ray.data.errors import DecodeError, Media, load_media, reader_input
+from gram_ray.data.errors import pyav_or_none as _pyav  # a name of its own here: tests take PyAV away
 
 __all__ = ["segment_indices", "decode_video", "probe_size", "DECODERS"]
 
@@ -58,15 +59,6 @@ def _not_readable(e: Exception) -> DecodeError:
 
 def _undecodable(detail: object) -> DecodeError:
     return DecodeError(f"video cannot be decoded (truncated or corrupt?): {str(detail).splitlines()[0][:200]}")
-
-
-def _pyav():
-    """PyAV, imported on first use: only the pyav decoder and the header probe need it."""
-    try:
-        import av
-    except ImportError:
-        return None
-    return av
 
 
 # decord raises DECORDError for a bad file, RuntimeError for bad bytes in memory.
