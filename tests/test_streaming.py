@@ -1,6 +1,6 @@
 """Training on a cache larger than Ray's object store (issue 20, item 3): tests/stream_job.py in a process of its
 own, with its own Ray and a 100 MiB object store, trains the demo's model for 2 epochs on 2 workers from a
-418 MiB synthetic cache streamed from its Parquet files. ~3-5 min on 2 cores: `make test-cluster`."""
+416 MiB synthetic cache streamed from its Parquet files, one block a file. ~2 min on 2 cores."""
 
 import json
 import subprocess
@@ -13,7 +13,6 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.slow
-@pytest.mark.scale
 def test_a_cache_four_times_the_object_store_streams_every_clip_once_an_epoch_in_bounded_memory(tmp_path):
     out = tmp_path / "figures.json"
     done = subprocess.run(
@@ -26,11 +25,12 @@ def test_a_cache_four_times_the_object_store_streams_every_clip_once_an_epoch_in
     assert figures["error"] is None
     assert figures["cache_bytes"] >= 4 * figures["object_store_bytes"]
     first, second = figures["epochs"]
-    for epoch in (first, second):  # every clip once an epoch (5632 = 88 steps of 64: nothing left by drop_last)
+    for epoch in (first, second):  # every clip once an epoch (1664 = 26 steps of 64: nothing left by drop_last)
         assert (epoch["train/epoch_clips"], epoch["train/epoch_repeats"]) == (figures["rows"], 0), epoch
         assert epoch["train/peak_rss_mb"] < 1536, epoch  # a worker holds batches, not the cache (measured ~1.1 GB)
     # The object store holds what is in flight, not the cache: at most its capacity plus Ray's fallback allocations
-    # at the moment it is full (measured peak 1.18x with a 418 MiB cache), far from the cache's 4x.
+    # at the moment it is full (measured peaks 1.18-1.25x), far from the cache's 4x.
     assert figures["object_store_peak_bytes"] < 1.5 * figures["object_store_bytes"], figures
-    # No slowdown as epochs go by (the first also starts Ray Data's pipeline and the read workers).
+    # No slowdown as epochs go by: the second at least 80% of the first's rate. (A faster second epoch is no harm
+    # and happens on this busy machine: measured second/first 0.99-1.29.)
     assert second["train/epoch_samples_per_s"] >= 0.8 * first["train/epoch_samples_per_s"], (first, second)

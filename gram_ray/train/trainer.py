@@ -179,7 +179,7 @@ def streamed(shards: str, cfg: GramConfig, start_epoch: int, consumed_ids: list[
     order would read the whole split into the object store first. full: Ray Data's random_shuffle, which moves
     the whole split through the object store (spilling what does not fit) every epoch."""
     blocks = cfg.train.shuffle == "blocks"
-    ds = read_cache(shards, shuffle_seed=_seed(cfg.train.seed, start_epoch) if blocks else None)
+    ds = read_cache(shards, shuffle_seed=_seed(cfg.train.seed, start_epoch) if blocks else None, block_per_file=True)
     if consumed_ids:
         ds = rest_of_epoch(ds, consumed_ids)
     return shuffled(ds, cfg, start_epoch) if cfg.train.shuffle == "full" else ds
