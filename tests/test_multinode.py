@@ -159,7 +159,9 @@ def test_an_elastic_run_shrinks_to_one_worker_without_waiting_and_grows_back(clu
     cfg = tiny_config(
         "run.name=elastic",
         f"run.storage_path={bucket}/runs",
-        "train.epochs=3",  # 16 clips / 4 a step: 4 steps an epoch, 12 in all
+        # 16 clips / 4 a step: 4 steps an epoch, 32 in all: after the node comes back the run must last longer than
+        # Ray takes to see it and the group to grow (at 3 epochs a one-worker run once finished first).
+        "train.epochs=8",
         "train.batch_size=2",
         "train.log_every_steps=1",
         "train.checkpoint_every_steps=1",
@@ -203,7 +205,7 @@ def test_an_elastic_run_shrinks_to_one_worker_without_waiting_and_grows_back(clu
 
     result = json.loads(storage.read_text(f"{run}/result.json"))
     last = result["last_metrics"]
-    assert last["step"] == last["total_steps"] == 12
+    assert last["step"] == last["total_steps"] == 32
     assert last["world/size"] == 2 and back.node_id in last["world/nodes"].split(",")
     reports = _reported(run)
     assert {m["train/step_clips"] for m in reports} == {4}  # the same global batch at every step, at every size
