@@ -72,16 +72,17 @@ def _checkpoint_steps(run: str) -> list[int]:
 
 
 def _assert_every_clip_once_after_each_checkpoint(run: str, steps_per_epoch: int, per_step: int) -> None:
-    """Exact resume: every mid-epoch checkpoint lists exactly the clips of its epoch's steps, each once."""
+    """Exact resume: every mid-epoch checkpoint lists exactly the clips of its epoch's steps, each once. Only whole
+    checkpoints count, as for `--resume`: a rank on the node that was lost may have been cut off while uploading
+    one (seen: a folder without its position.json)."""
     import pyarrow.fs as pafs
+
+    from gram_ray.train.resume import checkpoint_is_whole, position
 
     fs, root = storage.resolve(run)
     folders = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory]
-    positions = [
-        json.loads(storage.read_text(storage.join(run, name, "position.json")))
-        for name in folders
-        if name.startswith("checkpoint_")
-    ]
+    checkpoints = [storage.join(run, name) for name in folders if name.startswith("checkpoint_")]
+    positions = [position(folder) for folder in checkpoints if checkpoint_is_whole(folder)]
     assert positions
     for p in positions:
         if not p["epoch_complete"]:
