@@ -254,8 +254,8 @@ def tune(config_path, overrides, out, resume, verbose) -> None:
 def evaluate(checkpoint, data, json_path, verbose) -> None:
     """Retrieval metrics of a checkpoint on a Parquet cache (Ray Data batch inference)."""
     from gram_ray.demo import results_table
-    from gram_ray.evaluate import write_metrics
     from gram_ray.model.checkpoint import CheckpointError
+    from gram_ray.retrieval.metrics import write_metrics
     from gram_ray.train.inference import check_inputs, evaluate_checkpoint
 
     try:
@@ -275,7 +275,7 @@ def evaluate(checkpoint, data, json_path, verbose) -> None:
 def evaluate_embeddings_cmd(directory, json_path) -> None:
     """Metrics of precomputed <modality>.npy embeddings (optional text_to_video.npy)."""
     from gram_ray.demo import results_table
-    from gram_ray.evaluate import evaluate_embeddings, load_embedding_dir, write_metrics
+    from gram_ray.retrieval.metrics import evaluate_embeddings, load_embedding_dir, write_metrics
 
     try:
         metrics = evaluate_embeddings(*load_embedding_dir(directory))

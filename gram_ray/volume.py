@@ -38,7 +38,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gram_volume", "aligned_volume", "safe_sqrt", "validate_modalities", "DEFAULT_EPS"]
+__all__ = [
+    "gram_volume",
+    "aligned_volume",
+    "orthonormal_span",
+    "exact_squared_volumes",
+    "safe_sqrt",
+    "validate_modalities",
+    "DEFAULT_EPS",
+]
 
 DEFAULT_EPS = 1e-6
 
@@ -211,6 +219,19 @@ def aligned_volume(*modalities: torch.Tensor, eps: float = DEFAULT_EPS) -> torch
     return safe_sqrt(_squared_volume_aligned(stacked, eps), eps)
 
 
+def orthonormal_span(*vectors: torch.Tensor, eps: float = DEFAULT_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's span, once: vectors are m >= 1 tensors [N, D] (row j of each belongs to sample j). Returns
+    (Q [N, m, D], vol^2 [N]): an orthonormal basis of every sample's span and the squared volume of its m vectors,
+    computed in float64 (a search index keeps them, so that vol(a, S)^2 = vol^2 (|a|^2 - |Q a|^2) is one GEMM).
+    A dependent span has volume 0 and a basis kept finite by the eps floor."""
+    if not vectors:
+        raise ValueError("orthonormal_span needs at least one [N, D] tensor")
+    if len(vectors) > 1:
+        validate_modalities(vectors[0], vectors[1:], aligned=True)
+    basis, residual_sq = _gram_schmidt(torch.stack([v.to(torch.float64) for v in vectors], 1), eps)
+    return basis, residual_sq.prod(-1)
+
+
 def _span_whitening(span: list[torch.Tensor], floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample whitening of the span from its small Gram matrix.
 
@@ -289,7 +310,7 @@ def gram_volume(
         return _refine_static(volume, cancelled, relative, degenerate_span, a, span, eps, refine, stats)
 
 
-def _exact_squared_volumes(span_rows: torch.Tensor, anchor_rows: torch.Tensor, eps: float) -> torch.Tensor:
+def exact_squared_volumes(span_rows: torch.Tensor, anchor_rows: torch.Tensor, eps: float) -> torch.Tensor:
     """float64 Gram-Schmidt volumes of tuples: span_rows [..., k-1, D], anchor_rows [..., D] -> [...]. The anchor
     goes last, so its residual is its distance from the clip's span, taken after that span is orthonormalised
     twice; the earlier residuals give the span's own volume."""
@@ -304,9 +325,7 @@ def _refine(volume: torch.Tensor, pairs: torch.Tensor, anchor: torch.Tensor, spa
     if index.numel() == 0:
         return volume
     span = torch.stack(span, 1)  # [B2, k-1, D]
-    exact = [
-        _exact_squared_volumes(span[chunk[:, 1]], anchor[chunk[:, 0]], eps) for chunk in index.split(_REFINE_CHUNK)
-    ]
+    exact = [exact_squared_volumes(span[chunk[:, 1]], anchor[chunk[:, 0]], eps) for chunk in index.split(_REFINE_CHUNK)]
     exact_volume = safe_sqrt(torch.cat(exact), eps).to(volume.dtype)
     return volume.index_put((index[:, 0], index[:, 1]), exact_volume)
 
@@ -324,5 +343,5 @@ def _refine_static(volume, cancelled, relative, degenerate_span, anchor, span, e
             stats["refine_overflow"] = (flagged - per_row).clamp_min(0).sum()
     span_rows = torch.stack(span, 1)[columns]  # [B1, m, k-1, D]
     anchor_rows = anchor[:, None].expand(-1, per_row, -1)
-    exact_volume = safe_sqrt(_exact_squared_volumes(span_rows, anchor_rows, eps), eps).to(volume.dtype)
+    exact_volume = safe_sqrt(exact_squared_volumes(span_rows, anchor_rows, eps), eps).to(volume.dtype)
     return volume.scatter(1, columns, exact_volume)

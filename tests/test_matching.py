@@ -63,8 +63,8 @@ def test_matching_weight_zero_leaves_the_fusion_out(itm_ratio):
 
 
 def test_rerank_reorders_only_the_top_k_in_both_directions():
-    from gram_ray.evaluate import retrieval_metrics
-    from gram_ray.rerank import rerank_metrics, rerank_pairs
+    from gram_ray.retrieval.metrics import retrieval_metrics
+    from gram_ray.retrieval.rerank import rerank_metrics, rerank_pairs
 
     torch.manual_seed(0)
     volumes = torch.rand(6, 6)  # captions x clips; caption i describes clip i

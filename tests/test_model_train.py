@@ -11,10 +11,10 @@ from gram_ray.config import EncoderConfig, TrainConfig, load_config, save_config
 from gram_ray.data.collate import Collate, epoch_batches
 from gram_ray.data.schema import MODALITIES
 from gram_ray.data.text import build_word_vocab
-from gram_ray.evaluate import evaluate_embeddings, load_embedding_dir, retrieval_metrics
 from gram_ray.model.checkpoint import load_checkpoint
 from gram_ray.model.encoders import load_backbone
 from gram_ray.model.gram import build_model
+from gram_ray.retrieval.metrics import evaluate_embeddings, load_embedding_dir, retrieval_metrics
 from gram_ray.tracking import Tracker
 from gram_ray.train.loop import main_metric_name, run_training
 

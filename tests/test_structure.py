@@ -10,7 +10,8 @@ LIBRARY = [
     "gram_ray.model",
     "gram_ray.model.gram",
     "gram_ray.model.checkpoint",
-    "gram_ray.evaluate",
+    "gram_ray.retrieval.metrics",
+    "gram_ray.retrieval.rerank",
     "gram_ray.train.loop",
     "gram_ray.data.collate",
 ]

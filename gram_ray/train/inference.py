@@ -15,8 +15,8 @@ from gram_ray.config import GramConfig
 from gram_ray.data.collate import Collate
 from gram_ray.data.schema import IDS, TEXT_TO_VIDEO, object_column
 from gram_ray.data.text import tokenize
-from gram_ray.evaluate import evaluate_embeddings
 from gram_ray.model.checkpoint import STATE_FILE, is_checkpoint, load_checkpoint, model_from_state
+from gram_ray.retrieval.metrics import evaluate_embeddings
 
 __all__ = ["check_inputs", "evaluate_checkpoint"]
 
@@ -80,8 +80,8 @@ class _ScorePairs:
 def _rerank(ds, checkpoint_dir: str, clip_ids: list[str], embeddings: dict, text_to_video, batch_size: int) -> dict:
     """The rerank metrics (model.itm_ratio > 0 checkpoints): candidate pairs from the volumes of every modality,
     each scored by the actor that embeds its clip; the captions' token ids travel to the actors (integers)."""
-    from gram_ray.evaluate import volume_scores
-    from gram_ray.rerank import rerank_metrics, rerank_pairs
+    from gram_ray.retrieval.metrics import volume_scores
+    from gram_ray.retrieval.rerank import rerank_metrics, rerank_pairs
 
     # The config beside the weights: deciding not to rerank must not read a gigabyte-sized state on the driver.
     cfg = GramConfig.model_validate(yaml.safe_load(storage.read_text(storage.join(checkpoint_dir, "config.yaml"))))

@@ -27,9 +27,9 @@ from gram_ray.config import GramConfig
 from gram_ray.data.frame_codec import decode_on_device
 from gram_ray.data.schema import IDS, MODALITIES, TEXT_TO_VIDEO
 from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, is_distributed, max_over_ranks
-from gram_ray.evaluate import evaluate_embeddings
 from gram_ray.model.checkpoint import CheckpointWriteError, save_checkpoint
 from gram_ray.model.gram import GramModel, build_model, init_weights
+from gram_ray.retrieval.metrics import evaluate_embeddings
 from gram_ray.train.sharding import as_local, gathered_state, load_optimizer_state, micro_batch_sync, whole_weights
 from gram_ray.train.step_timer import StepTimer
 from gram_ray.train.world import derive_seed
@@ -214,8 +214,8 @@ def rerank_evaluation(
     modality, its top cfg.eval.rerank_k rescored by the match head. Every rank finds the same candidate pairs from
     the gathered embeddings and scores the pairs whose clip it holds (its condition features stay where they
     were computed; the captions' token ids are gathered), then the probabilities are summed across ranks."""
-    from gram_ray.evaluate import volume_scores
-    from gram_ray.rerank import rerank_metrics
+    from gram_ray.retrieval.metrics import volume_scores
+    from gram_ray.retrieval.rerank import rerank_metrics
 
     model.eval()
     others = [m for m in model.modalities if m != "text"]

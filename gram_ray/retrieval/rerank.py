@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from gram_ray.evaluate import retrieval_metrics
+from gram_ray.retrieval.metrics import retrieval_metrics
 
 __all__ = ["rerank_pairs", "rerank_scores", "rerank_metrics"]
 

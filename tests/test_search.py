@@ -1,0 +1,88 @@
+"""Search by volume: the closed form's top-k equals brute force by gram_volume (the training and evaluation
+volume), in both directions, for 2, 3 and 4 modalities, from float32 and float16 indexes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gram_ray.retrieval.search import ClipIndex, search_captions, search_clips, squared_volumes
+from gram_ray.volume import gram_volume, orthonormal_span
+
+CLIPS, DIM = 10_000, 64
+
+
+def _aligned_collection(n: int, modalities: int, seed: int = 0):
+    """Clips whose modalities share a latent direction with their caption (so some volumes are near 0, where the
+    GEMM form cancels) plus noise; the queries are captions of 40 of the clips."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, DIM, generator=g)
+    clip = [F.normalize(latent + 0.3 * torch.randn(n, DIM, generator=g), dim=-1) for _ in range(modalities)]
+    picked = torch.randperm(n, generator=g)[:40]
+    queries = F.normalize(latent[picked] + 0.2 * torch.randn(40, DIM, generator=g), dim=-1)
+    return clip, queries
+
+
+def _index(clip: list[torch.Tensor], dtype=torch.float32) -> ClipIndex:
+    basis, vol_sq = orthonormal_span(*clip)
+    names = ["video", "audio", "subtitle"][: len(clip)]
+    return ClipIndex({m: e.to(dtype) for m, e in zip(names, clip, strict=False)}, basis.to(dtype), vol_sq.float())
+
+
+def _assert_same_topk(got_scores, got_index, brute: torch.Tensor, k: int):
+    """Same top k as brute force, ties aside: the volumes agree to ~1e-6, and every returned index has the brute
+    force volume of the slot it fills (so two clips of equal volume may swap)."""
+    want = brute.topk(k, dim=1, largest=False)
+    torch.testing.assert_close(got_scores.double(), want.values.double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(brute.gather(1, got_index).double(), want.values.double(), rtol=1e-5, atol=1e-7)
+    assert (got_index == want.indices).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("modalities", [1, 2, 3])
+def test_search_clips_equals_brute_force_over_10k_clips(modalities):
+    clip, queries = _aligned_collection(CLIPS, modalities)
+    index = _index(clip)
+    brute = gram_volume(queries, *clip)
+    scores, found = search_clips(queries, index, k=10, chunk_bytes=2**20)  # ~30 chunks: the merge is exercised
+    _assert_same_topk(scores, found, brute, 10)
+    assert brute.min() < 0.35  # the near-aligned regime where the GEMM form alone would lose digits
+
+
+@pytest.mark.parametrize("modalities", [1, 2, 3])
+def test_search_captions_equals_brute_force(modalities):
+    clip, captions = _aligned_collection(CLIPS, modalities, seed=1)
+    captions = F.normalize(torch.cat([captions, torch.randn(CLIPS, DIM)]), dim=-1)  # 10,040 captions
+    query_clips = {m: e[:25] for m, e in zip(["video", "audio", "subtitle"], clip, strict=False)}
+    brute = gram_volume(captions, *query_clips.values()).T  # [clips, captions]
+    scores, found = search_captions(query_clips, captions, k=5, chunk_bytes=2**18)
+    _assert_same_topk(scores, found, brute, 5)
+
+
+def test_float16_index_finds_the_same_clips():
+    """Half the bytes: the GEMM ranks candidates at float16, the exact pass decides on the stored embeddings."""
+    clip, queries = _aligned_collection(CLIPS, 2, seed=2)
+    half = [e.half().float() for e in clip]  # what the float16 index stores
+    scores, found = search_clips(queries, _index(clip, torch.float16), k=5)
+    _assert_same_topk(scores, found, gram_volume(queries, *half), 5)
+
+
+def test_closed_form_matches_gram_volume_and_cosine_search_is_plain_cosine():
+    clip, queries = _aligned_collection(500, 2, seed=3)
+    index = _index(clip)
+    torch.testing.assert_close(
+        squared_volumes(queries, index.basis, index.span_volume_sq).sqrt(),
+        gram_volume(queries, *clip),
+        atol=2e-3,
+        rtol=0,
+    )
+    scores, found = search_clips(queries, index, k=7, score="cosine", cosine_modality="audio", chunk_bytes=4096)
+    want = (queries @ clip[1].T).topk(7, dim=1)
+    torch.testing.assert_close(scores, want.values)
+    assert torch.equal(found, want.indices)
+
+
+def test_bad_queries_are_refused_with_the_expected_shape():
+    clip, queries = _aligned_collection(100, 2)
+    with pytest.raises(ValueError, match=r"\[Q, 64\]"):
+        search_clips(queries[:, :32], _index(clip), k=3)
+    with pytest.raises(ValueError, match="no 'depth' embeddings"):
+        search_clips(queries, _index(clip), k=3, score="cosine", cosine_modality="depth")
