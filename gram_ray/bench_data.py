@@ -33,7 +33,7 @@ from gram_ray.bench_train import cache_batches, peak_bf16_tflops
 from gram_ray.config import GramConfig
 from gram_ray.data.collate import Collate
 from gram_ray.data.schema import FRAMES_JPEG, ID
-from gram_ray.train.loop import _to_device
+from gram_ray.train.loop import to_device
 
 __all__ = ["DEFAULT_GPU", "DEFAULT_MFU", "gpu_rate", "bench_data", "data_table"]
 
@@ -142,10 +142,10 @@ def bench_data(
                 t_decode, _ = _timed(lambda b, c=collate: c.frames(b, [str(i) for i in b[ID]]), read, dev)
                 t_rest, _ = _timed(rest, read, dev)
                 model_batches = [collate(b) for b in read]
-                t_device, on_device = _timed(lambda b: _to_device(b, dev), model_batches, dev)
+                t_device, on_device = _timed(lambda b: to_device(b, dev), model_batches, dev)
                 t_pipeline, _ = _timed(
                     lambda _, v=v, c=collate: [
-                        _to_device(c(b), dev) for b in islice(cache_batches(v["shards"], batch_size), batches)
+                        to_device(c(b), dev) for b in islice(cache_batches(v["shards"], batch_size), batches)
                     ],
                     [0],
                     dev,

@@ -74,7 +74,7 @@ def _rank(rank: int, world: int, strategy: str, cfg: GramConfig, vocab, steps: i
     from torch.nn.parallel import DistributedDataParallel
 
     from gram_ray.model.gram import build_model
-    from gram_ray.train.loop import _autocast, _to_device, accumulate_gradients, build_optimizer
+    from gram_ray.train.loop import _autocast, accumulate_gradients, build_optimizer, to_device
     from gram_ray.train.sharding import as_local, gathered_state, shard_model
 
     cuda = torch.cuda.is_available() and cfg.scaling.use_gpu
@@ -93,7 +93,7 @@ def _rank(rank: int, world: int, strategy: str, cfg: GramConfig, vocab, steps: i
     plain = model.module if hasattr(model, "module") else model
     optimizer, _ = build_optimizer(plain, cfg, warmup + steps)
     accum = cfg.train.grad_accum
-    batches = [_to_device(b, device) for b in _synthetic_batches(cfg, vocab, rank, accum)]
+    batches = [to_device(b, device) for b in _synthetic_batches(cfg, vocab, rank, accum)]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     every = cfg.scaling.fsdp_sync == "every_micro_batch"

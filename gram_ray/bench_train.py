@@ -28,7 +28,7 @@ from gram_ray.data.collate import Collate
 from gram_ray.data.text import SPECIAL_TOKENS
 
 # The loop's own device transfer and autocast, so every path runs the precision the config asks for (fp16 too).
-from gram_ray.train.loop import _autocast, _to_device
+from gram_ray.train.loop import _autocast, to_device
 
 __all__ = [
     "PATHS",
@@ -296,7 +296,7 @@ def _run_paths(c: GramConfig, vocab, result: dict, paths, rows: int, per_worker:
         collate = Collate(c, vocab, train=True)
         # (a) cycles through a few real batches held on the device: the right shapes, no loading.
         first = itertools.islice(parquet_batches(shards, c.train.batch_size, collate), min(4, per_worker))
-        on_device = [_to_device(b, dev) for b in first]
+        on_device = [to_device(b, dev) for b in first]
         progress("  counting the FLOPs of one step (torch.utils.flop_counter) ...")
         flops = step_flops(c, vocab, on_device[0], dev)
         _free(dev)

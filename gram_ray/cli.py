@@ -269,6 +269,100 @@ def evaluate(checkpoint, data, json_path, verbose) -> None:
         write_metrics(metrics, json_path)
 
 
+@main.command()
+@click.option("--checkpoint", required=True, help="a checkpoint folder or storage URI: the model that embeds")
+@click.option("--data", help="a preprocess --out folder (or storage URI) of the clips to index")
+@click.option("--annotations", help="instead of --data: an annotation file, preprocessed first (with --video-dir)")
+@click.option("--video-dir", help="with --annotations: the videos' folder (a path or storage URI)")
+@click.option("--audio-dir", help="with --annotations: separate audio files, else the videos' tracks")
+@click.option("--out", required=True, help="the index folder or storage URI (created, continued or added to)")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--workers", default=1, show_default=True, help="embedding actors (one GPU each when there are GPUs)")
+@_VERBOSE
+def index(checkpoint, data, annotations, video_dir, audio_dir, out, dtype, workers, verbose) -> None:
+    """Embed a collection of clips into a search index: per clip its embeddings, its span's basis for search by
+    volume, a thumbnail and where its media are. Rerun to continue; another --data adds its clips."""
+    from gram_ray import storage
+    from gram_ray.model.checkpoint import CheckpointError, checkpoint_config
+    from gram_ray.retrieval.index import SearchIndexError, build_index
+    from gram_ray.train.inference import check_inputs
+
+    if (data is None) == (annotations is None):
+        raise click.UsageError("give either --data (a preprocessed cache) or --annotations with --video-dir")
+    if annotations and not video_dir:
+        raise click.UsageError("--annotations needs --video-dir (the folder of its videos)")
+    try:
+        if data:
+            check_inputs(checkpoint, data)
+        else:
+            check_inputs(checkpoint, annotations)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
+    _init_ray(verbose)
+    if annotations:
+        from gram_ray.data.preprocess import preprocess as decode
+
+        data = storage.join(out, "caches", Path(str(annotations)).stem)
+        click.echo(f"preprocessing {annotations} into {data} with the checkpoint's data settings ...")
+        decode(annotations, video_dir, data, checkpoint_config(checkpoint).data, audio_dir=audio_dir, log=click.echo)
+    try:
+        build_index(checkpoint, data, out, dtype=dtype, workers=workers, log=click.echo)
+    except SearchIndexError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.argument("query", nargs=-1)
+@click.option("--index", "index_dir", required=True, help="an index folder or storage URI (gram-ray index --out)")
+@click.option("--queries", "queries_file", type=click.File(), help="a file of queries, one a line")
+@click.option("--clip", "clip_id", help="instead of captions: the captions closest to this clip of the index")
+@click.option("-k", "k", default=5, show_default=True, help="results a query")
+@click.option("--score", type=click.Choice(["volume", "cosine"]), default="volume", show_default=True)
+@click.option("--rerank", is_flag=True, help="rescore the top eval.rerank_k with the match head (eval.rerank_score)")
+@click.option("--rerank-k", type=int, help="how many to rerank (default: the checkpoint's eval.rerank_k)")
+@click.option("--checkpoint", help="the model (default: the one the index was built with)")
+@click.option("--device", help="cpu or cuda (default: cuda when there is a GPU)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the results as JSON here")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), help="write a gallery page here")
+def search(
+    query, index_dir, queries_file, clip_id, k, score, rerank, rerank_k, checkpoint, device, json_path, html_path
+):
+    """Search an index: the clips closest to each caption by volume (e.g. gram-ray search --index I "a dog barks")."""
+    import dataclasses
+
+    from gram_ray.model.checkpoint import CheckpointError
+    from gram_ray.retrieval.gallery import write_gallery
+    from gram_ray.retrieval.index import SearchIndexError
+    from gram_ray.retrieval.query import Searcher
+
+    texts = list(query) + ([line.strip() for line in queries_file if line.strip()] if queries_file else [])
+    if not texts and not clip_id:
+        raise click.UsageError('give a query ("a dog barks"), --queries FILE, or --clip ID')
+    try:
+        searcher = Searcher(index_dir, checkpoint, device)
+        results = searcher.search(texts, k, score, rerank, rerank_k) if texts else []
+        if clip_id:
+            results.append(searcher.similar_captions(clip_id, k))
+    except (SearchIndexError, FileNotFoundError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
+    for result in results:
+        click.echo(f"\n{result.query}  (by {result.score})")
+        for hit in result.hits:
+            extra = f"  match {hit.match_probability:.2f}" if hit.match_probability is not None else ""
+            click.echo(
+                f"  {hit.rank:>3}  {hit.score:>9.4f}{extra}  {hit.id:<24} {hit.captions[0] if hit.captions else ''}"
+            )
+    if json_path:
+        rows = [
+            {"query": r.query, "score": r.score, "hits": [dataclasses.asdict(h) | {"thumbnail": None} for h in r.hits]}
+            for r in results
+        ]
+        json_path.write_text(json.dumps(rows, indent=2))
+        click.echo(f"\nresults: {json_path}")
+    if html_path:
+        click.echo(f"gallery: {write_gallery(results, html_path, f'gram-ray search: {index_dir}')}")
+
+
 @main.command("evaluate-embeddings")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the metrics JSON here")

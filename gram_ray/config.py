@@ -430,6 +430,12 @@ class EvalSection(_Section):
         description="evaluation: rescore each caption's (and each clip's) top k by volume with the match head, "
         "reported as the 'rerank' kind (GRAM: 50); 0 turns it off; needs a model with the matching loss",
     )
+    rerank_score: Literal["match", "match_plus_volume"] = Field(
+        "match_plus_volume",
+        description="the score `search --rerank` gives the top k (evaluation reports both: kinds 'rerank' and "
+        "'rerank_plus_volume'): match = GRAM's, the match head's probability alone; match_plus_volume = BLIP's "
+        "form, the head's log-odds plus -volume / the model's temperature (retrieval/rerank.py)",
+    )
 
 
 class GramConfig(_Section):

@@ -99,13 +99,36 @@ def plot_retrieval(evaluation: dict, png: Path) -> None:
 
 
 def results_table(evaluation: dict) -> str:
-    lines = [f"{'score':<8} {'modalities':<28} {'t2v R@1':>8} {'R@5':>6} {'R@10':>6} {'MedR':>6} {'v2t R@1':>8}"]
+    w = max([5, *(len(kind) for kind in evaluation)])
+    lines = [f"{'score':<{w}} {'modalities':<28} {'t2v R@1':>8} {'R@5':>6} {'R@10':>6} {'MedR':>6} {'v2t R@1':>8}"]
     for kind, by_name in evaluation.items():
         for name, d in by_name.items():
             t, v = d["t2v"], d["v2t"]
             recalls = f"{t['R@1']:>8.1f} {t['R@5']:>6.1f} {t['R@10']:>6.1f} {t['MedR']:>6.1f}"
-            lines.append(f"{kind:<8} {name:<28} {recalls} {v['R@1']:>8.1f}")
+            lines.append(f"{kind:<{w}} {name:<28} {recalls} {v['R@1']:>8.1f}")
     return "\n".join(lines)
+
+
+def _search_demo(checkpoint: str, val_cache: str, run_dir: Path, log) -> Path:
+    """What a trained model is for: the val clips indexed, searched by volume, and shown as a gallery page."""
+    from gram_ray.retrieval.gallery import write_gallery
+    from gram_ray.retrieval.index import build_index
+    from gram_ray.retrieval.query import Searcher
+
+    index = run_dir / "index"
+    if index.exists():  # another run's checkpoint: its embeddings are not comparable with this one's
+        storage.delete_dir(str(index))
+    log("indexing the val clips for search (gram-ray index) ...")
+    build_index(checkpoint, val_cache, str(index), log=log)
+    searcher = Searcher(str(index), device="cpu")
+    # Captions of three val clips as the queries: each names one clip; by text and video alone, four would fit.
+    captions = searcher.index.captions
+    queries = list(dict.fromkeys(captions[i][0] for i in (0, len(captions) // 3, 2 * len(captions) // 3)))
+    page = write_gallery(searcher.search(queries, k=5), run_dir / "gallery.html", "gram-ray demo: search by volume")
+    log(
+        f'search gallery: {page}  (more: gram-ray search --index {index} "a yellow circle moves right ..." --html PAGE)'
+    )
+    return page
 
 
 def run_demo(
@@ -133,6 +156,7 @@ def run_demo(
     final_eval = evaluate_checkpoint(summary["checkpoint"], layout.cache("val"))
     plot_curves(layout.metrics, run_dir / "training_curves.png", main_metric_name(cfg))
     plot_retrieval(final_eval, run_dir / "retrieval.png")
+    gallery = _search_demo(summary["checkpoint"], layout.cache("val"), run_dir, log)
     report = {
         "modalities": modalities,
         "final_eval": final_eval,
@@ -144,6 +168,8 @@ def run_demo(
             "metrics": str(layout.metrics),
             "training_curves": str(run_dir / "training_curves.png"),
             "retrieval_chart": str(run_dir / "retrieval.png"),
+            "index": str(run_dir / "index"),
+            "gallery": str(gallery),
             "wandb": str(run_dir / "wandb"),
             "data": str(Path(paths["videos"]).parent),
         },

@@ -55,7 +55,7 @@ def test_a_jpeg_cache_stores_one_jpeg_per_frame_and_trains_on_the_same_frames_wh
     from gram_ray.data.preprocess import preprocess
     from gram_ray.data.schema import FRAMES_JPEG
     from gram_ray.data.text import build_word_vocab
-    from gram_ray.train.loop import _to_device
+    from gram_ray.train.loop import to_device
 
     cfg = tiny_config("data.video.train_draws=2")
     assert cfg.data.video.cache_codec == "jpeg" and cfg.data.video.jpeg_quality == 90
@@ -75,7 +75,7 @@ def test_a_jpeg_cache_stores_one_jpeg_per_frame_and_trains_on_the_same_frames_wh
     cfg.data.video.decode_device = "cuda"
     left = Collate(cfg, vocab, train=True, epoch=1)(rows)
     assert "frames" not in left and len(left[FRAMES_JPEG]) == len(rows["id"])  # undecoded: JPEG bytes, per clip
-    decoded = _to_device(left, torch.device("cpu"))  # the loop's transfer: one batched decode on its device
+    decoded = to_device(left, torch.device("cpu"))  # the loop's transfer: one batched decode on its device
     assert torch.equal(decoded["frames"], on_cpu["frames"])
 
 

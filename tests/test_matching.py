@@ -69,16 +69,33 @@ def test_rerank_reorders_only_the_top_k_in_both_directions():
     torch.manual_seed(0)
     volumes = torch.rand(6, 6)  # captions x clips; caption i describes clip i
     truth = torch.arange(6).numpy()
-    oracle = lambda pairs: (pairs[:, 0] == pairs[:, 1]).float()  # noqa: E731 - a perfect match head
+    oracle = lambda pairs: 20.0 * (pairs[:, 0] == pairs[:, 1]).float() - 10  # noqa: E731 - a sure, right head
     by_volume = retrieval_metrics(volumes, truth, higher_is_better=False)
-    assert rerank_metrics(volumes, truth, 6, oracle)["t2v"]["R@1"] == 100.0  # every clip is a candidate
-    in_top2 = (volumes.argsort(1)[:, :2] == torch.arange(6)[:, None]).any(1).float().mean().item() * 100
-    assert rerank_metrics(volumes, truth, 2, oracle)["t2v"]["R@1"] == pytest.approx(in_top2)
-    # a match head that says nothing keeps the volume's order within the top k: same R@1 at k = 1
-    flat = rerank_metrics(volumes, truth, 1, lambda pairs: torch.full((len(pairs),), 0.5))
+    for kind in ("rerank", "rerank_plus_volume"):
+        assert rerank_metrics(volumes, truth, 6, oracle, 0.07)[kind]["t2v"]["R@1"] == 100.0  # all are candidates
+        in_top2 = (volumes.argsort(1)[:, :2] == torch.arange(6)[:, None]).any(1).float().mean().item() * 100
+        assert rerank_metrics(volumes, truth, 2, oracle, 0.07)[kind]["t2v"]["R@1"] == pytest.approx(in_top2)
+    # a match head that says nothing (log-odds 0) keeps the volume's order within the top k: same R@1 at k = 1,
+    # and for the combined score, which then is the volume's own order, the same metrics with every clip a candidate
+    unsure = lambda pairs: torch.zeros(len(pairs))  # noqa: E731
+    flat = rerank_metrics(volumes, truth, 1, unsure, 0.07)["rerank"]
     assert flat["t2v"]["R@1"] == by_volume["t2v"]["R@1"] and flat["v2t"]["R@1"] == by_volume["v2t"]["R@1"]
+    combined = rerank_metrics(volumes, truth, 6, unsure, 0.07)["rerank_plus_volume"]
+    assert combined == {d: by_volume[d] for d in ("t2v", "v2t")}
     pairs = rerank_pairs(volumes, 2)
     assert len(pairs) == len(torch.unique(pairs, dim=0)) <= 2 * 6 * 2  # each pair scored once
+
+
+def test_combined_rerank_weighs_the_head_against_the_volume_at_the_models_temperature():
+    """A candidate the head prefers by log-odds L overtakes one the volume prefers by gap g only when L > g / T."""
+    from gram_ray.retrieval.rerank import pair_scores
+
+    volumes = torch.tensor([0.50, 0.57])  # the first is better by the volume, by one temperature (0.07)
+    for head, winner in ((torch.tensor([0.0, 0.9]), 0), (torch.tensor([0.0, 1.1]), 1)):
+        assert pair_scores(volumes, head, "match_plus_volume", 0.07).argmax().item() == winner
+    assert pair_scores(volumes, torch.tensor([0.0, 0.1]), "match", 0.07).argmax().item() == 1  # GRAM's: head only
+    with pytest.raises(ValueError, match="match_plus_volume"):
+        pair_scores(volumes, volumes, "cosine", 0.07)
 
 
 def test_training_with_dam_reports_the_matching_loss_and_rerank_metrics():
@@ -102,7 +119,8 @@ def test_training_with_dam_reports_the_matching_loss_and_rerank_metrics():
     )
     assert last["train/matching_loss"] > 0
     assert 0 <= last["val/rerank/text-video-audio/t2v/R@1"] <= 100
-    assert "rerank" in __import__("json").loads(last["val_eval"])
+    assert 0 <= last["val/rerank_plus_volume/text-video-audio/t2v/R@1"] <= 100
+    assert {"rerank", "rerank_plus_volume"} <= set(__import__("json").loads(last["val_eval"]))
 
 
 @pytest.mark.ray
@@ -146,11 +164,12 @@ def test_gram_ray_evaluate_reranks_as_training_evaluation_does(synth_small, ray_
     val_data.video.cache_codec = "raw"  # the loop's evaluation above read frames decoded straight from the videos
     preprocess(synth_small["val"], synth_small["videos"], tmp_path / "val", val_data, audio_dir=synth_small["audios"])
     metrics = evaluate_checkpoint(tmp_path / "ckpt", tmp_path / "val")
-    expected = json.loads(saved["metrics"]["val_eval"])["rerank"]["text-video-audio"]
-    got = metrics["rerank"]["text-video-audio"]
-    for direction in ("t2v", "v2t"):
-        for key, value in expected[direction].items():
-            assert got[direction][key] == pytest.approx(value, abs=1e-6), (direction, key)
+    for kind in ("rerank", "rerank_plus_volume"):
+        expected = json.loads(saved["metrics"]["val_eval"])[kind]["text-video-audio"]
+        got = metrics[kind]["text-video-audio"]
+        for direction in ("t2v", "v2t"):
+            for key, value in expected[direction].items():
+                assert got[direction][key] == pytest.approx(value, abs=1e-6), (kind, direction, key)
 
 
 def test_the_match_head_learns_which_clip_a_caption_belongs_to():

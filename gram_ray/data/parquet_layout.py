@@ -17,7 +17,7 @@ from ray.data.extensions import ArrowTensorArray, ArrowTensorType, ArrowTensorTy
 
 from gram_ray import storage
 
-__all__ = ["TENSOR_KEY", "to_parquet_layout", "from_parquet_layout", "read_cache"]
+__all__ = ["TENSOR_KEY", "to_parquet_layout", "from_parquet_layout", "numpy_rows", "read_cache"]
 
 TENSOR_KEY = b"gram_ray.tensor"  # field metadata: {"shape": per-row shape, "dtype": numpy dtype name}
 
@@ -60,6 +60,14 @@ def from_parquet_layout(table: pa.Table) -> pa.Table:
             )
             table = table.set_column(i, field.name, column)
     return table
+
+
+def numpy_rows(table: pa.Table) -> dict:
+    """A table read straight from cache files (not through Ray Data) as the numpy batch Ray Data would give a UDF:
+    tensor columns as arrays, lists as object arrays."""
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(from_parquet_layout(table)).to_batch_format("numpy")
 
 
 def read_cache(shards: str, shuffle_seed: int | None = None, block_per_file: bool = False):

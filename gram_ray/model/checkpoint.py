@@ -110,6 +110,14 @@ def is_checkpoint(directory: str | Path) -> bool:
     return storage.exists(storage.join(directory, STATE_FILE))
 
 
+def checkpoint_config(directory: str | Path) -> GramConfig:
+    """The config beside a checkpoint's weights: what a caller needs to decide before it reads a state that may
+    be gigabytes (whether to rerank, the modalities of an index)."""
+    import yaml
+
+    return GramConfig.model_validate(yaml.safe_load(storage.read_text(storage.join(directory, "config.yaml"))))
+
+
 def load_checkpoint(directory: str | Path, map_location="cpu") -> dict:
     """A checkpoint's state from a local folder or a storage URI (s3://.../checkpoint_000003). Tensors and plain
     values only: anything else in the file is refused, never executed."""

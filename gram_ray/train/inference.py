@@ -8,14 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from gram_ray import storage
-from gram_ray.config import GramConfig
 from gram_ray.data.collate import Collate
 from gram_ray.data.schema import IDS, TEXT_TO_VIDEO, object_column
 from gram_ray.data.text import tokenize
-from gram_ray.model.checkpoint import STATE_FILE, is_checkpoint, load_checkpoint, model_from_state
+from gram_ray.model.checkpoint import STATE_FILE, checkpoint_config, is_checkpoint, load_checkpoint, model_from_state
 from gram_ray.retrieval.metrics import evaluate_embeddings
 
 __all__ = ["check_inputs", "evaluate_checkpoint"]
@@ -47,7 +45,7 @@ class _EmbedClips:
 
 class _ScorePairs:
     """map_batches UDF (an actor) for reranking: each clip's condition features, fused with the captions the
-    candidate pairs name for it; one output row per pair: its index and the match probability."""
+    candidate pairs name for it; one output row per pair: its index and the match head's log-odds."""
 
     def __init__(self, checkpoint_dir: str, captions: list[str], pairs_by_clip: dict) -> None:
         state = load_checkpoint(checkpoint_dir)
@@ -60,7 +58,7 @@ class _ScorePairs:
 
     def __call__(self, batch: dict) -> dict:
         model_batch = self.collate(batch)
-        pair_index, probs = [], []
+        pair_index, log_odds = [], []
         with torch.no_grad():
             condition = self.model.condition(self.model.encode(model_batch, self.model.fusion.order))
             for row, clip_id in enumerate(model_batch[IDS]):
@@ -71,10 +69,13 @@ class _ScorePairs:
                 clip = condition[row : row + 1].expand(len(captions), -1, -1)
                 logits = self.model.match_logits(self.ids[captions], self.mask[captions], clip)
                 pair_index.append(np.asarray(pairs))
-                probs.append(logits.softmax(-1)[:, 1].numpy())
+                log_odds.append(logits.float().diff(dim=-1).squeeze(-1).numpy())
         if not pair_index:
-            return {"pair": np.zeros(0, dtype=np.int64), "prob": np.zeros(0, dtype=np.float32)}
-        return {"pair": np.concatenate(pair_index).astype(np.int64), "prob": np.concatenate(probs).astype(np.float32)}
+            pair_index, log_odds = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.float32)]
+        pairs = np.concatenate(pair_index).astype(np.int64)
+        # The model's contrastive temperature: the scale of the volume term of the combined score.
+        temperature = np.full(len(pairs), self.model.loss_fn.temperature.item(), dtype=np.float64)
+        return {"pair": pairs, "log_odds": np.concatenate(log_odds).astype(np.float32), "temperature": temperature}
 
 
 def _rerank(ds, checkpoint_dir: str, clip_ids: list[str], embeddings: dict, text_to_video, batch_size: int) -> dict:
@@ -84,7 +85,7 @@ def _rerank(ds, checkpoint_dir: str, clip_ids: list[str], embeddings: dict, text
     from gram_ray.retrieval.rerank import rerank_metrics, rerank_pairs
 
     # The config beside the weights: deciding not to rerank must not read a gigabyte-sized state on the driver.
-    cfg = GramConfig.model_validate(yaml.safe_load(storage.read_text(storage.join(checkpoint_dir, "config.yaml"))))
+    cfg = checkpoint_config(checkpoint_dir)
     if not cfg.eval.rerank_k or cfg.model.itm_ratio <= 0:
         return {}
     import ray.data
@@ -110,11 +111,13 @@ def _rerank(ds, checkpoint_dir: str, clip_ids: list[str], embeddings: dict, text
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
     ).take_all()
-    probs = torch.zeros(len(pairs))
+    log_odds = torch.zeros(len(pairs))
     for r in scored:
-        probs[int(r["pair"])] = float(r["prob"])
+        log_odds[int(r["pair"])] = float(r["log_odds"])
     name = "-".join(cfg.model.modalities)
-    return {"rerank": {name: rerank_metrics(volumes, text_to_video, cfg.eval.rerank_k, lambda p: probs)}}
+    temperature = float(scored[0]["temperature"]) if scored else float(cfg.model.temperature)
+    by_kind = rerank_metrics(volumes, text_to_video, cfg.eval.rerank_k, lambda p: log_odds, temperature)
+    return {kind: {name: metrics} for kind, metrics in by_kind.items()}
 
 
 def check_inputs(checkpoint_dir: str | Path, data_dir: str | Path) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "run_training",
     "NonFiniteTrainingError",
     "embed_batches",
+    "to_device",
     "flatten_metrics",
 ]
 
@@ -117,7 +118,7 @@ def build_optimizer(model: GramModel, cfg: GramConfig, total_steps: int):
     return optimizer, scheduler
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     """The batch's tensors on the device; frames a JPEG cache left undecoded (data.video.decode_device: cuda) are
     decoded there, in one batched call."""
     batch = decode_on_device(batch, device)
@@ -181,7 +182,7 @@ def embed_batches(
     parts: dict[str, list] = {}
     text_to_video, ids, offset = [], [], 0
     for batch in batches:
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         with _autocast(device, cfg):
             emb, condition = model.embed_for_eval(batch, with_condition=fusion_inputs is not None)
             if fusion_inputs is not None:
@@ -210,10 +211,11 @@ def embed_batches(
 def rerank_evaluation(
     model: GramModel, fusion_inputs: list, emb: dict, text_to_video, device: torch.device, cfg: GramConfig
 ) -> dict:
-    """GRAM's reranking of the val split: {"<modalities>": {"t2v": ..., "v2t": ...}} for the volume of every
-    modality, its top cfg.eval.rerank_k rescored by the match head. Every rank finds the same candidate pairs from
-    the gathered embeddings and scores the pairs whose clip it holds (its condition features stay where they
-    were computed; the captions' token ids are gathered), then the probabilities are summed across ranks."""
+    """Reranking of the val split: {kind: {"<modalities>": {"t2v": ..., "v2t": ...}}} for the volume of every
+    modality, its top cfg.eval.rerank_k rescored by the match head, one kind per score (retrieval/rerank.py).
+    Every rank finds the same candidate pairs from the gathered embeddings and scores the pairs whose clip it
+    holds (its condition features stay where they were computed; the captions' token ids are gathered), then the
+    head's log-odds are summed across ranks."""
     from gram_ray.retrieval.metrics import volume_scores
     from gram_ray.retrieval.rerank import rerank_metrics
 
@@ -230,20 +232,22 @@ def rerank_evaluation(
     clips = condition.shape[0] if condition is not None else 0
     first_clip = sum(_gather_objects(clips)[: get_rank()])
 
-    def match_probs(pairs: torch.Tensor) -> torch.Tensor:
-        probs = torch.zeros(pairs.shape[0], device=device)
+    def match_log_odds(pairs: torch.Tensor) -> torch.Tensor:
+        log_odds = torch.zeros(pairs.shape[0], device=device)
         mine = torch.nonzero((pairs[:, 1] >= first_clip) & (pairs[:, 1] < first_clip + clips)).flatten()
         for chunk in mine.split(cfg.train.eval_batch_size):
             caption, clip = pairs[chunk, 0].to(device), pairs[chunk, 1].to(device) - first_clip
             with _autocast(device, cfg):
                 logits = model.match_logits(all_ids[caption], all_mask[caption], condition[clip])
-            probs[chunk.to(device)] = logits.float().softmax(-1)[:, 1]
+            log_odds[chunk.to(device)] = logits.float().diff(dim=-1).squeeze(-1)  # log p / (1 - p)
         if is_distributed():
-            dist.all_reduce(probs)  # each pair was scored by the one rank holding its clip
-        return probs.cpu()
+            dist.all_reduce(log_odds)  # each pair was scored by the one rank holding its clip
+        return log_odds.cpu()
 
     name = "-".join(model.modalities)
-    return {name: rerank_metrics(volumes, text_to_video, cfg.eval.rerank_k, match_probs)}
+    temperature = model.loss_fn.temperature.item()
+    by_kind = rerank_metrics(volumes, text_to_video, cfg.eval.rerank_k, match_log_odds, temperature)
+    return {kind: {name: metrics} for kind, metrics in by_kind.items()}
 
 
 def flatten_metrics(metrics: dict, prefix: str) -> dict[str, float]:
@@ -390,7 +394,7 @@ def run_training(
                 emb, text_to_video, _ = embed_batches(plain, val_batches(), device, cfg, fusion_inputs)
                 evaluation = evaluate_embeddings(emb, text_to_video)
                 if fusion_inputs is not None:
-                    evaluation["rerank"] = rerank_evaluation(plain, fusion_inputs, emb, text_to_video, device, cfg)
+                    evaluation |= rerank_evaluation(plain, fusion_inputs, emb, text_to_video, device, cfg)
                     plain.train()
             metrics = metrics | flatten_metrics(evaluation, "val")
             metrics["val_eval"] = json.dumps(evaluation)
@@ -420,7 +424,7 @@ def run_training(
             with timer.phase("data"):
                 batch = next(batches, None)
                 if batch is not None:
-                    batch = _to_device(batch, device)
+                    batch = to_device(batch, device)
             if batch is None:
                 raise RuntimeError(
                     f"epoch {epoch} ran out of batches on rank {get_rank()} with {updates_left} optimizer steps "
