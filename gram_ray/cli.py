@@ -155,7 +155,7 @@ def synth(out, n, seed, size, seconds, val_share) -> None:
 
 @main.command()
 @click.option("--annotations", required=True, help="annotation file: a path or storage URI (s3://...)")
-@click.option("--video-dir", required=True, help="folder of the videos: a path or storage URI")
+@click.option("--video-dir", help="folder of the videos (or images): a path or storage URI; none for audio-only sets")
 @click.option("--audio-dir", help="folder of separate audio files (a path or URI); else: the videos' tracks")
 @click.option("--out", required=True, help="cache folder or storage URI (shards/ + report.json)")
 @_CONFIG
@@ -273,7 +273,7 @@ def evaluate(checkpoint, data, json_path, verbose) -> None:
 @click.option("--checkpoint", required=True, help="a checkpoint folder or storage URI: the model that embeds")
 @click.option("--data", help="a preprocess --out folder (or storage URI) of the clips to index")
 @click.option("--annotations", help="instead of --data: an annotation file, preprocessed first (with --video-dir)")
-@click.option("--video-dir", help="with --annotations: the videos' folder (a path or storage URI)")
+@click.option("--video-dir", help="with --annotations: the videos' (or images') folder, a path or storage URI")
 @click.option("--audio-dir", help="with --annotations: separate audio files, else the videos' tracks")
 @click.option("--out", required=True, help="the index folder or storage URI (created, continued or added to)")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
@@ -289,8 +289,6 @@ def index(checkpoint, data, annotations, video_dir, audio_dir, out, dtype, worke
 
     if (data is None) == (annotations is None):
         raise click.UsageError("give either --data (a preprocessed cache) or --annotations with --video-dir")
-    if annotations and not video_dir:
-        raise click.UsageError("--annotations needs --video-dir (the folder of its videos)")
     try:
         if data:
             check_inputs(checkpoint, data)
@@ -298,16 +296,19 @@ def index(checkpoint, data, annotations, video_dir, audio_dir, out, dtype, worke
             check_inputs(checkpoint, annotations)
     except (FileNotFoundError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
-    _init_ray(verbose)
-    if annotations:
-        from gram_ray.data.preprocess import preprocess as decode
+    from gram_ray.data.manifest import ManifestError
+    from gram_ray.data.preprocess import PreprocessError
+    from gram_ray.data.preprocess import preprocess as decode
 
-        data = storage.join(out, "caches", Path(str(annotations)).stem)
-        click.echo(f"preprocessing {annotations} into {data} with the checkpoint's data settings ...")
-        decode(annotations, video_dir, data, checkpoint_config(checkpoint).data, audio_dir=audio_dir, log=click.echo)
+    _init_ray(verbose)
     try:
+        if annotations:
+            data = storage.join(out, "caches", Path(str(annotations)).stem)
+            click.echo(f"preprocessing {annotations} into {data} with the checkpoint's data settings ...")
+            settings = checkpoint_config(checkpoint).data
+            decode(annotations, video_dir, data, settings, audio_dir=audio_dir, log=click.echo)
         build_index(checkpoint, data, out, dtype=dtype, workers=workers, log=click.echo)
-    except SearchIndexError as e:
+    except (SearchIndexError, ManifestError, PreprocessError) as e:
         raise click.ClickException(str(e)) from None
 
 

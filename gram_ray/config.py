@@ -45,6 +45,12 @@ class _Section(BaseModel):
 
 
 class VideoConfig(_Section):
+    format: Literal["video", "image", "none"] = Field(
+        "video",
+        description="what data.video_dir holds (GRAM's vision_format): video files; image = still images "
+        "(Flickr30k, MSCOCO), each a clip of one frame, decoded without a video decoder; none = no vision at all "
+        "(text-audio sets such as Clotho: no video_dir, audio from data.audio_dir)",
+    )
     num_frames: int = Field(8, ge=1, description="frames per clip, one from each of N equal segments")
     size: int = Field(224, ge=8, description="short side resized to this, then centre-cropped to size x size")
     eval_num_frames: int | None = Field(None, ge=1, description="frames per val/test clip; default num_frames")
@@ -74,6 +80,11 @@ class VideoConfig(_Section):
 
 
 class AudioConfig(_Section):
+    format: Literal["audio", "none"] = Field(
+        "audio",
+        description="audio = decode each clip's audio (data.audio_dir, else the video's track); none = no audio "
+        "in the cache (image-text sets: Flickr30k, MSCOCO)",
+    )
     sample_rate: int = Field(16000, ge=8000)
     mel_bins: int = Field(64, ge=8)
     frame_length_ms: float = Field(25.0, gt=0)
@@ -459,6 +470,12 @@ class GramConfig(_Section):
                 )
             if self.train.batch_size != g // s.max_workers:
                 self.train.batch_size = g // s.max_workers
+        for modality, section in (("video", self.data.video), ("audio", self.data.audio)):
+            if modality in self.model.modalities and section.format == "none":
+                raise ValueError(
+                    f"model.modalities has {modality} but data.{modality}.format is none (nothing to decode it "
+                    f"from): drop {modality} from model.modalities, or set data.{modality}.format"
+                )
         if s.strategy == "fsdp" and self.train.fp16:
             raise ValueError(
                 "scaling.strategy: fsdp computes in bf16 on GPU (train.bf16); train.fp16's loss scaler does not "

@@ -1,9 +1,11 @@
 """Annotation files -> one manifest row per video: id, captions, subtitle, and where its media are.
 
-Accepted: the GRAM annotation JSON (a list of objects with `video_id` and `desc` or `caption`, each a string or
-a list of strings, optional `subtitle`), VAST-27M's (`clip_id`, `vast_cap` the captions trained on, `vision_cap`
-and `audio_cap` kept as extra fields, `subtitle`), JSONL with the same fields, and CSV with the same columns
-(several captions in one CSV cell are separated by ` ||| `). Several entries for one video are merged.
+Accepted: the GRAM annotation JSON (a list of objects with an id and `desc` or `caption`, each a string or a list
+of strings, optional `subtitle`; the id is the first of `clip_id`, `video_id`, `image_id`, `image`, `id`, as
+GRAM's loader looks for it, and `image` may be a file name such as "1000092795.jpg"), VAST-27M's (`clip_id`,
+`vast_cap` the captions trained on, `vision_cap` and `audio_cap` kept as extra fields, `subtitle`), JSONL with the
+same fields, and CSV with the same columns (several captions in one CSV cell are separated by ` ||| `). Several
+entries for one video are merged.
 
 Annotation files and media folders are local paths or storage URIs (s3://bucket/msrvtt/videos): a URI folder is
 listed once, and its clips are read by the decode tasks straight from storage.
@@ -29,12 +31,16 @@ __all__ = [
     "resolve_media",
     "check_sources",
     "VIDEO_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
     "AUDIO_EXTENSIONS",
+    "ID_FIELDS",
 ]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".JPEG", ".png", ".webp")
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".m4a")
 CSV_CAPTION_SEPARATOR = " ||| "
+ID_FIELDS = ("clip_id", "video_id", "image_id", "image", "id")  # GRAM's loader takes the first present
 
 
 class ManifestError(ValueError):
@@ -62,18 +68,15 @@ def _captions(value, where: str) -> list[str]:
 def _row(entry: dict, where: str) -> ManifestRow:
     if not isinstance(entry, dict):
         raise ManifestError(f"{where}: expected an object with video_id and desc/caption, got {type(entry).__name__}")
-    if "video_id" not in entry and "clip_id" in entry:  # VAST-27M: clip_id, vast_cap (+ vision/audio captions)
-        entry = {"video_id": entry["clip_id"], "desc": entry.get("vast_cap")} | {
-            k: v for k, v in entry.items() if k not in ("clip_id", "vast_cap")
-        }
-    if "video_id" not in entry:
-        raise ManifestError(f"{where}: no 'video_id' (or VAST-27M 'clip_id') field (fields: {sorted(entry)})")
-    text = entry.get("desc", entry.get("caption"))
+    id_field = next((k for k in ID_FIELDS if k in entry), None)
+    if id_field is None:
+        raise ManifestError(f"{where}: no id field (one of {', '.join(ID_FIELDS)}; fields: {sorted(entry)})")
+    text = entry.get("desc", entry.get("caption", entry.get("vast_cap")))  # VAST-27M trains on vast_cap
     if text is None:
-        raise ManifestError(f"{where}: video {entry['video_id']!r} has neither 'desc' nor 'caption'")
+        raise ManifestError(f"{where}: {entry[id_field]!r} has neither 'desc' nor 'caption'")
     subtitle = entry.get("subtitle")
-    extra = {k: v for k, v in entry.items() if k not in ("video_id", "desc", "caption", "subtitle")}
-    return ManifestRow(str(entry["video_id"]), _captions(text, where), subtitle if subtitle else None, extra=extra)
+    extra = {k: v for k, v in entry.items() if k not in (id_field, "desc", "caption", "vast_cap", "subtitle")}
+    return ManifestRow(str(entry[id_field]), _captions(text, where), subtitle if subtitle else None, extra=extra)
 
 
 def _entries(name: str, text: str) -> list[tuple[dict, str]]:
@@ -197,13 +200,26 @@ def _finder(directory: str, extensions: tuple[str, ...]):
     return find
 
 
-def resolve_media(rows: list[ManifestRow], video_dir: str | Path, audio_dir: str | Path | None = None) -> None:
-    """Fill in video_path / audio_path (local paths, or URIs for folders in storage). A video that is not found
-    keeps video_path None (reported as missing at decode time, so the other rows go on). Audio:
-    <audio_dir>/<id>.<ext> if present, else the video's track."""
-    check_sources([], str(video_dir), str(audio_dir) if audio_dir else None)
-    find_video = _finder(str(video_dir), VIDEO_EXTENSIONS)
+def resolve_media(
+    rows: list[ManifestRow],
+    video_dir: str | Path | None,
+    audio_dir: str | Path | None = None,
+    video_format: str = "video",
+) -> None:
+    """Fill in video_path / audio_path (local paths, or URIs for folders in storage). A video (or an image, with
+    video_format "image") that is not found keeps video_path None (reported as missing at decode time, so the
+    other rows go on). Audio: <audio_dir>/<id>.<ext> if present, else the video's track. video_format "none"
+    (text-audio sets): no video_dir; every clip's audio from audio_dir."""
+    if video_format == "none":
+        if not audio_dir:
+            raise ManifestError("data.video.format none (audio-only clips) needs an audio directory (data.audio_dir)")
+        video_dir = None
+    elif not video_dir:
+        raise ManifestError(f"no {video_format} directory given (data.video_dir, --video-dir)")
+    check_sources([], str(video_dir) if video_dir else None, str(audio_dir) if audio_dir else None)
+    extensions = IMAGE_EXTENSIONS if video_format == "image" else VIDEO_EXTENSIONS
+    find_video = _finder(str(video_dir), extensions) if video_dir else None
     find_audio = _finder(str(audio_dir), AUDIO_EXTENSIONS) if audio_dir else None
     for row in rows:
-        row.video_path = find_video(row.id)
+        row.video_path = find_video(row.id) if find_video else None
         row.audio_path = find_audio(row.id) if find_audio else None

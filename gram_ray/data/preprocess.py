@@ -31,9 +31,10 @@ from gram_ray.config import DataConfig
 from gram_ray.data.audio import decode_audio
 from gram_ray.data.errors import DecodeError, load_media
 from gram_ray.data.frame_codec import encode_frames
+from gram_ray.data.image import decode_image
 from gram_ray.data.manifest import ManifestRow, read_annotations, resolve_media
 from gram_ray.data.parquet_layout import to_parquet_layout
-from gram_ray.data.schema import CACHE_COLUMNS, FRAMES_JPEG, MODALITIES, object_column
+from gram_ray.data.schema import CACHE_COLUMNS, FRAMES_JPEG, HAS_AUDIO, MODALITIES, object_column
 from gram_ray.data.video import Mode, decode_video
 
 __all__ = [
@@ -75,54 +76,72 @@ def _clip_rng(media_id: str) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(str(media_id).encode()))
 
 
+def _decode_frames(path: str | None, data: DataConfig, mode: Mode, rng) -> tuple[np.ndarray, object]:
+    """(frames, the media as read: a path or a storage object's bytes, so its audio track is not read twice) of a
+    video or an image (data.video.format). Training caches keep train_draws independent draws (a random frame
+    per segment each), so that epochs see different frames without decoding again; Collate picks one per clip
+    per epoch. An image's draws are all the same still."""
+    video = data.video
+    media = load_media(path, video.format)
+    draws = video.train_draws if mode == "train" else 1
+    if video.format == "image":
+        still = decode_image(media, video.num_frames, video.size)
+        return (np.stack([still] * draws) if draws > 1 else still), None  # an image has no audio track
+    frames = [decode_video(media, video.num_frames, video.size, mode, rng, decoder=video.decoder) for _ in range(draws)]
+    return (np.stack(frames) if draws > 1 else frames[0]), media
+
+
 def decode_rows(batch: dict, data: DataConfig, mode: Mode, seeded: bool = False) -> tuple[dict, list[dict]]:
     """Decode each row of a manifest batch: (the decoded columns of those that decode, [{"id", "reason"}] of the
-    others). seeded: train-mode draws seeded by clip id (caches); otherwise fresh draws every call."""
+    others). seeded: train-mode draws seeded by clip id (caches); otherwise fresh draws every call. Frames are
+    left out with data.video.format none, the audio columns with data.audio.format none."""
     fresh = np.random.default_rng() if mode == "train" else None
+    with_frames, with_audio = data.video.format != "none", data.audio.format != "none"
     keep, failures = {"id": [], "captions": [], "frames": [], "audio_fbank": [], "has_audio": [], "subtitle": []}, []
     for i, media_id in enumerate(batch["id"]):
         video_path, audio_path = str(batch["video_path"][i]) or None, str(batch["audio_path"][i]) or None
         rng = _clip_rng(media_id) if seeded and mode == "train" else fresh
-        try:
-            video = load_media(video_path, "video")  # a clip in storage is read once, for its frames and its audio
-            # Training caches keep train_draws independent draws (a random frame per segment each), so that epochs
-            # see different frames without decoding again; Collate picks one per clip per epoch.
-            draws = data.video.train_draws if mode == "train" else 1
-            frames = [
-                decode_video(video, data.video.num_frames, data.video.size, mode, rng, decoder=data.video.decoder)
-                for _ in range(draws)
-            ]
-            frames = np.stack(frames) if draws > 1 else frames[0]
-        except DecodeError as e:
-            failures.append({"id": str(media_id), "reason": str(e)})
-            continue
-        try:
-            fbank, has_audio = decode_audio(audio_path, video, data.audio, mode, rng), True
-        except DecodeError as e:
-            if not data.audio.allow_missing:
-                failures.append({"id": str(media_id), "reason": f"{e} (set data.audio.allow_missing=true to keep it)"})
+        track = None
+        if with_frames:
+            try:
+                frames, track = _decode_frames(video_path, data, mode, rng)
+            except DecodeError as e:
+                failures.append({"id": str(media_id), "reason": str(e)})
                 continue
-            shape = (data.audio.windows, data.audio.window_frames, data.audio.mel_bins)
-            fbank, has_audio = np.zeros(shape, dtype=np.float32), False  # flagged, never used as real audio
+            keep["frames"].append(frames)
+        if with_audio:
+            try:
+                fbank, has_audio = decode_audio(audio_path, track, data.audio, mode, rng), True
+            except DecodeError as e:
+                if not data.audio.allow_missing or not with_frames:  # an audio-only clip without audio is nothing
+                    hint = " (set data.audio.allow_missing=true to keep it)" if with_frames else ""
+                    failures.append({"id": str(media_id), "reason": f"{e}{hint}"})
+                    if with_frames:
+                        keep["frames"].pop()
+                    continue
+                shape = (data.audio.windows, data.audio.window_frames, data.audio.mel_bins)
+                fbank, has_audio = np.zeros(shape, dtype=np.float32), False  # flagged, never used as real audio
+            keep["audio_fbank"].append(fbank)
+            keep["has_audio"].append(has_audio)
         keep["id"].append(str(media_id))
         keep["captions"].append(_text_list(batch["captions"][i]))
-        keep["frames"].append(frames)
-        keep["audio_fbank"].append(fbank)
-        keep["has_audio"].append(has_audio)
         keep["subtitle"].append(str(batch["subtitle"][i] or ""))
     video, audio = data.video, data.audio
-    columns = {
-        "id": np.array(keep["id"], dtype=object),
-        "captions": object_column(keep["captions"]),
-        "frames": np.stack(keep["frames"])
-        if keep["frames"]
-        else np.zeros((0, *_draw_shape(data, mode), video.num_frames, 3, video.size, video.size), np.uint8),
-        "audio_fbank": np.stack(keep["audio_fbank"])
-        if keep["audio_fbank"]
-        else np.zeros((0, audio.windows, audio.window_frames, audio.mel_bins), np.float32),
-        "has_audio": np.array(keep["has_audio"], dtype=bool),
-        "subtitle": np.array(keep["subtitle"], dtype=object),
-    }
+    columns = {"id": np.array(keep["id"], dtype=object), "captions": object_column(keep["captions"])}
+    if with_frames:
+        columns["frames"] = (
+            np.stack(keep["frames"])
+            if keep["frames"]
+            else np.zeros((0, *_draw_shape(data, mode), video.num_frames, 3, video.size, video.size), np.uint8)
+        )
+    if with_audio:
+        columns["audio_fbank"] = (
+            np.stack(keep["audio_fbank"])
+            if keep["audio_fbank"]
+            else np.zeros((0, audio.windows, audio.window_frames, audio.mel_bins), np.float32)
+        )
+        columns["has_audio"] = np.array(keep["has_audio"], dtype=bool)
+    columns["subtitle"] = np.array(keep["subtitle"], dtype=object)
     return columns, failures
 
 
@@ -192,8 +211,10 @@ def rows_per_shard(data: DataConfig) -> int:
     """Clips per Parquet file for about data.shard_mb of stored tensors."""
     v, a = data.video, data.audio
     frame_bytes = v.num_frames * 3 * v.size * v.size * (_JPEG_SHARE if v.cache_codec == "jpeg" else 1)
-    clip_bytes = frame_bytes + 4 * a.windows * a.window_frames * a.mel_bins
-    return max(1, int(data.shard_mb * 2**20 // clip_bytes))
+    clip_bytes = (frame_bytes if v.format != "none" else 0) + (
+        4 * a.windows * a.window_frames * a.mel_bins if a.format != "none" else 0
+    )
+    return max(1, int(data.shard_mb * 2**20 // max(clip_bytes, 1024)))
 
 
 def _file_signatures(paths: list[str | None]) -> dict[str, list]:
@@ -277,26 +298,37 @@ def _columns_to_arrow(columns: dict) -> pa.Table:
     and a column type that differs from the other blocks'."""
     from ray.data.extensions import ArrowTensorArray
 
-    frames = (
-        {FRAMES_JPEG: pa.array(list(columns[FRAMES_JPEG]), pa.list_(pa.binary()))}
-        if FRAMES_JPEG in columns
-        else {"frames": ArrowTensorArray.from_numpy(columns["frames"])}
-    )
-    return pa.table(
-        {
-            "id": pa.array(list(columns["id"]), pa.string()),
-            "captions": pa.array([list(c) for c in columns["captions"]], pa.list_(pa.string())),
-            **frames,
-            "audio_fbank": ArrowTensorArray.from_numpy(columns["audio_fbank"]),
-            "has_audio": pa.array(columns["has_audio"], pa.bool_()),
-            **({"subtitle": pa.array(list(columns["subtitle"]), pa.string())} if "subtitle" in columns else {}),
-        }
-    )
+    table = {
+        "id": pa.array(list(columns["id"]), pa.string()),
+        "captions": pa.array([list(c) for c in columns["captions"]], pa.list_(pa.string())),
+    }
+    if FRAMES_JPEG in columns:
+        table[FRAMES_JPEG] = pa.array(list(columns[FRAMES_JPEG]), pa.list_(pa.binary()))
+    elif "frames" in columns:
+        table["frames"] = ArrowTensorArray.from_numpy(columns["frames"])
+    if "audio_fbank" in columns:
+        table["audio_fbank"] = ArrowTensorArray.from_numpy(columns["audio_fbank"])
+        table["has_audio"] = pa.array(columns["has_audio"], pa.bool_())
+    if "subtitle" in columns:
+        table["subtitle"] = pa.array(list(columns["subtitle"]), pa.string())
+    return pa.table(table)
 
 
 def _columns_to_table(columns: dict) -> pa.Table:
     """Decoded columns -> an Arrow table in the cache's Parquet layout."""
     return to_parquet_layout(_columns_to_arrow(columns))
+
+
+def _cache_columns(data: DataConfig, subtitles: bool) -> list[str]:
+    """The columns a cache of these settings holds (schema.CACHE_COLUMNS, less what is not decoded)."""
+    absent = {FRAMES_JPEG if data.video.cache_codec == "raw" else _FRAMES}
+    if data.video.format == "none":
+        absent |= {_FRAMES, FRAMES_JPEG}
+    if data.audio.format == "none":
+        absent |= {MODALITIES["audio"].cache_column, HAS_AUDIO}
+    if not subtitles:
+        absent.add(_SUBTITLE)
+    return [c for c in CACHE_COLUMNS if c not in absent]
 
 
 def write_shards(batch: dict, data: DataConfig, mode: Mode, out: str, key: str, subtitles: bool) -> dict:
@@ -315,7 +347,7 @@ def write_shards(batch: dict, data: DataConfig, mode: Mode, out: str, key: str, 
         columns, failures = decode_rows(manifest, data, mode, seeded=True)
         if not subtitles:
             columns.pop("subtitle")
-        if data.video.cache_codec == "jpeg":  # each frame of each draw, one JPEG (data/frame_codec.py)
+        if data.video.cache_codec == "jpeg" and "frames" in columns:  # each frame of each draw, one JPEG
             frames = columns.pop("frames")
             columns[FRAMES_JPEG] = [encode_frames(clip, data.video.jpeg_quality) for clip in frames]
         table = _columns_to_table(columns)
@@ -388,7 +420,7 @@ def preprocess(
         storage.join(out, _DONE, "plan.json"),
     )
     rows = read_annotations(annotations)
-    resolve_media(rows, video_dir, audio_dir)
+    resolve_media(rows, video_dir, audio_dir, data.video.format)
     key = cache_key(annotations, rows, data, mode)
     previous = _load_report(out)
     if previous and previous.get("cache_key") == key and previous.get("status") == "complete" and not force:
@@ -451,7 +483,7 @@ def preprocess(
         "status": "complete" if share <= data.max_failure_share else "failed",
         "cache_key": key,
         "annotations": str(annotations),
-        "video_dir": str(video_dir),
+        "video_dir": str(video_dir) if video_dir else None,
         "audio_dir": str(audio_dir) if audio_dir else None,
         "mode": mode,
         "rows_total": len(rows),
@@ -464,12 +496,7 @@ def preprocess(
         "config": data.model_dump(),
         "wall_seconds": round(wall, 3),
         "clips_per_second": round((len(rows) - reused) / wall, 3) if wall > 0 else None,
-        "columns": [
-            c
-            for c in CACHE_COLUMNS
-            if (c != _SUBTITLE or any(r.subtitle for r in rows))
-            and c != (_FRAMES if data.video.cache_codec == "jpeg" else FRAMES_JPEG)
-        ],
+        "columns": _cache_columns(data, subtitles=any(r.subtitle for r in rows)),
     }
     storage.write_text(report_path, json.dumps(report, indent=2))
     log(

@@ -90,7 +90,7 @@ def decode_caches(cfg: GramConfig, layout: RunLayout, log=print) -> int | None:
     """Decode (or reuse) the Parquet caches of the train and val splits; returns the train rows written
     (None when the train split is decoded on the fly instead)."""
     d = cfg.data
-    video_dir = _require(d.video_dir, "data.video_dir")
+    video_dir = d.video_dir if d.video.format == "none" else _require(d.video_dir, "data.video_dir")
     train_rows = None
     if not d.decode_on_the_fly:
         train_ann = _require(d.train_annotations, "data.train_annotations")
@@ -115,7 +115,7 @@ def prepare_data(cfg: GramConfig, layout: RunLayout, log=print) -> TrainingData:
     train_shards = None
     if train_rows is None:
         rows = read_annotations(train_ann)
-        resolve_media(rows, _require(d.video_dir, "data.video_dir"), d.audio_dir)
+        resolve_media(rows, d.video_dir, d.audio_dir, d.video.format)
         train = build_dataset(rows, d, mode="train")  # re-decoded, with new random frames, every epoch
         train_rows = len(rows)
     else:
