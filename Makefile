@@ -30,7 +30,7 @@ lock:
 	rm -rf .lock-venv
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not multinode"
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not multinode" --durations=15
 
 # Several Ray nodes on this machine: a lost node replaced and an elastic group shrinking and growing back on a
 # ray.cluster_utils.Cluster (~6 min), whole jobs (a GPU job; the demo's training job and a 4-trial sweep) on a

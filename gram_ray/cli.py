@@ -597,6 +597,28 @@ def bench_volume_cmd(device, k, b1, b2, dim, dtype, reps, compile_, json_path) -
         json_path.write_text(json.dumps(payload, indent=2))
 
 
+@bench.command("search")
+@click.option("--clips", default=1_000_000, show_default=True, help="clips in the synthetic index")
+@click.option("--k", "modalities", default=3, show_default=True, help="modalities a clip has, the query included")
+@click.option("--dim", default=512, show_default=True, help="embedding dimension")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float16", "float32"]), help="default: both")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--top-k", default=10, show_default=True)
+@click.option("--queries", "batch_queries", default=1000, show_default=True, help="the batch of queries timed")
+@click.option("--reps", default=3, show_default=True, help="timed repetitions (median reported)")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
+def bench_search_cmd(clips, modalities, dim, dtypes, device, top_k, batch_queries, reps, json_path) -> None:
+    """Exact search by volume over a synthetic index: 1 query and a batch, bytes a clip, peak memory."""
+    from gram_ray.bench import hardware_name
+    from gram_ray.bench_search import as_json, bench_search, search_table
+
+    results = bench_search(
+        clips, modalities, dim, dtypes or ("float16", "float32"), device, top_k, batch_queries, reps, log=click.echo
+    )
+    hardware = hardware_name(device)
+    _report(search_table(results, hardware), as_json(results, hardware), json_path)
+
+
 @bench.command("decode")
 @click.option("--videos", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--num-frames", default=8, show_default=True)

@@ -44,6 +44,8 @@ TARGETS = {
     "volume_ratio_to_compiled_floor": 1.2,  # at most
     "volume_memory_share_of_paper": 0.2,  # at most
     "ray_share_of_plain": 0.9,  # at least
+    "search_one_query_ms": 10.0,  # at most, 1M clips on one GPU
+    "search_batch_ms": 100.0,  # at most, 1,000 queries over 1M clips on one GPU
 }
 
 
@@ -188,6 +190,12 @@ def run_checks(out: Path, data: Path | None, smoke: bool, budget_s: float, parts
                 bench += ["--train-json", train_json]
             check.run("data", [*GRAM_RAY, *bench, "--json", path], timeout=180, json_path=path)
 
+        if gpu_part("search", "bench search over a 1M-clip index on the GPU"):
+            path = work / "search.json"
+            sizes = "--clips 20000 --queries 100 --reps 2" if smoke else "--clips 1000000 --queries 1000 --reps 5"
+            bench = f"bench search --device {device} {sizes}"
+            check.run("search", [*GRAM_RAY, *bench.split(), "--json", path], timeout=300, json_path=path)
+
         if gpu_part("fsdp", "bench fsdp over NCCL"):
             path = work / "fsdp.json"
             gpus = _gpu_count() if gpu else 2
@@ -327,6 +335,20 @@ def summary_table(report: dict) -> str:
 
         lines += ["", data_table(data)]
 
+    search = report["parts"].get("search", {}).get("result")
+    if search:
+        from gram_ray.bench_search import SearchBenchResult, search_table
+
+        results = [SearchBenchResult(**r) for r in search["results"]]
+        one, batch = max(r.one_query_ms for r in results), max(r.batch_ms for r in results)
+        lines += [
+            "",
+            search_table(results, search["hardware"]),
+            f"targets: 1 query <= {TARGETS['search_one_query_ms']} ms "
+            f"{_meets(one, TARGETS['search_one_query_ms'], False)}; {results[0].batch_queries} queries <= "
+            f"{TARGETS['search_batch_ms']} ms {_meets(batch, TARGETS['search_batch_ms'], False)}",
+        ]
+
     fsdp = report["parts"].get("fsdp", {}).get("result")
     if fsdp:
         from gram_ray.bench_fsdp import fsdp_table
@@ -347,7 +369,9 @@ def main() -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="run every part on CPU with small sizes")
     parser.add_argument("--budget", type=float, default=500, help="seconds for the whole check (parts after it skip)")
-    parser.add_argument("--parts", default="tests,volume,train,data,fsdp,demo", help="which parts, comma-separated")
+    parser.add_argument(
+        "--parts", default="tests,volume,train,data,search,fsdp,demo", help="which parts, comma-separated"
+    )
     args = parser.parse_args()
     data = args.data
     if data is None and (REPO / ".gpu" / "demo-data").is_dir():

@@ -28,9 +28,9 @@ def test_dry_run_without_a_gpu_skips_the_gpu_parts_and_says_why(tmp_path):
     assert "Dry run" in proc.stdout
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     parts = report["parts"]
-    assert list(parts) == ["tests", "volume", "train", "data", "fsdp", "demo"]
+    assert list(parts) == ["tests", "volume", "train", "data", "search", "fsdp", "demo"]
     assert all(p["status"] == "skipped" for p in parts.values())
-    for name in ("volume", "train", "data", "fsdp", "demo"):
+    for name in ("volume", "train", "data", "search", "fsdp", "demo"):
         assert "no CUDA device" in parts[name]["reason"]
     tests = parts["tests"]["result"]
     assert tests["passed"] == tests["failed"] == 0 and tests["skipped"] == len(tests["tests"]) >= 4
@@ -62,6 +62,12 @@ def test_report_table_judges_the_figures_against_the_targets():
              "paths": {"plain": path, "loop": dict(path, samples_per_s=300.0), "ray": dict(path, samples_per_s=250.0)},
              "ratios": {"loop/plain": 300 / 320, "ray/plain": 250 / 320}}  # fmt: skip
     strategy = {"state_bytes": 4.5e9, "peak_bytes": 9e9, "step_s": 0.5, "losses": [1.0]}
+    searched = {"clips": 10**6, "modalities": 3, "dim": 512, "device": "cuda", "batch_queries": 1000,
+                "search_bytes_per_clip": 4100, "stored_bytes_per_clip": 4900.0, "peak_search_bytes": 2**28,
+                "exact": True}  # fmt: skip
+    search = {"hardware": "NVIDIA H100 80GB HBM3", "results": [
+        dict(searched, dtype="float16", one_query_ms=2.1, batch_ms=60.0),
+        dict(searched, dtype="float32", one_query_ms=3.0, batch_ms=140.0)]}  # fmt: skip
     fsdp = {"workers": 2, "steps": 5, "warmup": 2, "grad_accum": 2, "micro_batch": 8, "fsdp_sync": "every_micro_batch",
             "ddp": strategy, "fsdp": dict(strategy, state_bytes=2.25e9, step_s=0.6), "parameters": 282e6,
             "max_weight_diff": 1e-3, "max_loss_diff": 1e-2, "peak_measure": "cuda"}  # fmt: skip
@@ -85,12 +91,14 @@ def test_report_table_judges_the_figures_against_the_targets():
             },
             "train": {"status": "passed", "seconds": 120, "result": train},
             "fsdp": {"status": "passed", "seconds": 60, "result": fsdp},
+            "search": {"status": "passed", "seconds": 50, "result": search},
         },
     }
     table = gpu_check.summary_table(report)
-    k3, k5 = (line for line in table.splitlines() if "targets:" in line)
+    k3, k5 = (line for line in table.splitlines() if "targets:" in line and "paper" in line)
     assert k3.count("meets") == 3  # 14x the paper, 1.08x the floor, 0.15 of its memory
     assert "x paper meets" in k5 and "x floor MISSES" in k5  # 13.6x the paper, 1.30x the floor
     assert "(c) >= 90% of (a): MISSES" in table  # 250 / 320 = 78%
     assert "30.0%" in table and "989 TFLOP/s" in table
     assert "FSDP/DDP: state 0.50x, peak 1.00x, step time 1.20x" in table
+    assert "1 query <= 10.0 ms meets; 1000 queries <= 100.0 ms MISSES" in table  # float32's 140 ms

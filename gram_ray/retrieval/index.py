@@ -35,7 +35,7 @@ import torch
 from gram_ray import storage
 from gram_ray.retrieval.search import ClipIndex
 
-__all__ = ["SearchIndexError", "build_index", "load_index", "LoadedIndex", "INDEX_FILE", "FORMAT"]
+__all__ = ["SearchIndexError", "build_index", "load_index", "shard_table", "LoadedIndex", "INDEX_FILE", "FORMAT"]
 
 INDEX_FILE = "index.json"
 SHARDS = "shards"
@@ -183,37 +183,42 @@ class _IndexCacheFile:
         frames = frames.reshape(-1, *frames.shape[-3:])
         return bytes(encode_jpeg(torch.from_numpy(np.ascontiguousarray(frames[len(frames) // 2])), THUMBNAIL_QUALITY))
 
-    def _write(self, shard: str, c: dict | None) -> int:
+    def _write(self, shard: str, columns: dict | None) -> int:
         path = storage.join(self.out, SHARDS, shard)
-        if c is None:  # every clip of the file was already in the index (or had no usable audio)
+        if columns is None:  # every clip of the file was already in the index (or had no usable audio)
             storage.delete_file(path)
             return 0
-        n = len(c["id"])
-        dim = c["basis"].shape[-1]
-        value = pa.from_numpy_dtype(self.dtype)
-        text = [
-            pa.FixedSizeListArray.from_arrays(pa.array(e.astype(self.dtype).reshape(-1)), dim)
-            for e in c["caption_embeddings"]
-        ]
-        offsets = np.concatenate([[0], np.cumsum([len(e) for e in c["caption_embeddings"]])]).astype(np.int32)
-        table = pa.table(
-            {
-                "id": pa.array(c["id"], pa.string()),
-                "source": pa.array(np.full(n, self.source, np.int32)),
-                "captions": pa.array(c["captions"], pa.list_(pa.string())),
-                "caption_embeddings": pa.ListArray.from_arrays(
-                    pa.array(offsets), pa.concat_arrays(text) if text else pa.array([], pa.list_(value, dim))
-                ),
-                "thumbnail": pa.array(c["thumbnail"], pa.binary()),
-                "video_path": pa.array(c["video_path"], pa.string()),
-                "audio_path": pa.array(c["audio_path"], pa.string()),
-                "span_volume_sq": pa.array(c["span_volume_sq"].astype(np.float32)),
-                "basis": _fixed_list(c["basis"], self.dtype),
-                **{m: _fixed_list(c[m], self.dtype) for m in self.others},
-            }
-        )
+        table = shard_table(columns, self.others, self.dtype, self.source)
         storage.write_bytes_with(path, lambda f: pq.write_table(table, f))
-        return n
+        return table.num_rows
+
+
+def shard_table(c: dict, others: list[str], dtype, source: int) -> pa.Table:
+    """One index shard: columns as _IndexCacheFile._embed makes them (per clip: id, captions, caption embeddings
+    [n_captions, D], thumbnail, media paths, span_volume_sq, basis [m, D], each modality's embedding [D])."""
+    dtype = np.dtype(dtype)
+    n, dim = len(c["id"]), c["basis"].shape[-1]
+    value = pa.from_numpy_dtype(dtype)
+    text = [
+        pa.FixedSizeListArray.from_arrays(pa.array(e.astype(dtype).reshape(-1)), dim) for e in c["caption_embeddings"]
+    ]
+    offsets = np.concatenate([[0], np.cumsum([len(e) for e in c["caption_embeddings"]])]).astype(np.int32)
+    return pa.table(
+        {
+            "id": pa.array(c["id"], pa.string()),
+            "source": pa.array(np.full(n, source, np.int32)),
+            "captions": pa.array(c["captions"], pa.list_(pa.string())),
+            "caption_embeddings": pa.ListArray.from_arrays(
+                pa.array(offsets), pa.concat_arrays(text) if text else pa.array([], pa.list_(value, dim))
+            ),
+            "thumbnail": pa.array(c["thumbnail"], pa.binary()),
+            "video_path": pa.array(c["video_path"], pa.string()),
+            "audio_path": pa.array(c["audio_path"], pa.string()),
+            "span_volume_sq": pa.array(c["span_volume_sq"].astype(np.float32)),
+            "basis": _fixed_list(c["basis"], dtype),
+            **{m: _fixed_list(c[m], dtype) for m in others},
+        }
+    )
 
 
 def _read_meta(index_dir: str) -> dict | None:

@@ -63,19 +63,36 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+# A float16 index is multiplied in float16 (float32 accumulation, float16 products) where that is fast: always on
+# a GPU, and on a CPU for a few queries (a matrix-vector product that only streams the index: half the bytes of
+# float32). A CPU has no fast float16 GEMM for many queries (measured: 100 queries 3.8x slower than float32), so
+# there the index is widened to float32 a chunk at a time. The candidates are recomputed exactly either way.
+_HALF_GEMV_QUERIES = 16
+
+
+def _half_gemm(basis: torch.Tensor, queries: int) -> bool:
+    return basis.dtype == torch.float16 and (basis.is_cuda or queries <= _HALF_GEMV_QUERIES)
+
+
 def squared_volumes(vectors: torch.Tensor, basis: torch.Tensor, span_volume_sq: torch.Tensor) -> torch.Tensor:
     """[A, B]: vol(vectors[a], span b)^2 by the closed form. vectors [A, D]; basis [B, m, D] orthonormal rows;
-    span_volume_sq [B]. One GEMM; float32 at least (a float16 index is widened a chunk at a time)."""
+    span_volume_sq [B]. One GEMM; the result in float32 at least."""
     dtype = _compute_dtype(basis)
     v = vectors.to(dtype)
-    coords = v @ basis.to(dtype).reshape(-1, basis.shape[-1]).T  # [A, B * m]
+    flat = basis.reshape(-1, basis.shape[-1])
+    if _half_gemm(basis, v.shape[0]):
+        coords = (v.half() @ flat.T).to(dtype)  # [A, B * m]
+    else:
+        coords = v @ flat.to(dtype).T
     inside = coords.view(v.shape[0], basis.shape[0], basis.shape[1]).square().sum(-1)  # |Q_b v_a|^2
     residual = (v * v).sum(-1, keepdim=True) - inside
     return residual.clamp_min_(0).mul_(span_volume_sq.to(dtype)[None, :])
 
 
-def _chunk_rows(queries: int, per_row_floats: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // max(1, queries * per_row_floats * 4))
+def _chunk_rows(queries: int, per_row_floats: int, chunk_bytes: int, widened_floats: int = 0) -> int:
+    """Collection rows a chunk: its [queries, rows, per_row] float32 scores, plus the rows' widened copy (a float16
+    index is computed in float32) within chunk_bytes."""
+    return max(1, chunk_bytes // max(1, (queries * per_row_floats + widened_floats) * 4))
 
 
 def _running_topk(
@@ -123,12 +140,13 @@ def search_clips(
             raise ValueError(f"no {modality!r} embeddings in this index; it has {index.modalities}")
         emb = index.embeddings[modality]
         q = queries.to(_compute_dtype(emb))
-        rows = _chunk_rows(q.shape[0], 1, chunk_bytes)
+        rows = _chunk_rows(q.shape[0], 1, chunk_bytes, emb.shape[1] if emb.dtype != q.dtype else 0)
         return _running_topk(lambda s, e: q @ emb[s:e].to(q.dtype).T, len(index), k, rows, largest=True)
     if score != "volume":
         raise ValueError(f"score must be 'volume' or 'cosine', got {score!r}")
-    m = index.basis.shape[1]
-    rows = _chunk_rows(queries.shape[0], m, chunk_bytes)
+    m, dim = index.basis.shape[1:]
+    widened = m * dim if index.basis.dtype == torch.float16 and not _half_gemm(index.basis, queries.shape[0]) else 0
+    rows = _chunk_rows(queries.shape[0], m, chunk_bytes, widened)
 
     def chunk(start: int, end: int) -> torch.Tensor:
         return squared_volumes(queries, index.basis[start:end], index.span_volume_sq[start:end])
