@@ -21,17 +21,18 @@ from gram_ray.retrieval.query import Hit, QueryResult
 __all__ = ["write_gallery", "render_gallery"]
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; color: #222; }
-h1 { font-size: 1.3rem; margin: 0 0 .3rem; } .meta { color: #666; font-size: .85rem; margin-bottom: 1rem; }
-section { margin-bottom: 1.6rem; } h2 { font-size: 1.05rem; margin: .4rem 0; }
-.hits { display: flex; flex-wrap: wrap; gap: .8rem; }
-.hit { width: 220px; background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5rem; font-size: .8rem; }
+body { font-family: system-ui, sans-serif; margin: 1.2rem; background: #fafafa; color: #222; }
+h1 { font-size: 1.25rem; margin: 0 0 .2rem; } .meta { color: #666; font-size: .8rem; font-weight: normal; }
+section { margin-bottom: 1.2rem; } h2 { font-size: 1rem; margin: .3rem 0 .4rem; }
+.hits { display: flex; flex-wrap: wrap; gap: .6rem; }
+.hit { width: 176px; background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .4rem; font-size: .75rem; }
+.hit.same { border: 2px solid #2a8a3a; }
 .hit img { width: 100%; aspect-ratio: 1; object-fit: cover; border-radius: 4px; background: #eee; display: block; }
 .hit img.broken { outline: 2px solid #c00; }
 .noframe { width: 100%; aspect-ratio: 1; display: flex; align-items: center; justify-content: center;
   background: #eee; color: #777; border-radius: 4px; }
 .rank { font-weight: 600; } .score { color: #555; float: right; } .id { color: #888; word-break: break-all; }
-.caption { margin: .3rem 0; } video, audio { width: 100%; margin-top: .3rem; }
+.caption { margin: .25rem 0; } video, audio { width: 100%; height: 32px; margin-top: .2rem; display: block; }
 .uri { color: #777; word-break: break-all; }
 """
 
@@ -61,7 +62,7 @@ def _media_link(path: str | None, page_dir: Path) -> str | None:
         return absolute.as_uri()
 
 
-def _hit_html(hit: Hit, page_dir: Path) -> str:
+def _hit_html(hit: Hit, page_dir: Path, query: str) -> str:
     e = html.escape
     if hit.thumbnail:
         data = base64.b64encode(hit.thumbnail).decode()
@@ -70,7 +71,7 @@ def _hit_html(hit: Hit, page_dir: Path) -> str:
         picture = '<div class="noframe">no video</div>'
     score = f"{hit.score:.4f}"
     if hit.match_probability is not None:
-        score += f" (match {hit.match_probability:.2f}, volume {hit.volume:.4f})"
+        score = f"{hit.score:.2f} (p {hit.match_probability:.2f}, vol {hit.volume:.3f})"
     players = []
     for kind, path in (("video", hit.video_path), ("audio", hit.audio_path)):
         link = _media_link(path, page_dir)
@@ -79,8 +80,10 @@ def _hit_html(hit: Hit, page_dir: Path) -> str:
         elif path:
             players.append(f'<div class="uri">{kind}: {e(path)}</div>')
     captions = "".join(f'<div class="caption">{e(c)}</div>' for c in hit.captions[:3])
+    # A clip one of whose own captions is the query (the demo's, and any search for a known caption) is framed.
+    css = "hit same" if query in hit.captions else "hit"
     return (
-        f'<div class="hit"><div><span class="rank">#{hit.rank}</span><span class="score">{e(score)}</span></div>'
+        f'<div class="{css}"><div><span class="rank">#{hit.rank}</span><span class="score">{e(score)}</span></div>'
         f'{picture}<div class="id">{e(hit.id)}</div>{captions}{"".join(players)}</div>'
     )
 
@@ -90,7 +93,7 @@ def render_gallery(results: list[QueryResult], page: Path, title: str) -> str:
     page_dir = page.resolve().parent
     sections = []
     for result in results:
-        hits = "".join(_hit_html(h, page_dir) for h in result.hits)
+        hits = "".join(_hit_html(h, page_dir, result.query) for h in result.hits)
         sections.append(
             f'<section><h2>{e(result.query)} <span class="meta">by {e(result.score)}</span></h2>'
             f'<div class="hits">{hits}</div></section>'
@@ -98,7 +101,8 @@ def render_gallery(results: list[QueryResult], page: Path, title: str) -> str:
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
         f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>"
-        f'<h1>{e(title)}</h1><div class="meta">{len(results)} queries; lower volume is a better match</div>'
+        f'<h1>{e(title)}</h1><div class="meta">{len(results)} queries; volume: lower is better (cosine, rerank: '
+        "higher); a green frame: the clip's own caption is the query</div>"
         f"{''.join(sections)}</body></html>"
     )
 

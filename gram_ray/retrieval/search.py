@@ -152,12 +152,32 @@ def search_clips(
         return squared_volumes(queries, index.basis[start:end], index.span_volume_sq[start:end])
 
     _, candidates = _running_topk(chunk, len(index), _candidates(k), rows, largest=False)
-    # Exact volumes of the candidates: float64 Gram-Schmidt of their stored embeddings, as gram_volume refines.
-    span_rows = torch.stack([index.embeddings[mod][candidates] for mod in index.modalities], -2)  # [Q, c, m, D]
-    anchor_rows = queries[:, None, :].expand(-1, candidates.shape[1], -1)
-    exact = exact_squared_volumes(span_rows, anchor_rows, eps).clamp_min(0).sqrt()
-    order = exact.topk(k, dim=1, largest=False)
-    return order.values, candidates.gather(1, order.indices)
+    return _exact_top(
+        lambda q: torch.stack([index.embeddings[mod][candidates[q]] for mod in index.modalities], -2),
+        lambda q: queries[q, None, :].expand(-1, candidates.shape[1], -1),
+        candidates,
+        k,
+        eps,
+        chunk_bytes,
+    )
+
+
+def _exact_top(span_rows, anchor_rows, candidates: torch.Tensor, k: int, eps: float, chunk_bytes: int):
+    """Each query's k best candidates by their exact volume: float64 Gram-Schmidt of the stored embeddings, as
+    gram_volume refines. span_rows(q) [Q', c, m, D] and anchor_rows(q) [Q', c, D] for a slice q of the queries,
+    taken a few queries at a time so that the float64 tuples (and their temporaries) stay within chunk_bytes."""
+    n, c = candidates.shape
+    _, _, m, dim = span_rows(slice(0, 1)).shape
+    per_query = 4 * c * (m + 1) * dim * 8
+    step = max(1, chunk_bytes // per_query)
+    values, found = [], []
+    for start in range(0, n, step):
+        q = slice(start, start + step)
+        exact = exact_squared_volumes(span_rows(q), anchor_rows(q), eps).clamp_min(0).sqrt()
+        order = exact.topk(k, dim=1, largest=False)
+        values.append(order.values)
+        found.append(candidates[q].gather(1, order.indices))
+    return torch.cat(values), torch.cat(found)
 
 
 def search_captions(
@@ -183,7 +203,12 @@ def search_captions(
         rows,
         largest=False,
     )
-    span_rows = torch.stack(others, 1)[:, None].expand(-1, candidates.shape[1], -1, -1)  # [Q, c, m, D]
-    exact = exact_squared_volumes(span_rows, captions[candidates], eps).clamp_min(0).sqrt()
-    order = exact.topk(k, dim=1, largest=False)
-    return order.values, candidates.gather(1, order.indices)
+    clips = torch.stack(others, 1)  # [Q, m, D]
+    return _exact_top(
+        lambda q: clips[q, None].expand(-1, candidates.shape[1], -1, -1),
+        lambda q: captions[candidates[q]],
+        candidates,
+        k,
+        eps,
+        chunk_bytes,
+    )
