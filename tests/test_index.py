@@ -60,6 +60,14 @@ def trained(synth_small, ray_session, tmp_path_factory):
     return {"ckpt": str(tmp / "ckpt"), "val_cache": str(val_cache), "cfg": cfg, "tmp": tmp, "data": data}
 
 
+@pytest.fixture(scope="module")
+def built(trained, tmp_path_factory):
+    """The val cache indexed once; tests that change an index work on a copy."""
+    out = tmp_path_factory.mktemp("built") / "index"
+    build_index(trained["ckpt"], trained["val_cache"], str(out), log=lambda m: 0)
+    return out
+
+
 def _embed_cache(ckpt: str, cache: str) -> dict:
     """The model's embeddings of a cache's clips, computed directly (no Ray): what the index must hold."""
     import pyarrow.parquet as pq
@@ -73,10 +81,9 @@ def _embed_cache(ckpt: str, cache: str) -> dict:
     return {"ids": batch["ids"], "rows": rows, **emb, "text_to_video": batch["text_to_video"]}
 
 
-def test_index_holds_each_clips_embeddings_basis_thumbnail_and_media(trained, tmp_path, synth_small):
-    out = tmp_path / "index"
-    meta = build_index(trained["ckpt"], trained["val_cache"], str(out), log=lambda m: 0)
-    index = load_index(out)
+def test_index_holds_each_clips_embeddings_basis_thumbnail_and_media(trained, built):
+    index = load_index(built)
+    meta = index.meta
     want = _embed_cache(trained["ckpt"], trained["val_cache"])
     assert meta["clips"] == len(index.ids) == len(want["ids"]) and meta["modalities"] == ["video", "audio"]
     order = [want["ids"].index(i) for i in index.ids]
@@ -102,9 +109,11 @@ def test_index_holds_each_clips_embeddings_basis_thumbnail_and_media(trained, tm
     assert all(Path(p).is_file() for p in index.video_paths + index.audio_paths)
 
 
-def test_an_index_run_continues_and_another_source_adds_clips_without_recomputing(trained, tmp_path, synth_small):
+def test_an_index_run_continues_and_another_source_adds_clips_without_recomputing(
+    trained, built, tmp_path, synth_small
+):
     out = tmp_path / "index"
-    build_index(trained["ckpt"], trained["val_cache"], str(out), log=lambda m: 0)
+    shutil.copytree(built, out)
     shards = sorted((out / "shards").glob("*.parquet"))
     assert len(shards) >= 3
     # a run stopped before its last file was recorded: the next run redoes that file only
@@ -150,9 +159,8 @@ def _chromium_dom(page: Path) -> str:
     return out.stdout
 
 
-def test_search_finds_the_brute_force_top_k_reranks_and_writes_a_gallery(trained, tmp_path):
-    out = tmp_path / "index"
-    build_index(trained["ckpt"], trained["val_cache"], str(out), log=lambda m: 0)
+def test_search_finds_the_brute_force_top_k_reranks_and_writes_a_gallery(trained, built, tmp_path):
+    out = built
     index = load_index(out)
     query = index.captions[2][0]
     runner = CliRunner()

@@ -84,8 +84,9 @@ def squared_volumes(vectors: torch.Tensor, basis: torch.Tensor, span_volume_sq: 
         coords = (v.half() @ flat.T).to(dtype)  # [A, B * m]
     else:
         coords = v @ flat.to(dtype).T
-    inside = coords.view(v.shape[0], basis.shape[0], basis.shape[1]).square().sum(-1)  # |Q_b v_a|^2
-    residual = (v * v).sum(-1, keepdim=True) - inside
+    # In place where the memory is: the [A, B * m] products are the chunk's largest buffer.
+    inside = coords.square_().view(v.shape[0], basis.shape[0], basis.shape[1]).sum(-1)  # |Q_b v_a|^2
+    residual = inside.neg_().add_((v * v).sum(-1, keepdim=True))  # |v_a|^2 - |Q_b v_a|^2
     return residual.clamp_min_(0).mul_(span_volume_sq.to(dtype)[None, :])
 
 
