@@ -23,12 +23,19 @@ from pathlib import Path
 
 from gram_ray.config import DataConfig
 
-__all__ = ["DECODE_TASK", "ProcessWatch", "generate_collection", "bench_preprocess", "preprocess_table"]
+__all__ = [
+    "DECODE_TASK",
+    "ProcessWatch",
+    "process_memory",
+    "generate_collection",
+    "bench_preprocess",
+    "preprocess_table",
+]
 
 DECODE_TASK = "write_shards"  # the cache writer's UDF: Ray names a worker process after the task it runs
 
 
-def _proc_status(pid: int) -> dict[str, int]:
+def process_memory(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak) of a process, in bytes; {} when it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -81,14 +88,14 @@ class ProcessWatch:
             self.sample()
 
     def sample(self) -> None:
-        self.driver_peak = max(self.driver_peak, _proc_status(os.getpid()).get("VmRSS", 0))
+        self.driver_peak = max(self.driver_peak, process_memory(os.getpid()).get("VmRSS", 0))
         for name in os.listdir("/proc"):
             if not name.isdigit():
                 continue
             pid = int(name)
             if pid not in self.workers and self.task not in _cmdline(pid):
                 continue
-            status = _proc_status(pid)
+            status = process_memory(pid)
             if not status:
                 continue
             entry = self.workers.setdefault(pid, {"peak": 0, "parent": _parent(pid)})

@@ -16,6 +16,7 @@ closed form alone would lose digits and the exact pass decides.
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gram_ray.bench_preprocess import process_memory
 from gram_ray.retrieval.search import ClipIndex, search_clips
 from gram_ray.volume import gram_volume, orthonormal_span
 
@@ -111,22 +113,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _current_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _timed(fn, device: str, reps: int) -> tuple[float, int | None]:
     """(median ms of reps runs after a warm-up, the peak extra memory of one run; None where it cannot be read)."""
     cuda = device.startswith("cuda")
@@ -147,11 +133,11 @@ def _timed(fn, device: str, reps: int) -> tuple[float, int | None]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:  # the process's peak resident set since a reset, less what it held before: the search's own memory
-        base = _current_rss()
+        base = process_memory(os.getpid())["VmRSS"]
         if not _reset_peak_rss():
             return statistics.median(times), None
         fn()
-        peak = max(_peak_rss() - base, 0)
+        peak = max(process_memory(os.getpid())["VmHWM"] - base, 0)
     return statistics.median(times), peak
 
 
