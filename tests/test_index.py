@@ -135,7 +135,7 @@ def test_an_index_run_continues_and_another_source_adds_clips_without_recomputin
     assert result.exit_code == 0, result.output
     assert f"{n_val} clips already in the index are skipped" in result.output
     index = load_index(out)
-    assert len(index.ids) == len(set(index.ids)) == 24  # all.json: the 6 val clips and 18 train clips, once each
+    assert len(index.ids) == len(set(index.ids)) == 24  # all.json: the val clips and the train clips, once each
     assert len(index.meta["sources"]) == 2 and index.meta["clips"] == 24
     assert {p.name: p.stat().st_mtime_ns for p in shards[:-1]} == before
 
@@ -215,3 +215,23 @@ def test_search_errors_name_the_problem(tmp_path, trained):
     with pytest.raises(SearchIndexError, match="not a preprocessed cache"):
         build_index(trained["ckpt"], str(tmp_path), str(tmp_path / "i"), log=lambda m: 0)
     assert os.path.isdir(trained["val_cache"])
+
+
+def test_an_index_in_a_bucket_is_built_continued_and_searched_there(trained, built, s3):
+    # The index on storage through the S3 API (a local moto server): written by the Ray actors, read by search.
+    from gram_ray import storage
+    from gram_ray.retrieval.query import Searcher
+
+    out = f"{s3.bucket()}/indexes/val"
+    build_index(trained["ckpt"], trained["val_cache"], out, log=lambda m: 0)
+    assert storage.exists(f"{out}/index.json") and storage.list_files(f"{out}/shards", ".parquet")
+    logs = []
+    build_index(trained["ckpt"], trained["val_cache"], out, log=logs.append)
+    assert any("are indexed already" in m for m in logs), logs  # nothing to redo
+    index = load_index(out)
+    assert index.meta["clips"] == len(index.ids) == len(load_index(built).ids)
+    query = index.captions[1][0]
+    (result,) = Searcher(out, device="cpu").search([query], k=2)
+    (local,) = Searcher(str(built), device="cpu").search([query], k=2)  # the same clips, indexed locally
+    assert [h.id for h in result.hits] == [h.id for h in local.hits]
+    assert [h.volume for h in result.hits] == pytest.approx([h.volume for h in local.hits], rel=1e-6)
