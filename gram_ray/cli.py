@@ -340,7 +340,11 @@ def search(
     if not texts and not clip_id:
         raise click.UsageError('give a query ("a dog barks"), --queries FILE, or --clip ID')
     try:
+        click.echo(f"loading the index {index_dir} and its checkpoint ...")
         searcher = Searcher(index_dir, checkpoint, device)
+        if texts:
+            click.echo(f"searching {len(texts)} quer{'y' if len(texts) == 1 else 'ies'} over "
+                       f"{len(searcher.index.ids):,} clips on {searcher.device} ...")  # fmt: skip
         results = searcher.search(texts, k, score, rerank, rerank_k) if texts else []
         if clip_id:
             results.append(searcher.similar_captions(clip_id, k))
