@@ -235,3 +235,21 @@ def test_an_index_in_a_bucket_is_built_continued_and_searched_there(trained, bui
     (local,) = Searcher(str(built), device="cpu").search([query], k=2)  # the same clips, indexed locally
     assert [h.id for h in result.hits] == [h.id for h in local.hits]
     assert [h.volume for h in result.hits] == pytest.approx([h.volume for h in local.hits], rel=1e-6)
+
+
+def test_gallery_shows_an_image_as_itself_and_an_audio_clip_with_its_player(tmp_path):
+    from gram_ray.retrieval.gallery import render_gallery
+    from gram_ray.retrieval.query import Hit, QueryResult
+
+    (tmp_path / "media").mkdir()
+    for name in ("1000092795.jpg", "rain.wav"):
+        (tmp_path / "media" / name).write_bytes(b"x")
+    image = Hit(
+        1, "1000092795.jpg", 0.2, 0.2, ["two men outside"], None, str(tmp_path / "media" / "1000092795.jpg"), None
+    )
+    sound = Hit(1, "rain", 0.3, 0.3, ["rain on a roof"], None, None, str(tmp_path / "media" / "rain.wav"))
+    uri = Hit(2, "c", 0.4, 0.4, ["x"], None, "s3://bucket/videos/c.mp4", None)
+    page = render_gallery([QueryResult("q", "volume", [image, sound, uri])], tmp_path / "g.html", "t")
+    assert '<a href="media/1000092795.jpg">full image</a>' in page and "<video" not in page
+    assert '<audio controls preload="none" src="media/rain.wav">' in page and "no video" in page
+    assert "video: s3://bucket/videos/c.mp4" in page  # a browser cannot open s3://: shown as text

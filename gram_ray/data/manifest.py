@@ -29,6 +29,7 @@ __all__ = [
     "ManifestRow",
     "read_annotations",
     "resolve_media",
+    "media_finder",
     "check_sources",
     "VIDEO_EXTENSIONS",
     "IMAGE_EXTENSIONS",
@@ -179,7 +180,7 @@ def _find(directory: Path, media_id: str, extensions: tuple[str, ...]) -> Path |
     return as_named if as_named.is_file() or as_named.is_symlink() else None
 
 
-def _finder(directory: str, extensions: tuple[str, ...]):
+def media_finder(directory: str, extensions: tuple[str, ...]):
     """media id -> its file's path or URI, or None. A storage folder is listed once (one LIST, not a request per
     clip and extension)."""
     if not storage.is_uri(directory):
@@ -218,8 +219,8 @@ def resolve_media(
         raise ManifestError(f"no {video_format} directory given (data.video_dir, --video-dir)")
     check_sources([], str(video_dir) if video_dir else None, str(audio_dir) if audio_dir else None)
     extensions = IMAGE_EXTENSIONS if video_format == "image" else VIDEO_EXTENSIONS
-    find_video = _finder(str(video_dir), extensions) if video_dir else None
-    find_audio = _finder(str(audio_dir), AUDIO_EXTENSIONS) if audio_dir else None
+    find_video = media_finder(str(video_dir), extensions) if video_dir else None
+    find_audio = media_finder(str(audio_dir), AUDIO_EXTENSIONS) if audio_dir else None
     for row in rows:
         row.video_path = find_video(row.id) if find_video else None
         row.audio_path = find_audio(row.id) if find_audio else None

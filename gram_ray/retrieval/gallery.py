@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from gram_ray import storage
+from gram_ray.data.manifest import IMAGE_EXTENSIONS
 from gram_ray.retrieval.query import Hit, QueryResult
 
 __all__ = ["write_gallery", "render_gallery"]
@@ -75,7 +76,9 @@ def _hit_html(hit: Hit, page_dir: Path, query: str) -> str:
     players = []
     for kind, path in (("video", hit.video_path), ("audio", hit.audio_path)):
         link = _media_link(path, page_dir)
-        if link:
+        if link and kind == "video" and path.endswith(IMAGE_EXTENSIONS):  # a still image: the thumbnail is it
+            players.append(f'<div class="uri"><a href="{e(link)}">full image</a></div>')
+        elif link:
             players.append(f'<{kind} controls preload="none" src="{e(link)}"></{kind}>')
         elif path:
             players.append(f'<div class="uri">{kind}: {e(path)}</div>')

@@ -103,7 +103,7 @@ class _IndexCacheFile:
 
     def __init__(self, checkpoint_dir, out, source, video_dir, audio_dir, dtype, known_ids, batch_size) -> None:
         from gram_ray.data.collate import Collate
-        from gram_ray.data.manifest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS, _finder
+        from gram_ray.data.manifest import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_finder
         from gram_ray.model.checkpoint import load_checkpoint, model_from_state
 
         state = load_checkpoint(checkpoint_dir)
@@ -116,8 +116,10 @@ class _IndexCacheFile:
         self.others = [m for m in cfg.model.modalities if m != "text"]
         self.out, self.source, self.dtype, self.batch_size = out, source, np.dtype(dtype), batch_size
         self.known_ids = known_ids
-        self.find_video = _finder(video_dir, VIDEO_EXTENSIONS) if video_dir else None
-        self.find_audio = _finder(audio_dir, AUDIO_EXTENSIONS) if audio_dir else None
+        vision = cfg.data.video.format  # where a clip's frames came from: a video file, an image, or nothing
+        extensions = IMAGE_EXTENSIONS if vision == "image" else VIDEO_EXTENSIONS
+        self.find_video = media_finder(video_dir, extensions) if video_dir and vision != "none" else None
+        self.find_audio = media_finder(audio_dir, AUDIO_EXTENSIONS) if audio_dir else None
 
     def __call__(self, batch: dict) -> dict:
         files, clips = [], []
@@ -129,9 +131,8 @@ class _IndexCacheFile:
     def _index_file(self, cache_file: str, shard: str) -> int:
         fs, path = storage.resolve(cache_file)
         table = pq.read_table(path, filesystem=fs)
-        if self.known_ids:
-            keep = ~np.isin(np.asarray(table.column("id").to_pylist(), dtype=object), list(self.known_ids))
-            table = table.filter(pa.array(keep))
+        if self.known_ids:  # clips another source already put in the index: not embedded again
+            table = table.filter(pa.array([i not in self.known_ids for i in table.column("id").to_pylist()]))
         parts = [self._embed(table.slice(s, self.batch_size)) for s in range(0, table.num_rows, self.batch_size)]
         written = self._write(shard, _concat([p for p in parts if p is not None]))
         storage.write_text(
