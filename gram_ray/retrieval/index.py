@@ -102,17 +102,11 @@ class _IndexCacheFile:
     """map_batches UDF (an actor): embeds every clip of the cache files it is given and writes their index shards."""
 
     def __init__(self, checkpoint_dir, out, source, video_dir, audio_dir, dtype, known_ids, batch_size) -> None:
-        from gram_ray.data.collate import Collate
         from gram_ray.data.manifest import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_finder
-        from gram_ray.model.checkpoint import load_checkpoint, model_from_state
+        from gram_ray.train.inference import inference_model
 
-        state = load_checkpoint(checkpoint_dir)
-        self.model, cfg = model_from_state(state)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).eval()
-        cfg.data.video.decode_device = "cpu"
-        cfg.eval.protocol = "all"  # every caption of every clip goes into the index
-        self.collate = Collate(cfg, state["vocab"], train=False)
+        self.model, cfg, self.collate = inference_model(checkpoint_dir, self.device, every_caption=True)
         self.others = [m for m in cfg.model.modalities if m != "text"]
         self.out, self.source, self.dtype, self.batch_size = out, source, np.dtype(dtype), batch_size
         self.known_ids = known_ids

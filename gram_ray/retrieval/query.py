@@ -45,18 +45,12 @@ class Searcher:
     """An index and the checkpoint it was built with (or `checkpoint`, which must be the same model), on `device`."""
 
     def __init__(self, index_dir: str, checkpoint: str | None = None, device: str | None = None) -> None:
-        from gram_ray.data.collate import Collate
-        from gram_ray.model.checkpoint import load_checkpoint, model_from_state
+        from gram_ray.train.inference import inference_model
 
         self.index: LoadedIndex = load_index(index_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint = checkpoint or self.index.meta["checkpoint"]["path"]
-        state = load_checkpoint(self.checkpoint)
-        self.model, self.cfg = model_from_state(state)
-        self.model.to(self.device).eval()
-        self.cfg.data.video.decode_device = "cpu"
-        self.cfg.eval.protocol = "all"
-        self.collate = Collate(self.cfg, state["vocab"], train=False)
+        self.model, self.cfg, self.collate = inference_model(self.checkpoint, self.device, every_caption=True)
         self.clips = self.index.clips.to(self.device)
 
     def embed_captions(self, texts: list[str]) -> torch.Tensor:
@@ -73,18 +67,16 @@ class Searcher:
         """Each caption's top k clips. rerank: the top rerank_k (default eval.rerank_k, at least k) by volume are
         rescored with eval.rerank_score and the best k returned."""
         queries = self.embed_captions(texts)
-        pool = max(k, rerank_k or self.cfg.eval.rerank_k) if rerank else k
-        scores, found = search_clips(queries, self.clips, pool, score=score)
-        volumes = scores if score == "volume" else None
-        if rerank:
+        if rerank:  # the candidates are the top rerank_k by volume, whatever `score` says
             if self.model.fusion is None:
                 raise SearchIndexError(
                     f"{self.checkpoint} has no match head (trained without the matching loss, model.itm_ratio 0): "
                     "search without --rerank"
                 )
-            if volumes is None:
-                volumes, found = search_clips(queries, self.clips, pool)
+            volumes, found = search_clips(queries, self.clips, max(k, rerank_k or self.cfg.eval.rerank_k))
             return [self._reranked(t, volumes[i], found[i], k) for i, t in enumerate(texts)]
+        scores, found = search_clips(queries, self.clips, k, score=score)
+        volumes = scores if score == "volume" else None
         results = []
         for i, text in enumerate(texts):
             vols = volumes[i].tolist() if volumes is not None else [None] * len(found[i])

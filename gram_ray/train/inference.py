@@ -16,17 +16,27 @@ from gram_ray.data.text import tokenize
 from gram_ray.model.checkpoint import STATE_FILE, checkpoint_config, is_checkpoint, load_checkpoint, model_from_state
 from gram_ray.retrieval.metrics import evaluate_embeddings
 
-__all__ = ["check_inputs", "evaluate_checkpoint"]
+__all__ = ["check_inputs", "evaluate_checkpoint", "inference_model"]
+
+
+def inference_model(checkpoint_dir: str, device: torch.device | str = "cpu", every_caption: bool = False):
+    """(model in eval mode on `device`, its config, the collate of eval batches for it) from a checkpoint. Frames
+    of a JPEG cache are decoded by collate on the CPU, so the model gets decoded frames whatever its device.
+    every_caption: each clip's every caption is embedded, whatever eval.protocol says (a search index)."""
+    state = load_checkpoint(checkpoint_dir)
+    model, cfg = model_from_state(state)
+    model.to(device)
+    cfg.data.video.decode_device = "cpu"
+    if every_caption:
+        cfg.eval.protocol = "all"
+    return model, cfg, Collate(cfg, state["vocab"], train=False)
 
 
 class _EmbedClips:
     """map_batches UDF (an actor): one row per clip in, its embeddings out (captions as a ragged list)."""
 
     def __init__(self, checkpoint_dir: str) -> None:
-        state = load_checkpoint(checkpoint_dir)
-        self.model, cfg = model_from_state(state)
-        cfg.data.video.decode_device = "cpu"  # the model runs on this actor's CPU: a JPEG cache decodes here
-        self.collate = Collate(cfg, state["vocab"], train=False)
+        self.model, _, self.collate = inference_model(checkpoint_dir)
 
     def __call__(self, batch: dict) -> dict:
         model_batch = self.collate(batch)
@@ -48,10 +58,7 @@ class _ScorePairs:
     candidate pairs name for it; one output row per pair: its index and the match head's log-odds."""
 
     def __init__(self, checkpoint_dir: str, captions: list[str], pairs_by_clip: dict) -> None:
-        state = load_checkpoint(checkpoint_dir)
-        self.model, cfg = model_from_state(state)
-        cfg.data.video.decode_device = "cpu"  # the model runs on this actor's CPU: a JPEG cache decodes here
-        self.collate = Collate(cfg, state["vocab"], train=False)
+        self.model, cfg, self.collate = inference_model(checkpoint_dir)
         tokens = tokenize(self.collate.tokenizer, captions, cfg.model.max_text_length)
         self.ids, self.mask = tokens["input_ids"], tokens["attention_mask"]
         self.pairs_by_clip = pairs_by_clip  # clip id -> (pair indices, caption indices)
