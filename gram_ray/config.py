@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gram_ray.data.schema import MODALITY_NAMES
-from gram_ray.train.world import WorldSizeError, plans_for_range, step_clips
+from gram_ray.train.world import WorldSizeError, plans_for_range
 
 __all__ = [
     "ConfigError",
@@ -459,6 +459,11 @@ class GramConfig(_Section):
     wandb: WandbConfig = WandbConfig()
     tune: TuneSection = TuneSection()
 
+    @property
+    def step_clips(self) -> int:
+        """The clips of one optimizer step: the batch at its full size (scaling.num_workers, or its max)."""
+        return self.train.batch_size * self.scaling.max_workers * self.train.grad_accum
+
     @model_validator(mode="after")
     def _global_batch(self) -> GramConfig:
         g, s = self.train.global_batch_size, self.scaling
@@ -487,7 +492,7 @@ class GramConfig(_Section):
                 "compiled before they are sharded): turn one of them off"
             )
         if s.elastic:
-            step = step_clips(self)
+            step = self.step_clips
             try:
                 plans_for_range(step, self.train.batch_size, s.min_workers, s.max_workers)
             except WorldSizeError as e:

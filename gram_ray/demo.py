@@ -13,8 +13,9 @@ from pathlib import Path
 
 from gram_ray import storage
 from gram_ray.config import GramConfig, load_config
+from gram_ray.retrieval.metrics import results_table
 
-__all__ = ["DEMO_CONFIG", "run_demo", "plot_curves", "plot_retrieval", "results_table"]
+__all__ = ["DEMO_CONFIG", "run_demo", "plot_curves", "plot_retrieval"]
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_CLIPS, DEMO_VAL_SHARE = 1000, 0.15  # 848 train clips, 152 val clips in 38 groups of 4
@@ -96,17 +97,6 @@ def plot_retrieval(evaluation: dict, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-
-
-def results_table(evaluation: dict) -> str:
-    w = max([5, *(len(kind) for kind in evaluation)])
-    lines = [f"{'score':<{w}} {'modalities':<28} {'t2v R@1':>8} {'R@5':>6} {'R@10':>6} {'MedR':>6} {'v2t R@1':>8}"]
-    for kind, by_name in evaluation.items():
-        for name, d in by_name.items():
-            t, v = d["t2v"], d["v2t"]
-            recalls = f"{t['R@1']:>8.1f} {t['R@5']:>6.1f} {t['R@10']:>6.1f} {t['MedR']:>6.1f}"
-            lines.append(f"{kind:<{w}} {name:<28} {recalls} {v['R@1']:>8.1f}")
-    return "\n".join(lines)
 
 
 def _search_demo(checkpoint: str, val_cache: str, run_dir: Path, log) -> Path:

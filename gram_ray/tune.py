@@ -21,6 +21,7 @@ from gram_ray.train.loop import main_metric_name
 __all__ = ["search_space", "run_sweep", "trial_driver", "write_outputs", "sweep_root"]
 
 SWEEP_NAME = "sweep"
+EVALUATIONS = "evaluations"  # the metric each report carries: the run's evaluations so far, those before a resume too
 
 
 def search_space(cfg: GramConfig) -> dict:
@@ -152,8 +153,13 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
             tune_config=tune.TuneConfig(
                 metric=metric,
                 mode=cfg.tune.mode,
+                # Rungs in the run's own evaluations, not Tune's iterations: a trial resumed after an interruption
+                # continues its training from its checkpoint while Tune counts its reports from 0 again.
                 scheduler=ASHAScheduler(
-                    max_t=evaluations, grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor
+                    time_attr=EVALUATIONS,
+                    max_t=evaluations,
+                    grace_period=cfg.tune.grace_period,
+                    reduction_factor=cfg.tune.reduction_factor,
                 ),
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=_max_concurrent(cfg),
@@ -166,10 +172,16 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
     return results
 
 
+def _evaluations(result) -> int:
+    """The trial's evaluations: its training run's own count (which a resumed trial continues), else Tune's."""
+    metrics = result.metrics or {}
+    return int(metrics.get(EVALUATIONS, metrics.get("training_iteration", 0)))
+
+
 def _status(result, evaluations: int) -> str:
     if result.error is not None:
         return "error"
-    done = (result.metrics or {}).get("training_iteration", 0)
+    done = _evaluations(result)
     if done == 0:
         return "not_started"  # the sweep was interrupted first: --resume runs it
     return "completed" if done >= evaluations else "stopped_early"
@@ -198,7 +210,7 @@ def write_outputs(results, cfg: GramConfig, metric: str, evaluations: int, out: 
                 "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
                 **{k: swept.get(k) for k in keys},
                 "best_metric": best,
-                "evaluations": (result.metrics or {}).get("training_iteration", 0),
+                "evaluations": _evaluations(result),
                 "status": _status(result, evaluations),
                 "error": _error_line(result.error) if result.error else "",
             }

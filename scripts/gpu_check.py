@@ -319,7 +319,7 @@ def summary_table(report: dict) -> str:
 
     train = report["parts"].get("train", {}).get("result")
     if train:
-        from gram_ray.bench_train import train_table
+        from gram_ray.bench.train import train_table
 
         ray_share = train.get("ratios", {}).get("ray/plain")
         lines += [
@@ -331,13 +331,13 @@ def summary_table(report: dict) -> str:
 
     data = report["parts"].get("data", {}).get("result")
     if data:
-        from gram_ray.bench_data import data_table
+        from gram_ray.bench.data import data_table
 
         lines += ["", data_table(data)]
 
     search = report["parts"].get("search", {}).get("result")
     if search:
-        from gram_ray.bench_search import SearchBenchResult, search_table
+        from gram_ray.bench.search import SearchBenchResult, search_table
 
         results = [SearchBenchResult(**r) for r in search["results"]]
         one, batch = max(r.one_query_ms for r in results), max(r.batch_ms for r in results)
@@ -351,7 +351,7 @@ def summary_table(report: dict) -> str:
 
     fsdp = report["parts"].get("fsdp", {}).get("result")
     if fsdp:
-        from gram_ray.bench_fsdp import fsdp_table
+        from gram_ray.bench.fsdp import fsdp_table
 
         lines += ["", "DDP against FSDP (bench fsdp)", fsdp_table(fsdp)]
 

@@ -43,7 +43,7 @@ def ray_session():
     tasks and Train workers never wait on each other."""
     import ray
 
-    # The dashboard (state API) lets Ray Train release the placement groups of trials Tune stops; see cli._init_ray.
+    # The dashboard (state API) lets Ray Train release the placement groups of trials Tune stops (cli.common.init_ray).
     # address="local": a Ray of its own even where a test's Cluster has recorded itself as the machine's cluster.
     ray.init(
         address="local",

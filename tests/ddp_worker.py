@@ -163,10 +163,10 @@ def elastic_run(rank: int, world: int, resume: dict | None = None, stop_at: int 
     from gram_ray.data.collate import epoch_batches
     from gram_ray.model.checkpoint import load_checkpoint
     from gram_ray.train.loop import run_training
-    from gram_ray.train.world import plan_of
+    from gram_ray.train.world import plan_for_world
 
     cfg, rows, vocab, collate = elastic_setup()
-    plan = plan_of(cfg, world)
+    plan = plan_for_world(cfg.step_clips, cfg.train.batch_size, world)  # as trainer.plan_of
     seen, logged, checkpoints, models = {}, [], [], []
 
     def train_batches(epoch, skip):
@@ -248,11 +248,11 @@ def fsdp_run(
     from gram_ray.model.checkpoint import load_checkpoint
     from gram_ray.train.loop import run_training
     from gram_ray.train.sharding import shard_model
-    from gram_ray.train.world import plan_of
+    from gram_ray.train.world import plan_for_world
 
     cfg, train, val, vocab = fsdp_setup(*extra)
     device = device or torch.device("cpu")
-    plan = plan_of(cfg, world)
+    plan = plan_for_world(cfg.step_clips, cfg.train.batch_size, world)  # as trainer.plan_of
     collate = Collate(cfg, vocab, train=True)
     val_collate = Collate(cfg, vocab, train=False)
     val_batches = [val_collate({k: v[i : i + 3] for k, v in val.items()}) for i in range(0, FSDP_VAL_ROWS, 3)][

@@ -5,7 +5,7 @@ import torch
 from click.testing import CliRunner
 from oracle import det_volume
 
-from gram_ray.bench import paper_volume
+from gram_ray.bench.volume import paper_volume
 from gram_ray.cli import main
 
 
@@ -75,7 +75,7 @@ def test_bench_train_measures_three_paths_side_by_side(ray_session, tmp_path):
 
 
 def test_bench_train_knows_the_peaks_of_common_cards():
-    from gram_ray.bench_train import peak_bf16_tflops
+    from gram_ray.bench.common import peak_bf16_tflops
 
     assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0

@@ -15,11 +15,11 @@ def test_training_flops_counted_on_the_meta_device_are_those_of_a_real_forward_p
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from gram_ray.bench_train import bench_vocab
+    from gram_ray.bench.common import bench_vocab
     from gram_ray.config import load_config
     from gram_ray.demo import DEMO_CONFIG
-    from gram_ray.memory import _step_forward, training_flops_per_clip
     from gram_ray.model.gram import build_model
+    from gram_ray.train.memory import _step_forward, training_flops_per_clip
 
     for overrides in ([], ["model.gradient_checkpointing=true"]):
         cfg = load_config(DEMO_CONFIG, overrides)

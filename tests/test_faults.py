@@ -235,7 +235,7 @@ def test_a_cut_off_checkpoint_write_leaves_no_state_file_that_looks_whole(tmp_pa
 def test_a_worker_that_could_not_write_its_checkpoint_is_reported_in_one_line():
     from ray.train import WorkerGroupError
 
-    from gram_ray.cli import training_failure
+    from gram_ray.cli.common import training_failure
     from gram_ray.model.checkpoint import CheckpointWriteError
 
     class RayTaskErrorLike(Exception):  # how Ray hands over a worker's exception: as .cause

@@ -10,8 +10,8 @@ from ddp_worker import FSDP_ROWS, fsdp_run, grads, gram_model_and_batch, run_ran
 from tiny import tiny_config
 
 from gram_ray.config import ConfigError, load_config
-from gram_ray.memory import static_bytes
 from gram_ray.model.checkpoint import load_checkpoint, write_checkpoint
+from gram_ray.train.memory import static_bytes
 from gram_ray.train.sharding import shard_units
 
 pytestmark = pytest.mark.slow

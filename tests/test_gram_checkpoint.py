@@ -14,7 +14,8 @@ from gram_ray.cli import main
 from gram_ray.config import load_config, save_config
 from gram_ray.data.collate import Collate
 from gram_ray.data.text import build_word_vocab
-from gram_ray.model.gram import build_model, init_weights
+from gram_ray.model.checkpoint import init_weights
+from gram_ray.model.gram import build_model
 from gram_ray.model.gram_checkpoint import UNUSED, gram_ray_to_gram, import_gram_state, model_shapes
 from gram_ray.model.safe_load import load_weights
 

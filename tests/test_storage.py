@@ -112,12 +112,12 @@ def test_a_clip_that_cannot_be_read_from_storage_is_skipped_with_the_reason(data
 
 def test_missing_inputs_in_storage_are_named_before_ray_starts(data_in_bucket, monkeypatch):
     """A typo in a bucket path is an error in about a second, not after Ray's start-up."""
-    import gram_ray.cli
+    import gram_ray.cli.commands
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the inputs were checked")
 
-    monkeypatch.setattr(gram_ray.cli, "_init_ray", no_ray)
+    monkeypatch.setattr(gram_ray.cli.commands, "init_ray", no_ray)
     bucket = data_in_bucket["val"].split("/data/")[0]
     result = CliRunner().invoke(
         main,

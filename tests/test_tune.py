@@ -101,25 +101,34 @@ def test_best_config_is_accepted_by_the_training_loader(sweep):
     assert (out / "sweep.png").stat().st_size > 0
 
 
-def _interrupt_when_second_trial_starts(experiment: Path, stop: threading.Event) -> None:
-    """Ctrl+C for Tune (SIGUSR1: same graceful stop, and never a KeyboardInterrupt for pytest) once the first
-    trial has finished, i.e. when the second one's folder appears (one trial at a time)."""
+def _interrupt_after_second_trial_checkpoints(experiment: Path, stop: threading.Event) -> None:
+    """Ctrl+C for Tune (SIGUSR1: same graceful stop, and never a KeyboardInterrupt for pytest) once the second
+    trial (one trial at a time) has stored its first evaluation's checkpoint: it must resume from there."""
     while not stop.is_set():
-        if experiment.is_dir() and len([p for p in experiment.iterdir() if p.name.startswith("trial_driver")]) >= 2:
+        if list(experiment.glob("trial_driver*lr=0.0030*/ray/train-*/checkpoint_*/position.json")):
             os.kill(os.getpid(), signal.SIGUSR1)
             return
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def test_interrupted_sweep_resumes_only_unfinished_trials(synth_small, ray_session, tmp_path):
+    """Interrupted after the second trial's first evaluation, the sweep resumes that trial from its checkpoint (its
+    training continues: Tune counts its reports from 0 again) and counts the evaluations made before the stop; the
+    finished trial is kept as it was."""
     cfg = _sweep_config(
         synth_small,
+        # 3 evaluations ~10 s apart (20 epochs of 16 clips): Tune's stop (2-3 s here) lands while the second
+        # trial is still training
+        "train.epochs=60",
+        "train.eval_every_epochs=20",
         "tune.num_samples=1",
         "tune.grace_period=3",  # = every evaluation: ASHA stops nothing here, so both trials must complete
         "tune.search_space={train.lr: {grid: [1.0e-2, 3.0e-3]}}",
     )
     stop = threading.Event()
-    watcher = threading.Thread(target=_interrupt_when_second_trial_starts, args=(tmp_path / "ray" / "sweep", stop))
+    watcher = threading.Thread(
+        target=_interrupt_after_second_trial_checkpoints, args=(tmp_path / "ray" / "sweep", stop)
+    )
     watcher.start()
     try:
         run_sweep(cfg, tmp_path, log=lambda *_: None)
@@ -127,13 +136,16 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(synth_small, ray_sessi
         stop.set()
         watcher.join()
     first = {r["train.lr"]: r for r in _rows(tmp_path)}
-    assert first["0.01"]["status"] == "completed" and first["0.003"]["status"] != "completed"
+    assert first["0.01"]["status"] == "completed" and first["0.003"]["status"] != "completed", first
     finished = next(p for p in (tmp_path / "ray" / "sweep").iterdir() if "lr=0.0100" in p.name)
     reports_before = (finished / "result.json").read_text()
 
     run_sweep(cfg, tmp_path, resume=True, log=lambda *_: None)
     again = {r["train.lr"]: r for r in _rows(tmp_path)}
-    assert again["0.003"]["status"] == "completed" and again["0.003"]["evaluations"] == "3"
+    assert again["0.003"]["status"] == "completed" and again["0.003"]["evaluations"] == "3", again
+    resumed = next(p for p in (tmp_path / "ray" / "sweep").iterdir() if "lr=0.0030" in p.name)
+    last = json.loads((resumed / "result.json").read_text().splitlines()[-1])
+    assert last["evaluations"] == 3 and last["training_iteration"] < 3  # continued from its checkpoint
     assert again["0.01"] == first["0.01"]  # the finished trial kept its results ...
     assert (finished / "result.json").read_text() == reports_before  # ... and was not run again
     assert json.loads(reports_before.splitlines()[-1])["training_iteration"] == 3

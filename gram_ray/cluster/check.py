@@ -171,7 +171,7 @@ class CheckResult:
 def _step_memory(cfg: GramConfig) -> tuple[str, float]:
     """The memory estimate per GPU of the config's own setup (strategy, gradient checkpointing and a frozen vision
     tower as the config says), in GB."""
-    from gram_ray.memory import configured_estimate
+    from gram_ray.train.memory import configured_estimate
 
     estimate = configured_estimate(cfg)
     return estimate.name, estimate.total_bytes / GIB

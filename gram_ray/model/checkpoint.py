@@ -35,6 +35,7 @@ __all__ = [
     "save_checkpoint",
     "write_checkpoint",
     "load_checkpoint",
+    "init_weights",
     "is_checkpoint",
     "model_from_state",
     "upgrade_state",
@@ -56,6 +57,7 @@ def save_checkpoint(
     step: int = 0,
     epoch: int = 0,
     epoch_complete: bool = True,
+    evaluations: int = 0,
     consumed_ids: list[str] | None = None,
     rng_states: list[dict] | None = None,
     world_size: int = 1,
@@ -71,6 +73,7 @@ def save_checkpoint(
         "step": step,
         "epoch": epoch,
         "epoch_complete": epoch_complete,
+        "evaluations": evaluations,  # reported so far in the run: a resumed sweep trial counts from here
         "consumed_ids": list(consumed_ids or []),
         "rng_states": rng_states,  # mid-epoch: every rank's torch RNG state, so dropout draws continue exactly
         "world_size": world_size,  # the worker group's size: an elastic run may resume at another
@@ -98,7 +101,8 @@ def write_checkpoint(directory: str | Path, state: dict, cfg: GramConfig) -> Non
     try:
         torch.save(state, partial)
         save_config(cfg, directory / "config.yaml")
-        position = {k: state.get(k) for k in ("step", "epoch", "epoch_complete", "consumed_ids", "world_size")}
+        kept = ("step", "epoch", "epoch_complete", "evaluations", "consumed_ids", "world_size")
+        position = {k: state.get(k) for k in kept}
         (directory / POSITION_FILE).write_text(json.dumps(position))
         partial.replace(directory / STATE_FILE)
     except OSError as e:
@@ -180,3 +184,22 @@ def model_from_state(state: dict) -> tuple[GramModel, GramConfig]:
     model = build_model(cfg, state["vocab"])
     model.load_state_dict(state["model"])
     return model.eval(), cfg
+
+
+def init_weights(model: GramModel, checkpoint: str, log=print) -> None:
+    """Load a gram-ray checkpoint's weights (e.g. GRAM's, imported by `gram-ray import-checkpoint`) into model.
+    Every weight in it must have a place in the model; an import made with --allow-partial may leave some of the
+    model's weights out, and those are named."""
+    state = load_checkpoint(checkpoint)["model"]
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(
+            f"model.init_from={checkpoint}: {len(result.unexpected_keys)} of its weights have no place in this "
+            f"model (e.g. {result.unexpected_keys[:5]}): was it written for another model config?"
+        )
+    log(f"initialised from {checkpoint}: {len(state)} tensors")
+    if result.missing_keys:
+        log(
+            f"  {len(result.missing_keys)} of the model's tensors were not in it and keep their initial values: "
+            f"{result.missing_keys[:10]}"
+        )

@@ -19,7 +19,7 @@ from gram_ray.matching import matching_loss
 from gram_ray.model.encoders import AudioEncoder, Encoded, TextEncoder, VisionEncoder, build_backbone, pool_tokens
 from gram_ray.model.fusion import Fusion
 
-__all__ = ["GramModel", "build_model", "init_weights"]
+__all__ = ["GramModel", "build_model"]
 
 
 class GramModel(nn.Module):
@@ -161,7 +161,7 @@ class GramModel(nn.Module):
 
 def build_model(cfg: GramConfig, vocab: list[str] | None) -> GramModel:
     """The model a config describes; `vocab` sizes a randomly initialised text encoder's embeddings. With
-    model.init_from every weight comes from that checkpoint (init_weights), so pretrained encoders are built
+    model.init_from every weight comes from that checkpoint (checkpoint.init_weights), so pretrained encoders are built
     as their architectures without reading their files."""
     return GramModel(
         cfg.model,
@@ -171,24 +171,3 @@ def build_model(cfg: GramConfig, vocab: list[str] | None) -> GramModel:
         load_pretrained=not cfg.model.init_from,
         num_windows=cfg.data.audio.windows,
     )
-
-
-def init_weights(model: GramModel, checkpoint: str, log=print) -> None:
-    """Load a gram-ray checkpoint's weights (e.g. GRAM's, imported by `gram-ray import-checkpoint`) into model.
-    Every weight in it must have a place in the model; an import made with --allow-partial may leave some of the
-    model's weights out, and those are named."""
-    from gram_ray.model.checkpoint import CheckpointError, load_checkpoint
-
-    state = load_checkpoint(checkpoint)["model"]
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise CheckpointError(
-            f"model.init_from={checkpoint}: {len(result.unexpected_keys)} of its weights have no place in this "
-            f"model (e.g. {result.unexpected_keys[:5]}): was it written for another model config?"
-        )
-    log(f"initialised from {checkpoint}: {len(state)} tensors")
-    if result.missing_keys:
-        log(
-            f"  {len(result.missing_keys)} of the model's tensors were not in it and keep their initial values: "
-            f"{result.missing_keys[:10]}"
-        )

@@ -26,6 +26,7 @@ __all__ = [
     "load_embedding_dir",
     "volume_scores",
     "write_metrics",
+    "results_table",
 ]
 
 _CHUNK = 1024
@@ -120,3 +121,15 @@ def load_embedding_dir(directory: str | Path) -> tuple[dict[str, np.ndarray], np
 
 def write_metrics(metrics: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(metrics, indent=2))
+
+
+def results_table(evaluation: dict) -> str:
+    """The metrics JSON as a console table: a row per score and modality set (t2v R@1/5/10, MedR, v2t R@1)."""
+    w = max([5, *(len(kind) for kind in evaluation)])
+    lines = [f"{'score':<{w}} {'modalities':<28} {'t2v R@1':>8} {'R@5':>6} {'R@10':>6} {'MedR':>6} {'v2t R@1':>8}"]
+    for kind, by_name in evaluation.items():
+        for name, d in by_name.items():
+            t, v = d["t2v"], d["v2t"]
+            recalls = f"{t['R@1']:>8.1f} {t['R@5']:>6.1f} {t['R@10']:>6.1f} {t['MedR']:>6.1f}"
+            lines.append(f"{kind:<{w}} {name:<28} {recalls} {v['R@1']:>8.1f}")
+    return "\n".join(lines)

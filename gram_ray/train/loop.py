@@ -27,8 +27,8 @@ from gram_ray.config import GramConfig
 from gram_ray.data.frame_codec import decode_on_device
 from gram_ray.data.schema import IDS, MODALITIES, TEXT_TO_VIDEO
 from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, is_distributed, max_over_ranks
-from gram_ray.model.checkpoint import CheckpointWriteError, save_checkpoint
-from gram_ray.model.gram import GramModel, build_model, init_weights
+from gram_ray.model.checkpoint import CheckpointWriteError, init_weights, save_checkpoint
+from gram_ray.model.gram import GramModel, build_model
 from gram_ray.retrieval.metrics import evaluate_embeddings
 from gram_ray.train.sharding import as_local, gathered_state, load_optimizer_state, micro_batch_sync, whole_weights
 from gram_ray.train.step_timer import StepTimer
@@ -325,6 +325,9 @@ def run_training(
     step, start_epoch, skip_ids = 0, 0, frozenset()
     skipped_steps = skipped_in_a_row = 0  # updates left out because a loss or gradient norm was not finite
     last_checkpoint_step = resume["step"] if resume is not None else None
+    # Evaluations this run has reported, those before a resume included: a sweep judges a trial by them (a resumed
+    # trial's Tune iteration count starts again at 0 while its training continues from the checkpoint).
+    evaluations = resume.get("evaluations", 0) if resume is not None else 0
     if resume is not None:
         load_optimizer_state(model, optimizer, resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -349,6 +352,7 @@ def run_training(
         nonlocal last_checkpoint_step
         previous_checkpoint_step, last_checkpoint_step = last_checkpoint_step, step
         metrics["train/skipped_steps"] = skipped_steps
+        metrics["evaluations"] = evaluations
         # Mid-epoch (consumed is not None) every rank contributes its clips and RNG state: a collective.
         all_consumed = [i for part in _gather_objects(consumed) for i in part] if consumed is not None else []
         rng_states = _gather_objects(_rng_state(device)) if consumed is not None else None
@@ -379,6 +383,7 @@ def run_training(
                 step=step,
                 epoch=epoch,
                 epoch_complete=consumed is None,
+                evaluations=evaluations,
                 consumed_ids=sorted(skip_ids | set(all_consumed)),
                 rng_states=rng_states,
                 world_size=get_world_size(),
@@ -514,6 +519,7 @@ def run_training(
                     log(last)
                 window_start, window_samples = time.perf_counter(), 0
             if step in eval_steps and updates_left > 0:  # train.evals_per_run: mid-epoch, with its checkpoint
+                evaluations += 1
                 last = evaluate({**last, "step": step, "epoch": epoch} | timer.summary())
                 checkpoint_and_report(last, epoch, consumed)
                 model.train()
@@ -533,6 +539,7 @@ def run_training(
         periodic = step in eval_steps if t.evals_per_run else (epoch + 1) % t.eval_every_epochs == 0
         if not (periodic or epoch + 1 == epochs):
             continue
+        evaluations += 1
         last = evaluate({**last, "step": step, "epoch": epoch} | timer.summary())
         checkpoint_and_report(last, epoch, None)
     return last

@@ -44,7 +44,7 @@ from gram_ray.train.console import (
 from gram_ray.train.layout import RunLayout
 from gram_ray.train.loop import main_metric_name, run_training
 from gram_ray.train.resume import latest_checkpoint, latest_registered, position
-from gram_ray.train.world import plan_of, step_clips
+from gram_ray.train.world import WorldPlan, plan_for_world
 
 __all__ = [
     "TrainingData",
@@ -256,6 +256,11 @@ def train_iter_options(
     }
 
 
+def plan_of(cfg: GramConfig, workers: int) -> WorldPlan:
+    """The config's step laid out over `workers` workers (the configured layout itself at the full size)."""
+    return plan_for_world(cfg.step_clips, cfg.train.batch_size, workers)
+
+
 def _worker_nodes(world: int) -> list[str]:
     """The Ray node id of every rank, in rank order (collective: every rank calls it)."""
     import ray
@@ -415,7 +420,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
-    per_step = step_clips(cfg)
+    per_step = cfg.step_clips
     if data.train_rows < per_step:
         raise ValueError(
             f"{data.train_rows} training clips cannot fill one step of {cfg.train.batch_size} per worker x "

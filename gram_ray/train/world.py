@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gram_ray.config import GramConfig
-
-__all__ = ["WorldPlan", "WorldSizeError", "step_clips", "plan_for_world", "plan_of", "plans_for_range", "derive_seed"]
+__all__ = ["WorldPlan", "WorldSizeError", "plan_for_world", "plans_for_range", "derive_seed"]
 
 
 class WorldSizeError(ValueError):
@@ -61,16 +57,6 @@ def plan_for_world(step_clips: int, max_micro_batch: int, workers: int) -> World
             f"at {workers} worker(s) a micro-batch would hold {micro} clip: the contrastive loss needs at least 2"
         )
     return WorldPlan(workers, micro, share // micro)
-
-
-def step_clips(cfg: GramConfig) -> int:
-    """The clips of one optimizer step: the config's batch at its full size (scaling.num_workers, or its max)."""
-    return cfg.train.batch_size * cfg.scaling.max_workers * cfg.train.grad_accum
-
-
-def plan_of(cfg: GramConfig, workers: int) -> WorldPlan:
-    """The config's step laid out over `workers` workers (the configured layout itself at the full size)."""
-    return plan_for_world(step_clips(cfg), cfg.train.batch_size, workers)
 
 
 def plans_for_range(step_clips: int, max_micro_batch: int, min_workers: int, max_workers: int) -> list[WorldPlan]:

@@ -137,7 +137,7 @@ def bench_fsdp(cfg: GramConfig, *, workers: int, steps: int, warmup: int, device
     """DDP then FSDP over `workers` processes; figures per strategy (the worst rank) and FSDP's distance from DDP."""
     import torch.multiprocessing as mp
 
-    from gram_ray.bench_train import bench_config, bench_vocab
+    from gram_ray.bench.common import bench_config, bench_vocab
 
     cuda = device.startswith("cuda")
     if cuda and torch.cuda.device_count() < workers:

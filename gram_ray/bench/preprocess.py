@@ -21,29 +21,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from gram_ray.bench.common import process_memory
 from gram_ray.config import DataConfig
 
 __all__ = [
     "DECODE_TASK",
     "ProcessWatch",
-    "process_memory",
     "generate_collection",
     "bench_preprocess",
     "preprocess_table",
 ]
 
 DECODE_TASK = "write_shards"  # the cache writer's UDF: Ray names a worker process after the task it runs
-
-
-def process_memory(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in bytes; {} when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return {
-                k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")
-            }
-    except (OSError, ValueError):
-        return {}
 
 
 def _cmdline(pid: int) -> str:

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from gram_ray.bench_train import cache_batches, peak_bf16_tflops
+from gram_ray.bench.common import cache_batches, peak_bf16_tflops
 from gram_ray.config import GramConfig
 from gram_ray.data.collate import Collate
 from gram_ray.data.schema import FRAMES_JPEG, ID
 from gram_ray.train.loop import to_device
 
-__all__ = ["DEFAULT_GPU", "DEFAULT_MFU", "gpu_rate", "bench_data", "data_table"]
+__all__ = ["DEFAULT_GPU", "DEFAULT_MFU", "gpu_rate", "bench_data", "run_bench_data", "data_table"]
 
 # The training nodes of cluster/aws.yaml; MFU that GRAM-sized ViT training reaches in bf16 with checkpointing.
 DEFAULT_GPU, DEFAULT_MFU = "A10G", 0.4
@@ -45,7 +45,7 @@ CPU_STAGES = ("read", "decode", "collate")
 def gpu_rate(cfg: GramConfig, *, train_json: Path | None, gpu: str, mfu: float) -> dict:
     """Clips/s that one GPU trains the config's model on: bench train's measurement when given, else the
     training FLOPs a clip at `mfu` of the GPU's dense bf16 peak."""
-    from gram_ray.memory import training_flops_per_clip
+    from gram_ray.train.memory import training_flops_per_clip
 
     forward, training = training_flops_per_clip(cfg)
     rate = {"forward_flops_per_clip": forward, "training_flops_per_clip": training}
@@ -199,6 +199,82 @@ def _rows(shards: str) -> int:
         with filesystem.open_input_file(inside) as f:
             total += pq.ParquetFile(f).metadata.num_rows
     return total
+
+
+def _tokenizer_or_vocabulary(cfg: GramConfig, progress) -> GramConfig:
+    """The config's tokenizer where it is at hand; never a download in the middle of a benchmark: without it,
+    captions go through a word vocabulary (random_weights' text encoder)."""
+    tokenizer = cfg.model.tokenizer or cfg.model.text.pretrained
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        from gram_ray.model.architectures import random_weights
+
+        try:
+            AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        except OSError:
+            progress(f"tokenizer {tokenizer} is not available here: captions go through a word vocabulary instead")
+            cfg = cfg.model_copy(deep=True)
+            cfg.model = random_weights(cfg.model)
+    return cfg
+
+
+def run_bench_data(
+    cfg: GramConfig,
+    *,
+    cache: str | None,
+    storage_uri: str | None,
+    device: str,
+    batches: int,
+    reps: int,
+    train_json: Path | None,
+    gpu_name: str | None,
+    mfu: float,
+    start_ray: Callable[[], None],
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """`gram-ray bench data` whole: the GPU's rate, the caches (the one given, or a synthetic raw and JPEG cache of
+    the config's shapes, in `storage_uri` or a temporary folder, deleted after), and bench_data over them."""
+    import tempfile
+
+    from gram_ray import storage
+    from gram_ray.bench.common import bench_vocab, cpu_model, hardware_name, require_device, write_synthetic_cache
+    from gram_ray.data.preprocess import SHARDS
+
+    require_device(device)
+    if device.startswith("cuda"):
+        gpu_name = gpu_name or torch.cuda.get_device_name(torch.device(device))
+    cfg = _tokenizer_or_vocabulary(cfg, progress)
+    vocab = bench_vocab(cfg)
+    rate = gpu_rate(cfg, train_json=train_json, gpu=gpu_name or DEFAULT_GPU, mfu=mfu)
+    with tempfile.TemporaryDirectory(prefix="gram-ray-bench-data-") as tmp:
+        if cache:
+            caches = {"cache": storage.join(storage.absolute(cache), SHARDS)}
+            if not storage.list_files(caches["cache"], ".parquet"):
+                raise ValueError(f"no Parquet shards under {caches['cache']}: is {cache} a preprocess --out folder?")
+        else:
+            start_ray()
+            rows = batches * cfg.train.batch_size
+            v = cfg.data.video
+            caches = {}
+            for codec in ("raw", "jpeg"):
+                progress(
+                    f"writing a synthetic {codec} cache of {rows} clips ({v.train_draws} draws x {v.num_frames} frames "
+                    f"of {v.size} px{f', quality {v.jpeg_quality}' if codec == 'jpeg' else ''}) ..."
+                )
+                c = cfg.model_copy(deep=True)
+                c.data.video.cache_codec = codec
+                base = storage.join(storage_uri, f"bench-data-{codec}") if storage_uri else f"{tmp}/{codec}"
+                caches[codec] = write_synthetic_cache(base, rows, c.data)
+        hardware = hardware_name(device) if device.startswith("cuda") else cpu_model()
+        progress(f"bench data on {hardware}")
+        result = bench_data(
+            cfg, caches, vocab=vocab, device=device, batches=batches, reps=reps, rate=rate, progress=progress
+        )
+        if storage_uri and not cache:
+            for shards in caches.values():
+                storage.delete_dir(shards)
+    return result | {"hardware": hardware}
 
 
 def data_table(result: dict) -> str:

@@ -23,6 +23,14 @@ from pathlib import Path
 
 import torch
 
+from gram_ray.bench.common import (
+    bench_config,
+    bench_vocab,
+    cache_batches,
+    hardware_name,
+    peak_bf16_tflops,
+    write_synthetic_cache,
+)
 from gram_ray.config import GramConfig
 from gram_ray.data.collate import Collate
 from gram_ray.data.text import SPECIAL_TOKENS
@@ -32,11 +40,6 @@ from gram_ray.train.loop import _autocast, to_device
 
 __all__ = [
     "PATHS",
-    "PEAK_BF16_TFLOPS",
-    "peak_bf16_tflops",
-    "bench_config",
-    "bench_vocab",
-    "cache_batches",
     "parquet_batches",
     "step_flops",
     "bench_train",
@@ -48,97 +51,6 @@ PATHS = {
     "loop": "(b) run_training fed from the Parquet cache, no Ray",
     "ray": "(c) TorchTrainer + Ray Data streaming the cache",
 }
-
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; the first name contained in
-# torch.cuda.get_device_name wins, so the more specific names come first.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10G", 70.0),
-    ("A10", 125.0),
-)
-
-
-def peak_bf16_tflops(hardware: str) -> float | None:
-    return next((peak for name, peak in PEAK_BF16_TFLOPS if name in hardware), None)
-
-
-def bench_config(cfg: GramConfig, *, steps: int, warmup: int, workers: int, device: str, random: bool) -> GramConfig:
-    """The config a benchmark trains: one epoch of warmup + steps optimizer steps per worker, every phase timed,
-    no evaluation, W&B off; pretrained encoders swapped for random weights of the same architectures."""
-    from gram_ray.model.architectures import random_weights
-
-    c = cfg.model_copy(deep=True)
-    if random:
-        c.model = random_weights(c.model)
-        c.model.init_from = None  # random weights are the point: no checkpoint to start from
-    t = c.train
-    t.epochs, t.grad_accum, t.time_steps, t.time_warmup_steps = 1, 1, True, warmup
-    t.warmup_steps, t.log_every_steps, t.checkpoint_every_steps = 0, 10**9, None
-    c.scaling.num_workers, c.scaling.use_gpu, c.scaling.max_failures = workers, device.startswith("cuda"), 0
-    c.data.val_annotations = None
-    c.wandb.enabled = False
-    c.run.name, c.run.storage_path = f"bench-train-{int(time.time())}", None
-    return c
-
-
-def bench_vocab(cfg: GramConfig) -> list[str] | None:
-    """A word vocabulary as large as the text encoder's (so its embedding table has the real size), or None
-    when a tokenizer is named."""
-    m = cfg.model
-    if m.tokenizer or m.text.pretrained:
-        return None
-    words = int(m.text.config.get("vocab_size", 1000 + len(SPECIAL_TOKENS))) - len(SPECIAL_TOKENS)
-    return SPECIAL_TOKENS + [f"w{i}" for i in range(words)]
-
-
-def _numpy_batch(table) -> dict:
-    """A pyarrow table of cache rows (tensor columns restored) -> the numpy batch Ray Data would give."""
-    import pyarrow as pa
-
-    from gram_ray.data.schema import object_column
-
-    out = {}
-    for name in table.column_names:
-        column = table.column(name).combine_chunks()
-        if isinstance(column.type, pa.ExtensionType):  # Ray's tensor columns
-            out[name] = column.to_numpy()
-        elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-            out[name] = object_column(column.to_pylist())
-        else:
-            out[name] = column.to_numpy(zero_copy_only=False)
-    return out
-
-
-def cache_batches(shards: str, batch_size: int) -> Iterator[dict]:
-    """Numpy batches of cache rows (tensor columns restored), as Ray Data would hand them to the collate
-    function: read from a cache's Parquet files (a local path or a storage URI) in file order, synchronously,
-    without Ray."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from gram_ray import storage
-    from gram_ray.data.parquet_layout import from_parquet_layout
-
-    pending, rows = [], 0
-    for path in storage.list_files(shards, ".parquet"):
-        filesystem, inside = storage.resolve(path)
-        with filesystem.open_input_file(inside) as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
-                pending.append(pa.Table.from_batches([record_batch]))
-                rows += record_batch.num_rows
-                while rows >= batch_size:
-                    table = pa.concat_tables(pending)
-                    yield _numpy_batch(from_parquet_layout(table.slice(0, batch_size)))
-                    rest = table.slice(batch_size)
-                    pending, rows = [rest], rest.num_rows
 
 
 def parquet_batches(shards: str, batch_size: int, collate: Collate) -> Iterator[dict]:
@@ -237,8 +149,6 @@ def bench_train(
 ) -> dict:
     """Samples/s per worker, step-time breakdown, peak GPU memory and MFU of each path; needs a running Ray for
     the synthetic cache and path (c). Returns a JSON-able dict (train_table formats it)."""
-    from gram_ray.bench import hardware_name
-
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     unknown = set(paths) - set(PATHS)
@@ -282,7 +192,6 @@ def bench_train(
 
 
 def _run_paths(c: GramConfig, vocab, result: dict, paths, rows: int, per_worker: int, dev, progress) -> None:
-    from gram_ray.bench import write_synthetic_cache
     from gram_ray.model.gram import build_model
 
     steps, warmup, peak = result["steps"], result["warmup"], result["peak_bf16_tflops"]

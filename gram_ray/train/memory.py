@@ -34,6 +34,7 @@ __all__ = [
     "estimate_memory",
     "configured_estimate",
     "memory_table",
+    "memory_json",
     "training_flops_per_clip",
 ]
 
@@ -241,6 +242,10 @@ def estimate_memory(cfg: GramConfig, batch_size: int | None = None, workers: int
 def configured_estimate(cfg: GramConfig) -> MemoryEstimate:
     """The estimate of the config's own setup: its strategy, gradient checkpointing and frozen vision tower."""
     return estimate_memory(cfg)[-1]
+
+
+def memory_json(estimates: list[MemoryEstimate]) -> list[dict]:
+    return [e.__dict__ | {"total_bytes": e.total_bytes} for e in estimates]
 
 
 def memory_table(estimates: list[MemoryEstimate], gpu_gib: float = 80.0) -> str:

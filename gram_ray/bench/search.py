@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gram_ray.bench_preprocess import process_memory
+from gram_ray.bench.common import process_memory
 from gram_ray.retrieval.search import ClipIndex, search_clips
 from gram_ray.volume import gram_volume, orthonormal_span
 

@@ -1,0 +1,102 @@
+"""`gram-ray cluster`: check a job against a cluster YAML, and try a YAML on this machine with Ray's autoscaler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from gram_ray.cli.common import CONFIG_OPTION, SET_OPTION, config_from_options
+
+
+@click.group()
+def cluster() -> None:
+    """Clusters: check a job against a cluster YAML before paying for it."""
+
+
+@cluster.command("check")
+@click.option("--yaml", "yaml_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@CONFIG_OPTION
+@SET_OPTION
+@click.option("--gpu-gb", type=float, help="GPU memory per GPU, where the YAML names no instance type gram-ray knows")
+def cluster_check_cmd(yaml_path, config_path, overrides, gpu_gb) -> None:
+    """Which node types host the trainer workers and the decode tasks, how many nodes the job needs, whether every
+    request fits a node type (a request none can hold would stay pending for ever) and whether the training step
+    fits the GPUs' memory. Exits non-zero when the job cannot run as configured."""
+    from gram_ray.cluster.check import CheckError, check_cluster
+
+    cfg = config_from_options(config_path, overrides)
+    try:
+        result = check_cluster(cfg, yaml_path, gpu_gb=gpu_gb)
+    except CheckError as e:
+        raise click.ClickException(str(e)) from None
+    for line in result.lines:
+        click.echo(line)
+    if result.fits_memory is False:
+        raise click.ClickException(
+            f"the training step does not fit the GPUs of {result.trainer_type.name}: use a node type with more GPU "
+            "memory, lower train.batch_size, or turn on model.gradient_checkpointing / freeze the vision tower"
+        )
+
+
+@cluster.command("local")
+@click.argument("yaml_path", metavar="YAML", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--node-cpus", default=4, show_default=True, help="logical CPUs of each local node (at most)")
+@click.option("--idle-timeout-minutes", type=float, help="shorter than the YAML's, to see nodes go sooner")
+@click.option(
+    "--job",
+    "jobs",
+    multiple=True,
+    help="a job's command (e.g. 'python jobs/train.py --config ...'), submitted from this folder once the head is "
+    "up, one after the other; without --job the cluster runs until Ctrl+C",
+)
+@click.option(
+    "--settle-s",
+    default=120.0,
+    show_default=True,
+    help="after the jobs: how long to wait, beyond the idle timeout, for the nodes to go back to each type's minimum",
+)
+def cluster_local_cmd(yaml_path, node_cpus, idle_timeout_minutes, jobs, settle_s) -> None:
+    """Try a cluster YAML (AWS, GCP launcher, or a KubeRay RayCluster/RayJob) on this machine: Ray's autoscaler
+    launches and removes local "nodes" shaped like its node types, and the console says which came and went."""
+    import time
+
+    from gram_ray.cluster.check import CheckError
+    from gram_ray.cluster.local import LocalCluster
+
+    try:
+        local = LocalCluster(yaml_path, node_cpus=node_cpus, idle_timeout_minutes=idle_timeout_minutes)
+    except CheckError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"a local autoscaling cluster shaped like {yaml_path}:")
+    for line in local.mapping():
+        click.echo("  " + line)
+    failed = []
+    with local:
+        click.echo(f"head up: dashboard and job server {local.dashboard}, GCS {local.gcs_address} (token auth on)")
+        if not jobs:
+            click.echo(
+                f"submit with: RAY_ADDRESS={local.dashboard} RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<its token> ray job "
+                "submit --working-dir . -- python jobs/train.py ...; Ctrl+C stops the cluster"
+            )
+            try:
+                while True:
+                    local.watch()
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        for job in jobs:
+            status, logs = local.submit(job)
+            if status != "SUCCEEDED":
+                failed.append(job)
+                click.echo(logs)
+        if jobs:
+            wait = local.idle_timeout_minutes * 60 + settle_s
+            click.echo(f"jobs done; waiting up to {wait:.0f} s for idle nodes to go (idle timeout)")
+            if not local.wait_for_minimum(wait):
+                click.echo("nodes were still up when the wait ended")
+    click.echo("node timeline:")
+    for line in local.timeline.in_words():
+        click.echo("  " + line)
+    if failed:
+        raise click.ClickException(f"{len(failed)} job(s) failed: {failed}")
