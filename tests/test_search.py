@@ -5,7 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gram_ray.retrieval.search import ClipIndex, search_captions, search_clips, squared_volumes
+from gram_ray.retrieval.search import (
+    ClipIndex,
+    ErrorModel,
+    search_captions,
+    search_clips,
+    squared_volumes,
+    volume_error_bound,
+)
 from gram_ray.volume import gram_volume, orthonormal_span
 
 CLIPS, DIM = 10_000, 64
@@ -88,3 +95,72 @@ def test_bad_queries_are_refused_with_the_expected_shape():
         search_clips(queries[:, :32], _index(clip), k=3)
     with pytest.raises(ValueError, match="no 'depth' embeddings"):
         search_clips(queries, _index(clip), k=3, score="cosine", cosine_modality="depth")
+
+
+# --- near-duplicate clips: candidates chosen by an error bound, not a fixed margin --------------------------------
+
+
+def _near_duplicate_clusters(modalities: int, seed: int = 0, clusters: int = 60, size: int = 100, dim: int = 256):
+    """`clusters` centres, each with `size` near-duplicate clips (noise 1e-5 to 1e-6 around the centre, as re-uploads
+    and adjacent clips of one video are), and 24 queries lying nearly in a centre's span: their top 10 differ in
+    volume by less than the GEMM form's rounding, in float16 and in float32."""
+    g = torch.Generator().manual_seed(seed)
+    centres = [F.normalize(torch.randn(clusters, dim, generator=g), dim=-1) for _ in range(modalities)]
+    noise = torch.logspace(-5, -6, size)[None, :, None]
+    clip = [F.normalize((c[:, None] + noise * torch.randn(clusters, size, dim, generator=g)).flatten(0, 1), dim=-1)
+            for c in centres]  # fmt: skip
+    picked = torch.randint(clusters, (24,), generator=g)
+    mix = torch.rand(24, modalities, generator=g)
+    queries = sum(mix[:, i, None] * centres[i][picked] for i in range(modalities))
+    return clip, F.normalize(queries + 1e-3 * torch.randn(24, dim, generator=g), dim=-1)
+
+
+def _same_sets(found: torch.Tensor, brute: torch.Tensor, k: int) -> None:
+    want = brute.topk(k, dim=1, largest=False).indices
+    wrong = [q for q in range(len(found)) if set(found[q].tolist()) != set(want[q].tolist())]
+    assert not wrong, f"{len(wrong)} of {len(found)} queries differ from brute force: {wrong}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("queries", [1, 24])  # float16: a float16 product (few queries) or the index widened
+def test_near_duplicate_clips_top_k_equals_brute_force(dtype, queries):
+    clip, query_rows = _near_duplicate_clusters(2)
+    query_rows = query_rows[:queries]
+    index = _index(clip, dtype)
+    brute = gram_volume(query_rows.double(), *(e.to(dtype).double() for e in clip))  # over what the index stores
+    scores, found = search_clips(query_rows, index, k=10)
+    _same_sets(found, brute, 10)
+    torch.testing.assert_close(scores.double(), brute.gather(1, found), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_near_duplicate_captions_top_k_equals_brute_force(dtype):
+    """Clip -> captions: clusters of near-duplicate captions, query clips whose span nearly holds a centre."""
+    centres, _ = _near_duplicate_clusters(1, seed=4)
+    captions = centres[0].to(dtype)
+    g = torch.Generator().manual_seed(5)
+    held = captions[torch.randperm(len(captions), generator=g)[:12]].float()
+    other = F.normalize(torch.randn(12, held.shape[1], generator=g), dim=-1)
+    clips = {
+        "video": F.normalize(held + other + 1e-3 * torch.randn(other.shape, generator=g), dim=-1),
+        "audio": F.normalize(held - other + 1e-3 * torch.randn(other.shape, generator=g), dim=-1),
+    }
+    brute = gram_volume(captions.double(), *(v.double() for v in clips.values())).T
+    scores, found = search_captions(clips, captions, k=10)
+    _same_sets(found, brute, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("queries", [1, 24])
+def test_the_error_bound_holds_for_every_clip(dtype, queries):
+    """The bound the candidates are chosen by is a bound: |GEMM estimate - exact volume^2| <= it, for every query
+    and clip, near-duplicates and the far clips alike (over the stored embeddings, as search reads them)."""
+    clip, query_rows = _near_duplicate_clusters(3, seed=6, clusters=20)
+    query_rows = torch.cat([query_rows[:queries], F.normalize(torch.randn(queries, query_rows.shape[1]), dim=-1)])
+    index = _index(clip, dtype)
+    estimate = squared_volumes(query_rows, index.basis, index.span_volume_sq)
+    model = ErrorModel.of_index(index.basis, index.embeddings["video"], len(query_rows))
+    t_sq = (query_rows**2).sum(-1, keepdim=True)
+    bound = volume_error_bound(estimate, t_sq, index.span_volume_sq[None, :], model)
+    exact = gram_volume(query_rows.double(), *(e.to(dtype).double() for e in clip)) ** 2
+    assert ((estimate.double() - exact).abs() <= bound.double()).all()
