@@ -17,6 +17,7 @@ from gram_ray.train.world import WorldSizeError, plans_for_range
 
 __all__ = [
     "ConfigError",
+    "read_yaml_mapping",
     "VideoConfig",
     "AudioConfig",
     "DataConfig",
@@ -526,15 +527,42 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 
 def _describe(error: ValidationError) -> str:
-    lines = []
+    """Every problem pydantic found, on one line: `key: what is wrong (got value); ...`."""
+    problems = []
     for e in error.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; see gram_ray/config.py for the keys)")
+            problems.append(f"{key}: unknown key (check the spelling; see gram_ray/config.py for the keys)")
         else:
             got = f" (got {e.get('input')!r})" if not isinstance(e.get("input"), dict) else ""  # not a whole section
-            lines.append(f"  {key or 'config'}: {e['msg']}{got}")
-    return "\n".join(lines)
+            problems.append(f"{key or 'config'}: {e['msg']}{got}")
+    return "; ".join(problems)
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (a config, a cluster YAML), or a ConfigError that names the file and says in
+    one line what is wrong: missing, a folder, unreadable, not text, not valid YAML (where), not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} " + ("is not a file" if path.exists() else "does not exist"))
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file: is it the right file?") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror}") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {problem}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys, got {type(tree).__name__}")
+    return tree
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -546,16 +574,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML file's mapping; `extends: other.yaml` (relative to the file) is read first and deep-merged under it."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} extends itself through {' -> '.join(map(str, seen))}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    tree = read_yaml_mapping(path, "config file")
     parent = tree.pop("extends", None)
     if parent:
         tree = _merge(_read_tree(path.parent / parent, (*seen, path.resolve())), tree)
@@ -569,7 +590,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return GramConfig.model_validate(tree)
     except ValidationError as e:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{where}:\n{_describe(e)}") from None
+        raise ConfigError(f"invalid config{where}: {_describe(e)}") from None
 
 
 def save_config(cfg: GramConfig, path: str | Path) -> None:

@@ -12,6 +12,8 @@ secrets) to the Ray workers it schedules; credentials must be on every node (a r
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import posixpath
 from pathlib import Path
@@ -28,6 +30,8 @@ __all__ = [
     "exists",
     "read_bytes",
     "read_text",
+    "read_json",
+    "CorruptFileError",
     "write_text",
     "write_bytes_with",
     "delete_file",
@@ -56,7 +60,7 @@ def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     if is_uri(path):
         return pafs.FileSystem.from_uri(str(path))
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
+    return pafs.LocalFileSystem(), _resolved(path)
 
 
 def join(base: str | Path, *parts: str) -> str:
@@ -68,7 +72,15 @@ def join(base: str | Path, *parts: str) -> str:
 
 def absolute(path: str | Path) -> str:
     """URIs unchanged, local paths made absolute (Ray workers run in other working directories)."""
-    return str(path) if is_uri(path) else str(Path(path).resolve())
+    return str(path) if is_uri(path) else _resolved(path)
+
+
+def _resolved(path: str | Path) -> str:
+    """An absolute local path; a symbolic link loop is the OSError it is (pathlib raises RuntimeError)."""
+    try:
+        return str(Path(path).resolve())
+    except RuntimeError:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
 
 
 def exists(path: str | Path) -> bool:
@@ -84,6 +96,21 @@ def read_bytes(path: str | Path) -> bytes:
 
 def read_text(path: str | Path) -> str:
     return read_bytes(path).decode()
+
+
+class CorruptFileError(ValueError):
+    """A file that is there but does not hold what it should (cut off, or another file under its name)."""
+
+
+def read_json(path: str | Path):
+    """The JSON a file or object holds; a CorruptFileError naming it when it is not JSON."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}): was it cut off, or another file?"
+        ) from None
 
 
 def write_text(path: str | Path, text: str) -> None:

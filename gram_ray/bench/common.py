@@ -29,6 +29,7 @@ __all__ = [
     "bench_config",
     "bench_vocab",
     "write_json",
+    "cache_shards",
 ]
 
 
@@ -36,6 +37,18 @@ def require_device(device: str) -> None:
     """A clear error before any work when a CUDA device is asked for and torch sees none."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} was asked for but torch sees no CUDA device; use --device cpu")
+
+
+def cache_shards(cache: str) -> str:
+    """The Parquet shards of an existing cache (a preprocess --out folder, a path or URI), or a ValueError saying
+    what it is not."""
+    from gram_ray import storage
+    from gram_ray.data.preprocess import SHARDS
+
+    shards = storage.join(storage.absolute(cache), SHARDS)
+    if not storage.list_files(shards, ".parquet"):
+        raise ValueError(f"no Parquet shards under {shards}: is {cache} a preprocess --out folder?")
+    return shards
 
 
 def write_json(result, path: Path | None) -> None:

@@ -47,13 +47,19 @@ def gpu_rate(cfg: GramConfig, *, train_json: Path | None, gpu: str, mfu: float) 
     training FLOPs a clip at `mfu` of the GPU's dense bf16 peak."""
     from gram_ray.train.memory import training_flops_per_clip
 
-    forward, training = training_flops_per_clip(cfg)
-    rate = {"forward_flops_per_clip": forward, "training_flops_per_clip": training}
     if train_json is not None:
-        result = json.loads(Path(train_json).read_text())
+        try:
+            result = json.loads(Path(train_json).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"{train_json} is not valid JSON ({e}); write it with `gram-ray bench train --json`"
+            ) from None
         path = next((p for p in ("ray", "loop", "plain") if p in result.get("paths", {})), None)
         if path is None:
             raise ValueError(f"{train_json} holds no bench train paths; write it with `gram-ray bench train --json`")
+    forward, training = training_flops_per_clip(cfg)
+    rate = {"forward_flops_per_clip": forward, "training_flops_per_clip": training}
+    if train_json is not None:
         return rate | {
             "clips_per_s": result["paths"][path]["samples_per_s"],
             "source": f"bench train path {path} on {result['hardware']} (measured)",
@@ -238,8 +244,14 @@ def run_bench_data(
     import tempfile
 
     from gram_ray import storage
-    from gram_ray.bench.common import bench_vocab, cpu_model, hardware_name, require_device, write_synthetic_cache
-    from gram_ray.data.preprocess import SHARDS
+    from gram_ray.bench.common import (
+        bench_vocab,
+        cache_shards,
+        cpu_model,
+        hardware_name,
+        require_device,
+        write_synthetic_cache,
+    )
 
     require_device(device)
     if device.startswith("cuda"):
@@ -249,9 +261,7 @@ def run_bench_data(
     rate = gpu_rate(cfg, train_json=train_json, gpu=gpu_name or DEFAULT_GPU, mfu=mfu)
     with tempfile.TemporaryDirectory(prefix="gram-ray-bench-data-") as tmp:
         if cache:
-            caches = {"cache": storage.join(storage.absolute(cache), SHARDS)}
-            if not storage.list_files(caches["cache"], ".parquet"):
-                raise ValueError(f"no Parquet shards under {caches['cache']}: is {cache} a preprocess --out folder?")
+            caches = {"cache": cache_shards(cache)}
         else:
             start_ray()
             rows = batches * cfg.train.batch_size

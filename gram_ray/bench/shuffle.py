@@ -59,15 +59,12 @@ def run_bench_shuffle(cfg, *, rows: int, cache: str | None, epochs: int, start_r
     (in a temporary folder), with the config's number of workers."""
     import tempfile
 
-    from gram_ray import storage
-    from gram_ray.bench.common import hardware_name, write_synthetic_cache
-    from gram_ray.data.preprocess import SHARDS
+    from gram_ray.bench.common import cache_shards, hardware_name, write_synthetic_cache
 
+    shards = cache_shards(cache) if cache else None  # before Ray starts: a wrong folder costs a second
     start_ray()
     with tempfile.TemporaryDirectory() as tmp:
-        if cache:
-            shards = storage.join(storage.absolute(cache), SHARDS)
-        else:
+        if shards is None:
             progress(f"writing a synthetic cache of {rows} clips with {cfg.data.video} {cfg.data.audio} ...")
             shards = write_synthetic_cache(tmp, rows, cfg.data)
         hardware = hardware_name("cpu")

@@ -41,12 +41,16 @@ def bench() -> None:
 
 @bench.command("volume")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--k", "k", default=3, show_default=True, help="modalities per sample (anchor included)")
-@click.option("--b1", default=256, show_default=True, help="anchors (rows)")
-@click.option("--b2", default=1024, show_default=True, help="samples (columns)")
-@click.option("--dim", default=512, show_default=True, help="embedding dimension")
+@click.option(
+    "--k", "k", default=3, show_default=True, type=click.IntRange(min=2), help="modalities per sample (anchor included)"
+)
+@click.option("--b1", default=256, show_default=True, type=click.IntRange(min=1), help="anchors (rows)")
+@click.option("--b2", default=1024, show_default=True, type=click.IntRange(min=1), help="samples (columns)")
+@click.option("--dim", default=512, show_default=True, type=click.IntRange(min=1), help="embedding dimension")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]))
-@click.option("--reps", default=5, show_default=True, help="timed repetitions (median reported)")
+@click.option(
+    "--reps", default=5, show_default=True, type=click.IntRange(min=1), help="timed repetitions (median reported)"
+)
 @click.option("--compile", "compile_", is_flag=True, help="also time the volume and the floor under torch.compile")
 @JSON_OPTION
 def bench_volume_cmd(device, k, b1, b2, dim, dtype, reps, compile_, json_path) -> None:
@@ -54,8 +58,6 @@ def bench_volume_cmd(device, k, b1, b2, dim, dtype, reps, compile_, json_path) -
     from gram_ray.bench.common import hardware_name, require_device
     from gram_ray.bench.volume import bench_volume, volume_json, volume_table
 
-    if k < 2:
-        raise click.BadParameter("a volume needs k >= 2 modalities", param_hint="--k")
     _usage_errors(require_device, device)
     hardware = hardware_name(device)
     click.echo(f"bench volume on {hardware}")
@@ -67,14 +69,32 @@ def bench_volume_cmd(device, k, b1, b2, dim, dtype, reps, compile_, json_path) -
 
 
 @bench.command("search")
-@click.option("--clips", default=1_000_000, show_default=True, help="clips in the synthetic index")
-@click.option("--k", "modalities", default=3, show_default=True, help="modalities a clip has, the query included")
-@click.option("--dim", default=512, show_default=True, help="embedding dimension")
+@click.option(
+    "--clips", default=1_000_000, show_default=True, type=click.IntRange(min=1), help="clips in the synthetic index"
+)
+@click.option(
+    "--k",
+    "modalities",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="modalities a clip has, the query included",
+)
+@click.option("--dim", default=512, show_default=True, type=click.IntRange(min=1), help="embedding dimension")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float16", "float32"]), help="default: both")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--top-k", default=10, show_default=True)
-@click.option("--queries", "batch_queries", default=1000, show_default=True, help="the batch of queries timed")
-@click.option("--reps", default=3, show_default=True, help="timed repetitions (median reported)")
+@click.option("--top-k", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--queries",
+    "batch_queries",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="the batch of queries timed",
+)
+@click.option(
+    "--reps", default=3, show_default=True, type=click.IntRange(min=1), help="timed repetitions (median reported)"
+)
 @JSON_OPTION
 def bench_search_cmd(clips, modalities, dim, dtypes, device, top_k, batch_queries, reps, json_path) -> None:
     """Exact search by volume over a synthetic index: 1 query and a batch, bytes a clip, peak memory."""
@@ -91,9 +111,11 @@ def bench_search_cmd(clips, modalities, dim, dtypes, device, top_k, batch_querie
 
 @bench.command("decode")
 @click.option("--videos", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--num-frames", default=8, show_default=True)
-@click.option("--size", default=224, show_default=True)
-@click.option("--reps", default=3, show_default=True, help="passes over the folder (median reported)")
+@click.option("--num-frames", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--size", default=224, show_default=True, type=click.IntRange(min=16))
+@click.option(
+    "--reps", default=3, show_default=True, type=click.IntRange(min=1), help="passes over the folder (median reported)"
+)
 @JSON_OPTION
 def bench_decode_cmd(videos, num_frames, size, reps, json_path) -> None:
     """Clips/s on one core: our decode vs a per-frame seek-and-read loop, and reading the Parquet cache."""
@@ -106,16 +128,26 @@ def bench_decode_cmd(videos, num_frames, size, reps, json_path) -> None:
 @bench.command("shuffle")
 @CONFIG_OPTION
 @SET_OPTION
-@click.option("--rows", default=10000, show_default=True, help="clips in a synthetic cache of the config's shapes")
+@click.option(
+    "--rows",
+    default=10000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="clips in a synthetic cache of the config's shapes",
+)
 @click.option("--cache", help="an existing cache (a preprocess --out folder) instead of a synthetic one")
-@click.option("--epochs", default=3, show_default=True, help="epochs per mode (the first is warm-up)")
+@click.option(
+    "--epochs", default=3, show_default=True, type=click.IntRange(min=2), help="epochs per mode (the first is warm-up)"
+)
 @JSON_OPTION
 def bench_shuffle_cmd(config_path, overrides, rows, cache, epochs, json_path) -> None:
     """Seconds per epoch of each train.shuffle mode over a cache, through Ray Data as training reads it."""
     from gram_ray.bench.shuffle import run_bench_shuffle, shuffle_table
 
     cfg = _bench_config(config_path, overrides)
-    result = run_bench_shuffle(cfg, rows=rows, cache=cache, epochs=epochs, start_ray=init_ray, progress=click.echo)
+    result = _usage_errors(
+        run_bench_shuffle, cfg, rows=rows, cache=cache, epochs=epochs, start_ray=init_ray, progress=click.echo
+    )
     _report(shuffle_table(result), result, json_path)
 
 
@@ -131,8 +163,16 @@ def bench_shuffle_cmd(config_path, overrides, rows, cache, epochs, json_path) ->
 @click.option(
     "--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N: where batches go and augment runs"
 )
-@click.option("--batches", default=8, show_default=True, help="batches of train.batch_size a pass")
-@click.option("--reps", default=3, show_default=True, help="timed passes (median reported) after one warm-up pass")
+@click.option(
+    "--batches", default=8, show_default=True, type=click.IntRange(min=1), help="batches of train.batch_size a pass"
+)
+@click.option(
+    "--reps",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="timed passes (median reported) after one warm-up pass",
+)
 @click.option(
     "--train-json",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -143,7 +183,13 @@ def bench_shuffle_cmd(config_path, overrides, rows, cache, epochs, json_path) ->
     "gpu_name",
     help="without --train-json: the GPU whose bf16 peak to use [default: this one with --device cuda, else A10G]",
 )
-@click.option("--mfu", default=0.4, show_default=True, help="without --train-json: the model FLOPs utilisation assumed")
+@click.option(
+    "--mfu",
+    default=0.4,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="without --train-json: the model FLOPs utilisation assumed",
+)
 @JSON_OPTION
 def bench_data_cmd(
     config_path, overrides, cache, storage_uri, device, batches, reps, train_json, gpu_name, mfu, json_path
@@ -174,7 +220,13 @@ def bench_data_cmd(
 @bench.command("preprocess")
 @CONFIG_OPTION
 @SET_OPTION
-@click.option("--clips", default=10000, show_default=True, help="synthetic clips to generate and decode")
+@click.option(
+    "--clips",
+    default=10000,
+    show_default=True,
+    type=click.IntRange(min=10),
+    help="synthetic clips to generate and decode",
+)
 @click.option(
     "--work",
     type=click.Path(file_okay=False, path_type=Path),
@@ -206,9 +258,13 @@ def bench_preprocess_cmd(config_path, overrides, clips, work, no_cluster, json_p
 @CONFIG_OPTION
 @SET_OPTION
 @click.option("--device", default="cpu", show_default=True, help="cpu (gloo) or cuda (NCCL, one GPU a worker)")
-@click.option("--workers", default=2, show_default=True, help="processes (ranks) on this machine")
-@click.option("--steps", default=3, show_default=True, help="timed optimizer steps per strategy")
-@click.option("--warmup", default=1, show_default=True, help="untimed steps first")
+@click.option(
+    "--workers", default=2, show_default=True, type=click.IntRange(min=1), help="processes (ranks) on this machine"
+)
+@click.option(
+    "--steps", default=3, show_default=True, type=click.IntRange(min=1), help="timed optimizer steps per strategy"
+)
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="untimed steps first")
 @JSON_OPTION
 def bench_fsdp_cmd(config_path, overrides, device, workers, steps, warmup, json_path) -> None:
     """DDP against FSDP (scaling.strategy) on one machine, without Ray: weights, gradients and AdamW state held per
@@ -229,9 +285,23 @@ def bench_fsdp_cmd(config_path, overrides, device, workers, steps, warmup, json_
 @CONFIG_OPTION
 @SET_OPTION
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (path c uses the workers' GPUs)")
-@click.option("--steps", default=20, show_default=True, help="timed optimizer steps per path")
-@click.option("--warmup", default=3, show_default=True, help="untimed steps first (compilation, allocator, pipeline)")
-@click.option("--workers", default=1, show_default=True, help="Ray Train workers of path (c), on this node")
+@click.option(
+    "--steps", default=20, show_default=True, type=click.IntRange(min=1), help="timed optimizer steps per path"
+)
+@click.option(
+    "--warmup",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="untimed steps first (compilation, allocator, pipeline)",
+)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Ray Train workers of path (c), on this node",
+)
 @click.option(
     "--paths", default="plain,loop,ray", show_default=True, help="which of plain (a), loop (b), ray (c) to run"
 )
@@ -243,7 +313,13 @@ def bench_fsdp_cmd(config_path, overrides, device, workers, steps, warmup, json_
 @click.option(
     "--dry-run", is_flag=True, help="only estimate the GPU memory a step needs per GPU (no GPU, no Ray, no download)"
 )
-@click.option("--gpu-gib", default=80.0, show_default=True, help="--dry-run: the GPU memory to fit in")
+@click.option(
+    "--gpu-gib",
+    default=80.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="--dry-run: the GPU memory to fit in",
+)
 @VERBOSE_OPTION
 def bench_train_cmd(
     config_path,

@@ -18,7 +18,11 @@ def cluster() -> None:
 @click.option("--yaml", "yaml_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @CONFIG_OPTION
 @SET_OPTION
-@click.option("--gpu-gb", type=float, help="GPU memory per GPU, where the YAML names no instance type gram-ray knows")
+@click.option(
+    "--gpu-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    help="GPU memory per GPU, where the YAML names no instance type gram-ray knows",
+)
 def cluster_check_cmd(yaml_path, config_path, overrides, gpu_gb) -> None:
     """Which node types host the trainer workers and the decode tasks, how many nodes the job needs, whether every
     request fits a node type (a request none can hold would stay pending for ever) and whether the training step
@@ -41,8 +45,18 @@ def cluster_check_cmd(yaml_path, config_path, overrides, gpu_gb) -> None:
 
 @cluster.command("local")
 @click.argument("yaml_path", metavar="YAML", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--node-cpus", default=4, show_default=True, help="logical CPUs of each local node (at most)")
-@click.option("--idle-timeout-minutes", type=float, help="shorter than the YAML's, to see nodes go sooner")
+@click.option(
+    "--node-cpus",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="logical CPUs of each local node (at most)",
+)
+@click.option(
+    "--idle-timeout-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    help="shorter than the YAML's, to see nodes go sooner",
+)
 @click.option(
     "--job",
     "jobs",
@@ -54,6 +68,7 @@ def cluster_check_cmd(yaml_path, config_path, overrides, gpu_gb) -> None:
     "--settle-s",
     default=120.0,
     show_default=True,
+    type=click.FloatRange(min=0),
     help="after the jobs: how long to wait, beyond the idle timeout, for the nodes to go back to each type's minimum",
 )
 def cluster_local_cmd(yaml_path, node_cpus, idle_timeout_minutes, jobs, settle_s) -> None:

@@ -15,17 +15,23 @@ from gram_ray.cli.common import (
     check_data,
     config_from_options,
     init_ray,
-    training_failure,
+    training_errors,
 )
 
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for videos/, audios/, *.json")
-@click.option("--n", "n", default=200, show_default=True, help="number of clips")
+@click.option("--n", "n", default=200, show_default=True, type=click.IntRange(min=16), help="number of clips")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--size", default=64, show_default=True, help="frame side in pixels")
-@click.option("--seconds", default=2.0, show_default=True)
-@click.option("--val-share", default=0.25, show_default=True, help="share of clips in the val split (groups of 4)")
+@click.option("--size", default=64, show_default=True, type=click.IntRange(min=16), help="frame side in pixels")
+@click.option("--seconds", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--val-share",
+    default=0.25,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="share of clips in the val split (groups of 4)",
+)
 def synth(out, n, seed, size, seconds, val_share) -> None:
     """Generate the synthetic tri-modal dataset (captions that need the audio)."""
     from gram_ray.data.synthetic import generate
@@ -82,7 +88,6 @@ def preprocess(annotations, video_dir, audio_dir, out, config_path, overrides, m
 @VERBOSE_OPTION
 def train(config_path, overrides, out, resume, verbose) -> None:
     """Train GRAM with Ray Train (TorchTrainer) on the data the config names."""
-    from gram_ray.data.preprocess import PreprocessError
     from gram_ray.train.console import Console
     from gram_ray.train.loop import main_metric_name
     from gram_ray.train.trainer import fit
@@ -92,15 +97,8 @@ def train(config_path, overrides, out, resume, verbose) -> None:
     check_data(cfg)
     init_ray(verbose)
     console = Console(click.echo, main_metric=main_metric_name(cfg))
-    try:
+    with training_errors():
         _, summary = fit(cfg, out, resume_from=resume, log=click.echo, console=console)
-    except (ValueError, FileNotFoundError, PreprocessError) as e:  # bad config or data: the message says which
-        raise click.ClickException(str(e)) from None
-    except Exception as e:
-        reason = training_failure(e)
-        if reason is None:
-            raise
-        raise click.ClickException(reason) from None
     click.echo(json.dumps(summary["best_metrics"], indent=2))
     click.echo(f"best checkpoint: {summary['checkpoint']}")
 
@@ -160,7 +158,13 @@ def evaluate(checkpoint, data, json_path, verbose) -> None:
 @click.option("--audio-dir", help="with --annotations: separate audio files, else the videos' tracks")
 @click.option("--out", required=True, help="the index folder or storage URI (created, continued or added to)")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--workers", default=1, show_default=True, help="embedding actors (one GPU each when there are GPUs)")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="embedding actors (one GPU each when there are GPUs)",
+)
 @VERBOSE_OPTION
 def index(checkpoint, data, annotations, video_dir, audio_dir, out, dtype, workers, verbose) -> None:
     """Embed a collection of clips into a search index: per clip its embeddings, its span's basis for search by
@@ -200,10 +204,12 @@ def index(checkpoint, data, annotations, video_dir, audio_dir, out, dtype, worke
 @click.option("--index", "index_dir", required=True, help="an index folder or storage URI (gram-ray index --out)")
 @click.option("--queries", "queries_file", type=click.File(), help="a file of queries, one a line")
 @click.option("--clip", "clip_id", help="instead of captions: the captions closest to this clip of the index")
-@click.option("-k", "k", default=5, show_default=True, help="results a query")
+@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(min=1), help="results a query")
 @click.option("--score", type=click.Choice(["volume", "cosine"]), default="volume", show_default=True)
 @click.option("--rerank", is_flag=True, help="rescore the top eval.rerank_k with the match head (eval.rerank_score)")
-@click.option("--rerank-k", type=int, help="how many to rerank (default: the checkpoint's eval.rerank_k)")
+@click.option(
+    "--rerank-k", type=click.IntRange(min=1), help="how many to rerank (default: the checkpoint's eval.rerank_k)"
+)
 @click.option("--checkpoint", help="the model (default: the one the index was built with)")
 @click.option("--device", help="cpu or cuda (default: cuda when there is a GPU)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the results as JSON here")
@@ -289,10 +295,8 @@ def demo(out, modalities, data_dir, config_path, overrides, verbose) -> None:
             "text and at least one of video, audio (e.g. text,video,audio)", param_hint="--modalities"
         )
     init_ray(verbose)
-    try:
+    with training_errors():
         run_demo(out, mods, config_path, overrides, log=click.echo, data_dir=data_dir)
-    except FileNotFoundError as e:
-        raise click.UsageError(str(e)) from None
 
 
 @click.command("import-checkpoint")

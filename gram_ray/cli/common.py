@@ -3,6 +3,7 @@ data before Ray starts, starting or joining Ray, and turning bad input into one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ __all__ = [
     "init_ray",
     "dashboard_available",
     "training_failure",
+    "training_errors",
 ]
 
 
@@ -56,10 +58,12 @@ def input_error(error: BaseException) -> str | None:
     from gram_ray.data.preprocess import PreprocessError
     from gram_ray.model.safe_load import CheckpointError
     from gram_ray.retrieval.index import SearchIndexError
+    from gram_ray.storage import CorruptFileError
 
     while isinstance(getattr(error, "cause", None), BaseException):
         error = error.cause
-    if isinstance(error, (ConfigError, ManifestError, PreprocessError, CheckpointError, SearchIndexError, CheckError)):
+    own = (ConfigError, ManifestError, PreprocessError, CheckpointError, SearchIndexError, CheckError, CorruptFileError)
+    if isinstance(error, own):
         return str(error)
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:400]
     if isinstance(error, yaml.YAMLError):
@@ -82,13 +86,31 @@ def input_error(error: BaseException) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def training_errors():
+    """A run (train, demo) that stops on its config or data, on the driver or on a worker, or on a known condition
+    on a worker, ends as one `Error: ...` line; anything else keeps its traceback."""
+    from gram_ray.data.preprocess import PreprocessError
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, PreprocessError) as e:  # bad config or data: the message says which
+        raise click.ClickException(str(e)) from None
+    except Exception as e:
+        reason = training_failure(e)
+        if reason is None:
+            raise
+        raise click.ClickException(reason) from None
+
+
 def training_failure(error: BaseException) -> str | None:
     """The one-line reason of a Ray Train run that failed because of a known condition on a worker (too many
-    non-finite steps, a checkpoint that could not be written), or None for anything else."""
+    non-finite steps, a checkpoint that could not be written, a config the loop refuses), or None for anything
+    else."""
     from gram_ray.model.checkpoint import CheckpointWriteError
     from gram_ray.train.loop import NonFiniteTrainingError
 
-    known = (NonFiniteTrainingError, CheckpointWriteError)
+    known = (NonFiniteTrainingError, CheckpointWriteError, ValueError)
     failures = getattr(error, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
         cause = failure
@@ -97,6 +119,9 @@ def training_failure(error: BaseException) -> str | None:
         if cause is not None:
             return f"training failed on worker {rank}: {cause}"
     return None
+
+
+QUIET_LOG = "gram-ray-console.log"  # in Ray's session logs: the lines of Ray's kept off the console (cli/ray_noise.py)
 
 
 def init_ray(verbose: bool = False) -> None:
@@ -108,7 +133,8 @@ def init_ray(verbose: bool = False) -> None:
 
     The variables that say where storage is (storage.FORWARDED_ENV) go to every worker of a job started here.
     Unless verbose, Ray's own INFO lines and the workers' output stay in Ray's session logs (the console says
-    where); gram-ray prints its progress lines itself."""
+    where), and so do the lines of Ray's that are known to be harmless (cli/ray_noise.py); gram-ray prints its
+    progress lines itself."""
     import logging
     import warnings
 
@@ -116,6 +142,7 @@ def init_ray(verbose: bool = False) -> None:
     import ray.data
 
     from gram_ray import storage
+    from gram_ray.cli.ray_noise import quiet_ray
 
     # Ray Data's progress bars are for terminals; elsewhere (logs, CI, `ray job` output) they stay off.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
@@ -125,6 +152,8 @@ def init_ray(verbose: bool = False) -> None:
 
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     if not ray.is_initialized():
+        if not verbose:
+            quiet_ray()  # before ray.init: it logs at start
         options = {"log_to_driver": verbose, "logging_level": level}
         # A submitted job's workers get the job's runtime environment already (Ray ignores another one here).
         if storage.forwarded_env() and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
@@ -152,7 +181,11 @@ def init_ray(verbose: bool = False) -> None:
                 "`ray start` cluster of this machine) or use `ray job submit`"
             )
         if not verbose:
-            click.echo(f"Ray's full logs: {info.address_info['session_dir']}/logs (--verbose shows them here)")
+            logs = Path(info.address_info["session_dir"]) / "logs"
+            quiet_ray(logs / QUIET_LOG)
+            click.echo(
+                f"Ray's full logs: {logs} (Ray's known-harmless console lines: {QUIET_LOG}; --verbose shows all)"
+            )
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(level)
     if not verbose:  # off the terminal the bars are off on purpose: no need to say so

@@ -17,9 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from gram_ray.config import GramConfig
+from gram_ray.config import GramConfig, read_yaml_mapping
 
 __all__ = ["NodeType", "CheckError", "GPU_BY_INSTANCE", "read_node_types", "worker_request", "check_cluster"]
 
@@ -131,10 +129,7 @@ def _kuberay_group(name: str, group: dict, head: bool) -> NodeType:
 
 def read_node_types(path: str | Path) -> list[NodeType]:
     """The node types of a Ray cluster launcher YAML or a KubeRay RayCluster / RayJob manifest."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckError(f"cluster YAML {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = read_yaml_mapping(path, "cluster YAML")
     if "available_node_types" in tree:
         return _launcher_types(tree)
     kind = tree.get("kind")

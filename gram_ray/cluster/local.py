@@ -316,9 +316,9 @@ def _token() -> str:
 
 def _idle(yaml_path: str | Path) -> float:
     """The YAML's idle_timeout_minutes (KubeRay: autoscalerOptions.idleTimeoutSeconds), Ray's default 5 else."""
-    import yaml
+    from gram_ray.config import read_yaml_mapping
 
-    tree = yaml.safe_load(Path(yaml_path).read_text()) or {}
+    tree = read_yaml_mapping(yaml_path, "cluster YAML")
     if "idle_timeout_minutes" in tree:
         return float(tree["idle_timeout_minutes"])
     spec = tree.get("spec") or {}

@@ -218,7 +218,7 @@ def shard_table(c: dict, others: list[str], dtype, source: int) -> pa.Table:
 
 def _read_meta(index_dir: str) -> dict | None:
     path = storage.join(index_dir, INDEX_FILE)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+    return storage.read_json(path) if storage.exists(path) else None
 
 
 def _cache_of(data_dir: str) -> tuple[str, dict]:
@@ -230,7 +230,7 @@ def _cache_of(data_dir: str) -> tuple[str, dict]:
             f"{data_dir} is not a preprocessed cache (no shards/ and report.json in it): give a `gram-ray "
             "preprocess --out` folder, or the annotations and media with --annotations and --video-dir"
         )
-    return shards, json.loads(storage.read_text(report_path))
+    return shards, storage.read_json(report_path)
 
 
 def build_index(

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gram_ray.storage import CorruptFileError
 from gram_ray.volume import gram_volume
 
 __all__ = [
@@ -114,9 +115,16 @@ def load_embedding_dir(directory: str | Path) -> tuple[dict[str, np.ndarray], np
     files = sorted(p for p in directory.glob("*.npy") if p.stem != "text_to_video")
     if not files:
         raise ValueError(f"no <modality>.npy files in {directory}")
-    emb = {p.stem: np.load(p) for p in files}
+    emb = {p.stem: _load_npy(p) for p in files}
     mapping = directory / "text_to_video.npy"
-    return emb, (np.load(mapping).astype(np.int64) if mapping.exists() else None)
+    return emb, (_load_npy(mapping).astype(np.int64) if mapping.exists() else None)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path)  # allow_pickle=False: an array file, never code
+    except (ValueError, OSError) as e:
+        raise CorruptFileError(f"{path} is not a numpy array file ({str(e).splitlines()[0][:120]})") from None
 
 
 def write_metrics(metrics: dict, path: str | Path) -> None:
