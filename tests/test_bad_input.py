@@ -1,6 +1,7 @@
 """Every command's bad input ends as one `Error: ...` line that names the problem, never a traceback: files and
 folders missing, unreadable, of the wrong kind or corrupt, a bucket that cannot be reached, numbers out of range.
-None of these cases starts Ray: the inputs are checked first."""
+Inputs are checked before Ray starts where they can be (all but a config's corrupt annotation file, read when
+the data is prepared)."""
 
 import os
 from pathlib import Path
@@ -50,15 +51,8 @@ CASES = [
     ("corrupt annotations", ["preprocess", "--annotations", "{bad}/corrupt.json", "--out", "{bad}/o"], "corrupt.json"),
     (
         "corrupt annotations in a config",
-        [
-            "train",
-            "--config",
-            DEMO,
-            "--set",
-            "data.train_annotations={bad}/corrupt.json",
-            "--set",
-            "data.video_dir={bad}",
-        ],
+        ["train", "--out", "{bad}/run", "--config", DEMO, "--set", "data.train_annotations={bad}/corrupt.json"]
+        + ["--set", "data.video_dir={bad}"],
         "corrupt.json",
     ),
     ("corrupt index.json", ["search", "--index", "{bad}/broken-index", "a dog"], "index.json"),
