@@ -36,3 +36,25 @@ def test_the_demo_console_shows_no_ray_warning_or_error_line(tmp_path):
     logs = next(line for line in console if line.startswith("Ray's full logs: ")).split()[3]
     kept = [line for line in (Path(logs) / "gram-ray-console.log").read_text().splitlines() if line.strip()]
     assert kept and all(is_harmless(line) for line in kept)  # Ray did say them: here, not on the console
+
+
+def test_the_stderr_filter_keeps_only_harmless_lines_off_and_shows_the_last_line_at_exit(tmp_path):
+    """Ray's core worker writes to file descriptor 2 itself: the filter there drops the known-harmless lines into
+    the log and passes every other byte through, a final `Error:` line written just before exit included."""
+    log = tmp_path / "kept.log"
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from gram_ray.cli.ray_noise import _Log, _StderrFilter\n"
+        f"log = _Log(); log.open(Path({str(log)!r})); _StderrFilter(log)\n"
+        "os.write(2, b'[2026 E 1 1] core_worker.cc:2465: A has constructor arguments in the object store and "
+        "max_restarts > 0\\n')\n"
+        "os.write(2, b'a real problem\\n')\n"
+        "os.write(2, b'progress 50%\\r')\n"
+        "sys.stderr.write('Error: the last line\\n')\n"
+        "sys.exit(1)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)  # bytes: \r kept
+    assert run.returncode == 1
+    assert run.stderr == b"a real problem\nprogress 50%\rError: the last line\n"
+    assert "constructor arguments in the object store" in log.read_text()

@@ -9,9 +9,11 @@ through as it came, so a real problem still shows. `--verbose` leaves the consol
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -93,7 +95,15 @@ class _StderrFilter:
         os.dup2(write, 2)
         os.close(write)
         self.reader = os.fdopen(read, "rb", buffering=0)
-        threading.Thread(target=self._pump, name="gram-ray-stderr-filter", daemon=True).start()
+        self.thread = threading.Thread(target=self._pump, name="gram-ray-stderr-filter", daemon=True)
+        self.thread.start()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """At exit: stderr back to the console, and what is still in the pipe (a last `Error:` line) shown."""
+        sys.stderr.flush()
+        os.dup2(self.console, 2)  # the pipe's last write end closes: the reader sees its end
+        self.thread.join(timeout=5)
 
     def _pump(self) -> None:
         pending = b""
