@@ -15,23 +15,31 @@ from gram_ray import storage
 from gram_ray.config import GramConfig, load_config
 from gram_ray.retrieval.metrics import results_table
 
-__all__ = ["DEMO_CONFIG", "run_demo", "plot_curves", "plot_retrieval"]
+__all__ = ["DEMO_CONFIG", "run_demo", "check_demo_data", "demo_config", "plot_curves", "plot_retrieval"]
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 DEMO_CLIPS, DEMO_VAL_SHARE = 1000, 0.15  # 848 train clips, 152 val clips in 38 groups of 4
 
 
+def check_demo_data(data_dir: Path) -> dict:
+    """The paths of a dataset `gram-ray synth` wrote, or a FileNotFoundError naming what is missing."""
+    from gram_ray.data.synthetic import dataset_paths
+
+    paths = dataset_paths(data_dir)
+    missing = [p for p in paths.values() if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"--data {data_dir} is not a generated dataset: {', '.join(missing)} missing. Write one with "
+            "`gram-ray synth --out DIR`."
+        )
+    return paths
+
+
 def _demo_data(out: Path, log, data_dir: Path | None = None) -> dict:
-    from gram_ray.data.synthetic import dataset_paths, generate
+    from gram_ray.data.synthetic import generate
 
     if data_dir is not None:  # generated earlier (gram-ray synth): e.g. on a machine without PyAV to write video
-        paths = dataset_paths(data_dir)
-        missing = [p for p in paths.values() if not Path(p).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"--data {data_dir} is not a generated dataset: {', '.join(missing)} missing. Write one with "
-                "`gram-ray synth --out DIR`."
-            )
+        paths = check_demo_data(data_dir)
         log(f"synthetic data: using {data_dir}")
         return paths
     data = out / "data"

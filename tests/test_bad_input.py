@@ -1,7 +1,7 @@
 """Every command's bad input ends as one `Error: ...` line that names the problem, never a traceback: files and
 folders missing, unreadable, of the wrong kind or corrupt, a bucket that cannot be reached, numbers out of range.
-Inputs are checked before Ray starts where they can be (all but a config's corrupt annotation file, read when
-the data is prepared)."""
+The cases run on the session's Ray, so that a command that gets as far as starting Ray does not start one in this
+process (most stop before: their inputs are checked first)."""
 
 import os
 from pathlib import Path
@@ -97,7 +97,7 @@ def bad(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("problem, command, names", CASES, ids=[case[0] for case in CASES])
-def test_bad_input_is_one_error_line(problem, command, names, bad, monkeypatch):
+def test_bad_input_is_one_error_line(problem, command, names, bad, monkeypatch, ray_session):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     args = [a.format(bad=bad, repo=REPO) for a in command]
     result = CliRunner().invoke(main, args)

@@ -287,13 +287,22 @@ def evaluate_embeddings_cmd(directory, json_path) -> None:
 @VERBOSE_OPTION
 def demo(out, modalities, data_dir, config_path, overrides, verbose) -> None:
     """The main job on generated data: synth, preprocess, train (2 workers), evaluate, summarise."""
-    from gram_ray.demo import run_demo
+    from gram_ray.config import ConfigError
+    from gram_ray.demo import check_demo_data, demo_config, run_demo
 
     mods = [m.strip() for m in modalities.split(",") if m.strip()]
     if "text" not in mods or len(mods) < 2 or not set(mods) <= {"text", "video", "audio"}:
         raise click.BadParameter(
             "text and at least one of video, audio (e.g. text,video,audio)", param_hint="--modalities"
         )
+    try:  # the data and the config, before Ray starts
+        if data_dir is not None:
+            check_demo_data(data_dir)
+        demo_config(out, mods, config_path, overrides)
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e)) from None
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
     init_ray(verbose)
     with training_errors():
         run_demo(out, mods, config_path, overrides, log=click.echo, data_dir=data_dir)
