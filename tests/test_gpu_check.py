@@ -64,6 +64,7 @@ def test_report_table_judges_the_figures_against_the_targets():
     strategy = {"state_bytes": 4.5e9, "peak_bytes": 9e9, "step_s": 0.5, "losses": [1.0]}
     searched = {"clips": 10**6, "modalities": 3, "dim": 512, "device": "cuda", "batch_queries": 1000,
                 "search_bytes_per_clip": 4100, "stored_bytes_per_clip": 4900.0, "peak_search_bytes": 2**28,
+                "scan_only_batch_ms": 50.0, "candidates_mean": 24.0, "candidates_max": 40,
                 "exact": True}  # fmt: skip
     search = {"hardware": "NVIDIA H100 80GB HBM3", "results": [
         dict(searched, dtype="float16", one_query_ms=2.1, batch_ms=60.0),
