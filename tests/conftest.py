@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from s3 import S3Server, point_s3_at
 
-from gram_ray.cluster.processes import free_port
+from gram_ray.cluster.processes import free_port, init_local_ray
 
 # Never talk to W&B's servers or prompt for a key from a test.
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -45,8 +45,7 @@ def ray_session():
 
     # The dashboard (state API) lets Ray Train release the placement groups of trials Tune stops (cli.common.init_ray).
     # address="local": a Ray of its own even where a test's Cluster has recorded itself as the machine's cluster.
-    ray.init(
-        address="local",
+    init_local_ray(
         num_cpus=8,
         include_dashboard=True,
         dashboard_host="127.0.0.1",

@@ -143,6 +143,7 @@ def init_ray(verbose: bool = False) -> None:
 
     from gram_ray import storage
     from gram_ray.cli.ray_noise import quiet_ray
+    from gram_ray.cluster.processes import init_local_ray
 
     # Ray Data's progress bars are for terminals; elsewhere (logs, CI, `ray job` output) they stay off.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
@@ -173,9 +174,7 @@ def init_ray(verbose: bool = False) -> None:
                     "sweeps need it to release the workers of stopped trials."
                 )
             cpus = max(8, os.cpu_count() or 1)
-            info = ray.init(
-                address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **options
-            )
+            info = init_local_ray(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **options)
             click.echo(
                 f"started a local Ray ({cpus} logical CPUs); to run on a cluster, set RAY_ADDRESS (auto: the "
                 "`ray start` cluster of this machine) or use `ray job submit`"

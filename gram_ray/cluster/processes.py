@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["free_port", "ray_head_command", "stop_group", "wait_until_up"]
+__all__ = ["free_port", "init_local_ray", "ray_head_command", "stop_group", "wait_until_up"]
 
 
 def free_port() -> int:
@@ -23,6 +23,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_local_ray(**options):
+    """ray.init(address="local", **options) on a GCS port chosen here, with RAY_ADDRESS naming it in every worker's
+    environment (the job's runtime env). Ray code that runs in a worker and finds its cluster from the machine
+    (Ray Train's PlacementGroupCleaner asks the state API whether a stopped trial's controller is alive) otherwise
+    fails with "Found multiple active Ray instances" when another Ray runs on the machine, and the stopped trial's
+    placement group, with its CPUs, is never released."""
+    import ray
+
+    port = free_port()
+    runtime_env = dict(options.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # Ray's own switch for a head's GCS port
+    try:
+        return ray.init(address="local", runtime_env=runtime_env, **options)
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
 
 
 def ray_head_command(
