@@ -53,6 +53,8 @@ def test_aws_yaml_on_this_machine_brings_gpu_nodes_up_from_zero_for_a_job_and_do
     assert done.returncode == 0, output[-5000:]
     assert f"gpu_train (g6e.12xlarge): CPU 48, GPU 4 -> CPU 4, {LOCAL_GPU} 4" in output  # the mapping, printed
     assert ": SUCCEEDED" in output
+    shown = output[output.index("--- the end of the job's output (SUCCEEDED) ---") :]
+    assert re.search(r"\['[0-9a-f]{20,}'", shown.split("--- end ---")[0])  # what the job printed: its GPU nodes
     timeline = output[output.index("node timeline:") :]
     assert "gpu_train: at most 2 node(s) at once; 0 left at the end" in timeline, output[-3000:]
     assert "cpu_decode" not in timeline  # nothing asked for a decode node

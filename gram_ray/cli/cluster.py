@@ -104,7 +104,8 @@ def cluster_local_cmd(yaml_path, node_cpus, idle_timeout_minutes, jobs, settle_s
             status, logs = local.submit(job)
             if status != "SUCCEEDED":
                 failed.append(job)
-                click.echo(logs)
+            # The head goes when this command ends, and `ray job logs` with it: the job's own output is shown here.
+            click.echo(f"--- the end of the job's output ({status}) ---\n{logs.rstrip()}\n--- end ---")
         if jobs:
             wait = local.idle_timeout_minutes * 60 + settle_s
             click.echo(f"jobs done; waiting up to {wait:.0f} s for idle nodes to go (idle timeout)")
