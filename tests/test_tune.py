@@ -3,6 +3,7 @@ alone, best_config.yaml loads, and an interrupted sweep resumes without re-runni
 
 Two real sweeps (~3 min on 2 cores): each trial is a TorchTrainer with 2 workers."""
 
+import contextlib
 import csv
 import json
 import os
@@ -101,11 +102,21 @@ def test_best_config_is_accepted_by_the_training_loader(sweep):
     assert (out / "sweep.png").stat().st_size > 0
 
 
-def _interrupt_after_second_trial_checkpoints(experiment: Path, stop: threading.Event) -> None:
+def _interrupt_after_second_trial_checkpoints(experiment: Path, stop: threading.Event, paused: list[int]) -> None:
     """Ctrl+C for Tune (SIGUSR1: same graceful stop, and never a KeyboardInterrupt for pytest) once the second
-    trial (one trial at a time) has stored its first evaluation's checkpoint: it must resume from there."""
+    trial (one trial at a time) has stored its first evaluation's checkpoint: it must resume from there. Tune's
+    stop takes seconds (from 2 to more than 14 were seen), in which the trial would train on, so its Ray Train
+    workers (found by Ray's state API, by process id) are paused first: the stop always finds it where it was."""
+    import ray
+    from ray.util.state import list_actors
+
     while not stop.is_set():
         if list(experiment.glob("trial_driver*lr=0.0030*/ray/train-*/checkpoint_*/position.json")):
+            alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+            workers = list_actors(address=ray.get_runtime_context().gcs_address, filters=alive)
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGSTOP)
+                paused.append(worker.pid)
             os.kill(os.getpid(), signal.SIGUSR1)
             return
         time.sleep(0.2)
@@ -117,17 +128,16 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(synth_small, ray_sessi
     finished trial is kept as it was."""
     cfg = _sweep_config(
         synth_small,
-        # 3 evaluations ~10 s apart (20 epochs of 16 clips): Tune's stop (2-3 s here) lands while the second
-        # trial is still training
+        # 3 evaluations, ~7 s apart (20 epochs of 16 clips): the interruption comes after the first
         "train.epochs=60",
         "train.eval_every_epochs=20",
         "tune.num_samples=1",
         "tune.grace_period=3",  # = every evaluation: ASHA stops nothing here, so both trials must complete
         "tune.search_space={train.lr: {grid: [1.0e-2, 3.0e-3]}}",
     )
-    stop = threading.Event()
+    stop, paused = threading.Event(), []
     watcher = threading.Thread(
-        target=_interrupt_after_second_trial_checkpoints, args=(tmp_path / "ray" / "sweep", stop)
+        target=_interrupt_after_second_trial_checkpoints, args=(tmp_path / "ray" / "sweep", stop, paused)
     )
     watcher.start()
     try:
@@ -135,6 +145,10 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(synth_small, ray_sessi
     finally:
         stop.set()
         watcher.join()
+        for pid in paused:  # gone with their trial as a rule; never left paused
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert paused, "the second trial's workers were not found"
     first = {r["train.lr"]: r for r in _rows(tmp_path)}
     assert first["0.01"]["status"] == "completed" and first["0.003"]["status"] != "completed", first
     finished = next(p for p in (tmp_path / "ray" / "sweep").iterdir() if "lr=0.0100" in p.name)
