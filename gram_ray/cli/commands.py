@@ -299,9 +299,7 @@ def demo(out, modalities, data_dir, config_path, overrides, verbose) -> None:
         if data_dir is not None:
             check_demo_data(data_dir)
         demo_config(out, mods, config_path, overrides)
-    except FileNotFoundError as e:
-        raise click.UsageError(str(e)) from None
-    except ConfigError as e:
+    except (FileNotFoundError, ConfigError) as e:
         raise click.UsageError(str(e)) from None
     init_ray(verbose)
     with training_errors():
