@@ -20,6 +20,8 @@ __all__ = [
     "read_yaml_mapping",
     "VideoConfig",
     "AudioConfig",
+    "SourceFields",
+    "SourceConfig",
     "DataConfig",
     "EncoderConfig",
     "VisionEncoderConfig",
@@ -104,12 +106,105 @@ class AudioConfig(_Section):
         "(GRAM: random); eval-mode decodes always keep the middle one",
     )
     silence_threshold: float = Field(1e-4, ge=0, description="peak |amplitude| below this counts as silent")
-    allow_missing: bool = Field(
-        False, description="keep clips without (audible) audio, flagged has_audio=false, instead of skipping them"
+    cache_codec: Literal["uint8", "float32"] = Field(
+        "uint8",
+        description="how a cache stores the filterbank: uint8 = each window mapped from its [min, max] onto 8 bits "
+        "(a quarter of float32; error at most (max - min) / 510, 0.0065 on the real clips), turned back into float32 "
+        "by the input pipeline; float32 = as computed",
     )
+    missing: Literal["skip", "silence"] = Field(
+        "skip",
+        description="a clip with no audio anywhere (no audio file or member, no track in the video) or only "
+        "silence: skip = leave it out, its reason counted in the report; silence = keep it, flagged "
+        "has_audio=false (its filterbank is zeros, never used as real audio)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allow_missing(cls, values):
+        """allow_missing: true|false, the key before `missing` existed, still reads."""
+        if isinstance(values, dict) and "allow_missing" in values:
+            values = dict(values)
+            values.setdefault("missing", "silence" if values.pop("allow_missing") else "skip")
+        return values
+
+
+class SourceFields(_Section):
+    """Which field of a manifest row (or of a WebDataset sample's json, or a video2dataset Parquet row) holds what.
+    A field that is not set is looked for under its usual names."""
+
+    id: str | None = Field(
+        None,
+        description="the clip's id; default: GRAM's id fields (clip_id, video_id, image_id, image, id) for "
+        "manifests, the sample's key for WebDataset shards and video2dataset Parquet",
+    )
+    video: str | None = Field(
+        None,
+        description="manifest: the video's path or URI (relative paths under data.video_dir), or a media id looked "
+        "up as <video_dir>/<id>.<ext>; default: the clip id. video2dataset Parquet: the column of video bytes "
+        "(default mp4)",
+    )
+    audio: str | None = Field(
+        None,
+        description="manifest: a separate audio file's path or URI; default: <audio_dir>/<id>.<ext> when "
+        "data.audio_dir is set, else the video's own track",
+    )
+    captions: list[str] = Field(
+        ["desc", "caption", "captions", "vast_cap"],
+        description="caption fields, in order; the first present is used. A name, or a pattern such as "
+        "caption_* (every matching field, in numeric order); a field may hold one string or a list",
+    )
+    subtitle: str | None = Field("subtitle", description="the subtitle field, when there is one")
+    start: str | None = Field(None, description="the clip's start in seconds within the video (with end)")
+    end: str | None = Field(None, description="the clip's end in seconds within the video (with start)")
+
+
+class SourceConfig(_Section):
+    """What data.train_annotations / val_annotations name, and how to read it (docs/data.md)."""
+
+    kind: Literal["gram", "manifest", "webdataset", "parquet"] = Field(
+        "gram",
+        description="gram = GRAM's annotation JSON/JSONL/CSV next to media folders; manifest = rows (JSON, JSONL, "
+        "CSV, Parquet) whose fields (data.source.fields) name the video, captions and an optional span; "
+        "webdataset = tar shards (a brace pattern, one tar, or a folder of them), e.g. video2dataset's; "
+        "parquet = video2dataset's Parquet output, the media bytes in a column",
+    )
+    fields: SourceFields = SourceFields()
+    video_extensions: list[str] = Field(
+        ["mp4", "webm", "mkv"], description="webdataset: the member extensions that hold the video, in order"
+    )
+    audio_extensions: list[str] = Field(
+        ["m4a", "wav", "flac", "mp3"], description="webdataset: a separate audio member (else the video's track)"
+    )
+    caption_extension: str = Field("txt", description="webdataset: the caption member (used when the json has none)")
+    json_extension: str = Field("json", description="webdataset: the metadata member")
+    status_field: str = Field(
+        "status",
+        description="webdataset and parquet: a sample whose metadata has this field with a value other than "
+        "success (video2dataset's failed_to_download, ...) is skipped, its reason counted",
+    )
+    max_member_mb: float = Field(
+        256,
+        gt=0,
+        description="webdataset and parquet: a video or audio larger than this is skipped, not read. A decode "
+        "task holds one sample's members at a time plus its output buffer (data.shard_mb), so this bounds its "
+        "memory whatever a shard's size",
+    )
+
+    @model_validator(mode="after")
+    def _span_fields(self):
+        if (self.fields.start is None) != (self.fields.end is None):
+            raise ValueError("data.source.fields: set start and end together (a clip is the span between them)")
+        return self
 
 
 class DataConfig(_Section):
+    source: SourceConfig = SourceConfig()
+    val_source: SourceConfig | None = Field(
+        None,
+        description="the val split's source when it differs from the train split's (pretraining from WebDataset "
+        "shards, validating on MSR-VTT's annotation file and videos, say); default: data.source",
+    )
     video: VideoConfig = VideoConfig()
     audio: AudioConfig = AudioConfig()
     max_failure_share: float = Field(
@@ -136,12 +231,22 @@ class DataConfig(_Section):
         description="keep the decoded train/val data in Ray's object store instead of re-reading Parquet every "
         "epoch; auto: when the cache takes less than a quarter of the object store",
     )
-    # Where a training run finds its data (preprocessed into cache_dir/<split> on first use).
+    # Where a training run finds its data (preprocessed into cache_dir/<split> on first use): what
+    # data.source.kind reads (annotation files, manifests, tar shards or Parquet files).
     train_annotations: str | None = None
     val_annotations: str | None = None
     video_dir: str | None = None
     audio_dir: str | None = None
     cache_dir: str | None = Field(None, description="Parquet caches; default <run output>/cache")
+
+    @model_validator(mode="after")
+    def _packed_sources_are_cached(self):
+        if self.decode_on_the_fly and self.source.kind in ("webdataset", "parquet"):
+            raise ValueError(
+                f"data.decode_on_the_fly decodes manifest rows every epoch; {self.source.kind} shards are decoded "
+                "into a cache once (set data.decode_on_the_fly=false)"
+            )
+        return self
 
 
 class EncoderConfig(_Section):

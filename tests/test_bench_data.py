@@ -42,7 +42,7 @@ def test_training_flops_counted_on_the_meta_device_are_those_of_a_real_forward_p
 
 
 @pytest.mark.ray
-def test_bench_data_times_each_stage_of_both_codecs_read_from_a_bucket(ray_session, s3, tmp_path):
+def test_bench_data_times_each_stage_of_each_codec_read_from_a_bucket(ray_session, s3, tmp_path):
     bucket = s3.bucket()
     train = tmp_path / "train.json"  # what `bench train --json` writes, as far as bench data reads it
     train.write_text(json.dumps({"hardware": "NVIDIA A10G", "paths": {"plain": {"samples_per_s": 90.0},
@@ -54,8 +54,9 @@ def test_bench_data_times_each_stage_of_both_codecs_read_from_a_bucket(ray_sessi
     payload = json.loads(out.read_text())
     assert payload["gpu_rate"]["clips_per_s"] == 80.0 and "path ray on NVIDIA A10G" in payload["gpu_rate"]["source"]
     raw, jpeg = payload["variants"]["raw, decode on cpu"], payload["variants"]["jpeg, decode on cpu"]
-    assert (raw["codec"], jpeg["codec"]) == ("raw", "jpeg")
-    for v in (raw, jpeg):
+    compact = payload["variants"]["jpeg, uint8 audio, decode on cpu"]  # data.audio.cache_codec: uint8
+    assert (raw["codec"], jpeg["codec"], compact["codec"]) == ("raw", "jpeg", "jpeg")
+    for v in (raw, jpeg, compact):
         assert v["clips"] == 16
         rates = v["clips_per_s"]
         assert set(rates) == {"read", "decode", "collate", "to_device", "pipeline"} and min(rates.values()) > 0
@@ -63,7 +64,7 @@ def test_bench_data_times_each_stage_of_both_codecs_read_from_a_bucket(ray_sessi
         per_clip = sum(1 / rates[s] for s in ("read", "decode", "collate"))
         assert v["cpu_clips_per_s_per_core"] == pytest.approx(1 / per_clip)
         assert v["cores_per_gpu"] == pytest.approx(80.0 * per_clip)
-    assert jpeg["stored_bytes_per_clip"] < raw["stored_bytes_per_clip"]
+    assert compact["stored_bytes_per_clip"] < jpeg["stored_bytes_per_clip"] < raw["stored_bytes_per_clip"]
     assert payload["augment_clips_per_s"] > 0
     assert "cores/GPU" in result.output and "one GPU trains on 80.0 clips/s" in result.output
     # The synthetic caches were the benchmark's own: nothing is left in the bucket.

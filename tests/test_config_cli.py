@@ -10,8 +10,15 @@ from gram_ray.config import ConfigError, load_config
 def test_yaml_and_dotted_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  video:\n    num_frames: 4\n")
-    cfg = load_config(path, ["data.video.size=96", "data.audio.allow_missing=true"])
-    assert (cfg.data.video.num_frames, cfg.data.video.size, cfg.data.audio.allow_missing) == (4, 96, True)
+    cfg = load_config(path, ["data.video.size=96", "data.audio.missing=silence"])
+    assert (cfg.data.video.num_frames, cfg.data.video.size, cfg.data.audio.missing) == (4, 96, "silence")
+
+
+def test_the_audio_key_before_missing_still_reads(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  audio: {allow_missing: true}\n")
+    assert load_config(path).data.audio.missing == "silence"
+    assert load_config(None, ["data.audio.allow_missing=false"]).data.audio.missing == "skip"
 
 
 @pytest.mark.parametrize(

@@ -207,7 +207,7 @@ def test_each_bad_input_is_skipped_with_its_reason(bad_inputs, ray_session):
 
 def test_missing_audio_kept_with_flag_when_allowed(bad_inputs, ray_session):
     data = DataConfig(max_failure_share=1.0)
-    data.audio.allow_missing = True
+    data.audio.missing = "silence"
     report = preprocess(
         bad_inputs / "ann.json", bad_inputs / "videos", bad_inputs / "out", data, audio_dir=bad_inputs / "audios"
     )
@@ -246,6 +246,7 @@ def test_cache_stores_tensors_as_fixed_size_binary_and_reads_them_back(synth_sma
 
     data = DataConfig()
     data.video.size, data.audio.window_frames, data.video.cache_codec = 32, 256, "raw"
+    data.audio.cache_codec = "float32"
     preprocess(synth_small["val"], synth_small["videos"], tmp_path / "c", data, audio_dir=synth_small["audios"])
     schema = pq.read_schema(next((tmp_path / "c" / "shards").glob("*.parquet")))
     assert schema.field("frames").type == pa.binary(8 * 3 * 32 * 32)

@@ -12,6 +12,7 @@ import torch
 from tiny import tiny_config
 
 from gram_ray.config import load_config
+from gram_ray.data import decode as decode_module
 from gram_ray.data import preprocess as preprocess_module
 from gram_ray.data.collate import Collate, epoch_batches
 from gram_ray.data.manifest import read_annotations
@@ -107,7 +108,7 @@ def test_images_are_one_frame_clips_decoded_without_a_video_decoder(synth_small,
     def no_video_decoder(*args, **kwargs):
         raise AssertionError("an image went through the video decoder")
 
-    monkeypatch.setattr(preprocess_module, "decode_video", no_video_decoder)
+    monkeypatch.setattr(decode_module, "decode_video", no_video_decoder)
     rows = read_annotations(paths["val"])
     from gram_ray.data.manifest import resolve_media
 
@@ -147,9 +148,9 @@ def test_tiny_training_from_a_cache_of_each_new_modality_set(kind, overrides, sy
     splits = {"train": rows, "val": rows}
     cached = set(splits["train"])
     if kind == "text-audio":
-        assert "audio_fbank" in cached and not {"frames", "frames_jpeg"} & cached
+        assert "audio_fbank_u8" in cached and not {"frames", "frames_jpeg"} & cached
     else:
-        assert "frames_jpeg" in cached and not {"audio_fbank", "has_audio"} & cached
+        assert "frames_jpeg" in cached and not {"audio_fbank", "audio_fbank_u8", "has_audio"} & cached
         assert all(len(clip) == 1 for clip in splits["train"]["frames_jpeg"])  # one JPEG: the image
     vocab = build_word_vocab(c for rows in splits.values() for caps in rows["captions"] for c in caps)
     collate, reports = Collate(cfg, vocab, train=True), []

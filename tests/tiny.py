@@ -52,6 +52,16 @@ def cached_frames(row: dict) -> np.ndarray:
     return np.asarray(row["frames"])
 
 
+def cached_fbank(row: dict) -> np.ndarray:
+    """A cache row's filterbank as float32 [A, L, mel_bins], whichever codec stored it (data.audio.cache_codec)."""
+    from gram_ray.data.fbank_codec import decode_fbank
+    from gram_ray.data.schema import AUDIO_FBANK_RANGE, AUDIO_FBANK_U8
+
+    if AUDIO_FBANK_U8 in row:
+        return decode_fbank(row[AUDIO_FBANK_U8], row[AUDIO_FBANK_RANGE])
+    return np.asarray(row["audio_fbank"])
+
+
 def tiny_config(*extra: str):
     return load_config(DEMO_CONFIG, [*OVERRIDES, *extra])
 

@@ -88,16 +88,18 @@ def video_like_frames(rng: np.random.Generator, shape: tuple[int, ...], size: in
 
 def write_synthetic_cache(out: str, rows: int, data, seed: int = 0, words: int = 1000, caption_words: int = 12) -> str:
     """A train cache of `rows` clips with random contents of the data config's shapes, in the layout
-    preprocessing writes for it (data.video.cache_codec, train_draws draws a clip), without decoding any media:
+    preprocessing writes for it (data.video.cache_codec, data.audio.cache_codec, train_draws draws a clip),
+    without decoding any media:
     for benchmarks of what happens after the cache. `out` may be a storage URI. Each caption is caption_words
     words drawn from w0 ... w<words-1> (MSR-VTT's captions average ~9 words). Returns its shards dir."""
     import ray.data
 
     from gram_ray import storage
+    from gram_ray.data.fbank_codec import encode_fbank
     from gram_ray.data.frame_codec import encode_frames
     from gram_ray.data.parquet_layout import to_parquet_layout
     from gram_ray.data.preprocess import SHARDS, rows_per_shard
-    from gram_ray.data.schema import FRAMES_JPEG, object_column
+    from gram_ray.data.schema import AUDIO_FBANK_RANGE, AUDIO_FBANK_U8, FRAMES_JPEG, object_column
 
     v, a = data.video, data.audio
     draws = (v.train_draws,) if v.train_draws > 1 else ()
@@ -111,13 +113,17 @@ def write_synthetic_cache(out: str, rows: int, data, seed: int = 0, words: int =
             video = {FRAMES_JPEG: object_column([encode_frames(clip, v.jpeg_quality) for clip in frames])}
         else:
             video = {"frames": frames}
+        fbank = rng.standard_normal((n, a.windows, a.window_frames, a.mel_bins)).astype(np.float32)
+        audio = {"audio_fbank": fbank}
+        if a.cache_codec == "uint8":
+            audio = dict(zip((AUDIO_FBANK_U8, AUDIO_FBANK_RANGE), encode_fbank(fbank), strict=True))
         return {
             "id": np.array([f"clip{i:06d}" for i in ids], dtype=object),
             "captions": object_column(
                 [[" ".join(f"w{w}" for w in rng.integers(0, words, caption_words))] for _ in ids]
             ),
             **video,
-            "audio_fbank": rng.standard_normal((n, a.windows, a.window_frames, a.mel_bins)).astype(np.float32),
+            **audio,
             "has_audio": np.ones(n, dtype=bool),
         }
 

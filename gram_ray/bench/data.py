@@ -267,15 +267,18 @@ def run_bench_data(
             rows = batches * cfg.train.batch_size
             v = cfg.data.video
             caches = {}
-            for codec in ("raw", "jpeg"):
+            # raw frames and filterbanks; JPEG frames; JPEG frames and 8-bit filterbanks (data.audio.cache_codec)
+            for name, codec, audio_codec in (("raw", "raw", "float32"), ("jpeg", "jpeg", "float32"),
+                                             ("jpeg, uint8 audio", "jpeg", "uint8")):  # fmt: skip
                 progress(
-                    f"writing a synthetic {codec} cache of {rows} clips ({v.train_draws} draws x {v.num_frames} frames "
+                    f"writing a synthetic {name} cache of {rows} clips ({v.train_draws} draws x {v.num_frames} frames "
                     f"of {v.size} px{f', quality {v.jpeg_quality}' if codec == 'jpeg' else ''}) ..."
                 )
                 c = cfg.model_copy(deep=True)
-                c.data.video.cache_codec = codec
-                base = storage.join(storage_uri, f"bench-data-{codec}") if storage_uri else f"{tmp}/{codec}"
-                caches[codec] = write_synthetic_cache(base, rows, c.data)
+                c.data.video.cache_codec, c.data.audio.cache_codec = codec, audio_codec
+                folder = name.replace(", ", "-").replace(" ", "-")
+                base = storage.join(storage_uri, f"bench-data-{folder}") if storage_uri else f"{tmp}/{folder}"
+                caches[name] = write_synthetic_cache(base, rows, c.data)
         hardware = hardware_name(device) if device.startswith("cuda") else cpu_model()
         progress(f"bench data on {hardware}")
         result = bench_data(

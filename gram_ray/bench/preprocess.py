@@ -10,6 +10,11 @@ each, written straight to the cache) on it, each run on a fresh Ray:
     one CPU each): the same decode spread over nodes, as on a cluster.
 Memory is each decode worker process's peak resident set (the kernel's VmHWM, read from /proc while it runs: a
 Ray worker is a process of its own, and a fresh Ray per run means no worker carries an earlier run's peak).
+
+With --source files and/or webdataset (bench_sources): the same clips in a bucket of a local S3 server (moto, on
+127.0.0.1), as one object per video and audio file next to the annotation file, and as video2dataset-style tar
+shards; each preprocessed from the bucket into a local cache, counting the requests the server answered about the
+inputs (it logs every request).
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from gram_ray.config import DataConfig
 
 __all__ = [
     "DECODE_TASK",
+    "SOURCES",
+    "bench_sources",
+    "sources_table",
     "ProcessWatch",
     "generate_collection",
     "bench_preprocess",
@@ -33,6 +41,7 @@ __all__ = [
 ]
 
 DECODE_TASK = "write_shards"  # the cache writer's UDF: Ray names a worker process after the task it runs
+SOURCES = ("files", "webdataset")
 
 
 def _cmdline(pid: int) -> str:
@@ -244,4 +253,139 @@ def preprocess_table(result: dict) -> str:
         f"2 workers: {result['speedup_2_workers']:.2f}x 1 worker; a worker's peak at 10x the clips: "
         f"{result['worker_peak_growth_10x_clips']:.2f}x"
     )
+    return "\n".join(lines)
+
+
+def _write_tars(paths: dict, bucket: str, clips_per_shard: int, progress) -> str:
+    """The collection as video2dataset-style tar shards in the bucket ({key}.mp4, .wav, .txt, .json); the brace
+    pattern that names them."""
+    import io
+    import json
+    import tarfile
+
+    from gram_ray import storage
+
+    entries = json.loads(Path(paths["all"]).read_text())
+    shards = (len(entries) + clips_per_shard - 1) // clips_per_shard
+    for n in range(shards):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for entry in entries[n * clips_per_shard : (n + 1) * clips_per_shard]:
+                clip = entry["video_id"]
+                caption = entry.get("desc") or entry.get("caption")
+                meta = {"videoid": clip, "caption": caption, "status": "success"}
+                for suffix, blob in (
+                    ("mp4", (Path(paths["videos"]) / f"{clip}.mp4").read_bytes()),
+                    ("wav", (Path(paths["audios"]) / f"{clip}.wav").read_bytes()),
+                    ("txt", str(caption).encode()),
+                    ("json", json.dumps(meta).encode()),
+                ):
+                    info = tarfile.TarInfo(f"{clip}.{suffix}")
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+        storage.write_bytes_with(f"{bucket}/wds/{n:05d}.tar", lambda f, b=buffer: f.write(b.getvalue()))
+        if (n + 1) % max(1, shards // 5) == 0 or n + 1 == shards:
+            progress(f"  wrote {n + 1}/{shards} tar shards")
+    return f"{bucket}/wds/{{{0:05d}..{shards - 1:05d}}}.tar"
+
+
+def bench_sources(
+    data: DataConfig,
+    clips: int,
+    work: Path,
+    sources: tuple[str, ...] = SOURCES,
+    clips_per_shard: int = 100,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """The same clips in a local S3 bucket as files and as tar shards, each preprocessed from there: clips/s,
+    requests a clip, each decode worker's peak memory. Starts the server and a Ray of its own for each run."""
+    import logging
+
+    import ray
+
+    from gram_ray import storage
+    from gram_ray.bench.local_s3 import LocalS3, point_s3_at
+    from gram_ray.cluster.processes import free_port
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if ray.is_initialized():
+        raise RuntimeError("bench preprocess starts a Ray of its own for each run: call it without one running")
+    progress(f"generating {clips} synthetic clips under {work / 'clips'} ...")
+    paths = generate_collection(work / "clips", clips, progress)
+    port = free_port()
+    point_s3_at(port)  # before Ray starts: its workers inherit the endpoint
+    server = LocalS3(port, work / "s3.log")
+    runs = []
+    try:
+        bucket = server.bucket("bench")
+        inputs = {}
+        if "files" in sources:
+            progress("uploading the clips as files (one object a video and an audio) ...")
+            for part in ("videos", "audios"):
+                storage.upload_dir(paths[part], f"{bucket}/files/{part}")
+            storage.write_text(f"{bucket}/files/all.json", Path(paths["all"]).read_text())
+            inputs["files"] = (f"{bucket}/files/all.json", f"{bucket}/files/videos", f"{bucket}/files/audios")
+        if "webdataset" in sources:
+            progress(f"writing the clips as tar shards of {clips_per_shard} ...")
+            inputs["webdataset"] = (_write_tars(paths, bucket, clips_per_shard, progress), None, None)
+        for source in sources:
+            spec, videos, audios = inputs[source]
+            d = data.model_copy(deep=True)
+            d.source.kind = "manifest" if source == "files" else "webdataset"
+            if source == "webdataset":
+                d.source.fields.id = "videoid"
+            prefix = f"{bucket}/{'files' if source == 'files' else 'wds'}"
+            before = server.requests(prefix)
+            progress(f"preprocessing from {source} in the bucket ...")
+            stop = _local_ray()
+            try:
+                with ProcessWatch() as watch, tempfile.TemporaryDirectory(dir=work, prefix="cache-") as out:
+                    report = preprocess_into(spec, videos, audios, d, Path(out), progress)
+            finally:
+                stop()
+            asked = server.requests(prefix) - before
+            result = {
+                "source": source,
+                "clips": report["rows_total"],
+                "written": report["rows_written"],
+                "seconds": report["wall_seconds"],
+                "clips_per_s": report["clips_per_second"],
+                "requests": dict(asked),
+                "requests_per_clip": sum(asked.values()) / max(report["rows_total"], 1),
+            } | watch.summary()
+            progress(
+                f"  {source}: {result['clips_per_s']:.1f} clips/s, {result['requests_per_clip']:.3f} requests a "
+                f"clip, peak {result['max_worker_peak_rss_mb']} MB a decode worker"
+            )
+            runs.append(result)
+    finally:
+        server.stop()
+    return {"clips": clips, "clips_per_shard": clips_per_shard, "cpu_cores": os.cpu_count(), "runs": runs}
+
+
+def preprocess_into(spec: str, videos, audios, data: DataConfig, out: Path, progress) -> dict:
+    from gram_ray.data.preprocess import preprocess
+
+    return preprocess(
+        spec, videos, out, data, audio_dir=audios, mode="train", force=True, log=lambda line: progress(f"    {line}")
+    )
+
+
+def sources_table(result: dict) -> str:
+    lines = [
+        f"bench preprocess --source on {result['hardware']} ({result['cpu_cores']} cores): {result['clips']} clips "
+        f"in a local S3 bucket (moto on 127.0.0.1), tar shards of {result['clips_per_shard']}",
+        f"{'source':<12} {'clips/s':>8} {'seconds':>8} {'requests':>9} {'req/clip':>9} {'workers':>8} "
+        f"{'peak MB/worker':>15}",
+    ]
+    for r in result["runs"]:
+        lines.append(
+            f"{r['source']:<12} {r['clips_per_s']:>8.1f} {r['seconds']:>8.1f} {sum(r['requests'].values()):>9} "
+            f"{r['requests_per_clip']:>9.3f} {r['decode_workers']:>8} {r['max_worker_peak_rss_mb']:>15}"
+        )
+    by = {r["source"]: r for r in result["runs"]}
+    if set(by) == set(SOURCES):
+        ratio = by["files"]["requests_per_clip"] / max(by["webdataset"]["requests_per_clip"], 1e-9)
+        speed = by["webdataset"]["clips_per_s"] / by["files"]["clips_per_s"]
+        lines.append(f"shards: {ratio:.0f}x fewer requests a clip than files, {speed:.2f}x the clips/s")
     return "\n".join(lines)

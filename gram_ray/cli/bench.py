@@ -233,14 +233,38 @@ def bench_data_cmd(
     help="where the clips and caches go (the clips are kept and reused); default: a temporary folder",
 )
 @click.option("--no-cluster", is_flag=True, help="leave out the run on a 2-node Ray cluster on this machine")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    type=click.Choice(["files", "webdataset"]),
+    help="instead: the clips in a local S3 bucket as files and/or as tar shards, preprocessed from there "
+    "(clips/s, requests a clip, memory a decode worker); repeat for both",
+)
+@click.option(
+    "--clips-per-shard", default=100, show_default=True, type=click.IntRange(min=1), help="--source webdataset"
+)
 @JSON_OPTION
-def bench_preprocess_cmd(config_path, overrides, clips, work, no_cluster, json_path) -> None:
+def bench_preprocess_cmd(config_path, overrides, clips, work, no_cluster, sources, clips_per_shard, json_path) -> None:
     """Preprocessing a large collection: clips/s and each decode worker's peak memory with 1 and 2 decode
-    workers, at a tenth and all of the clips, and on a 2-node Ray cluster on this machine. Starts its own Rays."""
+    workers, at a tenth and all of the clips, and on a 2-node Ray cluster on this machine. With --source: the
+    same clips from a local S3 bucket, as files and as WebDataset shards. Starts its own Rays."""
     import tempfile
 
     from gram_ray.bench.common import cpu_model
-    from gram_ray.bench.preprocess import bench_preprocess, preprocess_table
+    from gram_ray.bench.preprocess import bench_preprocess, bench_sources, preprocess_table, sources_table
+
+    if sources:
+        cfg = _bench_config(config_path, overrides)
+        with tempfile.TemporaryDirectory(prefix="gram-ray-bench-preprocess-") as tmp:
+            where = work or Path(tmp)
+            where.mkdir(parents=True, exist_ok=True)
+            result = _usage_errors(
+                bench_sources, cfg.data, clips, where, tuple(sources), clips_per_shard, progress=click.echo
+            )
+        result["hardware"] = cpu_model()
+        _report(sources_table(result), result, json_path)
+        return
 
     # Every node of the 2-node cluster is this machine's 127.0.0.1, and so is the address this process joins it
     # by (else Ray rewrites it into the machine's network address). Ray reads this when it is first imported.

@@ -44,7 +44,20 @@ def synth(out, n, seed, size, seconds, val_share) -> None:
 
 
 @click.command()
-@click.option("--annotations", required=True, help="annotation file: a path or storage URI (s3://...)")
+@click.option(
+    "--annotations",
+    "--input",
+    "annotations",
+    required=True,
+    help="what --source reads: an annotation file or manifest, or shards (a brace pattern such as "
+    "s3://b/{00000..00099}.tar, one file, or a folder); a path or storage URI",
+)
+@click.option(
+    "--source",
+    type=click.Choice(["manifest", "webdataset", "parquet"]),
+    help="data.source.kind: manifest (GRAM's annotation files are manifests; the default), webdataset (tar "
+    "shards, e.g. video2dataset's) or parquet (video2dataset's Parquet, media bytes in a column)",
+)
 @click.option("--video-dir", help="folder of the videos (or images): a path or storage URI; none for audio-only sets")
 @click.option("--audio-dir", help="folder of separate audio files (a path or URI); else: the videos' tracks")
 @click.option("--out", required=True, help="cache folder or storage URI (shards/ + report.json)")
@@ -59,17 +72,29 @@ def synth(out, n, seed, size, seconds, val_share) -> None:
 )
 @click.option("--force", is_flag=True, help="decode again even if the cache matches")
 @VERBOSE_OPTION
-def preprocess(annotations, video_dir, audio_dir, out, config_path, overrides, mode, force, verbose) -> None:
+def preprocess(annotations, source, video_dir, audio_dir, out, config_path, overrides, mode, force, verbose) -> None:
     """Decode clips with Ray Data into a Parquet cache that every epoch and Tune trial reuses."""
-    from gram_ray.data.manifest import ManifestError, check_sources
-    from gram_ray.data.preprocess import PreprocessError
+    from gram_ray.data.manifest import ManifestError
+    from gram_ray.data.packed import PACKED
+    from gram_ray.data.preprocess import PreprocessError, check_inputs
     from gram_ray.data.preprocess import preprocess as run
 
-    cfg = config_from_options(config_path, overrides)
+    cfg = config_from_options(config_path, [*([f"data.source.kind={source}"] if source else []), *overrides])
+    subtitles = "subtitle" in cfg.model.modalities if cfg.data.source.kind in PACKED else None
     try:
-        check_sources([annotations], video_dir, audio_dir)
+        check_inputs([annotations], video_dir, audio_dir, cfg.data)
         init_ray(verbose)
-        run(annotations, video_dir, out, cfg.data, audio_dir=audio_dir, mode=mode, force=force, log=click.echo)
+        run(
+            annotations,
+            video_dir,
+            out,
+            cfg.data,
+            audio_dir=audio_dir,
+            mode=mode,
+            force=force,
+            log=click.echo,
+            subtitles=subtitles,
+        )
     except (ManifestError, PreprocessError) as e:
         raise click.ClickException(str(e)) from None
 

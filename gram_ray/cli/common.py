@@ -194,11 +194,14 @@ def init_ray(verbose: bool = False) -> None:
 def check_data(cfg) -> None:
     """The config's annotation files and media folders (local or in storage), checked before Ray starts: a
     missing file costs a second, not Ray's start-up."""
-    from gram_ray.data.manifest import ManifestError, check_sources
+    from gram_ray.data.manifest import ManifestError
+    from gram_ray.data.preprocess import check_inputs
 
     d = cfg.data
     try:
-        check_sources([d.train_annotations, d.val_annotations], d.video_dir, d.audio_dir)
+        check_inputs([d.train_annotations], d.video_dir, d.audio_dir, d)
+        val = d.model_copy(update={"source": d.val_source or d.source})
+        check_inputs([d.val_annotations], d.video_dir, d.audio_dir, val)
     except ManifestError as e:
         raise click.ClickException(str(e)) from None
 

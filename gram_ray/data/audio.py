@@ -21,6 +21,7 @@ from decord import AudioReader, DECORDError, cpu
 
 from gram_ray.config import AudioConfig
 from gram_ray.data.errors import DecodeError, Media, load_media, pyav_or_none, reader_input
+from gram_ray.data.span import Span, check_span, pts_seconds, stream_duration, to_pts
 
 __all__ = ["NORMALISATION", "load_waveform", "filterbank", "window_starts", "fbank_windows", "decode_audio"]
 
@@ -31,29 +32,51 @@ def _unreadable(e: Exception) -> DecodeError:
     return DecodeError(f"no readable audio track ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
 
 
-def _waveform_pyav(av, media: Media, sample_rate: int) -> np.ndarray:
-    """FFmpeg's decoder and resampler (libswresample), as GRAM's preprocessing runs them (`ffmpeg -ac 1 -ar 16000`)."""
+def _cut(samples: np.ndarray, first: float, span: Span, sample_rate: int) -> np.ndarray:
+    """The samples of a span, from samples that begin `first` seconds into the stream."""
+    offset = max(0, round((span[0] - first) * sample_rate))
+    return samples[offset : offset + round((span[1] - span[0]) * sample_rate)]
+
+
+def _waveform_pyav(av, media: Media, sample_rate: int, span: Span | None = None) -> np.ndarray:
+    """FFmpeg's decoder and resampler (libswresample), as GRAM's preprocessing runs them (`ffmpeg -ac 1 -ar 16000`).
+    With a span: a seek to the packet before its start, decoding stops at its end, and the samples are cut to it."""
     try:
         with av.open(reader_input(media)) as container:
             if not container.streams.audio:
                 raise DecodeError("no readable audio track (the file has no audio stream)")
             stream = container.streams.audio[0]
             stream.codec_context.thread_count = 1  # one Ray Data task per CPU: threads would only contend
+            frames, first = container.decode(stream), 0.0
+            if span is not None:
+                check_span(span, stream_duration(container, stream))
+                container.seek(to_pts(stream, span[0]), stream=stream, backward=True)
+                frames, first = _until(container.decode(stream), stream, span[1]), None
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            chunks = [
-                out.to_ndarray().reshape(-1)
-                for frame in (*container.decode(stream), None)  # None: flush the resampler's tail
-                for out in resampler.resample(frame)
-            ]
+            chunks = []
+            for frame in (*frames, None):  # None: flush the resampler's tail
+                if first is None and frame is not None and frame.pts is not None:
+                    first = float(pts_seconds(stream, frame.pts))
+                chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
         raise _unreadable(e) from None
     if not chunks:
         raise DecodeError("no readable audio track (the audio stream holds no samples)")
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    samples = np.concatenate(chunks).astype(np.float32, copy=False)
+    return samples if span is None else _cut(samples, first or 0.0, span, sample_rate)
 
 
-def load_waveform(source: Media, sample_rate: int) -> np.ndarray:
-    """Mono float32 samples at sample_rate, from a local path, a storage URI or a file's bytes.
+def _until(frames, stream, end: float):
+    """The decoded frames that start before `end` seconds."""
+    for frame in frames:
+        if frame.pts is not None and float(pts_seconds(stream, frame.pts)) >= end:
+            return
+        yield frame
+
+
+def load_waveform(source: Media, sample_rate: int, span: Span | None = None) -> np.ndarray:
+    """Mono float32 samples at sample_rate, from a local path, a storage URI or a file's bytes; of a span only when
+    one is given.
 
     With PyAV (the default install). decord's AudioReader is the fallback where PyAV is missing (a bare GPU image):
     decord 0.6.0 never frees its output buffer (dmlc/decord#189), so a process grows by ~0.13 MB with every clip
@@ -61,12 +84,16 @@ def load_waveform(source: Media, sample_rate: int) -> np.ndarray:
     media = load_media(source, "audio")
     av = pyav_or_none()
     if av is not None:
-        return _waveform_pyav(av, media, sample_rate)
+        return _waveform_pyav(av, media, sample_rate, span)
     try:
         samples = AudioReader(reader_input(media), ctx=cpu(0), sample_rate=sample_rate, mono=True)[:].asnumpy()
     except (DECORDError, RuntimeError) as e:  # RuntimeError: decord's error for bad bytes in memory
         raise _unreadable(e) from None
-    return samples.reshape(-1).astype(np.float32)
+    samples = samples.reshape(-1).astype(np.float32)
+    if span is None:
+        return samples
+    check_span(span, samples.size / sample_rate)
+    return _cut(samples, 0.0, span, sample_rate)
 
 
 # (mean, std) of each recipe's filterbanks over AudioSet, as GRAM's code normalises them: (x - mean) / (2 std).
@@ -127,15 +154,16 @@ def fbank_windows(
 
 
 def decode_audio(
-    audio_path: str | None,
+    audio_path: Media | None,
     video: Media | None,
     cfg: AudioConfig,
     mode: Mode = "eval",
     rng: np.random.Generator | None = None,
+    span: Span | None = None,
 ) -> np.ndarray:
-    """[A, L, mel_bins] from the separate audio file when there is one, else from the video's own track (video: its
-    path, or its bytes when they were read from storage already)."""
+    """[A, L, mel_bins] from the separate audio file or member when there is one, else from the video's own track
+    (video: its path, or its bytes when they were read already); of a span of it when one is given."""
     source = audio_path or video
     if source is None:
         raise DecodeError("no audio file and no video to take the audio track from")
-    return fbank_windows(load_waveform(source, cfg.sample_rate), cfg, mode, rng)
+    return fbank_windows(load_waveform(source, cfg.sample_rate, span), cfg, mode, rng)

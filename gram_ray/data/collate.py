@@ -16,8 +16,19 @@ import numpy as np
 import torch
 
 from gram_ray.config import GramConfig
+from gram_ray.data.fbank_codec import decode_fbank
 from gram_ray.data.frame_codec import decode_jpegs, frames_of_draw
-from gram_ray.data.schema import CAPTIONS, FRAMES_JPEG, HAS_AUDIO, ID, IDS, MODALITIES, TEXT_TO_VIDEO
+from gram_ray.data.schema import (
+    AUDIO_FBANK_RANGE,
+    AUDIO_FBANK_U8,
+    CAPTIONS,
+    FRAMES_JPEG,
+    HAS_AUDIO,
+    ID,
+    IDS,
+    MODALITIES,
+    TEXT_TO_VIDEO,
+)
 from gram_ray.data.text import make_tokenizer, tokenize
 
 __all__ = ["Collate", "caption_index", "epoch_order", "epoch_batches"]
@@ -98,7 +109,10 @@ class Collate:
             out |= self.frames(batch, ids)
         if "audio" in modalities:
             m = MODALITIES["audio"]
-            out[m.batch_keys[0]] = _writable_tensor(batch[m.cache_column]).float()
+            if AUDIO_FBANK_U8 in batch:  # a uint8 cache (data.audio.cache_codec): back to float32
+                out[m.batch_keys[0]] = torch.from_numpy(decode_fbank(batch[AUDIO_FBANK_U8], batch[AUDIO_FBANK_RANGE]))
+            else:
+                out[m.batch_keys[0]] = _writable_tensor(batch[m.cache_column]).float()
         if "subtitle" in modalities:
             m = MODALITIES["subtitle"]
             subs = tokenize(self.tokenizer, _strings(batch[m.cache_column]), self.cfg.model.max_subtitle_length)

@@ -1,14 +1,17 @@
-"""Ray Data preprocessing: manifest rows -> decoded clips -> Parquet cache (or a lazily decoded dataset).
+"""Ray Data preprocessing: a data source -> decoded clips -> Parquet cache (or a lazily decoded dataset).
 
-Decoding runs inside `map_batches` over the manifest rows, one row per video, so Ray Data spreads it over every
-CPU of the cluster and streams: only a few batches per worker are in flight whatever the dataset's size.
-A clip that cannot be used is left out of the output and recorded, with its reason, in a small side file
-(idempotent under task retries); report.json gathers them. Nothing is zero-filled silently: clips without
-audible audio are either skipped or kept with an explicit has_audio=false, as the config says.
+Sources (data.source.kind): a manifest (GRAM's annotation files are manifests) next to media files or objects, read
+on the driver into one row per clip; WebDataset tar shards or video2dataset Parquet files, whose media are inside
+them and which only the decode tasks read (data/packed.py). Either way the clips are decoded by data/decode.py
+into the same cache rows. Decoding runs inside `map_batches`, so Ray Data spreads it over every CPU of the cluster
+and streams: only a few pieces per worker are in flight whatever the dataset's size. A clip that cannot be used is
+left out of the output and recorded with its reason; report.json gathers them and counts them by reason. Nothing
+is zero-filled silently: clips without audible audio are either skipped or kept with an explicit
+has_audio=false, as data.audio.missing says.
 
 Cache: `<out>/shards/*.parquet` (tensor columns as fixed-size binary, see parquet_layout; read it back with
-`parquet_layout.read_cache`) plus `<out>/report.json`, whose `cache_key` hashes the annotations, the media
-files' names, sizes and mtimes, and the data config. The same inputs and config reuse the cache.
+`parquet_layout.read_cache`) plus `<out>/report.json`, whose `cache_key` hashes the inputs (annotations, the media
+files' or shards' names, sizes and mtimes) and the data config. The same inputs and config reuse the cache.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import json
 import math
 import os
 import posixpath
+import re
 import time
-import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,21 +31,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gram_ray import storage
-from gram_ray.config import DataConfig
-from gram_ray.data.audio import decode_audio
-from gram_ray.data.errors import DecodeError, load_media
-from gram_ray.data.frame_codec import encode_frames
-from gram_ray.data.image import decode_image
-from gram_ray.data.manifest import ManifestRow, read_annotations, resolve_media
+from gram_ray.config import DataConfig, SourceConfig
+from gram_ray.data.decode import ClipColumns, ClipInput, clip_rng, columns_to_arrow
+from gram_ray.data.manifest import ManifestRow, check_sources, read_annotations, resolve_media
+from gram_ray.data.packed import PACKED, ShardError, parquet_clips, shard_uris, tar_clips
 from gram_ray.data.parquet_layout import to_parquet_layout
-from gram_ray.data.schema import CACHE_COLUMNS, FRAMES_JPEG, HAS_AUDIO, MODALITIES, object_column
-from gram_ray.data.video import Mode, decode_video
+from gram_ray.data.schema import (
+    AUDIO_FBANK_RANGE,
+    AUDIO_FBANK_U8,
+    CACHE_COLUMNS,
+    FRAMES_JPEG,
+    HAS_AUDIO,
+    MODALITIES,
+)
+from gram_ray.data.video import Mode
 
 __all__ = [
     "PreprocessError",
     "decode_batch",
     "decode_rows",
     "decode_concurrency",
+    "check_inputs",
     "build_dataset",
     "preprocess",
     "cache_key",
@@ -55,6 +65,7 @@ _SKIPPED = "_skipped"  # side files of the lazily decoded dataset's skipped clip
 _DONE = "_done"  # the cache writer's progress: plan.json and one record per shard written
 _SUBTITLE = MODALITIES["subtitle"].cache_column
 _FRAMES = MODALITIES["video"].cache_column
+AUDIO_U8 = {AUDIO_FBANK_U8, AUDIO_FBANK_RANGE}
 
 
 class PreprocessError(RuntimeError):
@@ -65,30 +76,8 @@ def _text_list(value) -> list[str]:
     return [str(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
 
 
-def _draw_shape(data: DataConfig, mode: Mode) -> tuple[int, ...]:
-    draws = data.video.train_draws if mode == "train" else 1
-    return (draws,) if draws > 1 else ()
-
-
-def _clip_rng(media_id: str) -> np.random.Generator:
-    """The random frame draws of a clip in a cache: seeded by its id, so that a cache decoded in pieces (a resumed
-    run) holds the same bytes as one decoded in one go."""
-    return np.random.default_rng(zlib.crc32(str(media_id).encode()))
-
-
-def _decode_frames(path: str | None, data: DataConfig, mode: Mode, rng) -> tuple[np.ndarray, object]:
-    """(frames, the media as read: a path or a storage object's bytes, so its audio track is not read twice) of a
-    video or an image (data.video.format). Training caches keep train_draws independent draws (a random frame
-    per segment each), so that epochs see different frames without decoding again; Collate picks one per clip
-    per epoch. An image's draws are all the same still."""
-    video = data.video
-    media = load_media(path, video.format)
-    draws = video.train_draws if mode == "train" else 1
-    if video.format == "image":
-        still = decode_image(media, video.num_frames, video.size)
-        return (np.stack([still] * draws) if draws > 1 else still), None  # an image has no audio track
-    frames = [decode_video(media, video.num_frames, video.size, mode, rng, decoder=video.decoder) for _ in range(draws)]
-    return (np.stack(frames) if draws > 1 else frames[0]), media
+def _span(start, end) -> tuple[float, float] | None:
+    return (float(start), float(end)) if end is not None and float(end) >= 0 else None
 
 
 def decode_rows(batch: dict, data: DataConfig, mode: Mode, seeded: bool = False) -> tuple[dict, list[dict]]:
@@ -96,65 +85,31 @@ def decode_rows(batch: dict, data: DataConfig, mode: Mode, seeded: bool = False)
     others). seeded: train-mode draws seeded by clip id (caches); otherwise fresh draws every call. Frames are
     left out with data.video.format none, the audio columns with data.audio.format none."""
     fresh = np.random.default_rng() if mode == "train" else None
-    with_frames, with_audio = data.video.format != "none", data.audio.format != "none"
-    keep, failures = {"id": [], "captions": [], "frames": [], "audio_fbank": [], "has_audio": [], "subtitle": []}, []
+    out = ClipColumns(data, mode)
     for i, media_id in enumerate(batch["id"]):
-        video_path, audio_path = str(batch["video_path"][i]) or None, str(batch["audio_path"][i]) or None
-        rng = _clip_rng(media_id) if seeded and mode == "train" else fresh
-        track = None
-        if with_frames:
-            try:
-                frames, track = _decode_frames(video_path, data, mode, rng)
-            except DecodeError as e:
-                failures.append({"id": str(media_id), "reason": str(e)})
-                continue
-            keep["frames"].append(frames)
-        if with_audio:
-            try:
-                fbank, has_audio = decode_audio(audio_path, track, data.audio, mode, rng), True
-            except DecodeError as e:
-                if not data.audio.allow_missing or not with_frames:  # an audio-only clip without audio is nothing
-                    hint = " (set data.audio.allow_missing=true to keep it)" if with_frames else ""
-                    failures.append({"id": str(media_id), "reason": f"{e}{hint}"})
-                    if with_frames:
-                        keep["frames"].pop()
-                    continue
-                shape = (data.audio.windows, data.audio.window_frames, data.audio.mel_bins)
-                fbank, has_audio = np.zeros(shape, dtype=np.float32), False  # flagged, never used as real audio
-            keep["audio_fbank"].append(fbank)
-            keep["has_audio"].append(has_audio)
-        keep["id"].append(str(media_id))
-        keep["captions"].append(_text_list(batch["captions"][i]))
-        keep["subtitle"].append(str(batch["subtitle"][i] or ""))
-    video, audio = data.video, data.audio
-    columns = {"id": np.array(keep["id"], dtype=object), "captions": object_column(keep["captions"])}
-    if with_frames:
-        columns["frames"] = (
-            np.stack(keep["frames"])
-            if keep["frames"]
-            else np.zeros((0, *_draw_shape(data, mode), video.num_frames, 3, video.size, video.size), np.uint8)
+        clip = ClipInput(
+            str(media_id),
+            _text_list(batch["captions"][i]),
+            subtitle=str(batch["subtitle"][i] or ""),
+            video=str(batch["video_path"][i]) or None,
+            audio=str(batch["audio_path"][i]) or None,
+            span=_span(batch["start"][i], batch["end"][i]) if "end" in batch else None,
+            error=(str(batch["error"][i]) or None) if "error" in batch else None,
         )
-    if with_audio:
-        columns["audio_fbank"] = (
-            np.stack(keep["audio_fbank"])
-            if keep["audio_fbank"]
-            else np.zeros((0, audio.windows, audio.window_frames, audio.mel_bins), np.float32)
-        )
-        columns["has_audio"] = np.array(keep["has_audio"], dtype=bool)
-    columns["subtitle"] = np.array(keep["subtitle"], dtype=object)
-    return columns, failures
+        out.decode(clip, clip_rng(clip.id) if seeded and mode == "train" else fresh)
+    return out.columns(), out.failures
 
 
 def decode_batch(batch: dict, data: DataConfig, mode: Mode, skipped_dir: str | None) -> pa.Table:
     """The map_batches UDF of the lazily decoded dataset (decode_on_the_fly): decode each row, keep those that
-    decode, record the others with their reason in a side file. Returns an Arrow table (see _columns_to_arrow)."""
+    decode, record the others with their reason in a side file. Returns an Arrow table (see columns_to_arrow)."""
     columns, failures = decode_rows(batch, data, mode)
     if failures and skipped_dir:
         # Named by the batch's ids, so a retried task overwrites its own record instead of adding a second one.
         # Through storage: on a cluster this task may run on another node than the driver that reads them.
         name = hashlib.sha1("\n".join(map(str, batch["id"])).encode()).hexdigest()[:16]
         storage.write_text(storage.join(skipped_dir, f"{name}.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
-    return _columns_to_arrow(columns)
+    return columns_to_arrow(columns)
 
 
 def _manifest_items(rows: list[ManifestRow]) -> list[dict]:
@@ -166,6 +121,9 @@ def _manifest_items(rows: list[ManifestRow]) -> list[dict]:
             "subtitle": r.subtitle or "",
             "video_path": r.video_path or "",
             "audio_path": r.audio_path or "",
+            "start": -1.0 if r.start is None else r.start,
+            "end": -1.0 if r.end is None else r.end,
+            "error": r.error or "",
         }
         for r in rows
     ]
@@ -211,8 +169,9 @@ def rows_per_shard(data: DataConfig) -> int:
     """Clips per Parquet file for about data.shard_mb of stored tensors."""
     v, a = data.video, data.audio
     frame_bytes = v.num_frames * 3 * v.size * v.size * (_JPEG_SHARE if v.cache_codec == "jpeg" else 1)
+    value_bytes = 1 if a.cache_codec == "uint8" else 4
     clip_bytes = (frame_bytes if v.format != "none" else 0) + (
-        4 * a.windows * a.window_frames * a.mel_bins if a.format != "none" else 0
+        value_bytes * a.windows * a.window_frames * a.mel_bins if a.format != "none" else 0
     )
     return max(1, int(data.shard_mb * 2**20 // max(clip_bytes, 1024)))
 
@@ -241,21 +200,43 @@ def _file_signatures(paths: list[str | None]) -> dict[str, list]:
     return out
 
 
+def _config_content(data: DataConfig, mode: Mode) -> bytes:
+    """Only what changes the decoded content: inputs are hashed by their bytes and file signatures, so paths may be
+    spelled differently and scheduling knobs may change without invalidating the cache. decode_device is where a
+    cached JPEG is decoded, not what is stored; a raw cache stays valid across the JPEG settings (and across the
+    versions before they existed), a cache of GRAM's annotation files across the versions before data.source and
+    data.audio.missing (which was allow_missing)."""
+    video = data.video.model_dump(exclude={"decode_device"})
+    if data.video.cache_codec == "raw":
+        video = {k: v for k, v in video.items() if k not in ("cache_codec", "jpeg_quality")}
+    audio = data.audio.model_dump(exclude={"missing", "cache_codec"}) | {
+        "allow_missing": data.audio.missing == "silence"
+    }
+    if data.audio.cache_codec != "float32":  # a float32 cache stays valid across the versions before the codec
+        audio["cache_codec"] = data.audio.cache_codec
+    content = {"video": video, "audio": audio}
+    if data.source != SourceConfig():
+        content["source"] = data.source.model_dump()
+    return json.dumps([content, mode], sort_keys=True).encode()
+
+
 def cache_key(annotations: str | Path, rows: list[ManifestRow], data: DataConfig, mode: Mode) -> str:
+    """The cache key of a manifest's clips: the manifest's bytes, each clip's media files' signatures, the config."""
     h = hashlib.sha256()
     h.update(storage.read_bytes(str(annotations)))
     signatures = _file_signatures([p for r in rows for p in (r.video_path, r.audio_path)])
     for r in rows:
         h.update(json.dumps([r.id, *(signatures.get(p, [None]) for p in (r.video_path, r.audio_path))]).encode())
-    # Only what changes the decoded content: inputs are covered above by their bytes and file signatures, so
-    # paths may be spelled differently and scheduling knobs may change without invalidating the cache.
-    # decode_device is where a cached JPEG is decoded, not what is stored; a raw cache stays valid across the
-    # JPEG settings (and across the versions before they existed).
-    video = data.video.model_dump(exclude={"decode_device"})
-    if data.video.cache_codec == "raw":
-        video = {k: v for k, v in video.items() if k not in ("cache_codec", "jpeg_quality")}
-    content = {"video": video, "audio": data.audio.model_dump()}
-    h.update(json.dumps([content, mode], sort_keys=True).encode())
+    h.update(_config_content(data, mode))
+    return h.hexdigest()
+
+
+def packed_cache_key(uris: list[str], data: DataConfig, mode: Mode) -> str:
+    """The cache key of a packed source: its shard files' names, sizes and mtimes, and the config."""
+    h = hashlib.sha256()
+    signatures = _file_signatures(uris)
+    h.update(json.dumps([signatures.get(u) for u in uris]).encode())
+    h.update(_config_content(data, mode))
     return h.hexdigest()
 
 
@@ -290,79 +271,96 @@ def _shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def _columns_to_arrow(columns: dict) -> pa.Table:
-    """Decoded columns -> an Arrow table with tensor columns (Ray's tensor type), built here rather than by Ray
-    Data: Ray converts a numpy batch of zero rows (every clip of a decode batch failed) through pyarrow's native
-    path, which cannot hold an n-d array, and falls back to pickling the column ("Failed to convert column
-    'frames' into pyarrow array ... falling back to pickled python objects"): slow and large in the object store,
-    and a column type that differs from the other blocks'."""
-    from ray.data.extensions import ArrowTensorArray
-
-    table = {
-        "id": pa.array(list(columns["id"]), pa.string()),
-        "captions": pa.array([list(c) for c in columns["captions"]], pa.list_(pa.string())),
-    }
-    if FRAMES_JPEG in columns:
-        table[FRAMES_JPEG] = pa.array(list(columns[FRAMES_JPEG]), pa.list_(pa.binary()))
-    elif "frames" in columns:
-        table["frames"] = ArrowTensorArray.from_numpy(columns["frames"])
-    if "audio_fbank" in columns:
-        table["audio_fbank"] = ArrowTensorArray.from_numpy(columns["audio_fbank"])
-        table["has_audio"] = pa.array(columns["has_audio"], pa.bool_())
-    if "subtitle" in columns:
-        table["subtitle"] = pa.array(list(columns["subtitle"]), pa.string())
-    return pa.table(table)
-
-
-def _columns_to_table(columns: dict) -> pa.Table:
-    """Decoded columns -> an Arrow table in the cache's Parquet layout."""
-    return to_parquet_layout(_columns_to_arrow(columns))
-
-
 def _cache_columns(data: DataConfig, subtitles: bool) -> list[str]:
     """The columns a cache of these settings holds (schema.CACHE_COLUMNS, less what is not decoded)."""
     absent = {FRAMES_JPEG if data.video.cache_codec == "raw" else _FRAMES}
+    absent |= {MODALITIES["audio"].cache_column} if data.audio.cache_codec == "uint8" else AUDIO_U8
     if data.video.format == "none":
         absent |= {_FRAMES, FRAMES_JPEG}
     if data.audio.format == "none":
-        absent |= {MODALITIES["audio"].cache_column, HAS_AUDIO}
+        absent |= {MODALITIES["audio"].cache_column, HAS_AUDIO, *AUDIO_U8}
     if not subtitles:
         absent.add(_SUBTITLE)
     return [c for c in CACHE_COLUMNS if c not in absent]
 
 
+def _write_part(columns: ClipColumns, out: str, name: str, subtitles: bool) -> int:
+    """Write the decoded clips as <out>/shards/<name>.parquet; returns the rows written."""
+    table = to_parquet_layout(columns_to_arrow(columns.cache_columns(subtitles)))
+    storage.write_bytes_with(
+        storage.join(out, SHARDS, name + ".parquet"),
+        lambda f: pq.write_table(table, f, use_dictionary=False),  # blobs that never repeat
+    )
+    return table.num_rows
+
+
+def _piece_clips(item: dict, data: DataConfig):
+    """The clips of one piece of work: a chunk of manifest rows, or one shard file of a packed source."""
+    if "rows" in item:
+        for it in json.loads(item["rows"]):
+            yield ClipInput(
+                it["id"],
+                it["captions"],
+                subtitle=it["subtitle"],
+                video=it["video_path"] or None,
+                audio=it["audio_path"] or None,
+                span=_span(it["start"], it["end"]),
+                error=it["error"] or None,
+            )
+    elif data.source.kind == "webdataset":
+        yield from tar_clips(item["uri"], data.source)
+    else:
+        yield from parquet_clips(item["uri"], data.source)
+
+
+def write_piece(item: dict, data: DataConfig, mode: Mode, out: str, key: str, subtitles: bool) -> dict:
+    """Decode one piece (a chunk of manifest rows, or a shard of a packed source) into
+    <out>/shards/shard-NNNNN[-PPPP].parquet, then record it as done in <out>/_done/shard-NNNNN.json with its
+    skipped clips. A packed shard is written in parts of about data.shard_mb, so a long tar never sits whole in
+    memory. The record is written after every part is whole, so a piece without one is redone; a retried task
+    rewrites the same files."""
+    index, packed = int(item["shard"]), "uri" in item
+    per_part = rows_per_shard(data)
+    part, files, written, clips = ClipColumns(data, mode), [], 0, 0
+    failures: list[dict] = []
+
+    def flush() -> None:
+        nonlocal part, written
+        name = _shard_name(index) + (f"-{len(files):04d}" if packed else "")
+        written += _write_part(part, out, name, subtitles)
+        files.append(name + ".parquet")
+        failures.extend(part.failures)
+        part = ClipColumns(data, mode)
+
+    try:
+        for clip in _piece_clips(item, data):
+            clips += 1
+            part.decode(clip, clip_rng(clip.id) if mode == "train" else None)
+            if len(part) >= per_part:
+                flush()
+    except ShardError as e:  # not a tar, cut off mid-member: the clips before it are kept, the shard counted once
+        clips += 1
+        part.fail(posixpath.basename(item["uri"]), str(e))
+    if len(part) or not packed:  # a manifest chunk gets its file even when no clip of it decodes
+        flush()
+    else:
+        failures.extend(part.failures)
+    record = {"cache_key": key, "clips": clips, "written": written, "skipped": failures, "files": files}
+    storage.write_text(storage.join(out, _DONE, _shard_name(index) + ".json"), json.dumps(record))
+    return record
+
+
 def write_shards(batch: dict, data: DataConfig, mode: Mode, out: str, key: str, subtitles: bool) -> dict:
-    """The map_batches UDF of the cache writer: each input row is one shard (its manifest rows as JSON), decoded
-    and written as <out>/shards/shard-NNNNN.parquet, then recorded as done in <out>/_done/shard-NNNNN.json with
-    its skipped clips. The record is written after the file is whole, so a shard without one is redone; a retried
-    task rewrites the same two files. Returns one small row per shard (the decoded clips never pass through Ray's
-    object store)."""
+    """The map_batches UDF of the cache writer: each input row is one piece (write_piece). Returns one small row
+    per piece (the decoded clips never pass through Ray's object store)."""
     written = []
-    for index, rows_json in zip(batch["shard"], batch["rows"], strict=True):
-        items = json.loads(rows_json)
-        manifest = {
-            k: np.array([it[k] for it in items], dtype=object) for k in ("id", "subtitle", "video_path", "audio_path")
-        }
-        manifest["captions"] = object_column([it["captions"] for it in items])
-        columns, failures = decode_rows(manifest, data, mode, seeded=True)
-        if not subtitles:
-            columns.pop("subtitle")
-        if data.video.cache_codec == "jpeg" and "frames" in columns:  # each frame of each draw, one JPEG
-            frames = columns.pop("frames")
-            columns[FRAMES_JPEG] = [encode_frames(clip, data.video.jpeg_quality) for clip in frames]
-        table = _columns_to_table(columns)
-        name = _shard_name(int(index))
-        storage.write_bytes_with(
-            storage.join(out, SHARDS, name + ".parquet"),
-            lambda f, table=table: pq.write_table(table, f, use_dictionary=False),  # blobs that never repeat
-        )
-        record = {"cache_key": key, "clips": len(items), "written": table.num_rows, "skipped": failures}
-        storage.write_text(storage.join(out, _DONE, name + ".json"), json.dumps(record))
-        written.append(table.num_rows)
+    for i, index in enumerate(batch["shard"]):
+        item = {"shard": int(index)} | {k: str(batch[k][i]) for k in ("rows", "uri") if k in batch}
+        written.append(write_piece(item, data, mode, out, key, subtitles)["written"])
     return {"shard": np.asarray(batch["shard"]), "written": np.asarray(written)}
 
 
-def _drive(ds, shards: int, clips: int, log, every_s: float = 30.0) -> None:
+def _drive(ds, pieces: int, clips: int | None, log, every_s: float = 30.0) -> None:
     """Run the writer, saying how far it is every every_s seconds (and at the end) on long decodes."""
     start = last = time.perf_counter()
     finished = decoded = 0
@@ -370,15 +368,20 @@ def _drive(ds, shards: int, clips: int, log, every_s: float = 30.0) -> None:
         finished += 1
         decoded += int(row["written"])
         now = time.perf_counter()
-        if now - last >= every_s and finished < shards:
+        if now - last >= every_s and finished < pieces:
             rate = decoded / (now - start)
-            eta = (clips - decoded) / rate if rate > 0 else float("nan")
-            log(f"  {finished}/{shards} shards, {decoded} clips, {rate:.1f} clips/s, about {eta:.0f} s left")
+            eta = f", about {(clips - decoded) / rate:.0f} s left" if clips and rate > 0 else ""
+            log(f"  {finished}/{pieces} shards, {decoded} clips, {rate:.1f} clips/s{eta}")
             last = now
 
 
+def _piece_index(name: str) -> int:
+    """shard-00012.json, shard-00012.parquet, shard-00012-0003.parquet -> 12."""
+    return int(name.removeprefix("shard-")[:5])
+
+
 def _done_shards(out: str, key: str) -> dict[int, dict]:
-    """The shards an earlier run of the same inputs and config finished: {index: its record}."""
+    """The pieces an earlier run of the same inputs and config finished: {index: its record}."""
     done = {}
     for path in storage.list_files(storage.join(out, _DONE), ".json"):
         name = posixpath.basename(path)
@@ -387,29 +390,59 @@ def _done_shards(out: str, key: str) -> dict[int, dict]:
         try:
             record = json.loads(storage.read_text(path))
         except (OSError, json.JSONDecodeError):
-            continue  # cut off while being written: the shard is redone
+            continue  # cut off while being written: the piece is redone
         if record.get("cache_key") == key:
-            done[int(name.removeprefix("shard-").removesuffix(".json"))] = record
+            done[_piece_index(name)] = record
     return done
+
+
+def reason_kind(reason: str) -> str:
+    """A skip reason without its particulars (sizes, names, times), for counting: "no readable audio track (the
+    file has no audio stream)" -> "no readable audio track"."""
+    kind = re.split(r" \(|: ", reason, maxsplit=1)[0]
+    return re.sub(r"\S*\d\S*", "#", kind).strip()
+
+
+def check_inputs(inputs: list[str | None], video_dir: str | None, audio_dir: str | None, data: DataConfig) -> None:
+    """ManifestError naming the first input (annotation file, manifest, shard) or media folder that is not there:
+    checked before a job starts Ray, so a typo costs a second, not Ray's start-up."""
+    if data.source.kind in PACKED:
+        for spec in filter(None, inputs):
+            shard_uris(str(spec), data.source.kind)
+        return
+    check_sources(inputs, video_dir, audio_dir)
+
+
+def _sources(annotations, video_dir, audio_dir, data: DataConfig, mode: Mode) -> tuple[list | None, list, str]:
+    """(manifest rows or None, the inputs: rows or shard URIs, the cache key) of a source."""
+    if data.source.kind in PACKED:
+        uris = shard_uris(str(annotations), data.source.kind)
+        return None, uris, packed_cache_key(uris, data, mode)
+    rows = read_annotations(annotations, data.source.fields, data.max_failure_share)
+    resolve_media(rows, video_dir, audio_dir, data.video.format)
+    return rows, rows, cache_key(annotations, rows, data, mode)
 
 
 def preprocess(
     annotations: str | Path,
-    video_dir: str | Path,
+    video_dir: str | Path | None,
     out: str | Path,
     data: DataConfig | None = None,
     audio_dir: str | Path | None = None,
     mode: Mode = "eval",
     force: bool = False,
     log=print,
+    subtitles: bool | None = None,
 ) -> dict:
-    """Decode every clip of an annotation file into a Parquet cache under `out`; returns the report.
+    """Decode every clip of a source (data.source.kind: annotations or a manifest with media, or WebDataset or
+    Parquet shards, named by `annotations`) into a Parquet cache under `out`; returns the report.
 
     Reuses an existing cache of the same inputs and config unless force. Resumable: the clips are decoded in
-    shards, each recorded when written, so a run killed mid-way is continued by the next run of the same inputs
-    and config, which decodes only the shards not yet recorded (the report counts both). Raises PreprocessError
-    (after writing the report and keeping every shard written) when more than data.max_failure_share of the clips
-    failed."""
+    pieces (a chunk of manifest rows, or one shard), each recorded when written, so a run killed mid-way is
+    continued by the next run of the same inputs and config, which decodes only the pieces not yet recorded (the
+    report counts both). subtitles: keep a subtitle column; default: when a manifest has subtitles (never for
+    packed sources, whose samples are only read by the decode tasks). Raises PreprocessError (after writing the
+    report and keeping every shard written) when more than data.max_failure_share of the clips failed."""
     import ray.data
 
     data = data or DataConfig()
@@ -419,9 +452,9 @@ def preprocess(
         storage.join(out, REPORT),
         storage.join(out, _DONE, "plan.json"),
     )
-    rows = read_annotations(annotations)
-    resolve_media(rows, video_dir, audio_dir, data.video.format)
-    key = cache_key(annotations, rows, data, mode)
+    rows, inputs, key = _sources(annotations, video_dir, audio_dir, data, mode)
+    if subtitles is None:
+        subtitles = rows is not None and any(r.subtitle for r in rows)
     previous = _load_report(out)
     if previous and previous.get("cache_key") == key and previous.get("status") == "complete" and not force:
         log(f"cache hit: {out} already holds these {previous['rows_written']} clips (use --force to decode again)")
@@ -434,36 +467,36 @@ def preprocess(
             for stale in (shards, storage.join(out, _DONE), storage.join(out, _SKIPPED)):
                 storage.delete_dir(stale)
             storage.delete_file(report_path)
-            plan = {"cache_key": key, "rows_per_shard": _shard_rows(len(rows), data)}
+            plan = {"cache_key": key, "rows_per_shard": _shard_rows(len(rows), data) if rows is not None else None}
             storage.write_text(plan_path, json.dumps(plan))
-        size = plan["rows_per_shard"]
-        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        if rows is None:
+            pieces = [{"uri": uri} for uri in inputs]
+        else:
+            size = plan["rows_per_shard"]
+            pieces = [{"rows": json.dumps(_manifest_items(rows[i : i + size]))} for i in range(0, len(rows), size)]
         done = _done_shards(out, key)
-        for path in storage.list_files(shards, ".parquet"):  # files of shards a kill cut off: redone
-            if int(posixpath.basename(path).removeprefix("shard-").removesuffix(".parquet")) not in done:
+        for path in storage.list_files(shards, ".parquet"):  # files of pieces a kill cut off: redone
+            if _piece_index(posixpath.basename(path)) not in done:
                 storage.delete_file(path)
-        todo = [i for i in range(len(chunks)) if i not in done]
+        todo = [i for i in range(len(pieces)) if i not in done]
         reused = sum(done[i]["clips"] for i in done)
         if done:
-            log(f"resuming: {len(done)} of {len(chunks)} shards ({reused} clips) were written by an earlier run")
-        log(f"decoding {len(rows) - reused} clips from {annotations} into {shards} with Ray Data ...")
+            log(f"resuming: {len(done)} of {len(pieces)} shards ({reused} clips) were written by an earlier run")
+        what = (
+            f"{len(rows) - reused} clips" if rows is not None else f"the clips of {len(todo)} {data.source.kind} shards"
+        )
+        log(f"decoding {what} from {annotations} into {shards} with Ray Data ...")
         if todo:
-            items = [{"shard": i, "rows": json.dumps(_manifest_items(chunks[i]))} for i in todo]
+            items = [{"shard": i} | pieces[i] for i in todo]
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 write_shards,
                 batch_size=1,
                 batch_format="numpy",
-                fn_kwargs={
-                    "data": data,
-                    "mode": mode,
-                    "out": out,
-                    "key": key,
-                    "subtitles": any(r.subtitle for r in rows),
-                },
+                fn_kwargs={"data": data, "mode": mode, "out": out, "key": key, "subtitles": subtitles},
                 num_cpus=1,
                 compute=ray.data.TaskPoolStrategy(size=decode_concurrency(data)),
             )
-            _drive(ds, len(todo), sum(len(chunks[i]) for i in todo), log)
+            _drive(ds, len(todo), len(rows) - reused if rows is not None else None, log)
     except Exception as e:
         cause = _os_error(e)
         if cause is None:
@@ -478,25 +511,29 @@ def preprocess(
     records = _done_shards(out, key)
     skipped = [s for record in records.values() for s in record["skipped"]]
     written = sum(record["written"] for record in records.values())
-    share = len(skipped) / len(rows)
+    total = sum(record["clips"] for record in records.values())
+    decoded_now = total - reused
+    share = len(skipped) / max(total, 1)
     report = {
-        "status": "complete" if share <= data.max_failure_share else "failed",
+        "status": "complete" if share <= data.max_failure_share and total else "failed",
         "cache_key": key,
+        "source": data.source.kind,
         "annotations": str(annotations),
         "video_dir": str(video_dir) if video_dir else None,
         "audio_dir": str(audio_dir) if audio_dir else None,
         "mode": mode,
-        "rows_total": len(rows),
+        "rows_total": total,
         "rows_written": written,
-        "rows_decoded_now": len(rows) - reused,
+        "rows_decoded_now": decoded_now,
         "rows_reused": reused,
-        "shards": len(chunks),
+        "shards": len(pieces),
         "shards_reused": len(done),
         "rows_skipped": sorted(skipped, key=lambda s: s["id"]),
+        "skipped_by_reason": dict(Counter(reason_kind(s["reason"]) for s in skipped).most_common()),
         "config": data.model_dump(),
         "wall_seconds": round(wall, 3),
-        "clips_per_second": round((len(rows) - reused) / wall, 3) if wall > 0 else None,
-        "columns": _cache_columns(data, subtitles=any(r.subtitle for r in rows)),
+        "clips_per_second": round(decoded_now / wall, 3) if wall > 0 else None,
+        "columns": _cache_columns(data, subtitles),
     }
     storage.write_text(report_path, json.dumps(report, indent=2))
     log(
@@ -505,11 +542,13 @@ def preprocess(
         + "); "
         f"report: {report_path}"
     )
+    for reason, count in report["skipped_by_reason"].items():
+        log(f"  skipped {count}: {reason}")
     for s in skipped[:10]:
         log(f"  skipped {s['id']}: {s['reason']}")
     if report["status"] == "failed":
         raise PreprocessError(
-            f"{len(skipped)} of {len(rows)} clips ({share:.0%}) could not be decoded, more than "
+            f"{len(skipped)} of {total} clips ({share:.0%}) could not be decoded, more than "
             f"data.max_failure_share={data.max_failure_share:.0%}. "
             f"The {written} good clips are kept in {shards}; "
             f"the reasons are in {report_path}. Fix the inputs, or raise data.max_failure_share to accept them."

@@ -16,6 +16,8 @@ __all__ = [
     "CAPTIONS",
     "HAS_AUDIO",
     "FRAMES_JPEG",
+    "AUDIO_FBANK_U8",
+    "AUDIO_FBANK_RANGE",
     "TEXT_TO_VIDEO",
     "IDS",
     "CACHE_COLUMNS",
@@ -28,10 +30,15 @@ __all__ = [
 # Cache columns that are not a modality's input.
 ID = "id"  # str: the video id of the annotation file
 CAPTIONS = "captions"  # list[str]: every caption of the clip (the text modality draws from these)
-HAS_AUDIO = "has_audio"  # bool: false when the clip was kept without audible audio (data.audio.allow_missing)
+HAS_AUDIO = "has_audio"  # bool: false when the clip was kept without audible audio (data.audio.missing: silence)
 # list[bytes]: a JPEG cache's frames instead of the video column (data.video.cache_codec: jpeg): one JPEG per
 # frame, draws x N, draw-major; decoded by the input pipeline (data/frame_codec.py) into the same uint8 frames.
 FRAMES_JPEG = "frames_jpeg"
+# A uint8 cache's filterbank instead of the audio column (data.audio.cache_codec: uint8): uint8 [A, L, mel_bins],
+# each window mapped from its [min, max] (float32 [A, 2] in AUDIO_FBANK_RANGE) onto 0..255; the input pipeline
+# (data/fbank_codec.py) turns it back into the float32 filterbank.
+AUDIO_FBANK_U8 = "audio_fbank_u8"
+AUDIO_FBANK_RANGE = "audio_fbank_range"
 
 # Model-batch keys that are not a modality's input.
 TEXT_TO_VIDEO = "text_to_video"  # long [n_captions]: row of the caption's clip in the batch
@@ -67,6 +74,8 @@ CACHE_COLUMNS = (
     MODALITIES["video"].cache_column,
     FRAMES_JPEG,
     MODALITIES["audio"].cache_column,
+    AUDIO_FBANK_U8,
+    AUDIO_FBANK_RANGE,
     HAS_AUDIO,
     MODALITIES["subtitle"].cache_column,
 )

@@ -12,6 +12,9 @@ Two decoders give the same frames:
 - "decord": decord's VideoReader asked for frames whose short side is already S (its scaler resizes); it
   decodes every frame up to the last sampled one. It needs no PyAV: without PyAV installed (a slim GPU image,
   say) it reads the frame size from the first decoded frame instead of the container header.
+
+A span (start, end seconds; data/span.py) samples the N segments of that span only: PyAV seeks to the keyframe
+before it and demuxes up to its end, so a clip cut from a long video costs what the clip costs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from decord import DECORDError, VideoReader, cpu
 
 from gram_ray.data.errors import DecodeError, Media, load_media, reader_input
 from gram_ray.data.errors import pyav_or_none as _pyav  # a name of its own here: tests take PyAV away
+from gram_ray.data.span import Span, check_span, pts_seconds, stream_duration, to_pts
 
 __all__ = ["segment_indices", "decode_video", "probe_size", "DECODERS"]
 
@@ -96,7 +100,27 @@ def _crop(frames: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(frames[:, top : top + size, left : left + size].transpose(0, 3, 1, 2))
 
 
-def _decode_pyav(media: Media, num_frames: int, size: int, mode: Mode, rng) -> np.ndarray:
+def _span_packets(container, stream, span: Span) -> list:
+    """The packets to decode for the frames of a span: from the keyframe before its start (a seek) to the last
+    packet whose decode time is inside it (a frame shown inside the span is decoded before its end: dts <= pts)."""
+    check_span(span, stream_duration(container, stream))
+    container.seek(to_pts(stream, span[0]), stream=stream, backward=True, any_frame=False)
+    end_pts = to_pts(stream, span[1])
+    packets = []
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            continue
+        if packet.dts is not None and packet.dts >= end_pts:
+            break
+        packets.append(packet)
+    return packets
+
+
+def _in_span(stream, pts: int, span: Span | None) -> bool:
+    return span is None or span[0] <= float(pts_seconds(stream, pts)) < span[1]  # as a manifest writes times
+
+
+def _decode_pyav(media: Media, num_frames: int, size: int, mode: Mode, rng, span: Span | None = None) -> np.ndarray:
     av = _pyav()
     if av is None:  # not a property of this file: stop the job with what to do
         raise RuntimeError("data.video.decoder=pyav needs PyAV (pip install av); or set data.video.decoder=decord")
@@ -111,15 +135,20 @@ def _decode_pyav(media: Media, num_frames: int, size: int, mode: Mode, rng) -> n
             stream = container.streams.video[0]
             codec = stream.codec_context
             codec.thread_count = 1  # one Ray Data task per CPU: threads would only contend
-            packets = [p for p in container.demux(stream) if p.size > 0]
-            listed = stream.frames  # the container's index (0 where it has none, e.g. WebM)
-            if listed and len(packets) < listed - 2:  # a little slack for edit lists and empty packets
-                raise DecodeError(
-                    f"video is truncated: its index lists {listed} frames but only {len(packets)} are in the file"
-                )
+            if span is None:
+                packets = [p for p in container.demux(stream) if p.size > 0]
+                listed = stream.frames  # the container's index (0 where it has none, e.g. WebM)
+                if listed and len(packets) < listed - 2:  # a little slack for edit lists and empty packets
+                    raise DecodeError(
+                        f"video is truncated: its index lists {listed} frames but only {len(packets)} are in the file"
+                    )
+            else:
+                packets = _span_packets(container, stream, span)
             if any(p.pts is None for p in packets):
-                return _decode_decord(media, num_frames, size, mode, rng)  # no timestamps to find frames by
-            timeline = sorted(p.pts for p in packets)  # presentation order
+                return _decode_decord(media, num_frames, size, mode, rng, span)  # no timestamps to find frames by
+            timeline = sorted(p.pts for p in packets if _in_span(stream, p.pts, span))  # presentation order
+            if not timeline:
+                raise DecodeError(f"span {span[0]:g}-{span[1]:g} s holds no frame of the video")
             wanted = [timeline[i] for i in segment_indices(len(timeline), num_frames, mode, rng)]
             targets = set(wanted)
             width, height = _scaled(codec.width, codec.height, size)
@@ -145,8 +174,15 @@ def _decode_pyav(media: Media, num_frames: int, size: int, mode: Mode, rng) -> n
     return _crop(np.stack([got[pts] for pts in wanted]), size)
 
 
-def _read_decord(reader: VideoReader, num_frames: int, mode: Mode, rng) -> np.ndarray:
-    return reader.get_batch(list(segment_indices(len(reader), num_frames, mode, rng))).asnumpy()  # [N, H, W, 3]
+def _read_decord(reader: VideoReader, num_frames: int, mode: Mode, rng, span: Span | None = None) -> np.ndarray:
+    if span is None:
+        return reader.get_batch(list(segment_indices(len(reader), num_frames, mode, rng))).asnumpy()  # [N, H, W, 3]
+    starts = reader.get_frame_timestamp(range(len(reader)))[:, 0]
+    check_span(span, float(reader.get_frame_timestamp(len(reader) - 1)[1]) if len(reader) else None)
+    inside = np.flatnonzero((starts >= span[0]) & (starts < span[1]))
+    if not inside.size:
+        raise DecodeError(f"span {span[0]:g}-{span[1]:g} s holds no frame of the video")
+    return reader.get_batch(list(inside[segment_indices(inside.size, num_frames, mode, rng)])).asnumpy()
 
 
 def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -155,19 +191,19 @@ def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _decode_decord(media: Media, num_frames: int, size: int, mode: Mode, rng) -> np.ndarray:
+def _decode_decord(media: Media, num_frames: int, size: int, mode: Mode, rng, span: Span | None = None) -> np.ndarray:
     width, height = _scaled(*probe_size(media), size)
     try:
         try:
             reader = VideoReader(reader_input(media), ctx=cpu(0), width=width, height=height, num_threads=1)
-            frames = _read_decord(reader, num_frames, mode, rng)
+            frames = _read_decord(reader, num_frames, mode, rng, span)
         except _DECORD_ERRORS as e:
             if "must exactly match" not in str(e):
                 raise
             # decord's scaler mis-sizes some small outputs (e.g. 16, 24, 48 px wide): decode at the native size
             # and resize here instead.
             reader = VideoReader(reader_input(media), ctx=cpu(0), num_threads=1)
-            frames = _resize(_read_decord(reader, num_frames, mode, rng), width, height)
+            frames = _resize(_read_decord(reader, num_frames, mode, rng, span), width, height)
     except _DECORD_ERRORS as e:
         raise _undecodable(e) from None
     return _crop(frames, size)
@@ -180,12 +216,13 @@ def decode_video(
     mode: Mode,
     rng: np.random.Generator | None = None,
     decoder: str = "pyav",
+    span: Span | None = None,
 ) -> np.ndarray:
-    """uint8 [num_frames, 3, size, size] from a local path, a storage URI, or a clip's bytes (see load_media).
-    Raises DecodeError with the reason for any file it cannot use."""
+    """uint8 [num_frames, 3, size, size] from a local path, a storage URI, or a clip's bytes (see load_media), of
+    the whole video or of a span of it. Raises DecodeError with the reason for any file it cannot use."""
     media = load_media(source, "video")
     if decoder == "pyav":
-        return _decode_pyav(media, num_frames, size, mode, rng)
+        return _decode_pyav(media, num_frames, size, mode, rng, span)
     if decoder == "decord":
-        return _decode_decord(media, num_frames, size, mode, rng)
+        return _decode_decord(media, num_frames, size, mode, rng, span)
     raise ValueError(f"unknown video decoder {decoder!r}: use one of {', '.join(DECODERS)} (data.video.decoder)")

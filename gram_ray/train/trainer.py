@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -25,9 +26,10 @@ from gram_ray import storage
 from gram_ray.config import GramConfig, save_config
 from gram_ray.data.collate import Collate
 from gram_ray.data.manifest import read_annotations, resolve_media
+from gram_ray.data.packed import PACKED
 from gram_ray.data.parquet_layout import read_cache
 from gram_ray.data.preprocess import REPORT, SHARDS, build_dataset, preprocess
-from gram_ray.data.schema import ID
+from gram_ray.data.schema import CAPTIONS, ID
 from gram_ray.data.text import build_word_vocab
 from gram_ray.model.checkpoint import load_checkpoint
 from gram_ray.train.console import (
@@ -90,21 +92,44 @@ def decode_caches(cfg: GramConfig, layout: RunLayout, log=print) -> int | None:
     """Decode (or reuse) the Parquet caches of the train and val splits; returns the train rows written
     (None when the train split is decoded on the fly instead)."""
     d = cfg.data
-    video_dir = d.video_dir if d.video.format == "none" else _require(d.video_dir, "data.video_dir")
     train_rows = None
     if not d.decode_on_the_fly:
         train_ann = _require(d.train_annotations, "data.train_annotations")
         report = preprocess(
-            train_ann, video_dir, layout.cache("train"), d, audio_dir=d.audio_dir, mode="train", log=log
+            train_ann, d.video_dir, layout.cache("train"), d, mode="train", **_split_options(cfg, d.source, log)
         )
         train_rows = report["rows_written"]
     if d.val_annotations:
         val_data = d.model_copy(deep=True)
         val_data.video.num_frames = d.video.eval_num_frames or d.video.num_frames
+        val_data.source = d.val_source or d.source
         preprocess(
-            d.val_annotations, video_dir, layout.cache("val"), val_data, audio_dir=d.audio_dir, mode="eval", log=log
+            d.val_annotations,
+            d.video_dir,
+            layout.cache("val"),
+            val_data,
+            mode="eval",
+            **_split_options(cfg, val_data.source, log),
         )
     return train_rows
+
+
+def _split_options(cfg: GramConfig, source, log) -> dict:
+    # A packed source's samples are read only by the decode tasks: whether to keep subtitles is the model's call.
+    subtitles = "subtitle" in cfg.model.modalities if source.kind in PACKED else None
+    return {"audio_dir": cfg.data.audio_dir, "log": log, "subtitles": subtitles}
+
+
+def _train_captions(cfg: GramConfig, layout: RunLayout) -> list[str]:
+    """Every caption of the train split, for a word vocabulary: from the manifest, or from the cache of a packed
+    source (whose captions only the decode tasks read)."""
+    d = cfg.data
+    if d.source.kind not in PACKED:
+        rows = read_annotations(d.train_annotations, d.source.fields, d.max_failure_share)
+        return [c for r in rows for c in r.captions]
+    fs, path = storage.resolve(storage.join(layout.cache("train"), SHARDS))
+    table = pq.read_table(path, filesystem=fs, columns=[CAPTIONS])
+    return [c for captions in table.column(CAPTIONS).to_pylist() for c in captions]
 
 
 def prepare_data(cfg: GramConfig, layout: RunLayout, log=print) -> TrainingData:
@@ -114,7 +139,7 @@ def prepare_data(cfg: GramConfig, layout: RunLayout, log=print) -> TrainingData:
     train_rows = decode_caches(cfg, layout, log)
     train_shards = None
     if train_rows is None:
-        rows = read_annotations(train_ann)
+        rows = read_annotations(train_ann, d.source.fields, d.max_failure_share)
         resolve_media(rows, d.video_dir, d.audio_dir, d.video.format)
         train = build_dataset(rows, d, mode="train")  # re-decoded, with new random frames, every epoch
         train_rows = len(rows)
@@ -128,7 +153,7 @@ def prepare_data(cfg: GramConfig, layout: RunLayout, log=print) -> TrainingData:
         val, _ = _maybe_materialize(read_cache(shards), shards, cfg, log)
     vocab = None
     if not (cfg.model.tokenizer or cfg.model.text.pretrained):
-        vocab = build_word_vocab(c for r in read_annotations(train_ann) for c in r.captions)
+        vocab = build_word_vocab(_train_captions(cfg, layout))
     return TrainingData(train, val, train_rows, vocab, train_shards)
 
 
