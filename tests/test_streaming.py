@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~2.5 min: in `make test-cluster`, so that `make test` stays under 25 minutes on 2 cores
 def test_a_cache_four_times_the_object_store_streams_every_clip_once_an_epoch_in_bounded_memory(tmp_path):
     out = tmp_path / "figures.json"
     done = subprocess.run(

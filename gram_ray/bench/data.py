@@ -293,16 +293,17 @@ def run_bench_data(
 def data_table(result: dict) -> str:
     """The bench data result as a text table."""
     rate = result["gpu_rate"]
+    width = max(22, *(len(name) for name in result["variants"]))
     lines = [
         f"bench data on {result['hardware']}: batches of {result['batch_size']}, {result['batches']} a pass, "
         f"median of {result['reps']} passes; CPU stages on one thread",
-        f"{'variant':<22} {'MB/clip':>8} {'read':>8} {'decode':>8} {'collate':>8} {'to dev':>8} "
+        f"{'variant':<{width}} {'MB/clip':>8} {'read':>8} {'decode':>8} {'collate':>8} {'to dev':>8} "
         f"{'CPU/core':>9} {'measured':>9} {'cores/GPU':>10}",
     ]
     for name, v in result["variants"].items():
         r = v["clips_per_s"]
         lines.append(
-            f"{name:<22} {v['stored_bytes_per_clip'] / 1e6:>8.3f} {r['read']:>8.0f} "
+            f"{name:<{width}} {v['stored_bytes_per_clip'] / 1e6:>8.3f} {r['read']:>8.0f} "
             f"{r['decode']:>8.0f} {r['collate']:>8.0f} {r['to_device']:>8.0f} "
             f"{v['cpu_clips_per_s_per_core']:>9.0f} {r['pipeline']:>9.0f} {v['cores_per_gpu']:>10.3g}"
         )

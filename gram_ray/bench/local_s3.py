@@ -22,7 +22,8 @@ from gram_ray.cluster.processes import stop_group, wait_until_up
 
 __all__ = ["LocalS3", "point_s3_at"]
 
-_REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/')
+# werkzeug's request line; statuses other than 200 (206 for a ranged read, 404) come wrapped in ANSI colours
+_REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/')
 
 
 def point_s3_at(port: int) -> None:

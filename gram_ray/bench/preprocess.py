@@ -170,6 +170,8 @@ def _two_node_ray() -> Callable[[], None]:
 
 
 def _run(name: str, start_ray, annotations: str, paths: dict, data: DataConfig, out: Path, progress) -> dict:
+    """One preprocessing run on a Ray of its own (start_ray), each decode worker watched. paths: where the media
+    are ("videos", "audios"; None for a source whose media are in its shards)."""
     from gram_ray.data.preprocess import preprocess
 
     stop = start_ray()
@@ -337,38 +339,19 @@ def bench_sources(
             prefix = f"{bucket}/{'files' if source == 'files' else 'wds'}"
             before = server.requests(prefix)
             progress(f"preprocessing from {source} in the bucket ...")
-            stop = _local_ray()
-            try:
-                with ProcessWatch() as watch, tempfile.TemporaryDirectory(dir=work, prefix="cache-") as out:
-                    report = preprocess_into(spec, videos, audios, d, Path(out), progress)
-            finally:
-                stop()
+            with tempfile.TemporaryDirectory(dir=work, prefix="cache-") as out:
+                result = _run(source, _local_ray, spec, {"videos": videos, "audios": audios}, d, Path(out), progress)
             asked = server.requests(prefix) - before
-            result = {
-                "source": source,
-                "clips": report["rows_total"],
-                "written": report["rows_written"],
-                "seconds": report["wall_seconds"],
-                "clips_per_s": report["clips_per_second"],
+            result |= {
+                "source": result.pop("run"),
                 "requests": dict(asked),
-                "requests_per_clip": sum(asked.values()) / max(report["rows_total"], 1),
-            } | watch.summary()
-            progress(
-                f"  {source}: {result['clips_per_s']:.1f} clips/s, {result['requests_per_clip']:.3f} requests a "
-                f"clip, peak {result['max_worker_peak_rss_mb']} MB a decode worker"
-            )
+                "requests_per_clip": sum(asked.values()) / max(result["clips"], 1),
+            }
+            progress(f"  {source}: {result['requests_per_clip']:.3f} requests a clip")
             runs.append(result)
     finally:
         server.stop()
     return {"clips": clips, "clips_per_shard": clips_per_shard, "cpu_cores": os.cpu_count(), "runs": runs}
-
-
-def preprocess_into(spec: str, videos, audios, data: DataConfig, out: Path, progress) -> dict:
-    from gram_ray.data.preprocess import preprocess
-
-    return preprocess(
-        spec, videos, out, data, audio_dir=audios, mode="train", force=True, log=lambda line: progress(f"    {line}")
-    )
 
 
 def sources_table(result: dict) -> str:

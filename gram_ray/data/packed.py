@@ -37,6 +37,7 @@ __all__ = ["PACKED", "ShardError", "expand_braces", "shard_uris", "tar_clips", "
 SHARD_SUFFIXES = {"webdataset": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",)}
 PACKED = tuple(SHARD_SUFFIXES)  # the data.source kinds whose media are inside the shards
 _MB = 2**20
+READ_BUFFER = 8 * _MB  # a shard is read from storage in requests of this size
 
 
 class ShardError(Exception):
@@ -195,7 +196,11 @@ def tar_clips(uri: str, source: SourceConfig) -> Iterator[ClipInput]:
     member = last = dotted_seen = None
     try:
         size = fs.get_file_info(path).size
-        with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        # Read through a buffer: tarfile asks for 10 KB at a time, each a ranged GET from a bucket otherwise.
+        with (
+            fs.open_input_stream(path, buffer_size=READ_BUFFER) as stream,
+            tarfile.open(fileobj=stream, mode="r|*") as tar,
+        ):
             while (member := tar.next()) is not None:
                 last = member
                 tar.members.clear()  # the stream reader would otherwise keep every member's header
