@@ -182,12 +182,18 @@ def test_tar_samples_and_their_reasons(tmp_path):
         + [("000000003.5.mp4", video)]  # a dot inside the key
         + [("000000004.mp4", b"\x01" * 3 * 2**20), ("000000004.txt", b"big")]
         + [("000000005.jpg", b"thumbnail")]  # an extension nobody asked for: ignored
+        + [("000000006.mp4", video), ("000000007.mp4", video), ("000000006.txt", b"late"), ("000000006.json", b"{}")]
     )
     (tmp_path / "s.tar").write_bytes(tar_bytes(members))
     source = SourceConfig(kind="webdataset", max_member_mb=2)
     clips = list(tar_clips(str(tmp_path / "s.tar"), source))
-    assert [c.id for c in clips] == ["000000000", "000000001", "000000002", "000000003.5", "000000004"]
-    a, failed, txt, dotted, big = clips
+    assert [c.id for c in clips] == [*(f"00000000{i}" for i in range(3)), "000000003.5", "000000004"] + [
+        "000000006",  # its mp4 alone (its txt and json come later): no caption
+        "000000007",
+        "000000006",  # met again after 000000007: counted once, its members not used
+    ]
+    a, failed, txt, dotted, big, alone, _, again = clips
+    assert alone.error.startswith("no caption") and again.error.startswith("members not adjacent: key '000000006'")
     assert (a.captions, a.video, a.audio, a.error) == (["a0"], video, b"m4a", None)  # its json's caption
     assert failed.error == "download status failed_to_download: HTTP 404"
     assert (txt.captions, txt.audio, txt.error) == (["only a txt"], None, None)

@@ -194,6 +194,8 @@ def tar_clips(uri: str, source: SourceConfig) -> Iterator[ClipInput]:
     fs, path = storage.resolve(uri)
     key, members = None, {}
     member = last = dotted_seen = None
+    seen: set[str] = set()  # the keys already yielded: a key's members must be adjacent
+    split = None
     try:
         size = fs.get_file_info(path).size
         # Read through a buffer: tarfile asks for 10 KB at a time, each a ranged GET from a bucket otherwise.
@@ -228,10 +230,22 @@ def tar_clips(uri: str, source: SourceConfig) -> Iterator[ClipInput]:
                         )
                     continue
                 sample_key = posixpath.join(folder, stem)
+                if sample_key == split:  # the rest of a key met again (below): not used
+                    continue
                 if sample_key != key:
                     if key is not None:
                         yield _sample(key, members, source, shard)
-                    key, members = sample_key, {}
+                        seen.add(key)
+                    key, members, split = sample_key, {}, None
+                    if key in seen:  # WebDataset wants a sample's members adjacent: this one is split
+                        yield ClipInput(
+                            key,
+                            [],
+                            error=f"members not adjacent: key {key!r} of {shard} comes again after other keys "
+                            "(re-create the tar with its members sorted by name, e.g. tar --sort=name)",
+                        )
+                        key, split = None, key
+                        continue
                 if ext in media_exts and member.size > limit:
                     members[ext] = (
                         f"member {member.name} is {member.size / _MB:.0f} MB, more than data.source.max_member_mb "
