@@ -481,3 +481,18 @@ def test_the_source_configs_keep_grams_settings():
     assert vast.data.source.fields.captions == ["vast_cap"] and vast.data.source.fields.id == "clip_id"
     with pytest.raises(ValueError, match="decoded into a cache once"):
         load_config(configs / "webvid-v2d.yaml", ["data.decode_on_the_fly=true"])
+
+
+@pytest.mark.ray
+def test_a_manifest_chunk_of_exactly_a_parts_size_is_written_once(synth_small, ray_session, tmp_path):
+    """With data.shard_mb so small that a part is one clip, every chunk of the plan is exactly a part: each clip
+    must still be in the cache once (a second write of the chunk's file must not replace it with nothing)."""
+    from gram_ray.data.preprocess import preprocess
+
+    data = _small()
+    data.shard_mb = 0.001
+    report = preprocess(
+        synth_small["val"], synth_small["videos"], tmp_path / "c", data, audio_dir=synth_small["audios"]
+    )
+    rows = _rows(str(tmp_path / "c"))
+    assert report["shards"] == report["rows_written"] == len(rows) == 8

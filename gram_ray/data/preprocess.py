@@ -336,7 +336,7 @@ def write_piece(item: dict, data: DataConfig, mode: Mode, out: str, key: str, su
         for clip in _piece_clips(item, data):
             clips += 1
             part.decode(clip, clip_rng(clip.id) if mode == "train" else None)
-            if len(part) >= per_part:
+            if packed and len(part) >= per_part:  # a manifest chunk is one file, sized by the plan
                 flush()
     except ShardError as e:  # not a tar, cut off mid-member: the clips before it are kept, the shard counted once
         clips += 1
