@@ -76,8 +76,19 @@ def _text_list(value) -> list[str]:
     return [str(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
 
 
-def _span(start, end) -> tuple[float, float] | None:
-    return (float(start), float(end)) if end is not None and float(end) >= 0 else None
+def _manifest_clip(item: dict) -> ClipInput:
+    """A manifest item (_manifest_items' shape: a dict, or one row of a numpy batch of them) as a ClipInput. A batch
+    written before spans and errors existed has neither key."""
+    end = item.get("end")
+    return ClipInput(
+        str(item["id"]),
+        _text_list(item["captions"]),
+        subtitle=str(item["subtitle"] or ""),
+        video=str(item["video_path"]) or None,
+        audio=str(item["audio_path"]) or None,
+        span=(float(item["start"]), float(end)) if end is not None and float(end) >= 0 else None,
+        error=str(item.get("error") or "") or None,
+    )
 
 
 def decode_rows(batch: dict, data: DataConfig, mode: Mode, seeded: bool = False) -> tuple[dict, list[dict]]:
@@ -86,16 +97,8 @@ def decode_rows(batch: dict, data: DataConfig, mode: Mode, seeded: bool = False)
     left out with data.video.format none, the audio columns with data.audio.format none."""
     fresh = np.random.default_rng() if mode == "train" else None
     out = ClipColumns(data, mode)
-    for i, media_id in enumerate(batch["id"]):
-        clip = ClipInput(
-            str(media_id),
-            _text_list(batch["captions"][i]),
-            subtitle=str(batch["subtitle"][i] or ""),
-            video=str(batch["video_path"][i]) or None,
-            audio=str(batch["audio_path"][i]) or None,
-            span=_span(batch["start"][i], batch["end"][i]) if "end" in batch else None,
-            error=(str(batch["error"][i]) or None) if "error" in batch else None,
-        )
+    for i in range(len(batch["id"])):
+        clip = _manifest_clip({k: v[i] for k, v in batch.items()})
         out.decode(clip, clip_rng(clip.id) if seeded and mode == "train" else fresh)
     return out.columns(), out.failures
 
@@ -297,16 +300,7 @@ def _write_part(columns: ClipColumns, out: str, name: str, subtitles: bool) -> i
 def _piece_clips(item: dict, data: DataConfig):
     """The clips of one piece of work: a chunk of manifest rows, or one shard file of a packed source."""
     if "rows" in item:
-        for it in json.loads(item["rows"]):
-            yield ClipInput(
-                it["id"],
-                it["captions"],
-                subtitle=it["subtitle"],
-                video=it["video_path"] or None,
-                audio=it["audio_path"] or None,
-                span=_span(it["start"], it["end"]),
-                error=it["error"] or None,
-            )
+        yield from map(_manifest_clip, json.loads(item["rows"]))
     elif data.source.kind == "webdataset":
         yield from tar_clips(item["uri"], data.source)
     else:
