@@ -30,6 +30,7 @@ __all__ = [
     "EvalSection",
     "ScalingSection",
     "RunSection",
+    "StorageSection",
     "WandbConfig",
     "TuneSection",
     "GramConfig",
@@ -230,6 +231,12 @@ class DataConfig(_Section):
         "auto",
         description="keep the decoded train/val data in Ray's object store instead of re-reading Parquet every "
         "epoch; auto: when the cache takes less than a quarter of the object store",
+    )
+    preserve_order: bool = Field(
+        False,
+        description="hand the workers their batches in the same order every run (Ray Data's preserve_order): a "
+        "run then repeats bit for bit on the same hardware and world size, whatever the timing of reads (a slow or "
+        "retried read holds back the blocks after it); off, blocks go to training as they are ready",
     )
     # Where a training run finds its data (preprocessed into cache_dir/<split> on first use): what
     # data.source.kind reads (annotation files, manifests, tar shards or Parquet files).
@@ -507,6 +514,39 @@ class RunSection(_Section):
     storage_path: str | None = Field(None, description="local path or s3:// / gs:// URI; default <output>/ray")
 
 
+class StorageSection(_Section):
+    """How hard every process of a job tries storage before a fault ends it (gram_ray/storage.py). Unset keys come
+    from the environment as AWS tools read it (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE; GRAM_RAY_STORAGE_*), else the
+    defaults, chosen so a training run rides out a storage outage of up to two minutes (docs/faults.md)."""
+
+    max_attempts: int | None = Field(
+        None, ge=1, description="tries of one request, the first included (AWS_MAX_ATTEMPTS; default 5)"
+    )
+    retry_mode: Literal["standard", "legacy", "adaptive"] | None = Field(
+        None,
+        description="the AWS SDK's backoff between tries (AWS_RETRY_MODE; default standard: random, doubling up to "
+        "20 s; legacy: 25 ms doubling; adaptive reads as standard, pyarrow has no client-side rate limiting)",
+    )
+    connect_timeout_s: float | None = Field(None, gt=0, description="default 10")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="a response silent for this long is a failed try (default 60)"
+    )
+    outage_s: float | None = Field(
+        None,
+        ge=0,
+        description="how long one read, write or upload keeps trying past max_attempts before the job ends with an "
+        "error naming the object (default 120)",
+    )
+
+    def settings(self):
+        """The StorageSettings of this config: its keys, then the environment's, then the defaults."""
+        from dataclasses import replace
+
+        from gram_ray.storage import StorageSettings
+
+        return replace(StorageSettings.from_env(), **{k: v for k, v in self.model_dump().items() if v is not None})
+
+
 class WandbConfig(_Section):
     enabled: bool = True
     project: str = "gram-ray"
@@ -562,6 +602,7 @@ class GramConfig(_Section):
     eval: EvalSection = EvalSection()
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
+    storage: StorageSection = StorageSection()
     wandb: WandbConfig = WandbConfig()
     tune: TuneSection = TuneSection()
 

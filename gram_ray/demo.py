@@ -66,7 +66,13 @@ def plot_curves(metrics_path: Path, png: Path, main_metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    lines = [line for line in metrics_path.read_text().splitlines() if line]
+    if lines:  # the last line may have been cut off by a kill mid-append: every other line is whole
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    rows = [json.loads(line) for line in lines]
     train = [r for r in rows if "train/loss" in r and main_metric not in r]
     val = [r for r in rows if main_metric in r]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))

@@ -128,10 +128,14 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
 
     if resume:
         path = storage.join(tune_storage, SWEEP_NAME)
-        if not tune.Tuner.can_restore(path):
+        where = storage.run_storage(path)  # Tune's state through the storage settings' filesystem
+        inside, fs = where["storage_path"], where.get("storage_filesystem")
+        if not tune.Tuner.can_restore(inside, storage_filesystem=fs):
             raise ConfigError(f"no sweep to resume at {path}; run without --resume first")
         log(f"resuming the sweep in {path}: finished trials are kept, unfinished ones run")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(
+            inside, trainable=trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=fs
+        )
     else:
         log("decoding the data once for every trial ...")
         decode_caches(cfg, RunLayout.of(cfg, out), log=log)
@@ -165,7 +169,9 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
                 max_concurrent_trials=_max_concurrent(cfg),
             ),
             # gram-ray prints a line per trial step and evaluation; Tune's status table stays off the console.
-            run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=tune_storage, callbacks=callbacks, verbose=0),
+            run_config=tune.RunConfig(
+                name=SWEEP_NAME, **storage.run_storage(tune_storage), callbacks=callbacks, verbose=0
+            ),
         )
     results = run_with_progress(tuner.fit, progress, Console(log, main_metric=metric))
     write_outputs(results, cfg, metric, evaluations, out, log)

@@ -1,5 +1,5 @@
 """The training and data commands: synth, preprocess, train, tune, evaluate, index, search, evaluate-embeddings,
-demo, import-checkpoint. Registered on the `gram-ray` group by gram_ray/cli/__init__.py."""
+demo, import-checkpoint, storage uploads. Registered on the `gram-ray` group by gram_ray/cli/__init__.py."""
 
 from __future__ import annotations
 
@@ -352,7 +352,49 @@ def import_checkpoint(source, out, config_path, overrides, allow_partial) -> Non
         raise click.ClickException(str(e)) from None
 
 
+@click.group()
+def storage() -> None:
+    """Object storage housekeeping."""
+
+
+@storage.command("uploads")
+@click.argument("prefix")
+@click.option("--abort", is_flag=True, help="abort them (their parts are deleted)")
+@click.option(
+    "--older-than",
+    "older_than_h",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="only uploads begun this many hours ago or more (a live writer's upload is younger)",
+)
+def storage_uploads(prefix, abort, older_than_h) -> None:
+    """The unfinished multipart uploads under an s3:// PREFIX (left by killed writers, billed until aborted)."""
+    from datetime import timedelta
+
+    from gram_ray.uploads import abort_uploads, now, unfinished_uploads
+
+    try:
+        found = unfinished_uploads(prefix, begun_before=now() - timedelta(hours=older_than_h))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    for upload in found:
+        click.echo(
+            f"{upload.initiated:%Y-%m-%d %H:%M:%S}  {upload.parts:5d} parts  {upload.bytes / 1e6:10.1f} MB  "
+            + upload.uri
+        )
+    total = sum(u.bytes for u in found)
+    click.echo(
+        f"{len(found)} unfinished upload(s) under {prefix} begun over {older_than_h:g} h ago: "
+        f"{total / 1e6:.1f} MB of parts"
+    )
+    if abort and found:
+        freed = abort_uploads(found)
+        click.echo(f"aborted {len(found)} upload(s): {freed / 1e6:.1f} MB freed")
+
+
 COMMANDS = [
+    storage,
     synth,
     preprocess,
     train,

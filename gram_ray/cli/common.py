@@ -108,9 +108,15 @@ def training_failure(error: BaseException) -> str | None:
     non-finite steps, a checkpoint that could not be written, a config the loop refuses), or None for anything
     else."""
     from gram_ray.model.checkpoint import CheckpointWriteError
+    from gram_ray.storage import StorageError
     from gram_ray.train.loop import NonFiniteTrainingError
 
-    known = (NonFiniteTrainingError, CheckpointWriteError, ValueError)
+    known = (NonFiniteTrainingError, CheckpointWriteError, ValueError, StorageError)
+    controller = getattr(error, "controller_failure", None)  # Ray Train's controller: its checkpoint registry
+    while controller is not None and not isinstance(controller, StorageError):
+        controller = getattr(controller, "cause", None) or controller.__cause__
+    if controller is not None:
+        return f"training failed: Ray Train could not record the run's checkpoints: {controller}"
     failures = getattr(error, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
         cause = failure
@@ -223,9 +229,15 @@ VERBOSE_OPTION = click.option("--verbose", "-v", is_flag=True, help="also show R
 
 def config_from_options(config_path, overrides):
     """The config of --config (default: the built-in one) with --set applied; a bad one is a usage error."""
+    from gram_ray import storage
     from gram_ray.config import ConfigError, load_config
 
     try:
-        return load_config(config_path, overrides)
+        cfg = load_config(config_path, overrides)
+        # Before Ray starts: its workers inherit this process's environment, and FORWARDED_ENV carries it further.
+        storage.configure(cfg.storage.settings())
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
+    except ValueError as e:  # a bad AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or GRAM_RAY_STORAGE_* in the environment
+        raise click.UsageError(str(e)) from None
+    return cfg

@@ -90,7 +90,9 @@ def read_cache(shards: str, shuffle_seed: int | None = None, block_per_file: boo
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
         files = len(storage.list_files(shards, ".parquet")) if block_per_file else None
-        ds = ray.data.read_parquet(shards, shuffle=shuffle, override_num_blocks=files or None)
+        # A URI's filesystem goes with the read: its read tasks then use the storage settings (retries, timeouts).
+        fs, path = storage.resolve(shards) if storage.is_uri(shards) else (None, shards)
+        ds = ray.data.read_parquet(path, filesystem=fs, shuffle=shuffle, override_num_blocks=files or None)
     finally:
         context.use_datasource_v2 = previous
     return ds.map_batches(from_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)

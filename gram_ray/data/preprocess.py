@@ -45,6 +45,7 @@ from gram_ray.data.schema import (
     MODALITIES,
 )
 from gram_ray.data.video import Mode
+from gram_ray.uploads import abort_orphans_of_a_dead_run, now
 
 __all__ = [
     "PreprocessError",
@@ -255,8 +256,12 @@ def _os_error(error: BaseException) -> OSError | None:
 
 
 def _load_report(out: str) -> dict | None:
+    """The cache's report, or None when it has none (or one cut off: the cache is then not complete). Storage
+    that fails past its settings is an error, not a missing report (that would decode the whole cache again)."""
     try:
         return json.loads(storage.read_text(storage.join(out, REPORT)))
+    except storage.StorageError:
+        raise
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -439,6 +444,7 @@ def preprocess(
     report and keeping every shard written) when more than data.max_failure_share of the clips failed."""
     import ray.data
 
+    started = now()
     data = data or DataConfig()
     out = storage.absolute(out)
     shards, report_path, plan_path = (
@@ -476,6 +482,7 @@ def preprocess(
         reused = sum(done[i]["clips"] for i in done)
         if done:
             log(f"resuming: {len(done)} of {len(pieces)} shards ({reused} clips) were written by an earlier run")
+            abort_orphans_of_a_dead_run(out, started, log=log)  # the parts of the shards the earlier run was writing
         what = (
             f"{len(rows) - reused} clips" if rows is not None else f"the clips of {len(todo)} {data.source.kind} shards"
         )

@@ -1,4 +1,4 @@
-"""gram-ray's checkpoint format: one folder holding state.pt and config.yaml.
+"""gram-ray's checkpoint format: one folder holding state.pt, position.json, config.yaml and manifest.json.
 
 state.pt is a dict of tensors and plain values only (model and optimizer state, scheduler state, the position in
 training, the config as JSON-able values, the word vocabulary), so it loads with `weights_only=True`: a
@@ -7,6 +7,11 @@ checkpoint from elsewhere cannot run code when it is opened.
 Position in training: `step` (optimizer steps taken), `epoch` (the epoch the checkpoint was taken in),
 `epoch_complete` (False for a checkpoint taken mid-epoch), and `consumed_ids` (mid-epoch: the clips every rank
 has already trained on in that epoch, so a resumed run trains on exactly the rest).
+
+manifest.json, written (and uploaded) last, names every other file of the folder with its size: a folder whose
+manifest is missing, or whose files are not all there at their sizes, is not a whole checkpoint (a kill or a
+storage outage cut its writing off). Hashes are left out: a 15 GB state.pt would take a minute to hash at every
+checkpoint, and a cut-off upload never completes an object of the full size.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class CheckpointWriteError(OSError):
 __all__ = [
     "STATE_FILE",
     "POSITION_FILE",
+    "MANIFEST_FILE",
     "CheckpointError",
     "CheckpointWriteError",
     "save_checkpoint",
@@ -37,12 +43,15 @@ __all__ = [
     "load_checkpoint",
     "init_weights",
     "is_checkpoint",
+    "upload_checkpoint",
+    "manifest_problem",
     "model_from_state",
     "upgrade_state",
 ]
 
 STATE_FILE = "state.pt"
 POSITION_FILE = "position.json"  # where in training the checkpoint was taken, readable without the weights
+MANIFEST_FILE = "manifest.json"  # the folder's files and sizes, written last
 
 
 def save_checkpoint(
@@ -90,7 +99,7 @@ def write_checkpoint(directory: str | Path, state: dict, cfg: GramConfig) -> Non
         with tempfile.TemporaryDirectory(prefix="gram-ray-checkpoint-") as tmp:
             write_checkpoint(Path(tmp), state, cfg)
             try:
-                storage.upload_dir(tmp, directory)
+                storage.upload_dir(tmp, directory, last=(MANIFEST_FILE,))
             except OSError as e:
                 raise CheckpointWriteError(f"uploading the checkpoint to {directory} failed: {e}") from e
         return
@@ -105,9 +114,35 @@ def write_checkpoint(directory: str | Path, state: dict, cfg: GramConfig) -> Non
         position = {k: state.get(k) for k in kept}
         (directory / POSITION_FILE).write_text(json.dumps(position))
         partial.replace(directory / STATE_FILE)
+        sizes = {name: (directory / name).stat().st_size for name in (STATE_FILE, POSITION_FILE, "config.yaml")}
+        (directory / MANIFEST_FILE).write_text(json.dumps({"files": sizes}))
     except OSError as e:
         partial.unlink(missing_ok=True)
         raise CheckpointWriteError(f"writing the checkpoint {directory} failed: {e}") from e
+
+
+def upload_checkpoint(local: Path, fs, dest: str, target: str) -> None:
+    """Copy a checkpoint folder written by write_checkpoint to dest on fs (Ray Train's storage filesystem), its
+    manifest last, each file with the storage settings' retries; target: the folder's URI or path, for messages."""
+    storage.copy_files_to(Path(local), fs, dest, last=(MANIFEST_FILE,), target=target)
+
+
+def manifest_problem(directory: str | Path) -> str | None:
+    """Why a checkpoint folder is not whole by its manifest (None when it is): the manifest is missing or cut off,
+    or a file it names is missing or of another size. One listing and one small read."""
+    infos = storage.file_infos(directory)
+    if MANIFEST_FILE not in infos:
+        return f"it has no {MANIFEST_FILE} (written last: the checkpoint's writing was cut off)"
+    try:
+        files = json.loads(storage.read_text(storage.join(directory, MANIFEST_FILE)))["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"its {MANIFEST_FILE} is cut off or not gram-ray's"
+    for name, size in files.items():
+        if name not in infos:
+            return f"{name}, named in its {MANIFEST_FILE}, is missing"
+        if infos[name].size != size:
+            return f"{name} holds {infos[name].size} bytes, its {MANIFEST_FILE} says {size}"
+    return None
 
 
 def is_checkpoint(directory: str | Path) -> bool:

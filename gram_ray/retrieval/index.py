@@ -1,7 +1,8 @@
 """The search index on storage: what `gram-ray index` writes and `gram-ray search` reads.
 
 Layout (a local folder or a storage URI):
-  <index>/index.json             format, the checkpoint it was built with, modalities, dtype, and its sources
+  <index>/index.json             format, the checkpoint it was built with, modalities, dtype, its sources, and
+                                 whether it is complete (false while a build runs; true, written last, at its end)
   <index>/shards/<source>-<cache file>.parquet   one shard per cache file: per clip its id, captions, each
                                  modality's L2-normalised embedding, the caption embeddings, the orthonormal basis
                                  of its non-text modalities' span and that span's squared volume (what search's
@@ -287,6 +288,7 @@ def build_index(
             }
         )
         source = len(meta["sources"]) - 1
+    meta["complete"] = False  # until every cache file is indexed: search refuses the index meanwhile
     storage.write_text(storage.join(out, INDEX_FILE), json.dumps(meta, indent=2))
 
     cache_files = storage.list_files(shards_dir, ".parquet")
@@ -342,6 +344,7 @@ def build_index(
     for i, s in enumerate(meta["sources"]):
         s["clips"] = counts.get(i, 0)
     meta["clips"] = sum(counts.values())
+    meta["complete"] = True  # written last: every shard is whole and recorded
     storage.write_text(storage.join(out, INDEX_FILE), json.dumps(meta, indent=2))
     log(
         f"index {out}: {meta['clips']} clips from {len(meta['sources'])} source(s) "
@@ -378,6 +381,11 @@ def load_index(index_dir: str | Path) -> LoadedIndex:
         )
     if meta.get("format") != FORMAT:
         raise SearchIndexError(f"{index_dir} is index format {meta.get('format')}; this gram-ray reads format {FORMAT}")
+    if meta.get("complete") is False:  # indexes built before the flag existed have none: they were whole
+        raise SearchIndexError(
+            f"{index_dir} is not complete: its build is running or was stopped (killed, or storage failed); run "
+            "the same `gram-ray index` again to finish it (the shards already written are kept)"
+        )
     paths = sorted(storage.list_files(storage.join(index_dir, SHARDS), ".parquet"))
     if not paths:
         raise SearchIndexError(f"{index_dir} holds no clips yet (no shards): run `gram-ray index` to its end")

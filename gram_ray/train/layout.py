@@ -51,7 +51,6 @@ class RunLayout:
     def write_result(self, name: str, text: str) -> None:
         """A result file in the output folder, and beside the checkpoints on shared storage (the driver's folder
         may be gone with the head node)."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / name).write_text(text)
+        storage.write_text(self.output_dir / name, text)  # written beside and renamed: never read cut off
         if self.shared:
             storage.write_text(storage.join(self.run_root, name), text)

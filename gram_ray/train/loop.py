@@ -30,6 +30,7 @@ from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, i
 from gram_ray.model.checkpoint import CheckpointWriteError, init_weights, save_checkpoint
 from gram_ray.model.gram import GramModel, build_model
 from gram_ray.retrieval.metrics import evaluate_embeddings
+from gram_ray.storage import StorageError
 from gram_ray.train.sharding import as_local, gathered_state, load_optimizer_state, micro_batch_sync, whole_weights
 from gram_ray.train.step_timer import StepTimer
 from gram_ray.train.world import derive_seed
@@ -367,7 +368,12 @@ def run_training(
                 f"step {step}: the checkpoint could not be written or stored ({e}). Training stopped here; the "
                 f"checkpoints written before it are untouched"
                 + (f" (the last at step {previous_checkpoint_step})" if previous_checkpoint_step is not None else "")
-                + ". Free space or fix the storage's permissions, then continue with gram-ray train --resume auto."
+                + (
+                    "."  # a StorageError says what to do
+                    if isinstance(e, StorageError)
+                    else ". Free space or fix the storage's permissions, then continue with gram-ray train "
+                    "--resume auto."
+                )
             ) from e
 
     def _save_and_report(metrics, epoch, consumed, all_consumed, rng_states, model_state, optimizer_state) -> None:

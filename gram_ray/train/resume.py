@@ -4,7 +4,8 @@ Ray Train V2 writes each checkpoint folder into the run's storage (<storage_path
 and only then registers it in checkpoint_manager_snapshot.json beside them; a driver killed mid-upload leaves a
 folder that was never registered, possibly with a truncated state.pt. So the candidates are the registered
 checkpoints, newest first (or, before the first registration, every checkpoint folder by its time-stamped name),
-and each is taken only if its state.pt is whole: a PyTorch checkpoint is a zip file whose central directory is
+and each is taken only if its manifest.json (uploaded last) names files all there at their sizes, and its
+state.pt is whole: a PyTorch checkpoint is a zip file whose central directory is
 written last, so reading that directory (a few KB at the end, also from cloud storage) tells a finished file from
 a cut-off one without reading the weights.
 """
@@ -17,7 +18,7 @@ import zipfile
 import pyarrow.fs as pafs
 
 from gram_ray import storage
-from gram_ray.model.checkpoint import POSITION_FILE, STATE_FILE, load_checkpoint
+from gram_ray.model.checkpoint import MANIFEST_FILE, POSITION_FILE, STATE_FILE, load_checkpoint, manifest_problem
 
 __all__ = ["SNAPSHOT", "checkpoint_is_whole", "latest_checkpoint", "latest_registered", "position"]
 
@@ -25,7 +26,11 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the ch
 
 
 def checkpoint_is_whole(folder: str) -> bool:
-    """Whether folder/state.pt is a complete PyTorch checkpoint file (its zip directory reads)."""
+    """Whether a checkpoint folder is whole: its manifest's files all there at their sizes (checkpoints written
+    before manifests existed: none), and its state.pt a complete PyTorch checkpoint file (its zip directory
+    reads)."""
+    if storage.exists(storage.join(folder, MANIFEST_FILE)) and manifest_problem(folder) is not None:
+        return False
     path = storage.join(folder, STATE_FILE)
     fs, p = storage.resolve(path)
     if fs.get_file_info(p).type != pafs.FileType.File:
@@ -62,7 +67,9 @@ def latest_checkpoint(run_root: str, log=print) -> str | None:
         folder = storage.join(run_root, name)
         if checkpoint_is_whole(folder):
             return folder
-        log(f"passing over {folder}: its {STATE_FILE} is missing or incomplete (written when the run was killed?)")
+        why = manifest_problem(folder) if storage.exists(storage.join(folder, MANIFEST_FILE)) else None
+        why = why or f"its {STATE_FILE} is missing or incomplete"
+        log(f"passing over {folder}: {why} (written when the run was killed, or storage failed?)")
     return None
 
 

@@ -31,7 +31,7 @@ from gram_ray.data.parquet_layout import read_cache
 from gram_ray.data.preprocess import REPORT, SHARDS, build_dataset, preprocess
 from gram_ray.data.schema import CAPTIONS, ID
 from gram_ray.data.text import build_word_vocab
-from gram_ray.model.checkpoint import load_checkpoint
+from gram_ray.model.checkpoint import load_checkpoint, upload_checkpoint
 from gram_ray.train.console import (
     NOTE,
     RESTARTED,
@@ -47,6 +47,7 @@ from gram_ray.train.layout import RunLayout
 from gram_ray.train.loop import main_metric_name, run_training
 from gram_ray.train.resume import latest_checkpoint, latest_registered, position
 from gram_ray.train.world import WorldPlan, plan_for_world
+from gram_ray.uploads import abort_orphans_of_a_dead_run, now
 
 __all__ = [
     "TrainingData",
@@ -317,6 +318,20 @@ def _restart_note(resume: dict, world: int) -> str:
     )
 
 
+def _upload_checkpoint(checkpoint, dir_name: str):
+    """Ray Train's checkpoint_upload_fn: the checkpoint folder into the run's storage, file by file with the storage
+    settings' retries (an outage shorter than storage.outage_s delays the run, no more) and its manifest last, in
+    place of Ray's one copy_files with pyarrow's attempts alone. Ray Train registers it once this returns."""
+    import ray.train
+
+    context = ray.train.get_context().get_storage()
+    fs, dest = context.storage_filesystem, context.build_checkpoint_path_from_name(dir_name)
+    inner = storage.unwrapped(fs)
+    target = f"{inner.type_name}://{dest}" if inner.type_name != "local" else dest  # for messages: s3://bucket/...
+    upload_checkpoint(Path(checkpoint.path), inner, dest, target=target)
+    return ray.train.Checkpoint(filesystem=fs, path=dest)  # Ray Train's own filesystem: a checkpoint it manages
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: config = {"cfg": GramConfig as a dict, "vocab": [...] | None, "train_rows": int
     (clips of the train split), "output_dir": str, "progress": a ray.util.queue.Queue or None, "source": a label
@@ -329,6 +344,7 @@ def train_loop_per_worker(config: dict) -> None:
     from gram_ray.tracking import Tracker
 
     cfg = GramConfig.model_validate(config["cfg"])
+    storage.configure(cfg.storage.settings())  # this worker's own reads and writes (a node's environment may differ)
     vocab = config.get("vocab")
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers write to logs, not terminals
     _quiet_ray_train_reports()
@@ -400,7 +416,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(dict(metrics) | where, checkpoint=ckpt)
+        ray.train.report(dict(metrics) | where, checkpoint=ckpt, checkpoint_upload_fn=_upload_checkpoint)
 
     try:
         run_training(
@@ -485,7 +501,7 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=layout.storage_path,
+            **storage.run_storage(layout.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=main_metric_name(cfg),
@@ -496,8 +512,19 @@ def build_trainer(
         ),
         # Only the train splits are sharded: sharding drops rows to equalise shards, and evaluation must see
         # every clip.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k != "val"]),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[k for k in datasets if k != "val"], execution_options=_ingest_options(cfg)
+        ),
     )
+
+
+def _ingest_options(cfg: GramConfig):
+    """Ray Data's options for the datasets handed to the workers: Ray Train's defaults, in order if asked."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = options.preserve_order or cfg.data.preserve_order
+    return options
 
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train hands it from the driver to its controller
@@ -526,6 +553,7 @@ def fit(
 ):
     """Prepare data, train with TorchTrainer, write <output>/result.json; returns (Ray Train Result, summary).
     With a console, progress lines are printed while it trains."""
+    started = now()
     layout = RunLayout.of(cfg, output_dir)
     layout.output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, layout.output_dir / "config.yaml")
@@ -541,6 +569,8 @@ def fit(
             f"{layout.run_root} already holds checkpoints of a run named {cfg.run.name!r} (latest: {existing}). "
             "--resume auto continues it; to start afresh, give another --out or run.name, or delete that folder."
         )
+    if resume_from is not None:  # the run it continues died: what it was uploading will never complete
+        abort_orphans_of_a_dead_run(layout.run_root, started, log=log)
     data = prepare_data(cfg, layout, log=log)
     s, epochs = cfg.scaling, cfg.train.epochs
     if s.elastic:

@@ -1,0 +1,222 @@
+"""Whole training runs with everything in a bucket behind the fault layer (tests/storage_faults.py), as a user
+runs them: `gram-ray train` in its own process, starting its own Ray, every process of it (driver, Ray Data tasks,
+the Train worker) reaching storage through the faults.
+
+- Transient faults (each kind, seeded, fewer in a row than the attempts allow) and a blip of every checkpoint
+  request for longer than the attempts, shorter than storage.outage_s: the run ends as the same run with no
+  faults does, checkpoint for checkpoint: same weights bit for bit (one worker on CPU, data.preserve_order: the
+  batches come in the same order however long a read took).
+- Storage gone for good at a checkpoint upload: the run ends within a bound with an error naming storage and the
+  object; the checkpoint before stays whole and registered, and `--resume auto` ends the run at its planned step.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from storage_faults import Fault, FaultyS3
+
+from gram_ray import storage
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+STEPS = 8  # 16 clips, 4 a step, 2 epochs
+SETTINGS = ["storage.max_attempts=4", "storage.request_timeout_s=3", "storage.connect_timeout_s=3"]
+
+
+def _config(tmp_path: Path, data: dict, runs: str, *extra: str) -> Path:
+    from tiny import synth_data, tiny_config
+
+    from gram_ray.config import save_config
+
+    cfg = tiny_config(
+        "run.name=faults",
+        f"run.storage_path={runs}",
+        "train.epochs=2",
+        "train.batch_size=4",
+        "train.checkpoint_every_steps=2",
+        "train.keep_checkpoints=100",
+        "scaling.num_workers=1",
+        "data.materialize=never",
+        "data.preserve_order=true",  # blocks in the same order whatever the reads' timing: the run repeats exactly
+        *SETTINGS,
+        *synth_data(data),
+        *extra,
+    )
+    path = tmp_path / f"{runs.rsplit('/', 1)[-1]}.yaml"
+    save_config(cfg, path)
+    return path
+
+
+def _train(config: Path, out: Path, proxy: FaultyS3, *args: str, timeout: float = 600) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "AWS_ENDPOINT_URL": proxy.endpoint,
+        "WANDB_MODE": "disabled",
+    }
+    command = [sys.executable, "-m", "gram_ray", "train", "--config", str(config), "--out", str(out), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(run: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    output, _ = run.communicate(timeout=timeout)
+    return run.returncode, output
+
+
+def _checkpoints(run_root: str) -> dict[int, dict]:
+    """{step: {"position", "model"}} of the run's checkpoints in the bucket."""
+    from gram_ray.model.checkpoint import load_checkpoint
+    from gram_ray.train.resume import checkpoint_is_whole, position
+
+    fs, path = storage.resolve(run_root)
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    folders = [
+        i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    ]
+    found = {}
+    for name in folders:
+        folder = storage.join(run_root, name)
+        assert checkpoint_is_whole(folder), folder
+        where = position(folder)
+        found[where["step"]] = {"position": where, "model": load_checkpoint(folder)["model"]}
+    return found
+
+
+def _when_registered(run_root: str, then, timeout: float = 300) -> threading.Thread:
+    """Call then() as soon as Ray Train has registered the run's first checkpoint (read straight from the S3
+    server, not through the fault layer: the test's own process talks to it directly)."""
+    from gram_ray.train.resume import SNAPSHOT
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if storage.read_json(storage.join(run_root, SNAPSHOT)).get("checkpoint_results"):
+                    then()
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _when(proxy: FaultyS3, key: str, then, timeout: float = 300) -> threading.Thread:
+    """Call then() as soon as the proxy has answered a request whose target matches key with a 200."""
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(e.outcome == "200" for e in proxy.entries(key=key)):
+                then()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_run_through_transient_faults_and_a_checkpoint_blip_ends_as_the_run_without_faults(s3, synth_small, tmp_path):
+    data = s3.upload_dataset(synth_small)
+    bucket = data["val"].split("/data/")[0]
+    proxy = FaultyS3(s3.port, seed=29)
+    try:
+        clean = _config(tmp_path, data, f"{bucket}/clean")
+        started = time.monotonic()
+        code, output = _finish(_train(clean, tmp_path / "clean", proxy))
+        clean_took = time.monotonic() - started
+        assert code == 0, output[-3000:]
+        clean_requests = len(proxy.entries(key="/clean/"))
+
+        faulty = _config(tmp_path, data, f"{bucket}/faulty", "storage.outage_s=40")
+        every = [Fault(kind, key="/faulty/", rate=0.01, stall_s=5) for kind in ("503", "500", "reset", "cut", "stall")]
+        proxy.add(*every)
+        blip = {}
+
+        def start_blip():  # every checkpoint request fails for 12 s: past 4 attempts (< 7 s), inside outage_s
+            blip["fault"] = proxy.outage("503", seconds=12, key=r"/faulty/faults/checkpoint_")
+            blip["end"] = time.monotonic() - proxy.started + 12
+
+        _when(proxy, r"/faulty/faults/checkpoint_.*/manifest\.json\?uploadId", start_blip)
+        started = time.monotonic()
+        code, output = _finish(_train(faulty, tmp_path / "faulty", proxy))
+        took = time.monotonic() - started
+        assert code == 0, output[-3000:]
+    finally:
+        proxy.stop()
+
+    injected = proxy.injected()
+    assert blip and blip["fault"].injected >= 4  # the blip outlasted a request's attempts at least once
+    # The blip's requests after its end went through: every upload it failed was tried again and completed.
+    assert [e for e in proxy.entries(key=r"/faulty/faults/checkpoint_") if e.t > blip["end"]]
+    assert sum(injected.values()) - blip["fault"].injected >= 5, injected
+    print(
+        f"\nclean run: {clean_took:.0f} s, {clean_requests} requests; faulty run: {took:.0f} s, "
+        f"{len(proxy.entries(key='/faulty/'))} requests, injected {dict(injected)} (the blip: {blip['fault'].injected})"
+    )
+
+    clean_result = json.loads((tmp_path / "clean" / "result.json").read_text())
+    faulty_result = json.loads((tmp_path / "faulty" / "result.json").read_text())
+    assert faulty_result["last_metrics"]["step"] == clean_result["last_metrics"]["step"] == STEPS
+    assert faulty_result["best_eval"] == clean_result["best_eval"]
+    for key in ("train/loss", "step", "epoch"):
+        assert faulty_result["last_metrics"][key] == clean_result["last_metrics"][key], key
+    clean_ckpts, faulty_ckpts = _checkpoints(f"{bucket}/clean/faults"), _checkpoints(f"{bucket}/faulty/faults")
+    assert sorted(clean_ckpts) == sorted(faulty_ckpts) == [2, 4, 6, 8]
+    for step, ckpt in clean_ckpts.items():
+        assert faulty_ckpts[step]["position"] == ckpt["position"]
+        for name, tensor in ckpt["model"].items():
+            assert torch.equal(faulty_ckpts[step]["model"][name], tensor), (step, name)
+
+
+def test_storage_gone_at_a_checkpoint_upload_ends_the_run_clearly_and_resume_auto_finishes_it(
+    s3, synth_small, tmp_path
+):
+    from gram_ray.train.resume import checkpoint_is_whole, latest_checkpoint
+
+    data = s3.upload_dataset(synth_small)
+    bucket = data["val"].split("/data/")[0]
+    run_root = f"{bucket}/gone/faults"
+    proxy = FaultyS3(s3.port, seed=29)
+    try:
+        config = _config(tmp_path, data, f"{bucket}/gone", "storage.max_attempts=2", "storage.outage_s=10")
+        outage = {}
+
+        def go_away():  # the first checkpoint is registered: from now on no checkpoint request is answered
+            outage["fault"] = proxy.outage("503", key=r"/gone/faults/checkpoint_")
+            outage["at"] = time.monotonic()
+
+        _when_registered(run_root, go_away)
+        code, output = _finish(_train(config, tmp_path / "out", proxy))
+        ended = time.monotonic()
+        assert code != 0 and outage, output[-3000:]
+        last = output.strip().splitlines()[-1]
+        assert last.startswith("Error: training failed on worker 0: step "), output[-3000:]
+        assert re.search(r"the checkpoint could not be written or stored \(storage failed (creating|uploading) s3://"
+                         rf"{bucket.removeprefix('s3://')}/gone/faults/checkpoint_", last), last  # fmt: skip
+        assert "storage.outage_s=10 s" in last and "--resume auto" in last
+        # outage_s, then the last try's 2 attempts (< 1 s of backoff) on each file, then Ray's teardown
+        assert ended - outage["at"] < 10 + 30 + 30, ended - outage["at"]
+        print(f"\nstorage gone at a checkpoint: the run ended {ended - outage['at']:.0f} s later: {last}")
+
+        proxy.heal()
+        first = latest_checkpoint(run_root, log=lambda line: None)
+        assert first is not None and checkpoint_is_whole(first)
+        code, output = _finish(_train(config, tmp_path / "out", proxy, "--resume", "auto"))
+        assert code == 0, output[-3000:]
+        assert f"--resume auto: continuing from {first}" in output
+    finally:
+        proxy.stop()
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["last_metrics"]["step"] == result["last_metrics"]["total_steps"] == STEPS
