@@ -322,6 +322,14 @@ class PatientHandler(pafs.FileSystemHandler):
 
     def __init__(self, fs: pafs.FileSystem) -> None:
         self.fs = fs
+        # Writes go through a twin that uploads in the calling thread: Ray Tune syncs through pyarrow's copy_files,
+        # which calls this handler from pyarrow's I/O threads, and an upload that waited there for a background
+        # write on the same pool deadlocked (found by the shared-storage sweep test).
+        self._writer = (
+            SettledS3FileSystem(fs._options | {"background_writes": False}, fs.settings)
+            if isinstance(fs, SettledS3FileSystem)
+            else fs
+        )
 
     def __eq__(self, other) -> bool:
         return isinstance(other, PatientHandler) and self.fs.equals(other.fs)
@@ -375,7 +383,7 @@ class PatientHandler(pafs.FileSystemHandler):
         import pyarrow as pa
 
         return pa.PythonFile(
-            _GatheredUpload(lambda data: self._try("writing", path, lambda: _put(self.fs, path, data)))
+            _GatheredUpload(lambda data: self._try("writing", path, lambda: _put(self._writer, path, data)))
         )
 
     def open_append_stream(self, path, metadata):

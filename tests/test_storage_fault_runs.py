@@ -25,7 +25,9 @@ from storage_faults import Fault, FaultyS3
 
 from gram_ray import storage
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# Four training runs of about a minute each: in `make test-cluster` (marker `long`), to keep `make test` under 25
+# minutes on 2 cores; the faults' own tests (tests/test_storage_faults.py) are in `make test`.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.long]
 
 STEPS = 8  # 16 clips, 4 a step, 2 epochs
 SETTINGS = ["storage.max_attempts=4", "storage.request_timeout_s=3", "storage.connect_timeout_s=3"]
