@@ -204,8 +204,10 @@ def test_storage_gone_at_a_checkpoint_upload_ends_the_run_clearly_and_resume_aut
         ended = time.monotonic()
         assert code != 0 and outage, output[-3000:]
         last = output.strip().splitlines()[-1]
-        assert last.startswith("Error: training failed on worker 0: step "), output[-3000:]
-        assert re.search(r"the checkpoint could not be written or stored \(storage failed (creating|uploading) s3://"
+        # Whichever meets the outage first ends the run: the worker uploading the next checkpoint, or Ray Train's
+        # controller registering one (checkpoint_manager_snapshot.json).
+        assert last.startswith("Error: training failed"), output[-3000:]
+        assert re.search(r"storage failed (creating|uploading|writing) s3://"
                          rf"{bucket.removeprefix('s3://')}/gone/faults/checkpoint_", last), last  # fmt: skip
         assert "storage.outage_s=10 s" in last and "--resume auto" in last
         # outage_s, then the last try's 2 attempts (< 1 s of backoff) on each file, then Ray's teardown
