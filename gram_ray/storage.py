@@ -15,8 +15,8 @@ read it) and applied in every process that touches storage:
 - each request: pyarrow's S3 client retries a failed request up to `max_attempts` times with the AWS SDK's backoff
   (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE), and gives up on a connection or a stalled response after its timeouts;
 - each whole operation gram-ray does (read, write, list, upload a checkpoint): what fails past those attempts is
-  tried again with a backoff of 1, 2, 4, 8, 15, 15, ... s until `outage_s` have passed since its first failure,
-  then ends as a StorageError naming the object. So an outage shorter than `outage_s` costs its length in time
+  tried again with a backoff of 1, 2, 4, 8, 15, 15, ... s until `outage_s` have passed since it began, then
+  ends as a StorageError naming the object. So an outage shorter than `outage_s` costs its length in time
   and nothing else, and a longer one ends the job, bounded, never hung.
 The filesystems built here keep the settings when pickled to a Ray worker (pyarrow's own S3FileSystem drops its
 retry strategy on the way, apache/arrow GH-47348).
@@ -187,8 +187,8 @@ def _endpoint() -> str:
 def with_retries(action: str, target: str, operation, remote: bool | None = None):
     """operation(), tried again while it fails with a transient storage error, until the settings' outage_s have
     passed since it began (one try more can start before then: the bound is outage_s plus one try's attempts); then
-    a StorageError naming the action and the target. remote: whether
-    target is in object storage (default: whether it is a URI); local files are tried once."""
+    a StorageError naming the action and the target. remote: whether target is in object storage (default:
+    whether it is a URI); local files are tried once."""
     if not (is_uri(target) if remote is None else remote):
         return operation()
     # Once an operation of this process has given up, storage is known to be down: the next operations (a failing
@@ -256,7 +256,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         fs = SettledS3FileSystem(plain.__reduce__()[1][0], chosen)
         with _filesystems_lock:
             _filesystems[key] = fs
-    return fs, location.rstrip("/") if location.rstrip("/") else location
+    return fs, location.rstrip("/") or location
 
 
 class SettledS3FileSystem(pafs.S3FileSystem):

@@ -29,17 +29,25 @@ def checkpoint_is_whole(folder: str) -> bool:
     """Whether a checkpoint folder is whole: its manifest's files all there at their sizes (checkpoints written
     before manifests existed: none), and its state.pt a complete PyTorch checkpoint file (its zip directory
     reads)."""
-    if storage.exists(storage.join(folder, MANIFEST_FILE)) and manifest_problem(folder) is not None:
-        return False
+    return _not_whole(folder) is None
+
+
+def _not_whole(folder: str) -> str | None:
+    """Why a checkpoint folder is not whole, or None when it is: one listing tells whether it has a manifest."""
+    if MANIFEST_FILE in storage.list_names(folder):
+        problem = manifest_problem(folder)
+        if problem is not None:
+            return problem
     path = storage.join(folder, STATE_FILE)
     fs, p = storage.resolve(path)
+    incomplete = f"its {STATE_FILE} is missing or incomplete"
     if fs.get_file_info(p).type != pafs.FileType.File:
-        return False
+        return incomplete
     try:
         with fs.open_input_file(p) as f, zipfile.ZipFile(f) as z:
-            return any(name.endswith("/data.pkl") for name in z.namelist())
+            return None if any(name.endswith("/data.pkl") for name in z.namelist()) else incomplete
     except (zipfile.BadZipFile, OSError, ValueError):
-        return False
+        return incomplete
 
 
 def _candidates(run_root: str) -> list[str]:
@@ -65,10 +73,9 @@ def latest_checkpoint(run_root: str, log=print) -> str | None:
     Folders passed over (cut off by a kill) are named in the log."""
     for name in _candidates(run_root):
         folder = storage.join(run_root, name)
-        if checkpoint_is_whole(folder):
+        why = _not_whole(folder)
+        if why is None:
             return folder
-        why = manifest_problem(folder) if storage.exists(storage.join(folder, MANIFEST_FILE)) else None
-        why = why or f"its {STATE_FILE} is missing or incomplete"
         log(f"passing over {folder}: {why} (written when the run was killed, or storage failed?)")
     return None
 
