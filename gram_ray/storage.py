@@ -58,6 +58,7 @@ __all__ = [
     "exists",
     "read_bytes",
     "read_text",
+    "read_table",
     "read_json",
     "CorruptFileError",
     "write_text",
@@ -465,6 +466,18 @@ def read_bytes(path: str | Path) -> bytes:
 
 def read_text(path: str | Path) -> str:
     return read_bytes(path).decode()
+
+
+def read_table(path: str | Path, columns: list[str] | None = None):
+    """A Parquet file (or a folder of them) as one Arrow table, read again whole if storage fails part way: a
+    read is many ranged GETs, and the client's attempts cover each one alone."""
+    import pyarrow.parquet as pq
+
+    def read():
+        fs, p = resolve(path)
+        return pq.read_table(p, columns=columns, filesystem=fs)
+
+    return with_retries("reading", str(path), read)
 
 
 class CorruptFileError(ValueError):

@@ -260,9 +260,12 @@ def read_annotations(
 
 
 def _kind(path: str) -> pafs.FileType:
-    try:
+    def look() -> pafs.FileType:
         fs, p = storage.resolve(path)
         return fs.get_file_info(p).type
+
+    try:
+        return storage.with_retries("looking up", path, look)
     except OSError as e:  # storage unreachable, credentials refused, a bucket that does not exist
         raise ManifestError(f"cannot reach {path}: {str(e).splitlines()[0][:300]}") from None
 

@@ -72,7 +72,7 @@ def shard_uris(spec: str, kind: str) -> list[str]:
     else:
         fs, path = storage.resolve(spec)
         try:
-            is_dir = fs.get_file_info(path).type.name == "Directory"
+            is_dir = storage.with_retries("looking up", spec, lambda: fs.get_file_info(path).type.name == "Directory")
         except OSError as e:
             raise ManifestError(f"cannot reach {spec}: {str(e).splitlines()[0][:300]}") from None
         if not is_dir:

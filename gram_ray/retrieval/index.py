@@ -124,8 +124,7 @@ class _IndexCacheFile:
         return {"shard": np.asarray(files, dtype=object), "clips": np.asarray(clips, dtype=np.int64)}
 
     def _index_file(self, cache_file: str, shard: str) -> int:
-        fs, path = storage.resolve(cache_file)
-        table = pq.read_table(path, filesystem=fs)
+        table = storage.read_table(cache_file)
         if self.known_ids:  # clips another source already put in the index: not embedded again
             table = table.filter(pa.array([i not in self.known_ids for i in table.column("id").to_pylist()]))
         parts = [self._embed(table.slice(s, self.batch_size)) for s in range(0, table.num_rows, self.batch_size)]
@@ -356,16 +355,14 @@ def build_index(
 def _ids(shards: list[str]) -> set[str]:
     ids: set[str] = set()
     for path in shards:
-        fs, p = storage.resolve(path)
-        ids.update(pq.read_table(p, columns=["id"], filesystem=fs).column("id").to_pylist())
+        ids.update(storage.read_table(path, columns=["id"]).column("id").to_pylist())
     return ids
 
 
 def _counts(out: str) -> dict[int, int]:
     counts: dict[int, int] = {}
     for path in storage.list_files(storage.join(out, SHARDS), ".parquet"):
-        fs, p = storage.resolve(path)
-        source = pq.read_table(p, columns=["source"], filesystem=fs).column("source").to_numpy()
+        source = storage.read_table(path, columns=["source"]).column("source").to_numpy()
         for s, n in zip(*np.unique(source, return_counts=True), strict=True):
             counts[int(s)] = counts.get(int(s), 0) + int(n)
     return counts
@@ -389,11 +386,7 @@ def load_index(index_dir: str | Path) -> LoadedIndex:
     paths = sorted(storage.list_files(storage.join(index_dir, SHARDS), ".parquet"))
     if not paths:
         raise SearchIndexError(f"{index_dir} holds no clips yet (no shards): run `gram-ray index` to its end")
-    tables = []
-    for path in paths:
-        fs, p = storage.resolve(path)
-        tables.append(pq.read_table(p, filesystem=fs))
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables([storage.read_table(path) for path in paths])
     dim, others = meta["embed_dim"], meta["modalities"]
     dtype = getattr(torch, meta["dtype"])
     caption_lists = table.column("caption_embeddings").combine_chunks()

@@ -152,9 +152,7 @@ class Searcher:
         wanted = set(clip_ids)
         tables = []
         for source in self.index.meta["sources"]:
-            fs, path = storage.resolve(storage.join(source["data"], "shards"))
-            dataset = pads.dataset(path, filesystem=fs, format="parquet")
-            table = dataset.to_table(filter=pc.field("id").isin(list(wanted)))
+            table = _rows_with_ids(storage.join(source["data"], "shards"), wanted)
             if table.num_rows:
                 tables.append(table)
                 wanted -= set(table.column("id").to_pylist())
@@ -165,3 +163,13 @@ class Searcher:
             )
 
         return numpy_rows(pa.concat_tables(tables))
+
+
+def _rows_with_ids(shards: str, ids: set[str]):
+    """The rows of a cache's shards whose id is one of ids (Parquet's statistics skip the other row groups)."""
+
+    def read() -> pa.Table:
+        fs, path = storage.resolve(shards)
+        return pads.dataset(path, filesystem=fs, format="parquet").to_table(filter=pc.field("id").isin(list(ids)))
+
+    return storage.with_retries("reading", shards, read)

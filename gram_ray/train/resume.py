@@ -39,15 +39,20 @@ def _not_whole(folder: str) -> str | None:
         if problem is not None:
             return problem
     path = storage.join(folder, STATE_FILE)
-    fs, p = storage.resolve(path)
     incomplete = f"its {STATE_FILE} is missing or incomplete"
-    if fs.get_file_info(p).type != pafs.FileType.File:
-        return incomplete
-    try:
-        with fs.open_input_file(p) as f, zipfile.ZipFile(f) as z:
-            return None if any(name.endswith("/data.pkl") for name in z.namelist()) else incomplete
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return incomplete
+
+    def read_directory() -> str | None:
+        fs, p = storage.resolve(path)
+        if fs.get_file_info(p).type != pafs.FileType.File:
+            return incomplete
+        try:
+            with fs.open_input_file(p) as f, zipfile.ZipFile(f) as z:
+                return None if any(name.endswith("/data.pkl") for name in z.namelist()) else incomplete
+        except (zipfile.BadZipFile, ValueError):
+            return incomplete
+
+    # A storage error is not an answer: a 503 here must not pass over a whole checkpoint for an older one.
+    return storage.with_retries("reading", path, read_directory)
 
 
 def _candidates(run_root: str) -> list[str]:
@@ -59,10 +64,14 @@ def _candidates(run_root: str) -> list[str]:
         names = [r["checkpoint_dir_name"] for r in reversed(results)]
         latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
         return ([latest] if latest else []) + [n for n in names if n != latest]
-    fs, p = storage.resolve(run_root)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(p))
+
+    def listing() -> list[pafs.FileInfo]:
+        fs, p = storage.resolve(run_root)
+        if fs.get_file_info(p).type != pafs.FileType.Directory:
+            return []
+        return fs.get_file_info(pafs.FileSelector(p))
+
+    infos = storage.with_retries("listing", run_root, listing)
     folders = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
     folders = [name for name in folders if name.startswith("checkpoint_")]
     return sorted(folders, reverse=True)  # Ray names them checkpoint_<YYYY-mm-dd_HH-MM-SS.micro>

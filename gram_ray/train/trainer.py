@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -128,8 +127,7 @@ def _train_captions(cfg: GramConfig, layout: RunLayout) -> list[str]:
     if d.source.kind not in PACKED:
         rows = read_annotations(d.train_annotations, d.source.fields, d.max_failure_share)
         return [c for r in rows for c in r.captions]
-    fs, path = storage.resolve(storage.join(layout.cache("train"), SHARDS))
-    table = pq.read_table(path, filesystem=fs, columns=[CAPTIONS])
+    table = storage.read_table(storage.join(layout.cache("train"), SHARDS), columns=[CAPTIONS])
     return [c for captions in table.column(CAPTIONS).to_pylist() for c in captions]
 
 
