@@ -35,9 +35,11 @@ test: $(STAMP)
 # Several Ray nodes on this machine: a lost node replaced and an elastic group shrinking and growing back on a
 # ray.cluster_utils.Cluster (~6 min), whole jobs (a GPU job; the demo's training job and a 4-trial sweep) on a
 # local autoscaling cluster shaped like cluster/aws.yaml (~15 min), `bench preprocess` on a 2-node cluster and from
-# a local S3 bucket (~2.5 min), the single-node stream of a cache 4x the object store (marker `long`, ~2.5 min), and
-# whole jobs through the storage fault layer (marker `long`: training ~7 min, the other jobs and a sweep ~9 min):
-# apart from `make test` to keep it under 25 minutes on 2 cores. CI runs both.
+# a local S3 bucket (~2.5 min), and the single-node runs of minutes (marker `long`): the stream of a cache 4x the
+# object store (~2.5 min), a killed driver resumed (~2 min), an interrupted sweep resumed (~2.5 min), storage gone
+# at a cache read and at the result write (~5 min), and the other jobs, a sweep, and storage gone during preprocess
+# and an index build through the storage fault layer (~15 min): apart from `make test` to keep it under 25 minutes
+# on 2 cores. CI runs both.
 test-cluster: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -s -m "multinode or long"
 

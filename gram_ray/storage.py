@@ -45,6 +45,7 @@ __all__ = [
     "configure",
     "settings",
     "with_retries",
+    "failure_in",
     "is_transient",
     "filesystem",
     "FORWARDED_ENV",
@@ -154,6 +155,10 @@ class StorageError(OSError):
     """Storage failed for longer than the settings allow: the message names the operation, the object, how long
     it was tried and the last error."""
 
+    def __str__(self) -> str:
+        # One line, as written: Ray Data appends its generic retry advice to the text of an error raised in a task.
+        return super().__str__().split("\n", 1)[0]
+
 
 # Errors no retry mends: the object or bucket is not there, or the credentials may not touch it.
 _PERMANENT = re.compile(
@@ -232,6 +237,36 @@ def with_retries(action: str, target: str, operation, remote: bool | None = None
             )
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
+
+
+# A storage client's error: the AWS SDK's, or curl's beneath it (the first line of what pyarrow raises).
+_CLIENT_ERROR = re.compile(r"AWS Error|curlCode")
+# Ray Data's last line after its own read retries (ray.data._internal.util.iterate_with_retry).
+_RAY_DATA_TRIES = re.compile(r"after (\d+)/\d+ attempts \(total backoff ([\d.]+)s\)")
+
+
+def failure_in(error: BaseException, action: str, target: str) -> StorageError | None:
+    """The StorageError to end a job with when storage failed inside code that retries it on its own (a Ray Data
+    read: its tasks try a file 10 times before the error reaches the consumer, wrapped in Ray's exceptions, its
+    message ending in Ray's generic retry advice): the object and the storage error, named on one line; None when
+    storage is not what failed."""
+    seen, pending = set(), [error]
+    while pending:
+        cause = pending.pop(0)
+        if cause is None or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        text = str(cause)
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError) and _CLIENT_ERROR.search(first):
+            tries = _RAY_DATA_TRIES.search(text)
+            how = f" ({tries[1]} tries, {float(tries[2]):.0f} s of backoff between them)" if tries else ""
+            return StorageError(
+                f"storage failed {action} {target}: {_short(first)}{how}. Check storage (endpoint, region, "
+                "credentials, the provider's status page) and run again (--resume auto continues a training run)"
+            )
+        pending += [getattr(cause, "cause", None), cause.__cause__, cause.__context__]
+    return None
 
 
 def _short(error: BaseException) -> str:

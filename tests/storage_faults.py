@@ -119,6 +119,22 @@ class FaultyS3:
         self.add(fault)
         return fault
 
+    def when_answered(self, key: str, then, method: str | None = None, timeout: float = 300) -> threading.Thread:
+        """Call then() (on a thread of its own) as soon as the proxy has answered a request of method whose target
+        matches key with a 200: a fault plan's next phase, started at a point of a job's progress."""
+
+        def watch():
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if any(e.outcome == "200" for e in self.entries(method=method, key=key)):
+                    then()
+                    return
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        return thread
+
     def heal(self) -> None:
         """No more faults: storage is healthy again."""
         with self.lock:

@@ -252,6 +252,7 @@ def test_a_failing_job_exits_non_zero(local_head, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.long  # about 2 minutes: in `make test-cluster`, to keep `make test` under 25 minutes on 2 cores
 def test_a_killed_driver_is_continued_by_resume_auto_exactly_to_the_planned_steps(local_head, synth_small, tmp_path):
     # A `gram-ray train` driver attached to the cluster is SIGKILLed (its whole process group) right after a
     # mid-epoch checkpoint is registered; its workers die with it, the cluster stays. The same command with

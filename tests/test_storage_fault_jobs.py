@@ -11,6 +11,7 @@ import csv
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -207,3 +208,100 @@ def test_a_two_trial_sweep_through_transient_faults_equals_the_sweep_without(s3,
     for key, weights in clean.items():
         for tensor_name, tensor in weights.items():
             assert torch.equal(faulty[key][tensor_name], tensor), (key, tensor_name)
+
+
+def _fails(proxy: FaultyS3, *args: str) -> tuple[str, float]:
+    """Run a gram-ray command that must fail with one line; that line and when it ended."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ENV | {"AWS_ENDPOINT_URL": proxy.endpoint}
+    env["GRAM_RAY_STORAGE_OUTAGE_S"] = "10"  # storage gone for good: the bound under test is outage_s's
+    run = subprocess.run(
+        [sys.executable, "-m", "gram_ray", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    ended = time.monotonic()
+    output = run.stdout + run.stderr
+    last = output.strip().splitlines()[-1]
+    assert run.returncode != 0 and last.startswith("Error: "), output[-6000:]  # one line, not a traceback
+    return last, ended
+
+
+def test_storage_gone_during_preprocess_keeps_the_finished_shards_and_the_rerun_finishes_the_rest(
+    s3, synth_small, tmp_path
+):
+    data = s3.upload_dataset(synth_small)
+    bucket = data["val"].split("/data/")[0]
+    _, config = _checkpoint(synth_small, tmp_path, bucket)
+    proxy = FaultyS3(s3.port, seed=29)
+    media = ["--video-dir", data["videos"], "--audio-dir", data["audios"]]
+    timings: dict = {}
+    try:
+        _gram_ray(proxy, timings, "preprocess", "--config", str(config), "--annotations", data["val"], *media,
+                  "--out", f"{bucket}/clean/cache", "--mode", "eval")  # fmt: skip
+        outage = {}
+
+        def go_away():  # a shard is written and recorded: from now on nothing under the cache is answered
+            outage["fault"] = proxy.outage("503", key=r"/gone/cache/")
+            outage["at"] = time.monotonic()
+
+        proxy.when_answered(r"/gone/cache/_done/shard-", go_away, method="PUT")
+        last, ended = _fails(proxy, "preprocess", "--config", str(config), "--annotations", data["val"], *media,
+                             "--out", f"{bucket}/gone/cache", "--mode", "eval")  # fmt: skip
+        print(f"\nstorage gone during preprocess: it ended {ended - outage['at']:.0f} s later: {last}")
+        assert "storage failed" in last, last
+        assert re.search(rf"{bucket}/gone/cache/\S+", last), last  # names the object
+        assert "a rerun continues from them" in last
+        assert ended - outage["at"] < 10 + 30 + 30, ended - outage["at"]
+
+        proxy.heal()
+        output = _gram_ray(proxy, timings, "preprocess", "--config", str(config), "--annotations", data["val"],
+                           *media, "--out", f"{bucket}/gone/cache", "--mode", "eval")  # fmt: skip
+    finally:
+        proxy.stop()
+    kept = re.search(r"resuming: (\d+) of (\d+) shards", output)
+    assert kept and 1 <= int(kept[1]) < int(kept[2]), output[-3000:]
+    print(f"the rerun: {kept[0]}")
+    assert _cache_rows(f"{bucket}/gone/cache") == _cache_rows(f"{bucket}/clean/cache")
+
+
+def test_storage_gone_during_an_index_build_keeps_the_finished_shards_and_the_rerun_finishes_it(
+    s3, synth_small, tmp_path
+):
+    from gram_ray.retrieval.index import SearchIndexError, load_index
+
+    data = s3.upload_dataset(synth_small)
+    bucket = data["val"].split("/data/")[0]
+    checkpoint, config = _checkpoint(synth_small, tmp_path, bucket)
+    proxy = FaultyS3(s3.port, seed=29)
+    timings: dict = {}
+    media = ["--video-dir", data["videos"], "--audio-dir", data["audios"]]
+    try:
+        _gram_ray(proxy, timings, "preprocess", "--config", str(config), "--annotations", data["val"], *media,
+                  "--out", f"{bucket}/cache", "--mode", "eval")  # fmt: skip
+        _gram_ray(proxy, timings, "index", "--checkpoint", checkpoint, "--data", f"{bucket}/cache", "--out",
+                  f"{bucket}/clean")  # fmt: skip
+        outage = {}
+
+        def go_away():  # an index shard is written and recorded: from now on the index's folder is gone
+            outage["fault"] = proxy.outage("503", key=r"/gone/")
+            outage["at"] = time.monotonic()
+
+        proxy.when_answered(r"/gone/_done/.+\.json", go_away, method="PUT")
+        last, ended = _fails(proxy, "index", "--checkpoint", checkpoint, "--data", f"{bucket}/cache", "--out",
+                             f"{bucket}/gone")  # fmt: skip
+        print(f"\nstorage gone during an index build: it ended {ended - outage['at']:.0f} s later: {last}")
+        assert "storage failed" in last, last
+        assert re.search(rf"{bucket}/gone/\S+", last), last
+        assert ended - outage["at"] < 10 + 30 + 30, ended - outage["at"]
+        proxy.heal()
+        with pytest.raises(SearchIndexError, match="not complete"):
+            load_index(f"{bucket}/gone")
+        output = _gram_ray(proxy, timings, "index", "--checkpoint", checkpoint, "--data", f"{bucket}/cache",
+                           "--out", f"{bucket}/gone")  # fmt: skip
+    finally:
+        proxy.stop()
+    kept = re.search(r"resuming: (\d+) of (\d+) cache files are indexed already", output)
+    assert kept and 1 <= int(kept[1]) < int(kept[2]), output[-3000:]
+    print(f"the rerun: {kept[0]}")
+    a, b = load_index(f"{bucket}/clean"), load_index(f"{bucket}/gone")
+    assert a.ids == b.ids and torch.equal(a.caption_embeddings, b.caption_embeddings)
+    for modality in a.clips.embeddings:
+        assert torch.equal(a.clips.embeddings[modality], b.clips.embeddings[modality]), modality

@@ -8,6 +8,9 @@ the Train worker) reaching storage through the faults.
   batches come in the same order however long a read took).
 - Storage gone for good at a checkpoint upload: the run ends within a bound with an error naming storage and the
   object; the checkpoint before stays whole and registered, and `--resume auto` ends the run at its planned step.
+- The same for storage gone at a cache read (after Ray Data's own retries: the error names the cache object, not
+  Ray's traceback) and at the run's last write, its result.json (resumed from the last checkpoint, at the planned
+  step, to write it).
 """
 
 import json
@@ -25,9 +28,9 @@ from storage_faults import Fault, FaultyS3
 
 from gram_ray import storage
 
-# Four training runs of about a minute each: in `make test-cluster` (marker `long`), to keep `make test` under 25
-# minutes on 2 cores; the faults' own tests (tests/test_storage_faults.py) are in `make test`.
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.long]
+# The transient plan and storage gone at a checkpoint are in `make test` (about 4.5 minutes for their four training
+# runs); the cache read and the result write, in `make test-cluster` (marker `long`).
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 STEPS = 8  # 16 clips, 4 a step, 2 epochs
 SETTINGS = ["storage.max_attempts=4", "storage.request_timeout_s=3", "storage.connect_timeout_s=3"]
@@ -113,22 +116,6 @@ def _when_registered(run_root: str, then, timeout: float = 300) -> threading.Thr
     return thread
 
 
-def _when(proxy: FaultyS3, key: str, then, timeout: float = 300) -> threading.Thread:
-    """Call then() as soon as the proxy has answered a request whose target matches key with a 200."""
-
-    def watch():
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(e.outcome == "200" for e in proxy.entries(key=key)):
-                then()
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_a_run_through_transient_faults_and_a_checkpoint_blip_ends_as_the_run_without_faults(s3, synth_small, tmp_path):
     data = s3.upload_dataset(synth_small)
     bucket = data["val"].split("/data/")[0]
@@ -150,7 +137,7 @@ def test_a_run_through_transient_faults_and_a_checkpoint_blip_ends_as_the_run_wi
             blip["fault"] = proxy.outage("503", seconds=12, key=r"/faulty/faults/checkpoint_")
             blip["end"] = time.monotonic() - proxy.started + 12
 
-        _when(proxy, r"/faulty/faults/checkpoint_.*/manifest\.json\?uploadId", start_blip)
+        proxy.when_answered(r"/faulty/faults/checkpoint_.*/manifest\.json\?uploadId", start_blip)
         started = time.monotonic()
         code, output = _finish(_train(faulty, tmp_path / "faulty", proxy))
         took = time.monotonic() - started
@@ -224,3 +211,79 @@ def test_storage_gone_at_a_checkpoint_upload_ends_the_run_clearly_and_resume_aut
         proxy.stop()
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["last_metrics"]["step"] == result["last_metrics"]["total_steps"] == STEPS
+
+
+@pytest.mark.long
+def test_storage_gone_at_a_cache_read_ends_the_run_clearly_and_resume_auto_finishes_it(s3, synth_small, tmp_path):
+    from gram_ray.train.resume import latest_checkpoint, position
+
+    data = s3.upload_dataset(synth_small)
+    bucket = data["val"].split("/data/")[0]
+    run_root = f"{bucket}/read/faults"
+    proxy = FaultyS3(s3.port, seed=29)
+    try:
+        config = _config(tmp_path, data, f"{bucket}/read", "storage.max_attempts=2", "storage.outage_s=10")
+        outage = {}
+
+        def go_away():  # from the first checkpoint on, no read of the caches is answered: the next epoch's fail
+            outage["fault"] = proxy.outage("503", method="GET", key=r"/read/faults/cache/")
+            outage["at"] = time.monotonic()
+
+        _when_registered(run_root, go_away)
+        code, output = _finish(_train(config, tmp_path / "out", proxy))
+        ended = time.monotonic()
+        assert code != 0 and outage and outage["fault"].injected, output[-3000:]
+        last = output.strip().splitlines()[-1]
+        print(f"\nstorage gone at a cache read: the run ended {ended - outage['at']:.0f} s later: {last}")
+        assert last.startswith("Error: training failed"), output[-3000:]
+        # Whichever split's read meets the outage first: the next epoch's train batches or the evaluation's.
+        shard = rf"'{bucket.removeprefix('s3://')}/read/faults/cache/(train|val)/shards/shard-"
+        assert re.search(rf"storage failed reading the (train|val) cache s3://.*{shard}", last), last
+        assert "--resume auto" in last and "the checkpoints written before it are untouched" in last
+
+        proxy.heal()
+        kept = latest_checkpoint(run_root, log=lambda line: None)
+        assert kept is not None and position(kept)["step"] >= 2
+        code, output = _finish(_train(config, tmp_path / "out", proxy, "--resume", "auto"))
+        assert code == 0, output[-3000:]
+        assert f"--resume auto: continuing from {kept}" in output
+    finally:
+        proxy.stop()
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["last_metrics"]["step"] == result["last_metrics"]["total_steps"] == STEPS
+
+
+@pytest.mark.long
+def test_storage_gone_at_the_result_write_ends_the_run_clearly_and_resume_auto_writes_it(s3, synth_small, tmp_path):
+    from gram_ray.train.resume import latest_checkpoint, position
+
+    data = s3.upload_dataset(synth_small)
+    bucket = data["val"].split("/data/")[0]
+    run_root = f"{bucket}/result/faults"
+    proxy = FaultyS3(s3.port, seed=29)
+    try:
+        config = _config(tmp_path, data, f"{bucket}/result", "storage.max_attempts=2", "storage.outage_s=10")
+        # The run's last write, its result.json beside the checkpoints, is never answered.
+        fault = proxy.outage("503", method="PUT", key=r"/result/faults/result\.json")
+        code, output = _finish(_train(config, tmp_path / "out", proxy))
+        ended = time.monotonic()
+        assert code != 0 and fault.injected, output[-3000:]
+        first = next(e.t for e in proxy.entries(key=r"/result/faults/result\.json") if e.outcome == "503")
+        took = ended - (proxy.started + first)
+        assert took < 10 + 30, took  # outage_s, then the last try's attempts: the driver's write, no teardown
+        last = output.strip().splitlines()[-1]
+        print(f"\nstorage gone at the result write: the run ended {took:.0f} s after its first try: {last}")
+        assert last.startswith("Error: ") and f"storage failed writing {run_root}/result.json" in last, last
+        assert "storage.outage_s=10 s" in last
+
+        proxy.heal()
+        kept = latest_checkpoint(run_root, log=lambda line: None)
+        assert kept is not None and position(kept)["step"] == STEPS  # training had finished: its last checkpoint
+        code, output = _finish(_train(config, tmp_path / "out", proxy, "--resume", "auto"))
+        assert code == 0, output[-3000:]
+        assert f"--resume auto: continuing from {kept}" in output
+    finally:
+        proxy.stop()
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["last_metrics"]["step"] == result["last_metrics"]["total_steps"] == STEPS
+    assert json.loads(storage.read_text(f"{run_root}/result.json")) == result

@@ -287,3 +287,41 @@ def test_a_metrics_log_cut_off_by_a_kill_mid_line_still_plots(tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "train/lo')
     plot_curves(metrics, tmp_path / "curves.png", "val/text-video/t2v/R@1")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+class _TaskError(OSError):
+    """What Ray raises for a task's OSError: the remote traceback as its text, the original error as .cause."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"ray::ReadParquet->SplitBlocks(3)() (pid=1, ip=127.0.0.1)\n  File ...\n{cause}")
+        self.cause = cause
+
+
+RAY_DATA_READ = (
+    "Could not open Parquet input source 'bucket/run/cache/train/shards/shard-00001.parquet': AWS Error SLOW_DOWN "
+    "during GetObject operation: Please reduce your request rate.\nFailed to reading batches after 10/10 attempts "
+    "(total backoff 97.0s).\nTo change retry attempts, backoff, or which errors are retried, configure "
+    "`ray.data.DataContext.get_current()` if you believe this to be transient."
+)
+
+
+def test_a_storage_failure_past_ray_datas_own_retries_is_named_on_one_line():
+    from gram_ray.cli.common import input_error
+
+    failure = storage.failure_in(_TaskError(OSError(RAY_DATA_READ)), "reading the train cache", "s3://bucket/c")
+    assert isinstance(failure, storage.StorageError)
+    assert str(failure) == (
+        "storage failed reading the train cache s3://bucket/c: Could not open Parquet input source "
+        "'bucket/run/cache/train/shards/shard-00001.parquet': AWS Error SLOW_DOWN during GetObject operation: "
+        "Please reduce your request rate. (10 tries, 97 s of backoff between them). Check storage (endpoint, region, "
+        "credentials, the provider's status page) and run again (--resume auto continues a training run)"
+    )
+    # Not storage's: a bug, a missing file (the cache was deleted: its own error), a local disk's error.
+    assert storage.failure_in(_TaskError(ValueError("bad batch")), "reading", "x") is None
+    assert storage.failure_in(_TaskError(FileNotFoundError("AWS Error NO_SUCH_KEY")), "reading", "x") is None
+    assert storage.failure_in(OSError(28, "No space left on device"), "reading", "x") is None
+    # A StorageError raised in a Ray Data task comes back with Ray's advice appended to its text: one line still,
+    # and the CLI prints it as it is.
+    raised = storage.StorageError("storage failed writing s3://b/k: 2 tries over 9 s\nFailed to apply UDF transform")
+    assert str(raised) == "storage failed writing s3://b/k: 2 tries over 9 s"
+    assert input_error(_TaskError(raised)) == str(raised)

@@ -122,6 +122,8 @@ def _interrupt_after_second_trial_checkpoints(experiment: Path, stop: threading.
         time.sleep(0.2)
 
 
+# About 2.5 minutes: in `make test-cluster` (marker `long`), to keep `make test` under 25 minutes on 2 cores.
+@pytest.mark.long
 def test_interrupted_sweep_resumes_only_unfinished_trials(synth_small, ray_session, tmp_path):
     """Interrupted after the second trial's first evaluation, the sweep resumes that trial from its checkpoint (its
     training continues: Tune counts its reports from 0 again) and counts the evaluations made before the stop; the

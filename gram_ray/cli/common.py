@@ -58,11 +58,13 @@ def input_error(error: BaseException) -> str | None:
     from gram_ray.data.preprocess import PreprocessError
     from gram_ray.model.safe_load import CheckpointError
     from gram_ray.retrieval.index import SearchIndexError
-    from gram_ray.storage import CorruptFileError
+    from gram_ray.storage import CorruptFileError, StorageError
 
     while isinstance(getattr(error, "cause", None), BaseException):
         error = error.cause
     own = (ConfigError, ManifestError, PreprocessError, CheckpointError, SearchIndexError, CheckError, CorruptFileError)
+    if isinstance(error, StorageError):  # it names the operation, the object, the tries and what to do
+        return str(error)
     if isinstance(error, own):
         return str(error)
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:400]
@@ -152,7 +154,12 @@ def init_ray(verbose: bool = False) -> None:
     from gram_ray.cluster.processes import init_local_ray
 
     # Ray Data's progress bars are for terminals; elsewhere (logs, CI, `ray job` output) they stay off.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stdout.isatty()
+    # A function of gram-ray's that fails in a Ray Data task (a decode task's write that storage refused past its
+    # retries) reaches the driver as its own error, naming what failed, not as Ray Data's UserCodeException (which
+    # arrives without it: a pickled exception loses its __cause__, and Ray's text ends in generic retry advice).
+    context.raise_original_map_exception = True
     level = logging.INFO if verbose else logging.WARNING
     if not verbose:
         from ray.util.annotations import RayDeprecationWarning

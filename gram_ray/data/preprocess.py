@@ -249,9 +249,10 @@ def _os_error(error: BaseException) -> OSError | None:
     it, or None."""
     seen = error
     while seen is not None:
-        if isinstance(seen, OSError):
+        inner = getattr(seen, "cause", None)
+        if isinstance(seen, OSError) and not isinstance(inner, BaseException):  # not Ray's wrapper of a task's
             return seen
-        seen = getattr(seen, "cause", None) or seen.__cause__
+        seen = inner if isinstance(inner, BaseException) else seen.__cause__
     return None
 
 
@@ -502,10 +503,12 @@ def preprocess(
         cause = _os_error(e)
         if cause is None:
             raise
+        kept = "The inputs are untouched; the shards written so far are kept and a rerun continues from them."
+        if isinstance(cause, storage.StorageError):  # it says what failed and what to check
+            raise PreprocessError(f"writing the cache under {out} failed: {cause}. {kept}") from e
         raise PreprocessError(
-            f"writing the cache under {out} failed ({cause}). The inputs are untouched; the shards written so far "
-            "are kept and a rerun continues from them. Free space or fix the folder's permissions (or set "
-            "data.cache_dir elsewhere), then rerun."
+            f"writing the cache under {out} failed ({cause}). {kept} Free space or fix the folder's permissions (or "
+            "set data.cache_dir elsewhere), then rerun."
         ) from e
     wall = time.perf_counter() - start
 

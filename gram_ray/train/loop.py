@@ -276,6 +276,12 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _stopped(last_checkpoint_step: int | None) -> str:
+    return "Training stopped here; the checkpoints written before it are untouched" + (
+        f" (the last at step {last_checkpoint_step})" if last_checkpoint_step is not None else ""
+    )
+
+
 def run_training(
     cfg: GramConfig,
     *,
@@ -365,9 +371,8 @@ def run_training(
             _save_and_report(metrics, epoch, consumed, all_consumed, rng_states, model_state, optimizer_state)
         except OSError as e:  # disk full, permission denied, storage unreachable: stop, saying what to do
             raise CheckpointWriteError(
-                f"step {step}: the checkpoint could not be written or stored ({e}). Training stopped here; the "
-                f"checkpoints written before it are untouched"
-                + (f" (the last at step {previous_checkpoint_step})" if previous_checkpoint_step is not None else "")
+                f"step {step}: the checkpoint could not be written or stored ({e}). "
+                + _stopped(previous_checkpoint_step)
                 + (
                     "."  # a StorageError says what to do
                     if isinstance(e, StorageError)
@@ -402,7 +407,10 @@ def run_training(
             plain = _unwrap(model)
             fusion_inputs = [] if cfg.eval.rerank_k and plain.fusion is not None else None
             with whole_weights(plain):  # FSDP: gathered once, so ranks may embed different numbers of batches
-                emb, text_to_video, _ = embed_batches(plain, val_batches(), device, cfg, fusion_inputs)
+                try:
+                    emb, text_to_video, _ = embed_batches(plain, val_batches(), device, cfg, fusion_inputs)
+                except StorageError as e:  # the val cache's reads failed past every retry
+                    raise StorageError(f"step {step}: {e}. {_stopped(last_checkpoint_step)}.") from e
                 evaluation = evaluate_embeddings(emb, text_to_video)
                 if fusion_inputs is not None:
                     evaluation |= rerank_evaluation(plain, fusion_inputs, emb, text_to_video, device, cfg)
@@ -433,7 +441,10 @@ def run_training(
         step_samples = 0
         while updates_left > 0:
             with timer.phase("data"):
-                batch = next(batches, None)
+                try:
+                    batch = next(batches, None)
+                except StorageError as e:  # the train cache's reads failed past every retry
+                    raise StorageError(f"step {step}: {e}. {_stopped(last_checkpoint_step)}.") from e
                 if batch is not None:
                     batch = to_device(batch, device)
             if batch is None:

@@ -13,6 +13,7 @@ import logging
 import os
 import posixpath
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,11 +331,24 @@ def _upload_checkpoint(checkpoint, dir_name: str):
     return ray.train.Checkpoint(filesystem=fs, path=dest)  # Ray Train's own filesystem: a checkpoint it manages
 
 
+def storage_failures_named(batches: Iterable, split: str, cache: str) -> Iterator:
+    """batches of a Ray Dataset over a cache, with a storage failure in its reads (past Ray Data's own retries)
+    raised as the StorageError that names the object, not Ray's wrapped traceback."""
+    try:
+        yield from batches
+    except Exception as e:
+        failure = storage.failure_in(e, f"reading the {split} cache", cache)
+        if failure is None:
+            raise
+        raise failure from e
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: config = {"cfg": GramConfig as a dict, "vocab": [...] | None, "train_rows": int
-    (clips of the train split), "output_dir": str, "progress": a ray.util.queue.Queue or None, "source": a label
-    for progress lines, "resume_from": a checkpoint folder or URI to start from, or None, "restored": the run's
-    latest checkpoint when the fit started (Train V2 hands it to the first workers), or None}."""
+    (clips of the train split), "output_dir": str, "caches": {split: its cache folder or URI}, "progress": a
+    ray.util.queue.Queue or None, "source": a label for progress lines, "resume_from": a checkpoint folder or URI
+    to start from, or None, "restored": the run's latest checkpoint when the fit started (Train V2 hands it to the
+    first workers), or None}."""
     import ray.data
     import ray.train
     import ray.train.torch
@@ -386,7 +400,8 @@ def train_loop_per_worker(config: dict) -> None:
                 logging.getLogger("gram_ray").warning(
                     "epoch %d restarts from its beginning: this restart has no rest-of-epoch dataset", epoch
                 )
-        return shard.iter_torch_batches(**train_iter_options(cfg, vocab, epoch, rank, plan.micro_batch))
+        batches = shard.iter_torch_batches(**train_iter_options(cfg, vocab, epoch, rank, plan.micro_batch))
+        return storage_failures_named(batches, "train", config.get("caches", {}).get("train", "train"))
 
     val_cache: list[dict] = []
 
@@ -397,6 +412,7 @@ def train_loop_per_worker(config: dict) -> None:
         if not val_cache:
             collate = Collate(cfg, vocab, train=False)
             batches = val_data.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="numpy")
+            batches = storage_failures_named(batches, "val", config.get("caches", {}).get("val", "val"))
             val_cache.extend(collate(b) for i, b in enumerate(batches) if i % world == rank)
         return val_cache
 
@@ -486,6 +502,7 @@ def build_trainer(
             "vocab": data.vocab,
             "train_rows": data.train_rows,
             "output_dir": str(layout.output_dir),
+            "caches": {split: layout.cache(split) for split in ("train", "val")},
             "progress": progress,
             "source": source,
             "resume_from": resume_from,
