@@ -62,10 +62,9 @@ def input_error(error: BaseException) -> str | None:
 
     while isinstance(getattr(error, "cause", None), BaseException):
         error = error.cause
+    # gram-ray's own errors say what is wrong and what to do (a StorageError: the operation, the object, the tries)
     own = (ConfigError, ManifestError, PreprocessError, CheckpointError, SearchIndexError, CheckError, CorruptFileError)
-    if isinstance(error, StorageError):  # it names the operation, the object, the tries and what to do
-        return str(error)
-    if isinstance(error, own):
+    if isinstance(error, (*own, StorageError)):
         return str(error)
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:400]
     if isinstance(error, yaml.YAMLError):

@@ -165,7 +165,7 @@ class Searcher:
         return numpy_rows(pa.concat_tables(tables))
 
 
-def _rows_with_ids(shards: str, ids: set[str]):
+def _rows_with_ids(shards: str, ids: set[str]) -> pa.Table:
     """The rows of a cache's shards whose id is one of ids (Parquet's statistics skip the other row groups)."""
 
     def read() -> pa.Table:
