@@ -1,9 +1,12 @@
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from s3 import S3Server, point_s3_at
+from storage_faults import FaultyS3
 
 from gram_ray.cluster.processes import free_port, init_local_ray
 
@@ -70,3 +73,20 @@ def s3(tmp_path_factory):
     server = S3Server(S3_PORT, tmp_path_factory.mktemp("s3") / "server.log")
     yield server
     server.stop()
+
+
+class BucketBehindFaults(NamedTuple):
+    data: dict  # synth_small's paths in the bucket (gram_ray.data.synthetic.generate's keys)
+    bucket: str  # s3://...
+    proxy: FaultyS3  # the fault layer: the endpoint the commands a test runs reach storage through
+
+
+@pytest.fixture
+def faulty_bucket(s3, synth_small) -> Iterator[BucketBehindFaults]:
+    """synth_small in a fresh bucket of the session's S3 server, and the fault layer (tests/storage_faults.py) in
+    front of it: seeded, answering every request until the test plans its faults. The test's own process talks to
+    the server directly, so what it checks is read past the faults."""
+    data = s3.upload_dataset(synth_small)
+    proxy = FaultyS3(s3.port, seed=29)
+    yield BucketBehindFaults(data, data["val"].split("/data/")[0], proxy)
+    proxy.stop()

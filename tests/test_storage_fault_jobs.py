@@ -35,13 +35,18 @@ ENV = {
 }
 
 
-def _gram_ray(proxy: FaultyS3, timings: dict, *args: str) -> str:
-    """Run one gram-ray command against the fault layer; note its time, requests and the faults it met."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ENV | {"AWS_ENDPOINT_URL": proxy.endpoint}
-    before, started = len(proxy.entries()), time.monotonic()
-    run = subprocess.run(
+def _run(proxy: FaultyS3, args: tuple[str, ...], **env: str) -> subprocess.CompletedProcess:
+    """One gram-ray command as a user runs it (its own process and Ray), its storage behind the fault layer."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ENV | {"AWS_ENDPOINT_URL": proxy.endpoint} | env
+    return subprocess.run(
         [sys.executable, "-m", "gram_ray", *args], env=env, capture_output=True, text=True, timeout=900
     )
+
+
+def _gram_ray(proxy: FaultyS3, timings: dict, *args: str) -> str:
+    """Run one gram-ray command against the fault layer; note its time, requests and the faults it met."""
+    before, started = len(proxy.entries()), time.monotonic()
+    run = _run(proxy, args)
     assert run.returncode == 0, f"gram-ray {args[0]}: " + (run.stdout + run.stderr)[-3000:]
     met = proxy.entries()[before:]
     timings[args[0]] = {
@@ -87,36 +92,31 @@ def _cache_rows(cache: str) -> list[dict]:
 
 
 def test_preprocess_evaluate_index_and_search_through_transient_faults_equal_the_runs_without(
-    s3, synth_small, tmp_path
+    faulty_bucket, synth_small, tmp_path
 ):
     from gram_ray.retrieval.index import load_index
 
-    data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
+    data, bucket, proxy = faulty_bucket
     checkpoint, config = _checkpoint(synth_small, tmp_path, bucket)
-    proxy = FaultyS3(s3.port, seed=29)
     answers, timings = {}, {"clean": {}, "faulty": {}}
-    try:
-        for name in ("clean", "faulty"):
-            if name == "faulty":  # every request of every job, media reads included
-                proxy.add(*[Fault(kind, rate=0.02, stall_s=5) for kind in KINDS])
-            root, out = f"{bucket}/{name}", tmp_path / name
-            out.mkdir()
-            job = functools.partial(_gram_ray, proxy, timings[name])
-            media = ["--video-dir", data["videos"], "--audio-dir", data["audios"]]
-            job("preprocess", "--config", str(config), "--annotations", data["val"], *media, "--out", f"{root}/cache",
-                "--mode", "eval")  # fmt: skip
-            job("evaluate", "--checkpoint", checkpoint, "--data", f"{root}/cache", "--json", str(out / "eval.json"))
-            job("index", "--checkpoint", checkpoint, "--data", f"{root}/cache", "--out", f"{root}/index")
-            job("search", "--index", f"{root}/index", "a red square", "--rerank", "--json", str(out / "search.json"))
-            answers[name] = {
-                "cache": _cache_rows(f"{root}/cache"),
-                "eval": json.loads((out / "eval.json").read_text()),
-                "index": load_index(f"{root}/index"),
-                "search": json.loads((out / "search.json").read_text()),
-            }
-    finally:
-        proxy.stop()
+    for name in ("clean", "faulty"):
+        if name == "faulty":  # every request of every job, media reads included
+            proxy.add(*[Fault(kind, rate=0.02, stall_s=5) for kind in KINDS])
+        root, out = f"{bucket}/{name}", tmp_path / name
+        out.mkdir()
+        job = functools.partial(_gram_ray, proxy, timings[name])
+        media = ["--video-dir", data["videos"], "--audio-dir", data["audios"]]
+        job("preprocess", "--config", str(config), "--annotations", data["val"], *media, "--out", f"{root}/cache",
+            "--mode", "eval")  # fmt: skip
+        job("evaluate", "--checkpoint", checkpoint, "--data", f"{root}/cache", "--json", str(out / "eval.json"))
+        job("index", "--checkpoint", checkpoint, "--data", f"{root}/cache", "--out", f"{root}/index")
+        job("search", "--index", f"{root}/index", "a red square", "--rerank", "--json", str(out / "search.json"))
+        answers[name] = {
+            "cache": _cache_rows(f"{root}/cache"),
+            "eval": json.loads((out / "eval.json").read_text()),
+            "index": load_index(f"{root}/index"),
+            "search": json.loads((out / "search.json").read_text()),
+        }
     injected = proxy.injected()
     print()
     _report(timings)
@@ -157,46 +157,35 @@ def _trial_checkpoints(root: str) -> dict[tuple[float, int], dict]:
     return found
 
 
-def test_a_two_trial_sweep_through_transient_faults_equals_the_sweep_without(s3, synth_small, tmp_path):
-    from tiny import synth_data, tiny_config
+def test_a_two_trial_sweep_through_transient_faults_equals_the_sweep_without(faulty_bucket, tmp_path):
+    from tiny import REPEATABLE_RUN, synth_data, tiny_config
 
     from gram_ray.config import save_config
     from gram_ray.tune import sweep_root
 
-    data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
-    proxy = FaultyS3(s3.port, seed=29)
+    data, bucket, proxy = faulty_bucket
     timings, trials, checkpoints = {"clean": {}, "faulty": {}}, {}, {}
-    try:
-        for name in ("clean", "faulty"):
-            if name == "faulty":
-                proxy.add(*[Fault(kind, rate=0.02, stall_s=5) for kind in KINDS])
-            cfg = tiny_config(
-                *synth_data(data),
-                f"run.storage_path={bucket}/{name}",
-                "train.epochs=2",
-                "train.batch_size=4",
-                "train.checkpoint_every_steps=2",
-                "train.keep_checkpoints=100",
-                "scaling.num_workers=1",
-                "data.materialize=never",
-                "data.preserve_order=true",  # the same batches in the same order: the trials repeat exactly
-                "tune.num_samples=1",
-                "tune.max_concurrent_trials=2",
-                "tune.grace_period=2",  # = every evaluation: ASHA stops neither trial
-                "tune.metric=train/loss",
-                "tune.mode=min",
-                "tune.search_space={train.lr: {grid: [1.0e-2, 1.0e-3]}}",
-            )
-            save_config(cfg, tmp_path / f"{name}.yaml")
-            _gram_ray(proxy, timings[name], "tune", "--config", str(tmp_path / f"{name}.yaml"), "--out",
-                      str(tmp_path / name))  # fmt: skip
-            with (tmp_path / name / "trials.csv").open() as f:
-                trials[name] = sorted(({k: v for k, v in row.items() if k != "trial_id"} for row in csv.DictReader(f)),
-                                      key=lambda row: row["train.lr"])  # fmt: skip
-            checkpoints[name] = _trial_checkpoints(sweep_root(cfg))
-    finally:
-        proxy.stop()
+    for name in ("clean", "faulty"):
+        if name == "faulty":
+            proxy.add(*[Fault(kind, rate=0.02, stall_s=5) for kind in KINDS])
+        cfg = tiny_config(
+            *synth_data(data),
+            f"run.storage_path={bucket}/{name}",
+            *REPEATABLE_RUN,  # the trials repeat exactly, checkpoint for checkpoint
+            "tune.num_samples=1",
+            "tune.max_concurrent_trials=2",
+            "tune.grace_period=2",  # = every evaluation: ASHA stops neither trial
+            "tune.metric=train/loss",
+            "tune.mode=min",
+            "tune.search_space={train.lr: {grid: [1.0e-2, 1.0e-3]}}",
+        )
+        save_config(cfg, tmp_path / f"{name}.yaml")
+        _gram_ray(proxy, timings[name], "tune", "--config", str(tmp_path / f"{name}.yaml"), "--out",
+                  str(tmp_path / name))  # fmt: skip
+        with (tmp_path / name / "trials.csv").open() as f:
+            trials[name] = sorted(({k: v for k, v in row.items() if k != "trial_id"} for row in csv.DictReader(f)),
+                                  key=lambda row: row["train.lr"])  # fmt: skip
+        checkpoints[name] = _trial_checkpoints(sweep_root(cfg))
     print()
     _report(timings)
     assert sum(timings["faulty"]["tune"]["faults"].values()) >= 5, timings
@@ -212,11 +201,8 @@ def test_a_two_trial_sweep_through_transient_faults_equals_the_sweep_without(s3,
 
 def _fails(proxy: FaultyS3, *args: str) -> tuple[str, float]:
     """Run a gram-ray command that must fail with one line; that line and when it ended."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ENV | {"AWS_ENDPOINT_URL": proxy.endpoint}
-    env["GRAM_RAY_STORAGE_OUTAGE_S"] = "10"  # storage gone for good: the bound under test is outage_s's
-    run = subprocess.run(
-        [sys.executable, "-m", "gram_ray", *args], env=env, capture_output=True, text=True, timeout=600
-    )
+    # Storage gone for good: the bound under test is outage_s's.
+    run = _run(proxy, args, GRAM_RAY_STORAGE_OUTAGE_S="10")
     ended = time.monotonic()
     output = run.stdout + run.stderr
     last = output.strip().splitlines()[-1]
@@ -225,37 +211,32 @@ def _fails(proxy: FaultyS3, *args: str) -> tuple[str, float]:
 
 
 def test_storage_gone_during_preprocess_keeps_the_finished_shards_and_the_rerun_finishes_the_rest(
-    s3, synth_small, tmp_path
+    faulty_bucket, synth_small, tmp_path
 ):
-    data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
+    data, bucket, proxy = faulty_bucket
     _, config = _checkpoint(synth_small, tmp_path, bucket)
-    proxy = FaultyS3(s3.port, seed=29)
     media = ["--video-dir", data["videos"], "--audio-dir", data["audios"]]
     timings: dict = {}
-    try:
-        _gram_ray(proxy, timings, "preprocess", "--config", str(config), "--annotations", data["val"], *media,
-                  "--out", f"{bucket}/clean/cache", "--mode", "eval")  # fmt: skip
-        outage = {}
+    _gram_ray(proxy, timings, "preprocess", "--config", str(config), "--annotations", data["val"], *media,
+              "--out", f"{bucket}/clean/cache", "--mode", "eval")  # fmt: skip
+    outage = {}
 
-        def go_away():  # a shard is written and recorded: from now on nothing under the cache is answered
-            outage["fault"] = proxy.outage("503", key=r"/gone/cache/")
-            outage["at"] = time.monotonic()
+    def go_away():  # a shard is written and recorded: from now on nothing under the cache is answered
+        outage["fault"] = proxy.outage("503", key=r"/gone/cache/")
+        outage["at"] = time.monotonic()
 
-        proxy.when_answered(r"/gone/cache/_done/shard-", go_away, method="PUT")
-        last, ended = _fails(proxy, "preprocess", "--config", str(config), "--annotations", data["val"], *media,
-                             "--out", f"{bucket}/gone/cache", "--mode", "eval")  # fmt: skip
-        print(f"\nstorage gone during preprocess: it ended {ended - outage['at']:.0f} s later: {last}")
-        assert "storage failed" in last, last
-        assert re.search(rf"{bucket}/gone/cache/\S+", last), last  # names the object
-        assert "a rerun continues from them" in last
-        assert ended - outage["at"] < 10 + 30 + 30, ended - outage["at"]
+    proxy.when_answered(r"/gone/cache/_done/shard-", go_away, method="PUT")
+    last, ended = _fails(proxy, "preprocess", "--config", str(config), "--annotations", data["val"], *media,
+                         "--out", f"{bucket}/gone/cache", "--mode", "eval")  # fmt: skip
+    print(f"\nstorage gone during preprocess: it ended {ended - outage['at']:.0f} s later: {last}")
+    assert "storage failed" in last, last
+    assert re.search(rf"{bucket}/gone/cache/\S+", last), last  # names the object
+    assert "a rerun continues from them" in last
+    assert ended - outage["at"] < 10 + 30 + 30, ended - outage["at"]
 
-        proxy.heal()
-        output = _gram_ray(proxy, timings, "preprocess", "--config", str(config), "--annotations", data["val"],
-                           *media, "--out", f"{bucket}/gone/cache", "--mode", "eval")  # fmt: skip
-    finally:
-        proxy.stop()
+    proxy.heal()
+    output = _gram_ray(proxy, timings, "preprocess", "--config", str(config), "--annotations", data["val"],
+                       *media, "--out", f"{bucket}/gone/cache", "--mode", "eval")  # fmt: skip
     kept = re.search(r"resuming: (\d+) of (\d+) shards", output)
     assert kept and 1 <= int(kept[1]) < int(kept[2]), output[-3000:]
     print(f"the rerun: {kept[0]}")
@@ -263,41 +244,36 @@ def test_storage_gone_during_preprocess_keeps_the_finished_shards_and_the_rerun_
 
 
 def test_storage_gone_during_an_index_build_keeps_the_finished_shards_and_the_rerun_finishes_it(
-    s3, synth_small, tmp_path
+    faulty_bucket, synth_small, tmp_path
 ):
     from gram_ray.retrieval.index import SearchIndexError, load_index
 
-    data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
+    data, bucket, proxy = faulty_bucket
     checkpoint, config = _checkpoint(synth_small, tmp_path, bucket)
-    proxy = FaultyS3(s3.port, seed=29)
     timings: dict = {}
     media = ["--video-dir", data["videos"], "--audio-dir", data["audios"]]
-    try:
-        _gram_ray(proxy, timings, "preprocess", "--config", str(config), "--annotations", data["val"], *media,
-                  "--out", f"{bucket}/cache", "--mode", "eval")  # fmt: skip
-        _gram_ray(proxy, timings, "index", "--checkpoint", checkpoint, "--data", f"{bucket}/cache", "--out",
-                  f"{bucket}/clean")  # fmt: skip
-        outage = {}
+    _gram_ray(proxy, timings, "preprocess", "--config", str(config), "--annotations", data["val"], *media,
+              "--out", f"{bucket}/cache", "--mode", "eval")  # fmt: skip
+    _gram_ray(proxy, timings, "index", "--checkpoint", checkpoint, "--data", f"{bucket}/cache", "--out",
+              f"{bucket}/clean")  # fmt: skip
+    outage = {}
 
-        def go_away():  # an index shard is written and recorded: from now on the index's folder is gone
-            outage["fault"] = proxy.outage("503", key=r"/gone/")
-            outage["at"] = time.monotonic()
+    def go_away():  # an index shard is written and recorded: from now on the index's folder is gone
+        outage["fault"] = proxy.outage("503", key=r"/gone/")
+        outage["at"] = time.monotonic()
 
-        proxy.when_answered(r"/gone/_done/.+\.json", go_away, method="PUT")
-        last, ended = _fails(proxy, "index", "--checkpoint", checkpoint, "--data", f"{bucket}/cache", "--out",
-                             f"{bucket}/gone")  # fmt: skip
-        print(f"\nstorage gone during an index build: it ended {ended - outage['at']:.0f} s later: {last}")
-        assert "storage failed" in last, last
-        assert re.search(rf"{bucket}/gone/\S+", last), last
-        assert ended - outage["at"] < 10 + 30 + 30, ended - outage["at"]
-        proxy.heal()
-        with pytest.raises(SearchIndexError, match="not complete"):
-            load_index(f"{bucket}/gone")
-        output = _gram_ray(proxy, timings, "index", "--checkpoint", checkpoint, "--data", f"{bucket}/cache",
-                           "--out", f"{bucket}/gone")  # fmt: skip
-    finally:
-        proxy.stop()
+    proxy.when_answered(r"/gone/_done/.+\.json", go_away, method="PUT")
+    last, ended = _fails(proxy, "index", "--checkpoint", checkpoint, "--data", f"{bucket}/cache", "--out",
+                         f"{bucket}/gone")  # fmt: skip
+    print(f"\nstorage gone during an index build: it ended {ended - outage['at']:.0f} s later: {last}")
+    assert "storage failed" in last, last
+    assert re.search(rf"{bucket}/gone/\S+", last), last
+    assert ended - outage["at"] < 10 + 30 + 30, ended - outage["at"]
+    proxy.heal()
+    with pytest.raises(SearchIndexError, match="not complete"):
+        load_index(f"{bucket}/gone")
+    output = _gram_ray(proxy, timings, "index", "--checkpoint", checkpoint, "--data", f"{bucket}/cache",
+                       "--out", f"{bucket}/gone")  # fmt: skip
     kept = re.search(r"resuming: (\d+) of (\d+) cache files are indexed already", output)
     assert kept and 1 <= int(kept[1]) < int(kept[2]), output[-3000:]
     print(f"the rerun: {kept[0]}")

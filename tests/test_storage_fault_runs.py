@@ -32,25 +32,19 @@ from gram_ray import storage
 # runs); the cache read and the result write, in `make test-cluster` (marker `long`).
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STEPS = 8  # 16 clips, 4 a step, 2 epochs
+STEPS = 8  # tiny.REPEATABLE_RUN: 16 clips, 4 a step, 2 epochs
 SETTINGS = ["storage.max_attempts=4", "storage.request_timeout_s=3", "storage.connect_timeout_s=3"]
 
 
 def _config(tmp_path: Path, data: dict, runs: str, *extra: str) -> Path:
-    from tiny import synth_data, tiny_config
+    from tiny import REPEATABLE_RUN, synth_data, tiny_config
 
     from gram_ray.config import save_config
 
     cfg = tiny_config(
         "run.name=faults",
         f"run.storage_path={runs}",
-        "train.epochs=2",
-        "train.batch_size=4",
-        "train.checkpoint_every_steps=2",
-        "train.keep_checkpoints=100",
-        "scaling.num_workers=1",
-        "data.materialize=never",
-        "data.preserve_order=true",  # blocks in the same order whatever the reads' timing: the run repeats exactly
+        *REPEATABLE_RUN,
         *SETTINGS,
         *synth_data(data),
         *extra,
@@ -116,34 +110,45 @@ def _when_registered(run_root: str, then, timeout: float = 300) -> threading.Thr
     return thread
 
 
-def test_a_run_through_transient_faults_and_a_checkpoint_blip_ends_as_the_run_without_faults(s3, synth_small, tmp_path):
-    data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
-    proxy = FaultyS3(s3.port, seed=29)
-    try:
-        clean = _config(tmp_path, data, f"{bucket}/clean")
-        started = time.monotonic()
-        code, output = _finish(_train(clean, tmp_path / "clean", proxy))
-        clean_took = time.monotonic() - started
-        assert code == 0, output[-3000:]
-        clean_requests = len(proxy.entries(key="/clean/"))
+def _resumed_to_the_end(config: Path, out: Path, proxy: FaultyS3, run_root: str) -> str:
+    """Storage is back: `gram-ray train --resume auto` continues from the run's newest whole, registered checkpoint
+    and ends at the planned step. The checkpoint it continued from."""
+    from gram_ray.train.resume import latest_checkpoint
 
-        faulty = _config(tmp_path, data, f"{bucket}/faulty", "storage.outage_s=40")
-        every = [Fault(kind, key="/faulty/", rate=0.01, stall_s=5) for kind in ("503", "500", "reset", "cut", "stall")]
-        proxy.add(*every)
-        blip = {}
+    proxy.heal()
+    kept = latest_checkpoint(run_root, log=lambda line: None)
+    assert kept is not None, f"no whole, registered checkpoint under {run_root}"
+    code, output = _finish(_train(config, out, proxy, "--resume", "auto"))
+    assert code == 0, output[-3000:]
+    assert f"--resume auto: continuing from {kept}" in output
+    result = json.loads((out / "result.json").read_text())
+    assert result["last_metrics"]["step"] == result["last_metrics"]["total_steps"] == STEPS
+    return kept
 
-        def start_blip():  # every checkpoint request fails for 12 s: past 4 attempts (< 7 s), inside outage_s
-            blip["fault"] = proxy.outage("503", seconds=12, key=r"/faulty/faults/checkpoint_")
-            blip["end"] = time.monotonic() - proxy.started + 12
 
-        proxy.when_answered(r"/faulty/faults/checkpoint_.*/manifest\.json\?uploadId", start_blip)
-        started = time.monotonic()
-        code, output = _finish(_train(faulty, tmp_path / "faulty", proxy))
-        took = time.monotonic() - started
-        assert code == 0, output[-3000:]
-    finally:
-        proxy.stop()
+def test_a_run_through_transient_faults_and_a_checkpoint_blip_ends_as_the_run_without_faults(faulty_bucket, tmp_path):
+    data, bucket, proxy = faulty_bucket
+    clean = _config(tmp_path, data, f"{bucket}/clean")
+    started = time.monotonic()
+    code, output = _finish(_train(clean, tmp_path / "clean", proxy))
+    clean_took = time.monotonic() - started
+    assert code == 0, output[-3000:]
+    clean_requests = len(proxy.entries(key="/clean/"))
+
+    faulty = _config(tmp_path, data, f"{bucket}/faulty", "storage.outage_s=40")
+    every = [Fault(kind, key="/faulty/", rate=0.01, stall_s=5) for kind in ("503", "500", "reset", "cut", "stall")]
+    proxy.add(*every)
+    blip = {}
+
+    def start_blip():  # every checkpoint request fails for 12 s: past 4 attempts (< 7 s), inside outage_s
+        blip["fault"] = proxy.outage("503", seconds=12, key=r"/faulty/faults/checkpoint_")
+        blip["end"] = time.monotonic() - proxy.started + 12
+
+    proxy.when_answered(r"/faulty/faults/checkpoint_.*/manifest\.json\?uploadId", start_blip)
+    started = time.monotonic()
+    code, output = _finish(_train(faulty, tmp_path / "faulty", proxy))
+    took = time.monotonic() - started
+    assert code == 0, output[-3000:]
 
     injected = proxy.injected()
     assert blip and blip["fault"].injected >= 4  # the blip outlasted a request's attempts at least once
@@ -169,121 +174,87 @@ def test_a_run_through_transient_faults_and_a_checkpoint_blip_ends_as_the_run_wi
             assert torch.equal(faulty_ckpts[step]["model"][name], tensor), (step, name)
 
 
-def test_storage_gone_at_a_checkpoint_upload_ends_the_run_clearly_and_resume_auto_finishes_it(
-    s3, synth_small, tmp_path
-):
-    from gram_ray.train.resume import checkpoint_is_whole, latest_checkpoint
+def test_storage_gone_at_a_checkpoint_upload_ends_the_run_clearly_and_resume_auto_finishes_it(faulty_bucket, tmp_path):
+    from gram_ray.train.resume import checkpoint_is_whole, position
 
-    data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
+    data, bucket, proxy = faulty_bucket
     run_root = f"{bucket}/gone/faults"
-    proxy = FaultyS3(s3.port, seed=29)
-    try:
-        config = _config(tmp_path, data, f"{bucket}/gone", "storage.max_attempts=2", "storage.outage_s=10")
-        outage = {}
+    config = _config(tmp_path, data, f"{bucket}/gone", "storage.max_attempts=2", "storage.outage_s=10")
+    outage = {}
 
-        def go_away():  # the first checkpoint is registered: from now on no checkpoint request is answered
-            outage["fault"] = proxy.outage("503", key=r"/gone/faults/checkpoint_")
-            outage["at"] = time.monotonic()
+    def go_away():  # the first checkpoint is registered: from now on no checkpoint request is answered
+        outage["fault"] = proxy.outage("503", key=r"/gone/faults/checkpoint_")
+        outage["at"] = time.monotonic()
 
-        _when_registered(run_root, go_away)
-        code, output = _finish(_train(config, tmp_path / "out", proxy))
-        ended = time.monotonic()
-        assert code != 0 and outage, output[-3000:]
-        last = output.strip().splitlines()[-1]
-        # Whichever meets the outage first ends the run: the worker uploading the next checkpoint, or Ray Train's
-        # controller registering one (checkpoint_manager_snapshot.json).
-        assert last.startswith("Error: training failed"), output[-3000:]
-        assert re.search(r"storage failed (creating|uploading|writing) s3://"
-                         rf"{bucket.removeprefix('s3://')}/gone/faults/checkpoint_", last), last  # fmt: skip
-        assert "storage.outage_s=10 s" in last and "--resume auto" in last
-        # outage_s, then the last try's 2 attempts (< 1 s of backoff) on each file, then Ray's teardown
-        assert ended - outage["at"] < 10 + 30 + 30, ended - outage["at"]
-        print(f"\nstorage gone at a checkpoint: the run ended {ended - outage['at']:.0f} s later: {last}")
+    _when_registered(run_root, go_away)
+    code, output = _finish(_train(config, tmp_path / "out", proxy))
+    ended = time.monotonic()
+    assert code != 0 and outage, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    # Whichever meets the outage first ends the run: the worker uploading the next checkpoint, or Ray Train's
+    # controller registering one (checkpoint_manager_snapshot.json).
+    assert last.startswith("Error: training failed"), output[-3000:]
+    assert re.search(r"storage failed (creating|uploading|writing) s3://"
+                     rf"{bucket.removeprefix('s3://')}/gone/faults/checkpoint_", last), last  # fmt: skip
+    assert "storage.outage_s=10 s" in last and "--resume auto" in last
+    # outage_s, then the last try's 2 attempts (< 1 s of backoff) on each file, then Ray's teardown
+    assert ended - outage["at"] < 10 + 30 + 30, ended - outage["at"]
+    print(f"\nstorage gone at a checkpoint: the run ended {ended - outage['at']:.0f} s later: {last}")
 
-        proxy.heal()
-        first = latest_checkpoint(run_root, log=lambda line: None)
-        assert first is not None and checkpoint_is_whole(first)
-        code, output = _finish(_train(config, tmp_path / "out", proxy, "--resume", "auto"))
-        assert code == 0, output[-3000:]
-        assert f"--resume auto: continuing from {first}" in output
-    finally:
-        proxy.stop()
-    result = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert result["last_metrics"]["step"] == result["last_metrics"]["total_steps"] == STEPS
+    kept = _resumed_to_the_end(config, tmp_path / "out", proxy, run_root)
+    assert checkpoint_is_whole(kept) and position(kept)["step"] >= 2
 
 
 @pytest.mark.long
-def test_storage_gone_at_a_cache_read_ends_the_run_clearly_and_resume_auto_finishes_it(s3, synth_small, tmp_path):
-    from gram_ray.train.resume import latest_checkpoint, position
+def test_storage_gone_at_a_cache_read_ends_the_run_clearly_and_resume_auto_finishes_it(faulty_bucket, tmp_path):
+    from gram_ray.train.resume import position
 
-    data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
+    data, bucket, proxy = faulty_bucket
     run_root = f"{bucket}/read/faults"
-    proxy = FaultyS3(s3.port, seed=29)
-    try:
-        config = _config(tmp_path, data, f"{bucket}/read", "storage.max_attempts=2", "storage.outage_s=10")
-        outage = {}
+    config = _config(tmp_path, data, f"{bucket}/read", "storage.max_attempts=2", "storage.outage_s=10")
+    outage = {}
 
-        def go_away():  # from the first checkpoint on, no read of the caches is answered: the next epoch's fail
-            outage["fault"] = proxy.outage("503", method="GET", key=r"/read/faults/cache/")
-            outage["at"] = time.monotonic()
+    def go_away():  # from the first checkpoint on, no read of the caches is answered: the next epoch's fail
+        outage["fault"] = proxy.outage("503", method="GET", key=r"/read/faults/cache/")
+        outage["at"] = time.monotonic()
 
-        _when_registered(run_root, go_away)
-        code, output = _finish(_train(config, tmp_path / "out", proxy))
-        ended = time.monotonic()
-        assert code != 0 and outage and outage["fault"].injected, output[-3000:]
-        last = output.strip().splitlines()[-1]
-        print(f"\nstorage gone at a cache read: the run ended {ended - outage['at']:.0f} s later: {last}")
-        assert last.startswith("Error: training failed"), output[-3000:]
-        # Whichever split's read meets the outage first: the next epoch's train batches or the evaluation's.
-        shard = rf"'{bucket.removeprefix('s3://')}/read/faults/cache/(train|val)/shards/shard-"
-        assert re.search(rf"storage failed reading the (train|val) cache s3://.*{shard}", last), last
-        assert "--resume auto" in last and "the checkpoints written before it are untouched" in last
+    _when_registered(run_root, go_away)
+    code, output = _finish(_train(config, tmp_path / "out", proxy))
+    ended = time.monotonic()
+    assert code != 0 and outage and outage["fault"].injected, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    print(f"\nstorage gone at a cache read: the run ended {ended - outage['at']:.0f} s later: {last}")
+    assert last.startswith("Error: training failed"), output[-3000:]
+    # Whichever split's read meets the outage first: the next epoch's train batches or the evaluation's.
+    shard = rf"'{bucket.removeprefix('s3://')}/read/faults/cache/(train|val)/shards/shard-"
+    assert re.search(rf"storage failed reading the (train|val) cache s3://.*{shard}", last), last
+    assert "--resume auto" in last and "the checkpoints written before it are untouched" in last
 
-        proxy.heal()
-        kept = latest_checkpoint(run_root, log=lambda line: None)
-        assert kept is not None and position(kept)["step"] >= 2
-        code, output = _finish(_train(config, tmp_path / "out", proxy, "--resume", "auto"))
-        assert code == 0, output[-3000:]
-        assert f"--resume auto: continuing from {kept}" in output
-    finally:
-        proxy.stop()
-    result = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert result["last_metrics"]["step"] == result["last_metrics"]["total_steps"] == STEPS
+    kept = _resumed_to_the_end(config, tmp_path / "out", proxy, run_root)
+    assert position(kept)["step"] >= 2
 
 
 @pytest.mark.long
-def test_storage_gone_at_the_result_write_ends_the_run_clearly_and_resume_auto_writes_it(s3, synth_small, tmp_path):
-    from gram_ray.train.resume import latest_checkpoint, position
+def test_storage_gone_at_the_result_write_ends_the_run_clearly_and_resume_auto_writes_it(faulty_bucket, tmp_path):
+    from gram_ray.train.resume import position
 
-    data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
+    data, bucket, proxy = faulty_bucket
     run_root = f"{bucket}/result/faults"
-    proxy = FaultyS3(s3.port, seed=29)
-    try:
-        config = _config(tmp_path, data, f"{bucket}/result", "storage.max_attempts=2", "storage.outage_s=10")
-        # The run's last write, its result.json beside the checkpoints, is never answered.
-        fault = proxy.outage("503", method="PUT", key=r"/result/faults/result\.json")
-        code, output = _finish(_train(config, tmp_path / "out", proxy))
-        ended = time.monotonic()
-        assert code != 0 and fault.injected, output[-3000:]
-        first = next(e.t for e in proxy.entries(key=r"/result/faults/result\.json") if e.outcome == "503")
-        took = ended - (proxy.started + first)
-        assert took < 10 + 30, took  # outage_s, then the last try's attempts: the driver's write, no teardown
-        last = output.strip().splitlines()[-1]
-        print(f"\nstorage gone at the result write: the run ended {took:.0f} s after its first try: {last}")
-        assert last.startswith("Error: ") and f"storage failed writing {run_root}/result.json" in last, last
-        assert "storage.outage_s=10 s" in last
+    config = _config(tmp_path, data, f"{bucket}/result", "storage.max_attempts=2", "storage.outage_s=10")
+    # The run's last write, its result.json beside the checkpoints, is never answered.
+    fault = proxy.outage("503", method="PUT", key=r"/result/faults/result\.json")
+    code, output = _finish(_train(config, tmp_path / "out", proxy))
+    ended = time.monotonic()
+    assert code != 0 and fault.injected, output[-3000:]
+    first = next(e.t for e in proxy.entries(key=r"/result/faults/result\.json") if e.outcome == "503")
+    took = ended - (proxy.started + first)
+    assert took < 10 + 30, took  # outage_s, then the last try's attempts: the driver's write, no teardown
+    last = output.strip().splitlines()[-1]
+    print(f"\nstorage gone at the result write: the run ended {took:.0f} s after its first try: {last}")
+    assert last.startswith("Error: ") and f"storage failed writing {run_root}/result.json" in last, last
+    assert "storage.outage_s=10 s" in last
 
-        proxy.heal()
-        kept = latest_checkpoint(run_root, log=lambda line: None)
-        assert kept is not None and position(kept)["step"] == STEPS  # training had finished: its last checkpoint
-        code, output = _finish(_train(config, tmp_path / "out", proxy, "--resume", "auto"))
-        assert code == 0, output[-3000:]
-        assert f"--resume auto: continuing from {kept}" in output
-    finally:
-        proxy.stop()
+    kept = _resumed_to_the_end(config, tmp_path / "out", proxy, run_root)
+    assert position(kept)["step"] == STEPS  # training had finished: its last checkpoint, resumed to write the result
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert result["last_metrics"]["step"] == result["last_metrics"]["total_steps"] == STEPS
     assert json.loads(storage.read_text(f"{run_root}/result.json")) == result

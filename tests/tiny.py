@@ -32,6 +32,20 @@ OVERRIDES = [
 ]
 
 
+# A run on synth_small's 16 clips that repeats exactly, checkpoint for checkpoint: 8 steps of 4 clips, a checkpoint
+# every 2 (all kept), one worker, batches in the same order whatever the reads' timing (data.preserve_order). The
+# storage fault tests compare such a run through faults with the same run without.
+REPEATABLE_RUN = [
+    "train.epochs=2",
+    "train.batch_size=4",
+    "train.checkpoint_every_steps=2",
+    "train.keep_checkpoints=100",
+    "scaling.num_workers=1",
+    "data.materialize=never",
+    "data.preserve_order=true",
+]
+
+
 def synth_data(paths: dict, val: bool = True) -> list[str]:
     """Overrides pointing a config at a synthetic dataset (gram_ray.data.synthetic.generate's paths)."""
     return [
