@@ -4,6 +4,8 @@ metric; the Parquet caches are decoded once, before the sweep, and shared by eve
 
 Outputs in <out>: trials.csv (each trial's swept values, best metric, evaluations, status), best_config.yaml (a
 complete config that `gram-ray train` accepts) and sweep.png (the metric over learning rate and temperature).
+Each trial's checkpoints: <out>/trials/train-<trial id>/, or <storage_path>/<run.name>-sweep/trials/ with
+run.storage_path (then every node must reach it; without it, <out> must be).
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ def search_space(cfg: GramConfig) -> dict:
     return space
 
 
-def trial_driver(config: dict, base: dict, progress=None) -> None:
+def trial_driver(config: dict, base: dict, trials_root: str, progress=None) -> None:
     """One trial: the base config (passed once, by Tune's object store) with this trial's values (`config`, the
-    swept dotted keys only), fitted by its own TorchTrainer."""
+    swept dotted keys only), fitted by its own TorchTrainer, its checkpoints in <trials_root>/train-<trial id>."""
     import ray.tune
     from pydantic import ValidationError
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -61,10 +63,12 @@ def trial_driver(config: dict, base: dict, progress=None) -> None:
             f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err['input']!r})" for err in e.errors()
         )
         raise ConfigError(f"invalid trial config: {problems}") from None
+    # Tune's trial folder is a staging folder on the driver's node (under /tmp/ray/session_*), copied to the
+    # sweep's storage when Tune syncs: checkpoints written there would be stored twice, and those not yet synced
+    # would be lost with the driver. Ray Train writes them straight to the sweep's storage instead, where a
+    # resumed trial's run (same name, same storage) finds them.
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
-    # Each trial's checkpoints: beside the sweep on shared storage when there is one (any node may run a trial).
-    shared = cfg.run.storage_path
-    cfg.run.storage_path = storage.join(sweep_root(cfg), "trials") if shared else str(trial_dir / "ray")
+    cfg.run.storage_path = trials_root
     trial_id = ray.tune.get_context().get_trial_id()
     cfg.run.name = f"train-{trial_id}"
     cfg.wandb.enabled = False  # the sweep logs every trial through WandbLoggerCallback
@@ -123,7 +127,10 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
     # config, which should be the swept values only.
     progress = ProgressQueue()
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, base=cfg.model_dump(mode="json"), progress=progress), {"cpu": 1}
+        tune.with_parameters(
+            trial_driver, base=cfg.model_dump(mode="json"), trials_root=storage.join(root, "trials"), progress=progress
+        ),
+        {"cpu": 1},
     )
 
     if resume:

@@ -16,6 +16,7 @@ import pytest
 from tiny import tiny_config
 
 from gram_ray.config import load_config
+from gram_ray.train.resume import SNAPSHOT
 from gram_ray.tune import run_sweep
 
 pytestmark = [pytest.mark.tune, pytest.mark.ray]
@@ -102,16 +103,19 @@ def test_best_config_is_accepted_by_the_training_loader(sweep):
     assert (out / "sweep.png").stat().st_size > 0
 
 
-def _interrupt_after_second_trial_checkpoints(experiment: Path, stop: threading.Event, paused: list[int]) -> None:
+def _interrupt_after_second_trial_checkpoints(trials: Path, stop: threading.Event, paused: list[int]) -> None:
     """Ctrl+C for Tune (SIGUSR1: same graceful stop, and never a KeyboardInterrupt for pytest) once the second
-    trial (one trial at a time) has stored its first evaluation's checkpoint: it must resume from there. Tune's
-    stop takes seconds (from 2 to more than 14 were seen), in which the trial would train on, so its Ray Train
-    workers (found by Ray's state API, by process id) are paused first: the stop always finds it where it was."""
+    trial (one trial at a time, in the grid's order: trial id ..._00001) has stored and registered its first
+    evaluation's checkpoint (Ray Train's snapshot is written at the first registration): it must resume from
+    there. Tune's stop takes seconds (from 2 to more than 14 were seen), in which the trial would train on, so its
+    Ray Train workers (found by Ray's state API, by process id) are paused first: the stop always finds it where it
+    was. Watched where Ray Train writes (the sweep's trials/ folder): Tune's trial folders hold copies made when
+    Tune syncs, 4 to more than 9 s later, by when the trial had evaluated again or finished."""
     import ray
     from ray.util.state import list_actors
 
     while not stop.is_set():
-        if list(experiment.glob("trial_driver*lr=0.0030*/ray/train-*/checkpoint_*/position.json")):
+        if list(trials.glob(f"train-*_00001/{SNAPSHOT}")):
             alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
             workers = list_actors(address=ray.get_runtime_context().gcs_address, filters=alive)
             for worker in workers:
@@ -139,7 +143,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(synth_small, ray_sessi
     )
     stop, paused = threading.Event(), []
     watcher = threading.Thread(
-        target=_interrupt_after_second_trial_checkpoints, args=(tmp_path / "ray" / "sweep", stop, paused)
+        target=_interrupt_after_second_trial_checkpoints, args=(tmp_path / "trials", stop, paused)
     )
     watcher.start()
     try:
@@ -150,7 +154,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(synth_small, ray_sessi
         for pid in paused:  # gone with their trial as a rule; never left paused
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-    assert paused, "the second trial's workers were not found"
+    assert paused, "the second trial's first checkpoint was not seen in <out>/trials while its workers ran"
     first = {r["train.lr"]: r for r in _rows(tmp_path)}
     assert first["0.01"]["status"] == "completed" and first["0.003"]["status"] != "completed", first
     finished = next(p for p in (tmp_path / "ray" / "sweep").iterdir() if "lr=0.0100" in p.name)
