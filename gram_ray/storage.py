@@ -243,6 +243,9 @@ def with_retries(action: str, target: str, operation, remote: bool | None = None
 _CLIENT_ERROR = re.compile(r"AWS Error|curlCode")
 # Ray Data's last line after its own read retries (ray.data._internal.util.iterate_with_retry).
 _RAY_DATA_TRIES = re.compile(r"after (\d+)/\d+ attempts \(total backoff ([\d.]+)s\)")
+# How pyarrow names an object in an error: 'bucket/key' (Could not open Parquet input source '...', When reading
+# information for key '...').
+_OBJECT_NAMED = re.compile(r"'[^'\s]+/[^'\s]+'")
 
 
 def failure_in(error: BaseException, action: str, target: str) -> StorageError | None:
@@ -261,9 +264,15 @@ def failure_in(error: BaseException, action: str, target: str) -> StorageError |
         if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError) and _CLIENT_ERROR.search(first):
             tries = _RAY_DATA_TRIES.search(text)
             how = f" ({tries[1]} tries, {float(tries[2]):.0f} s of backoff between them)" if tries else ""
+            # pyarrow names the object when opening it fails, not when a read inside it does (its GetObject error
+            # for a byte range carries no key, pyarrow 26): then only the folder read is known.
+            where = (
+                "" if _OBJECT_NAMED.search(first) else " (a read inside one of its files; pyarrow does not say which)"
+            )
             return StorageError(
-                f"storage failed {action} {target}: {_short(first)}{how}. Check storage (endpoint, region, "
-                "credentials, the provider's status page) and run again (--resume auto continues a training run)"
+                f"storage failed {action} {target}{where}: {_short(first).rstrip(': ')}{how}. Check storage "
+                "(endpoint, region, credentials, the provider's status page) and run again (--resume auto continues "
+                "a training run)"
             )
         pending += [getattr(cause, "cause", None), cause.__cause__, cause.__context__]
     return None

@@ -316,6 +316,15 @@ def test_a_storage_failure_past_ray_datas_own_retries_is_named_on_one_line():
         "Please reduce your request rate. (10 tries, 97 s of backoff between them). Check storage (endpoint, region, "
         "credentials, the provider's status page) and run again (--resume auto continues a training run)"
     )
+    # A read inside a file that opened: pyarrow's GetObject error names no object, so the message says so.
+    inside = "AWS Error SERVICE_UNAVAILABLE during GetObject operation: \nFailed to reading batches after 10/10 "
+    inside += "attempts (total backoff 121.8s)."
+    assert str(storage.failure_in(_TaskError(OSError(inside)), "reading the val cache", "s3://bucket/c")) == (
+        "storage failed reading the val cache s3://bucket/c (a read inside one of its files; pyarrow does not say "
+        "which): AWS Error SERVICE_UNAVAILABLE during GetObject operation (10 tries, 122 s of backoff between them). "
+        "Check storage (endpoint, region, credentials, the provider's status page) and run again (--resume auto "
+        "continues a training run)"
+    )
     # Not storage's: a bug, a missing file (the cache was deleted: its own error), a local disk's error.
     assert storage.failure_in(_TaskError(ValueError("bad batch")), "reading", "x") is None
     assert storage.failure_in(_TaskError(FileNotFoundError("AWS Error NO_SUCH_KEY")), "reading", "x") is None
