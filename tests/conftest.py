@@ -88,5 +88,5 @@ def faulty_bucket(s3, synth_small) -> Iterator[BucketBehindFaults]:
     the server directly, so what it checks is read past the faults."""
     data = s3.upload_dataset(synth_small)
     proxy = FaultyS3(s3.port, seed=29)
-    yield BucketBehindFaults(data, data["val"].split("/data/")[0], proxy)
+    yield BucketBehindFaults(data, s3.bucket_of(data), proxy)
     proxy.stop()

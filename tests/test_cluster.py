@@ -193,7 +193,7 @@ def test_a_job_with_everything_in_a_bucket_then_evaluated_from_the_bucket_alone(
     from gram_ray.cli import main
 
     data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
+    bucket = s3.bucket_of(data)
     client = _client(local_head)
     args = _train_args(data, tmp_path / "run", f"run.storage_path={bucket}/runs", "run.name=s3-run")
     job_id = client.submit_job(

@@ -96,7 +96,7 @@ def test_aws_yaml_on_this_machine_scales_the_gpu_nodes_for_a_training_job_and_a_
     everything else in a bucket: the GPU node type comes up from 0 for the training job, reaches the YAML's
     maximum (2) for the sweep, and is back at 0 after the idle timeout (shortened to 15 s)."""
     data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
+    bucket = s3.bucket_of(data)
     train = _job(
         "jobs/train.py", "configs/demo.yaml", tmp_path / "train", data, bucket,
         "train.epochs=2", "scaling.num_workers=2", f"scaling.resources_per_worker={{CPU: 1, {LOCAL_GPU}: 1}}",

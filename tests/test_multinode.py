@@ -92,7 +92,7 @@ def _assert_every_clip_once_after_each_checkpoint(run: str, steps_per_epoch: int
 
 def test_a_node_lost_mid_epoch_is_replaced_and_the_run_ends_at_the_planned_step(cluster, s3, synth_small, tmp_path):
     data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
+    bucket = s3.bucket_of(data)
     cfg = tiny_config(
         "run.name=lost-node",
         f"run.storage_path={bucket}/runs",
@@ -156,7 +156,7 @@ def test_an_elastic_run_shrinks_to_one_worker_without_waiting_and_grows_back(clu
     micro-batch: 2 workers x 2, or 1 worker x 2 accumulated), the run ends at the planned step, and every epoch's
     clips are each trained on once."""
     data = s3.upload_dataset(synth_small)
-    bucket = data["val"].split("/data/")[0]
+    bucket = s3.bucket_of(data)
     cfg = tiny_config(
         "run.name=elastic",
         f"run.storage_path={bucket}/runs",

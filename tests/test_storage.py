@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from s3 import S3Server
 
 from gram_ray import storage
 from gram_ray.cli import main
@@ -118,7 +119,7 @@ def test_missing_inputs_in_storage_are_named_before_ray_starts(data_in_bucket, m
         raise AssertionError("Ray was started before the inputs were checked")
 
     monkeypatch.setattr(gram_ray.cli.commands, "init_ray", no_ray)
-    bucket = data_in_bucket["val"].split("/data/")[0]
+    bucket = S3Server.bucket_of(data_in_bucket)
     result = CliRunner().invoke(
         main,
         ["preprocess", "--annotations", f"{bucket}/data/nope.json", "--video-dir", data_in_bucket["videos"]]
@@ -141,7 +142,7 @@ def test_preprocess_from_the_bucket_into_the_bucket_equals_the_local_cache(data_
 
     data = DataConfig()
     data.video.num_frames, data.video.size, data.audio.window_frames = 4, 32, 64
-    bucket = data_in_bucket["val"].split("/data/")[0]
+    bucket = S3Server.bucket_of(data_in_bucket)
     remote = preprocess(
         data_in_bucket["val"], data_in_bucket["videos"], f"{bucket}/cache/val", data, audio_dir=data_in_bucket["audios"]
     )

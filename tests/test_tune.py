@@ -46,7 +46,7 @@ def sweep(synth_small, ray_session, s3, tmp_path_factory):
     data = s3.upload_dataset(synth_small)
     cfg = _sweep_config(
         data,
-        f"run.storage_path={data['val'].split('/data/')[0]}/runs",
+        f"run.storage_path={s3.bucket_of(data)}/runs",
         "tune.num_samples=1",
         "tune.grace_period=1",
         "tune.reduction_factor=2",

@@ -93,6 +93,11 @@ class LocalS3:
         storage.upload_dir(root, f"{bucket}/data")
         return {key: f"{bucket}/data/{Path(path).relative_to(root)}" for key, path in paths.items()}
 
+    @staticmethod
+    def bucket_of(dataset: dict) -> str:
+        """The s3://bucket a dataset from upload_dataset was copied into."""
+        return "/".join(dataset["val"].split("/")[:3])
+
     def stop(self) -> None:
         stop_group(self.process, grace_s=10)
         self._log.close()
