@@ -24,6 +24,7 @@ import torch
 
 from gram_ray import storage
 from gram_ray.config import GramConfig, save_config
+from gram_ray.model.fitting import adapt_state
 from gram_ray.model.gram import GramModel, build_model
 from gram_ray.model.safe_load import CheckpointError, load_weights
 
@@ -34,6 +35,8 @@ class CheckpointWriteError(OSError):
 
 __all__ = [
     "STATE_FILE",
+    "SPARE",
+    "ORIGINALS",
     "POSITION_FILE",
     "MANIFEST_FILE",
     "CheckpointError",
@@ -52,6 +55,10 @@ __all__ = [
 STATE_FILE = "state.pt"
 POSITION_FILE = "position.json"  # where in training the checkpoint was taken, readable without the weights
 MANIFEST_FILE = "manifest.json"  # the folder's files and sizes, written last
+# An import of GRAM's weights (gram_checkpoint.import_gram_checkpoint) keeps, beside the model's weights, those of
+# the parts its config has not (SPARE) and GRAM's own tensors where it resized them (ORIGINALS), by gram-ray's names.
+SPARE = "spare"
+ORIGINALS = "originals"
 
 
 def save_checkpoint(
@@ -222,19 +229,36 @@ def model_from_state(state: dict) -> tuple[GramModel, GramConfig]:
 
 
 def init_weights(model: GramModel, checkpoint: str, log=print) -> None:
-    """Load a gram-ray checkpoint's weights (e.g. GRAM's, imported by `gram-ray import-checkpoint`) into model.
-    Every weight in it must have a place in the model; an import made with --allow-partial may leave some of the
-    model's weights out, and those are named."""
-    state = load_checkpoint(checkpoint)["model"]
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
+    """Load a checkpoint's weights (GRAM's, imported once by `gram-ray import-checkpoint`, or a gram-ray run's) into
+    the model of any recipe: tensors whose shape follows the frame or window count or the resolution are resized
+    as GRAM's code resizes them (from GRAM's originals, for an import), the weights of a modality or of a matching
+    loss the recipe does not have are left out with one line saying so, and an import fills the parts its own
+    config had no place for (the subtitle head) from GRAM's weights it kept. Any other mismatch is a
+    CheckpointError naming the tensor and the config key that sets its shape. An import made with --allow-partial
+    may leave some of the model's weights out: those are named."""
+    state = load_checkpoint(checkpoint)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    weights = dict(state["model"]) | state.get(ORIGINALS, {})
+    filled = [k for k in state.get(SPARE, {}) if k in shapes and k not in weights]
+    weights |= {k: state[SPARE][k] for k in filled}
+    weights, report = adapt_state(weights, shapes)
+    problems = report.unexpected + report.misshaped  # a tensor of another encoder says more than a shape
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        kind = "has no place in this model" if report.unexpected else "does not fit this model"
         raise CheckpointError(
-            f"model.init_from={checkpoint}: {len(result.unexpected_keys)} of its weights have no place in this "
-            f"model (e.g. {result.unexpected_keys[:5]}): was it written for another model config?"
+            f"model.init_from={checkpoint}: a tensor {kind}: {problems[0]}{more}. Was it written for another model "
+            "config? Set that key as the checkpoint's config.yaml has it, or start from another checkpoint."
         )
-    log(f"initialised from {checkpoint}: {len(state)} tensors")
-    if result.missing_keys:
+    model.load_state_dict(weights, strict=False)
+    log(f"initialised from {checkpoint}: {report.loaded} tensors")
+    if filled:
+        log(f"  {len(filled)} tensors from the import's spare weights (its config had no place for them): {filled}")
+    for line in report.lines()[1:]:
+        if not line.startswith("MISSING"):
+            log("  " + line)
+    if report.missing:
         log(
-            f"  {len(result.missing_keys)} of the model's tensors were not in it and keep their initial values: "
-            f"{result.missing_keys[:10]}"
+            f"  {len(report.missing)} of the model's tensors were not in it and keep their initial values: "
+            f"{report.missing[:10]}"
         )

@@ -6,27 +6,29 @@ head), `contra_head_{t,v,a,s,d}` (the contrastive heads, no bias), `contra_temp`
 `itm_head.*`, `hidden_trans_*`, `*_frame_embedding`, `*_type_embeddings` (the fusion and match head, loaded into
 gram-ray's `fusion.*` when the model trains the matching loss).
 
-`import_gram_state` maps each key to gram-ray's model (built on the meta device: no memory, no download),
-checks every shape, and reports what is missing, unexpected or mis-shaped. Keys gram-ray does not use (yet) are
-kept, by their GRAM names, under the checkpoint's "unused" entry, each with the reason (UNUSED); nothing is
-dropped. The temperature becomes gram-ray's log form: log(contra_temp).
+`import_gram_state` maps each key to gram-ray's model (built on the meta device: no memory, no download), fits
+the weights to it (model/fitting.py: frame and window embeddings, EVA's positions), and reports what is missing,
+unexpected or mis-shaped. Keys gram-ray does not use are kept, by their GRAM names, under the checkpoint's
+"gram_unused" entry, each with the reason (UNUSED); the weights of parts the import's config has not and GRAM's
+own resized tensors are kept for other recipes; nothing is dropped. The temperature becomes gram-ray's log form:
+log(contra_temp).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gram_ray.config import GramConfig
+from gram_ray.model.fitting import FitReport, adapt_state
 from gram_ray.model.safe_load import load_weights
 
 __all__ = [
     "KEY_MAP",
     "UNUSED",
-    "ImportReport",
+    "GramImport",
     "gram_to_gram_ray",
     "gram_ray_to_gram",
     "import_gram_state",
@@ -106,89 +108,56 @@ def model_shapes(cfg: GramConfig, vocab: list[str] | None = None) -> dict[str, t
 
 
 @dataclass
-class ImportReport:
-    loaded: int = 0
-    missing: list[str] = field(default_factory=list)  # gram-ray keys the GRAM checkpoint does not provide
-    unexpected: list[str] = field(default_factory=list)  # GRAM keys with no place in gram-ray's model
-    misshaped: list[str] = field(default_factory=list)  # "gram key -> our key: theirs vs ours"
-    unused: dict[str, str] = field(default_factory=dict)  # GRAM key -> why it is kept but not loaded
-    resized: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return not (self.missing or self.unexpected or self.misshaped)
-
-    def lines(self) -> list[str]:
-        out = [f"loaded {self.loaded} tensors into gram-ray's model"]
-        out += [f"resized: {r}" for r in self.resized]
-        by_reason: dict[str, int] = {}
-        for why in self.unused.values():
-            by_reason[why] = by_reason.get(why, 0) + 1
-        out += [f"kept, not loaded ({n} keys): {why}" for why, n in by_reason.items()]
-        out += [f"MISSING in the GRAM checkpoint: {k}" for k in self.missing]
-        out += [f"UNEXPECTED (no place in the model): {k}" for k in self.unexpected]
-        out += [f"MIS-SHAPED: {m}" for m in self.misshaped]
-        return out
+class GramImport:
+    state: dict[str, torch.Tensor]  # gram-ray's state dict for the import's model
+    unused: dict[str, torch.Tensor]  # GRAM's tensors gram-ray does not load, by their GRAM names (report.unused: why)
+    spare: dict[str, torch.Tensor]  # by gram-ray's names: parts the import's model has not (the subtitle head)
+    originals: dict[str, torch.Tensor]  # by gram-ray's names: GRAM's own tensors that were resized for this model
+    report: FitReport
 
 
-def _resize_pos_embed(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """EVA's position embedding [1, 1 + g*g, D] resampled to the model's grid (another vision resolution)."""
-    from timm.layers import resample_abs_pos_embed
-
-    grid = int(math.isqrt(shape[1] - 1))
-    return resample_abs_pos_embed(value.float(), new_size=[grid, grid], num_prefix_tokens=1).to(value.dtype)
-
-
-def import_gram_state(
-    source: dict[str, torch.Tensor], shapes: dict[str, torch.Size]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], ImportReport]:
-    """(gram-ray state dict, GRAM's unused tensors by their GRAM names, report) for a GRAM state dict and the
-    shapes of the gram-ray model to load it into (model_shapes)."""
-    state: dict[str, torch.Tensor] = {}
+def import_gram_state(source: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> GramImport:
+    """A GRAM state dict mapped onto the gram-ray model of `shapes` (model_shapes). Kept beside the state, so that
+    another recipe's model starts from GRAM's weights as well (checkpoint.init_weights): the weights of the parts
+    this model leaves out, and GRAM's own tensors where they were resized (a recipe resizes from GRAM's, as GRAM
+    does)."""
+    renamed: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
     unused: dict[str, torch.Tensor] = {}
-    report = ImportReport()
+    unexpected, reasons = [], {}
     for key, value in source.items():
         ours = gram_to_gram_ray(key)
         if ours is None:
             unused[key] = value
             why = _unused_reason(key)
             if why is None:
-                report.unexpected.append(key)
+                unexpected.append(key)
             else:
-                report.unused[key] = why
+                reasons[key] = why
             continue
-        if ours not in shapes:  # e.g. the subtitle head of a model without subtitles, the fusion of one without DAM
-            unused[key] = value
-            report.unused[key] = f"{ours} is not part of this model (model.modalities, model.itm_ratio)"
-            continue
-        if key == TEMPERATURE[0]:
-            # GRAM keeps t itself (a scalar); gram-ray log t, in one element
-            value = torch.log(value.to(torch.float64)).to(torch.float32).reshape(shapes[ours])
-        if value.shape != shapes[ours]:
-            if ours.endswith("visual.pos_embed") and value.ndim == 3 and value.shape[-1] == shapes[ours][-1]:
-                report.resized.append(f"{key}: {list(value.shape)} -> {list(shapes[ours])} (another vision resolution)")
-                value = _resize_pos_embed(value, shapes[ours])
-            elif ".part_embedding." in ours and value.ndim == 3 and value.shape[-1] == shapes[ours][-1]:
-                # GRAM's frame/window embeddings are as long as its training run's clips: nearest, as GRAM loads them
-                report.resized.append(f"{key}: {list(value.shape)} -> {list(shapes[ours])} (other frame counts)")
-                value = torch.nn.functional.interpolate(value.transpose(1, 2), shapes[ours][1], mode="nearest")
-                value = value.transpose(1, 2).contiguous()
-            else:
-                report.misshaped.append(f"{key} -> {ours}: checkpoint {list(value.shape)}, model {list(shapes[ours])}")
-                continue
-        state[ours] = value
-    report.loaded = len(state)
-    report.missing = [k for k in shapes if k not in state]
-    return state, unused, report
+        if key == TEMPERATURE[0]:  # GRAM keeps t itself (a scalar); gram-ray log t, in one element
+            value = torch.log(value.to(torch.float64)).to(torch.float32).reshape(-1)
+        renamed[ours], names[ours] = value, key
+    state, report = adapt_state(renamed, shapes, names)
+    spare = {}
+    for why, keys in report.left_out.items():
+        for ours in keys:
+            spare[ours] = renamed[ours]
+            reasons[names[ours]] = why.replace("this recipe has", "the import's config has")
+    report.left_out = {}  # kept as spare weights for other recipes: reported with the unused ones
+    report.unexpected = unexpected + report.unexpected
+    report.unused = reasons
+    originals = {k: renamed[k] for k, v in state.items() if v.shape != renamed[k].shape}
+    return GramImport(state, unused, spare, originals, report)
 
 
 def import_gram_checkpoint(
     source: str | Path, cfg: GramConfig, out: str | Path, allow_partial: bool = False, log=print
-) -> ImportReport:
+) -> FitReport:
     """Write a gram-ray checkpoint folder at `out` from one of GRAM's checkpoints, for the model `cfg` describes.
     Refuses (CheckpointError, nothing written) when a key is missing, unexpected or mis-shaped, unless
     allow_partial. GRAM's checkpoints are plain state dicts: read with weights_only=True."""
-    from gram_ray.model.checkpoint import CheckpointError, write_checkpoint
+    from gram_ray.model.checkpoint import ORIGINALS, SPARE, CheckpointError, write_checkpoint
 
     log(f"reading {source} ...")
     state = load_weights(source)
@@ -196,7 +165,8 @@ def import_gram_checkpoint(
         raise CheckpointError(f"{source} is not a GRAM checkpoint: expected a flat state dict of tensors")
     log(f"  {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e9:.2f} B values")
     log("building the shapes of the configured model (meta device: no memory, no download) ...")
-    weights, unused, report = import_gram_state(state, model_shapes(cfg))
+    imported_state = import_gram_state(state, model_shapes(cfg))
+    report = imported_state.report
     for line in report.lines():
         log("  " + line)
     if not report.complete and not allow_partial:
@@ -210,7 +180,7 @@ def import_gram_checkpoint(
     write_checkpoint(
         out,
         {
-            "model": weights,
+            "model": imported_state.state,
             "optimizer": None,
             "scheduler": None,
             "step": 0,
@@ -220,7 +190,11 @@ def import_gram_checkpoint(
             "rng_states": None,
             "config": imported.model_dump(mode="json"),
             "vocab": None,
-            "gram_unused": unused,  # GRAM's other weights by their GRAM names (the fusion's, until it exists)
+            "gram_unused": imported_state.unused,  # by GRAM's names, each with its reason in import_report
+            # For recipes other than the import's (checkpoint.init_weights): the weights of parts its config has
+            # not, and GRAM's own tensors where they were resized.
+            SPARE: imported_state.spare,
+            ORIGINALS: imported_state.originals,
             "imported_from": str(source),
             "import_report": report.lines(),
         },
