@@ -57,6 +57,7 @@ __all__ = [
     "join",
     "absolute",
     "exists",
+    "kind",
     "read_bytes",
     "read_text",
     "read_table",
@@ -164,6 +165,7 @@ class StorageError(OSError):
 _PERMANENT = re.compile(
     r"ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|NO_SUCH_BUCKET|NO_SUCH_KEY|RESOURCE_NOT_FOUND"
     r"|HTTP status 40[0-4]\b|InvalidAccessKeyId|AccessDenied|NoSuchBucket"
+    r"|Bucket '[^']*' not found"  # pyarrow's own word for a bucket that is not there (a typo in its name)
 )
 
 
@@ -492,9 +494,16 @@ def _resolved(path: str | Path) -> str:
 
 
 def exists(path: str | Path) -> bool:
+    return kind(path) != pafs.FileType.NotFound
+
+
+def kind(path: str | Path) -> pafs.FileType:
+    """File, Directory (a prefix with objects under it, in object storage) or NotFound, with the settings' retries;
+    an OSError when storage cannot be reached or refuses."""
+
     def look():
         fs, p = resolve(path)
-        return fs.get_file_info(p).type != pafs.FileType.NotFound
+        return fs.get_file_info(p).type
 
     return with_retries("looking up", str(path), look)
 

@@ -65,8 +65,39 @@ CASES = [
         ["train", "--out", "{bad}/run", "--config", DEMO, "--set", "data.train_annotations=s3://bucket/a.json"],
         "cannot reach s3://bucket/a.json",
     ),
-    ("checkpoint in an unreachable bucket", ["evaluate", "--checkpoint", "s3://b/ckpt", "--data", "s3://b/d"], "ckpt"),
+    (
+        "checkpoint in an unreachable bucket",
+        ["evaluate", "--checkpoint", "s3://b/ckpt", "--data", "{bad}/folder"],
+        "ckpt",
+    ),
     ("weights in an unreachable bucket", ["import-checkpoint", "s3://bucket/gram.pt", "--out", "{bad}/o"], "gram.pt"),
+    # what a job will read or write, checked before anything is decoded or any GPU is asked for (before paying)
+    (
+        "weights missing",
+        ["train", "--out", "{bad}/run", "--config", DEMO, "--set", "model.init_from={bad}/nope"],
+        "/nope: no such folder",
+    ),
+    ("a folder as weights", ["tune", "--config", DEMO, "--set", "model.init_from={bad}/folder"], "no state.pt"),
+    (
+        "encoder weights missing",
+        ["train", "--out", "{bad}/run", "--config", DEMO, "--set", "model.vision.pretrained={bad}/EVA01_CLIP_g_14.pt"],
+        "model.vision.pretrained=",
+    ),
+    (
+        "run storage in an unreachable bucket",
+        ["train", "--out", "{bad}/run", "--config", DEMO, "--set", "run.storage_path=s3://bucket/runs"],
+        "run.storage_path=s3://bucket/runs: cannot reach",
+    ),
+    (
+        "run storage below a file",
+        ["train", "--out", "{bad}/run", "--config", DEMO, "--set", "run.storage_path={bad}/words.txt/runs"],
+        "run.storage_path=",
+    ),
+    (
+        "a cache below a file",
+        ["preprocess", "--annotations", "{bad}/words.txt", "--out", "{bad}/words.txt/o"],
+        "--out=",
+    ),
     # numbers out of range
     ("a negative learning rate", ["train", "--out", "{bad}/run", "--config", DEMO, "--set", "train.lr=-1"], "train.lr"),
     ("too few synthetic clips", ["synth", "--out", "{bad}/s", "--n", "0"], "--n"),

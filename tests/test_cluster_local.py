@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import synth_data
 
 from gram_ray.cluster.check import read_node_types
 from gram_ray.cluster.local import LOCAL_GPU, autoscaling_config, local_node_types
@@ -130,3 +131,31 @@ def test_aws_yaml_on_this_machine_scales_the_gpu_nodes_for_a_training_job_and_a_
     trials = (tmp_path / "sweep" / "trials.csv").read_text().splitlines()
     assert len(trials) == 1 + 4 and (tmp_path / "sweep" / "best_config.yaml").is_file()
     print(timeline)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.multinode
+@pytest.mark.cluster_e2e
+def test_a_wrong_weights_path_fails_the_job_in_a_minute_with_no_gpu_node_launched(synth_small, tmp_path):
+    """jobs/train.py on a cluster shaped like aws.yaml with model.init_from where no node has it: the driver's check
+    runs on a CPU node (the head schedules nothing: a cpu_decode node comes up for it) and the job fails there, in
+    one line, before a clip is decoded or a GPU node is asked for."""
+    weights = tmp_path / "weights" / "gram-pretrained"
+    sets = [*synth_data(synth_small), f"model.init_from={weights}", "wandb.enabled=false", "scaling.use_gpu=false",
+            f"scaling.resources_per_worker={{CPU: 1, {LOCAL_GPU}: 1}}"]  # fmt: skip
+    job = f"python jobs/train.py --config configs/demo.yaml --out {tmp_path / 'run'} "
+    job += " ".join(f"--set '{s}'" for s in sets)
+    command = [sys.executable, "-m", "gram_ray", "cluster", "local", "cluster/aws.yaml"]
+    command += ["--idle-timeout-minutes", "0.25", "--settle-s", "30", "--job", job]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-5000:]
+    failed = re.search(r": FAILED (\d+\.\d) s after its submission", output)
+    assert failed and float(failed.group(1)) < 60, output[-5000:]
+    shown = output[output.index("--- the end of the job's output (FAILED) ---") :].split("--- end ---")[0]
+    assert f"Error: model.init_from={weights}: no such folder." in shown and "(checked on a CPU node" in shown
+    assert "Traceback" not in shown and "decod" not in shown.lower()
+    timeline = output[output.index("node timeline:") :]
+    assert "gpu_train" not in timeline, timeline  # no GPU node was launched
+    print(failed.group(0), timeline)

@@ -12,7 +12,7 @@ from gram_ray.cli.common import (
     CONFIG_OPTION,
     SET_OPTION,
     VERBOSE_OPTION,
-    check_data,
+    check_then_start_ray,
     config_from_options,
     init_ray,
     training_errors,
@@ -74,16 +74,19 @@ def synth(out, n, seed, size, seconds, val_share) -> None:
 @VERBOSE_OPTION
 def preprocess(annotations, source, video_dir, audio_dir, out, config_path, overrides, mode, force, verbose) -> None:
     """Decode clips with Ray Data into a Parquet cache that every epoch and Tune trial reuses."""
+    from gram_ray.cluster.preflight import Need
     from gram_ray.data.manifest import ManifestError
     from gram_ray.data.packed import PACKED
-    from gram_ray.data.preprocess import PreprocessError, check_inputs
+    from gram_ray.data.preprocess import PreprocessError
     from gram_ray.data.preprocess import preprocess as run
 
     cfg = config_from_options(config_path, [*([f"data.source.kind={source}"] if source else []), *overrides])
     subtitles = "subtitle" in cfg.model.modalities if cfg.data.source.kind in PACKED else None
+    needs = [Need("--annotations", annotations, "inputs", cfg.data.source.kind)]
+    needs += [Need("--video-dir", video_dir, "dir")] if video_dir else []
+    needs += [Need("--audio-dir", audio_dir, "dir")] if audio_dir else []
+    check_then_start_ray([*needs, Need("--out", out, "writable")], cfg.data, verbose)
     try:
-        check_inputs([annotations], video_dir, audio_dir, cfg.data)
-        init_ray(verbose)
         run(
             annotations,
             video_dir,
@@ -113,14 +116,14 @@ def preprocess(annotations, source, video_dir, audio_dir, out, config_path, over
 @VERBOSE_OPTION
 def train(config_path, overrides, out, resume, verbose) -> None:
     """Train GRAM with Ray Train (TorchTrainer) on the data the config names."""
+    from gram_ray.cluster.preflight import needs_of_config
     from gram_ray.train.console import Console
     from gram_ray.train.loop import main_metric_name
     from gram_ray.train.trainer import fit
 
     cfg = config_from_options(config_path, overrides)
     out = out or Path("runs") / cfg.run.name
-    check_data(cfg)
-    init_ray(verbose)
+    check_then_start_ray(needs_of_config(cfg), cfg.data, verbose)
     console = Console(click.echo, main_metric=main_metric_name(cfg))
     with training_errors():
         _, summary = fit(cfg, out, resume_from=resume, log=click.echo, console=console)
@@ -140,13 +143,13 @@ def train(config_path, overrides, out, resume, verbose) -> None:
 @VERBOSE_OPTION
 def tune(config_path, overrides, out, resume, verbose) -> None:
     """Sweep learning rate, temperature (any config key) with Ray Tune and ASHA, one TorchTrainer per trial."""
+    from gram_ray.cluster.preflight import needs_of_config
     from gram_ray.config import ConfigError
     from gram_ray.tune import run_sweep
 
     cfg = config_from_options(config_path, overrides)
     out = out or Path("runs") / f"{cfg.run.name}-sweep"
-    check_data(cfg)
-    init_ray(verbose)
+    check_then_start_ray(needs_of_config(cfg), cfg.data, verbose)
     try:
         run_sweep(cfg, out, resume=resume, log=click.echo)
     except (ConfigError, ValueError) as e:
@@ -160,15 +163,17 @@ def tune(config_path, overrides, out, resume, verbose) -> None:
 @VERBOSE_OPTION
 def evaluate(checkpoint, data, json_path, verbose) -> None:
     """Retrieval metrics of a checkpoint on a Parquet cache (Ray Data batch inference)."""
+    from gram_ray.cluster.preflight import Need
     from gram_ray.model.checkpoint import CheckpointError
     from gram_ray.retrieval.metrics import results_table, write_metrics
     from gram_ray.train.inference import check_inputs, evaluate_checkpoint
 
+    needs = [Need("--checkpoint", checkpoint, "checkpoint"), Need("--data", data, "cache")]
+    check_then_start_ray(needs, _default_data(), verbose)
     try:
-        check_inputs(checkpoint, data)
+        check_inputs(checkpoint, data)  # and the checkpoint read once here: one that would run code is refused
     except (FileNotFoundError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
-    init_ray(verbose)
     metrics = evaluate_checkpoint(checkpoint, data)
     click.echo(results_table(metrics))
     if json_path:
@@ -201,18 +206,23 @@ def index(checkpoint, data, annotations, video_dir, audio_dir, out, dtype, worke
 
     if (data is None) == (annotations is None):
         raise click.UsageError("give either --data (a preprocessed cache) or --annotations with --video-dir")
-    try:
-        if data:
-            check_inputs(checkpoint, data)
-        else:
-            check_inputs(checkpoint, annotations)
-    except (FileNotFoundError, CheckpointError) as e:
-        raise click.ClickException(str(e)) from None
+    from gram_ray.cluster.preflight import Need
     from gram_ray.data.manifest import ManifestError
     from gram_ray.data.preprocess import PreprocessError
     from gram_ray.data.preprocess import preprocess as decode
 
-    init_ray(verbose)
+    needs = [Need("--checkpoint", checkpoint, "checkpoint")]
+    if data:
+        needs.append(Need("--data", data, "cache"))
+    else:
+        needs.append(Need("--annotations", annotations, "inputs"))
+        needs += [Need("--video-dir", video_dir, "dir")] if video_dir else []
+        needs += [Need("--audio-dir", audio_dir, "dir")] if audio_dir else []
+    check_then_start_ray([*needs, Need("--out", out, "writable")], _default_data(), verbose)
+    try:
+        check_inputs(checkpoint, data or annotations)  # and the checkpoint read once here: refused if it would run code
+    except (FileNotFoundError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
     try:
         if annotations:
             data = storage.join(out, "caches", Path(str(annotations)).stem)
@@ -406,3 +416,10 @@ COMMANDS = [
     demo,
     import_checkpoint,
 ]
+
+
+def _default_data():
+    """The data settings a check of a command without a config reads its inputs with (GRAM's JSON + media)."""
+    from gram_ray.config import DataConfig
+
+    return DataConfig()

@@ -1,5 +1,6 @@
-"""What the command modules share: the --config/--set/--verbose options, loading the config they name, checking the
-data before Ray starts, starting or joining Ray, and turning bad input into one `Error: ...` line."""
+"""What the command modules share: the --config/--set/--verbose options, loading the config they name, checking what
+a job reads and writes before it pays for anything, starting or joining Ray, and turning bad input into one
+`Error: ...` line."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ __all__ = [
     "OneLineErrors",
     "input_error",
     "config_from_options",
-    "check_data",
+    "check_then_start_ray",
     "init_ray",
     "dashboard_available",
     "training_failure",
@@ -203,19 +204,19 @@ def init_ray(verbose: bool = False) -> None:
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def check_data(cfg) -> None:
-    """The config's annotation files and media folders (local or in storage), checked before Ray starts: a
-    missing file costs a second, not Ray's start-up."""
-    from gram_ray.data.manifest import ManifestError
-    from gram_ray.data.preprocess import check_inputs
+def check_then_start_ray(needs: list, data_config, verbose: bool = False) -> None:
+    """Before paying (cluster/preflight.py): what the job reads and writes checked here (URIs; local paths too
+    without a cluster), then Ray started or joined, then the local paths checked on a CPU node of the cluster. Every
+    problem is one `Error: ...` line naming the key, the value and what to do; none of them costs a decoded clip or
+    a GPU node."""
+    from gram_ray.cluster.preflight import PreflightError, check_here, check_on_cluster
 
-    d = cfg.data
     try:
-        check_inputs([d.train_annotations], d.video_dir, d.audio_dir, d)
-        val = d.model_copy(update={"source": d.val_source or d.source})
-        check_inputs([d.val_annotations], d.video_dir, d.audio_dir, val)
-    except ManifestError as e:
-        raise click.ClickException(str(e)) from None
+        left = check_here(needs, data_config)
+        init_ray(verbose)
+        check_on_cluster(left, data_config)
+    except PreflightError as e:
+        raise click.ClickException("\nError: ".join(e.lines)) from None
 
 
 def dashboard_available() -> bool:

@@ -271,7 +271,8 @@ class LocalCluster:
         client = self.client()
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)})
         self.log(f"submitted {job_id}: {entrypoint}")
-        deadline = time.monotonic() + timeout_s
+        submitted = time.monotonic()
+        deadline = submitted + timeout_s
         ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
         while (status := client.get_job_status(job_id)) not in ended:
             if time.monotonic() > deadline:
@@ -280,7 +281,7 @@ class LocalCluster:
             self.watch()
             time.sleep(1)
         self.watch()
-        self.log(f"{job_id}: {status}")
+        self.log(f"{job_id}: {status} {time.monotonic() - submitted:.1f} s after its submission")
         return str(status), client.get_job_logs(job_id)[-3000:]
 
     def wait_for_minimum(self, timeout_s: float) -> bool:

@@ -260,12 +260,8 @@ def read_annotations(
 
 
 def _kind(path: str) -> pafs.FileType:
-    def look() -> pafs.FileType:
-        fs, p = storage.resolve(path)
-        return fs.get_file_info(p).type
-
     try:
-        return storage.with_retries("looking up", path, look)
+        return storage.kind(path)
     except OSError as e:  # storage unreachable, credentials refused, a bucket that does not exist
         raise ManifestError(f"cannot reach {path}: {str(e).splitlines()[0][:300]}") from None
 
