@@ -89,10 +89,10 @@ class AudioConfig(_Section):
         description="audio = decode each clip's audio (data.audio_dir, else the video's track); none = no audio "
         "in the cache (image-text sets: Flickr30k, MSCOCO)",
     )
-    sample_rate: int = Field(16000, ge=8000)
-    mel_bins: int = Field(64, ge=8)
-    frame_length_ms: float = Field(25.0, gt=0)
-    frame_shift_ms: float = Field(10.0, gt=0)
+    sample_rate: int = Field(16000, ge=8000, description="audio is resampled to this rate in Hz (GRAM: 16 kHz)")
+    mel_bins: int = Field(64, ge=8, description="mel filterbank bins (BEATs: 64; AST: 128)")
+    frame_length_ms: float = Field(25.0, gt=0, description="filterbank frame length in ms (Kaldi's)")
+    frame_shift_ms: float = Field(10.0, gt=0, description="filterbank frame shift in ms: 100 frames a second")
     windows: int = Field(1, ge=1, description="A: the filterbank is cut into this many windows")
     window_frames: int = Field(1024, ge=16, description="L: filterbank frames per window (padded or sliced)")
     frontend: Literal["ast", "beats"] = Field(
@@ -240,10 +240,16 @@ class DataConfig(_Section):
     )
     # Where a training run finds its data (preprocessed into cache_dir/<split> on first use): what
     # data.source.kind reads (annotation files, manifests, tar shards or Parquet files).
-    train_annotations: str | None = None
-    val_annotations: str | None = None
-    video_dir: str | None = None
-    audio_dir: str | None = None
+    train_annotations: str | None = Field(
+        None, description="the train split: GRAM's JSON, a manifest or shards (data.source.kind), a path or URI"
+    )
+    val_annotations: str | None = Field(
+        None, description="the val split evaluated during training (read as data.val_source, else data.source)"
+    )
+    video_dir: str | None = Field(None, description="the videos (or images) by id: a folder path or storage URI")
+    audio_dir: str | None = Field(
+        None, description="separate audio files by id (a path or URI); default: each video's own track"
+    )
     cache_dir: str | None = Field(None, description="Parquet caches; default <run output>/cache")
 
     @model_validator(mode="after")
@@ -296,8 +302,12 @@ class VisionEncoderConfig(EncoderConfig):
         "plus a horizontal flip, one per clip",
     )
     # CLIP's pixel statistics; frames arrive as uint8.
-    pixel_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    pixel_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    pixel_mean: tuple[float, float, float] = Field(
+        (0.48145466, 0.4578275, 0.40821073), description="per-channel mean the frames are normalised with (CLIP's)"
+    )
+    pixel_std: tuple[float, float, float] = Field(
+        (0.26862954, 0.26130258, 0.27577711), description="per-channel std the frames are normalised with (CLIP's)"
+    )
 
 
 class ModelConfig(_Section):
@@ -316,7 +326,7 @@ class ModelConfig(_Section):
         40, ge=4, description="caption tokens (GRAM: 40; 70 for DiDeMo/ActivityNet paragraphs)"
     )
     max_subtitle_length: int = Field(70, ge=4, description="subtitle tokens, when subtitles are a modality (GRAM: 70)")
-    embed_dim: int = Field(512, ge=8)
+    embed_dim: int = Field(512, ge=8, description="the shared embedding space's width: every projection head's output")
     head_bias: bool = Field(False, description="a bias in each projection head (GRAM's Contra_head: none)")
     itm_ratio: float = Field(
         0.0,
@@ -329,11 +339,16 @@ class ModelConfig(_Section):
         description="a gram-ray checkpoint (folder or URI) every weight starts from, e.g. GRAM's released model "
         "after `gram-ray import-checkpoint`; pretrained encoders are then not read from their own files",
     )
-    gradient_checkpointing: bool = False
-    temperature: float = Field(0.07, gt=0)
-    learnable_temperature: bool = True
-    temperature_bounds: tuple[float, float] | None = None
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute the encoders' activations in the backward pass: far less memory, ~1/3 more compute",
+    )
+    temperature: float = Field(0.07, gt=0, description="the contrastive loss's temperature (its start, when learnable)")
+    learnable_temperature: bool = Field(True, description="train the temperature with the model (GRAM: yes)")
+    temperature_bounds: tuple[float, float] | None = Field(
+        None, description="[min, max] the learnable temperature is clamped to; default: unclamped"
+    )
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="the InfoNCE targets' label smoothing (GRAM: 0.1)")
     gather: Literal["exact", "local", "seed", "none"] = Field(
         "exact",
         description="how features cross workers in the volume loss: exact (all_gather with gradient: DDP equals the "
@@ -404,8 +419,8 @@ class TrainConfig(_Section):
         "row (moves the whole split through the object store every epoch)",
     )
     shuffle_buffer: int = Field(256, ge=1, description="rows in each worker's local shuffle buffer (shuffle: blocks)")
-    grad_clip: float = Field(2.0, gt=0)
-    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(2.0, gt=0, description="the gradients' global norm is clipped to this (GRAM: 2.0)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated into one optimizer step")
     max_skipped_steps: int = Field(
         10,
         ge=1,
@@ -418,7 +433,7 @@ class TrainConfig(_Section):
     )
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="best K kept by val R@1")
-    log_every_steps: int = Field(10, ge=1)
+    log_every_steps: int = Field(10, ge=1, description="step metrics to W&B and metrics.jsonl every N steps")
     eval_every_epochs: int = Field(1, ge=1, description="evaluate (and checkpoint) every N epochs and at the end")
     evals_per_run: int | None = Field(
         None,
@@ -427,9 +442,9 @@ class TrainConfig(_Section):
         "(GRAM: valid_freq 10); wins over eval_every_epochs",
     )
     first_eval: bool = Field(False, description="also evaluate before the first step (GRAM's first_eval)")
-    eval_batch_size: int = Field(64, ge=1)
-    prefetch_batches: int = Field(2, ge=0)
-    seed: int = 0
+    eval_batch_size: int = Field(64, ge=1, description="clips a batch when embedding the val split")
+    prefetch_batches: int = Field(2, ge=0, description="batches Ray Data prepares ahead of each worker's step")
+    seed: int = Field(0, description="seeds the model's initialisation, each epoch's order and caption draws")
     threads_per_worker: int | None = Field(None, ge=1, description="torch CPU threads per worker")
     time_steps: bool = Field(
         False,
@@ -448,7 +463,7 @@ class ScalingSection(_Section):
         "node, without waiting for a replacement; more when nodes come back), each step keeping the same global "
         "batch through gradient accumulation",
     )
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per trainer worker")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="ddp: every worker holds the whole model, its gradients and AdamW state; fsdp: FSDP2 shards "
@@ -461,7 +476,9 @@ class ScalingSection(_Section):
         "or keep gradients and gathered weights on every worker until the step's last micro-batch (one "
         "reduce-scatter a step, no re-gathering; a full fp32 gradient and bf16 weights a worker more)",
     )
-    resources_per_worker: dict[str, float] | None = None
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="Ray resources of each trainer worker, e.g. {CPU: 8, GPU: 1}; default Ray Train's"
+    )
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
     resize_check_s: float = Field(
         60.0,
@@ -510,7 +527,7 @@ class ScalingSection(_Section):
 
 
 class RunSection(_Section):
-    name: str = "gram"
+    name: str = Field("gram", description="the run's name: its folder under run.storage_path, W&B's run name")
     storage_path: str | None = Field(None, description="local path or s3:// / gs:// URI; default <output>/ray")
 
 
@@ -548,11 +565,11 @@ class StorageSection(_Section):
 
 
 class WandbConfig(_Section):
-    enabled: bool = True
-    project: str = "gram-ray"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = []
+    enabled: bool = Field(True, description="record the run with W&B (metrics.jsonl is written either way)")
+    project: str = Field("gram-ray", description="the W&B project")
+    entity: str | None = Field(None, description="the W&B team or user; default: the account's own")
+    group: str | None = Field(None, description="the W&B group the run is filed under")
+    tags: list[str] = Field([], description="W&B tags of the run")
     mode: Literal["auto", "online", "offline"] = Field(
         "auto", description="auto: online when an API key is configured, else offline into the run folder"
     )
@@ -562,17 +579,23 @@ class TuneSection(_Section):
     """A sweep: dotted config keys -> a distribution ({"loguniform": [lo, hi]}, {"uniform": [lo, hi]},
     {"choice": [...]}, {"grid": [...]})."""
 
-    search_space: dict[str, dict[Literal["loguniform", "uniform", "choice", "grid"], list]] = {
-        "train.lr": {"loguniform": [1e-4, 3e-3]},
-        "model.temperature": {"loguniform": [0.01, 0.2]},
-        "model.learnable_temperature": {"choice": [True, False]},
-    }
+    search_space: dict[str, dict[Literal["loguniform", "uniform", "choice", "grid"], list]] = Field(
+        {
+            "train.lr": {"loguniform": [1e-4, 3e-3]},
+            "model.temperature": {"loguniform": [0.01, 0.2]},
+            "model.learnable_temperature": {"choice": [True, False]},
+        },
+        description="dotted config key -> its distribution: {loguniform: [lo, hi]}, {uniform: ...}, {choice: [...]}, "
+        "{grid: [...]}",
+    )
     metric: str | None = Field(None, description="default: val t2v R@1 by volume over every modality")
-    mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(8, ge=1)
+    mode: Literal["max", "min"] = Field("max", description="whether tune.metric is better high or low")
+    num_samples: int = Field(
+        8, ge=1, description="trials: samples of the search space (each grid point this many times)"
+    )
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster's CPUs/GPUs fit")
     grace_period: int = Field(1, ge=1, description="ASHA: evaluations before a trial can be stopped")
-    reduction_factor: float = Field(2, gt=1)
+    reduction_factor: float = Field(2, gt=1, description="ASHA: 1/reduction_factor of the trials go on at each rung")
 
 
 class EvalSection(_Section):

@@ -53,3 +53,22 @@ def test_the_readme_is_a_front_door():
     assert len(lines) <= 300
     for page in PAGES:  # the design is told here, not in a file outside the repository
         assert "DESIGN.md" not in page.read_text(), page
+
+
+def test_every_config_key_is_on_the_reference_page_with_a_description():
+    """docs/config-reference.md is what `gram-ray config-reference` prints, run here as the page says: a key added
+    to the config without a description, or without the page regenerated, fails."""
+    import subprocess
+    import sys
+
+    from gram_ray.cli.config_reference import config_keys
+
+    assert [k.name for k in config_keys() if not (k.description or "").strip()] == []
+    printed = subprocess.run(
+        [sys.executable, "-m", "gram_ray", "config-reference"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    page = (REPO / "docs" / "config-reference.md").read_text()
+    assert printed == page, "regenerate it: gram-ray config-reference > docs/config-reference.md"
+    assert "gram-ray config-reference > docs/config-reference.md" in (REPO / "docs" / "configuration.md").read_text()
+    for key in config_keys():
+        assert f"| `{key.name}` |" in page

@@ -1,6 +1,6 @@
 """The `gram-ray` command: one click group with the training and data commands (commands.py), `cluster`
-(cluster.py) and `bench` (bench.py); what they share is in common.py. The command modules never import this one:
-it registers them."""
+(cluster.py), `bench` (bench.py) and `config-reference` (config_reference.py); what they share is in common.py.
+The command modules never import this one: it registers them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from gram_ray.cli.bench import bench
 from gram_ray.cli.cluster import cluster
 from gram_ray.cli.commands import COMMANDS
 from gram_ray.cli.common import OneLineErrors
+from gram_ray.cli.config_reference import config_reference
 
 __all__ = ["main", "run_job"]
 
@@ -22,7 +23,7 @@ def main() -> None:
     """Train GRAM (Gramian multimodal alignment) models on Ray clusters."""
 
 
-for command in (*COMMANDS, cluster, bench):
+for command in (*COMMANDS, config_reference, cluster, bench):
     main.add_command(command)
 
 
