@@ -54,9 +54,10 @@ def synth(out, n, seed, size, seconds, val_share) -> None:
 )
 @click.option(
     "--source",
-    type=click.Choice(["manifest", "webdataset", "parquet"]),
-    help="data.source.kind: manifest (GRAM's annotation files are manifests; the default), webdataset (tar "
-    "shards, e.g. video2dataset's) or parquet (video2dataset's Parquet, media bytes in a column)",
+    type=click.Choice(["gram", "manifest", "webdataset", "parquet"]),
+    help="data.source.kind (default: the config's, gram): gram (GRAM's annotation files and media folders), manifest "
+    "(rows whose fields data.source.fields maps), webdataset (tar shards, e.g. video2dataset's) or parquet "
+    "(video2dataset's Parquet, media bytes in a column)",
 )
 @click.option("--video-dir", help="folder of the videos (or images): a path or storage URI; none for audio-only sets")
 @click.option("--audio-dir", help="folder of separate audio files (a path or URI); else: the videos' tracks")
