@@ -8,7 +8,10 @@ of a KubeRay RayCluster / RayJob, and says, before anything is paid for:
 - whether each worker's request (CPU, GPU, custom resources) fits a node type; if none can hold it, an error
   naming the resource;
 - whether the config's training step fits the node type's GPU memory (the memory estimate of
-  `bench train --dry-run`), with the GPU and its memory read off the instance type the YAML names.
+  `bench train --dry-run`), with the GPU and its memory read off the instance type the YAML names;
+- a warning for a worker node type that runs as the launcher's own identity (AWS's `ray-autoscaler-v1` instance
+  profile, EC2 and S3 full access; GCP's `ray-autoscaler-sa-v1` service account): the nodes that decode untrusted
+  video should hold no more than the run's bucket.
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ from pathlib import Path
 
 from gram_ray.config import GramConfig, read_yaml_mapping
 
-__all__ = ["NodeType", "CheckError", "GPU_BY_INSTANCE", "read_node_types", "worker_request", "check_cluster"]
+__all__ = [
+    "NodeType",
+    "CheckError",
+    "GPU_BY_INSTANCE",
+    "LAUNCHER_IDENTITIES",
+    "read_node_types",
+    "identity_warnings",
+    "worker_request",
+    "check_cluster",
+]
 
 GIB = 2**30
 
@@ -60,6 +72,7 @@ class NodeType:
     gpu: str | None = None
     gpu_gb: float | None = None
     head: bool = False
+    identity: str | None = None  # the cloud identity its nodes run as: instance profile or service account
 
     def holds(self, request: dict[str, float]) -> int:
         """How many of these requests one node of this type holds (0: none)."""
@@ -83,6 +96,9 @@ def _launcher_types(tree: dict) -> list[NodeType]:
         accelerators = [a.get("acceleratorType") for a in node.get("guestAccelerators") or []]
         gpu, gb = _gpu_of(instance, *accelerators)
         head = name == tree["head_node_type"]
+        profile = node.get("IamInstanceProfile") or {}
+        accounts = [a.get("email") for a in node.get("serviceAccounts") or []]
+        identity = profile.get("Name") or profile.get("Arn") or next(filter(None, accounts), None)
         types.append(
             NodeType(
                 name,
@@ -93,9 +109,27 @@ def _launcher_types(tree: dict) -> list[NodeType]:
                 gpu,
                 gb,
                 head,
+                identity,
             )
         )
     return types
+
+
+# The identities Ray's launcher creates for itself (and gives the head when a YAML names none): on AWS the instance
+# profile ray-autoscaler-v1, whose role has AmazonEC2FullAccess and AmazonS3FullAccess; on GCP the service account
+# ray-autoscaler-sa-v1, with compute and storage admin roles.
+LAUNCHER_IDENTITIES = ("ray-autoscaler-v1", "ray-autoscaler-sa-v1@")
+
+
+def identity_warnings(types: list[NodeType]) -> list[str]:
+    """A line for each worker node type that runs as the launcher's own identity."""
+    return [
+        f"warning: worker node type {t.name} runs as {t.identity}, the launcher's own identity (it may start and "
+        "stop instances and read and write every bucket); give it a worker identity that may only read and write "
+        "the run's bucket (cluster/README.md: least privilege)"
+        for t in types
+        if not t.head and t.identity and any(mark in t.identity.split("/")[-1] for mark in LAUNCHER_IDENTITIES)
+    ]
 
 
 def _quantity(value) -> float:
@@ -204,6 +238,7 @@ def check_cluster(cfg: GramConfig, yaml_path: str | Path, gpu_gb: float | None =
     cpu_only = [t for t in workers if t.holds({"CPU": 1}) and not t.resources.get("GPU")]
     decode = max(cpu_only or [t for t in workers if t.holds({"CPU": 1})], key=lambda t: t.resources.get("CPU", 0))
     result = CheckResult(host, nodes, per_node, decode)
+    result.lines += identity_warnings(types)
     result.lines += [
         f"trainer workers: {trainers}{elastic} x {request} on node type {host.name} "
         f"({host.instance or 'instance not named'}, {host.resources}): {per_node} per node, {nodes} node(s) of "
