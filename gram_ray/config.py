@@ -566,8 +566,8 @@ class StorageSection(_Section):
 
 class WandbConfig(_Section):
     enabled: bool = Field(True, description="record the run with W&B (metrics.jsonl is written either way)")
-    project: str = Field("gram-ray", description="the W&B project")
-    entity: str | None = Field(None, description="the W&B team or user; default: the account's own")
+    project: str | None = Field(None, description="the W&B project; default: WANDB_PROJECT, else gram-ray")
+    entity: str | None = Field(None, description="the W&B team or user; default: WANDB_ENTITY, else the account's own")
     group: str | None = Field(None, description="the W&B group the run is filed under")
     tags: list[str] = Field([], description="W&B tags of the run")
     mode: Literal["auto", "online", "offline"] = Field(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import os
 from pathlib import Path
 
 from gram_ray import storage
@@ -44,9 +43,14 @@ def search_space(cfg: GramConfig) -> dict:
     return space
 
 
-def trial_driver(config: dict, base: dict, trials_root: str, progress=None) -> None:
+def trial_driver(
+    config: dict, base: dict, trials_root: str, progress=None, wandb_mode: str = "disabled", credentials=None
+) -> None:
     """One trial: the base config (passed once, by Tune's object store) with this trial's values (`config`, the
-    swept dotted keys only), fitted by its own TorchTrainer, its checkpoints in <trials_root>/train-<trial id>."""
+    swept dotted keys only), fitted by its own TorchTrainer, its checkpoints in <trials_root>/train-<trial id>. Its
+    W&B run (id: the trial's, so a resumed sweep continues it) is one of the sweep's group; credentials:
+    tracking.wandb_credentials() of the sweep's driver (which decided wandb_mode), through Tune's object store."""
+    import ray
     import ray.tune
     from pydantic import ValidationError
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -71,11 +75,19 @@ def trial_driver(config: dict, base: dict, trials_root: str, progress=None) -> N
     cfg.run.storage_path = trials_root
     trial_id = ray.tune.get_context().get_trial_id()
     cfg.run.name = f"train-{trial_id}"
-    cfg.wandb.enabled = False  # the sweep logs every trial through WandbLoggerCallback
     layout = RunLayout.of(cfg, trial_dir)
     data = prepare_data(cfg, layout, log=lambda *_: None)  # cache hits: decoded once before the sweep
+    on = wandb_mode != "disabled"
+    ref = ray.put(credentials) if on else None  # to the trial's rank 0 by reference, as a training run's
+    tracking = {"wandb_mode": wandb_mode, "run_id": trial_id if on else None, "credentials": ref}
     trainer = build_trainer(
-        cfg, data, layout, callbacks=[TuneReportCallback()], progress=progress, source=f"trial {trial_id}"
+        cfg,
+        data,
+        layout,
+        callbacks=[TuneReportCallback()],
+        progress=progress,
+        source=f"trial {trial_id}",
+        tracking=tracking | {"sync_to": layout.run_root},  # the trial's folder in the sweep's storage
     )
     with train_env(cfg):
         trainer.fit()
@@ -106,7 +118,7 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from gram_ray.tracking import wandb_mode
+    from gram_ray.tracking import wandb_credentials, wandb_mode
     from gram_ray.train.console import Console, ProgressQueue, run_with_progress
     from gram_ray.train.layout import RunLayout
     from gram_ray.train.trainer import decode_caches
@@ -126,9 +138,18 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
     # The base config goes through with_parameters, not the search space: Tune prints and stores each trial's
     # config, which should be the swept values only.
     progress = ProgressQueue()
+    # Every trial a W&B run of one group; W&B's key goes to the trials by reference (tracking.py).
+    cfg.wandb.group = cfg.wandb.group or f"sweep-{out.name}"
+    credentials = wandb_credentials()
+    mode = wandb_mode(cfg, credentials)
     trainable = tune.with_resources(
         tune.with_parameters(
-            trial_driver, base=cfg.model_dump(mode="json"), trials_root=storage.join(root, "trials"), progress=progress
+            trial_driver,
+            base=cfg.model_dump(mode="json"),
+            trials_root=storage.join(root, "trials"),
+            progress=progress,
+            wandb_mode=mode,
+            credentials=credentials if mode != "disabled" else None,  # with_parameters: by the object store
         ),
         {"cpu": 1},
     )
@@ -146,18 +167,6 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
     else:
         log("decoding the data once for every trial ...")
         decode_caches(cfg, RunLayout.of(cfg, out), log=log)
-        callbacks = []
-        mode = wandb_mode(cfg)
-        if mode != "disabled":
-            from ray.air.integrations.wandb import WandbLoggerCallback
-
-            if mode == "offline":
-                os.environ["WANDB_MODE"] = "offline"  # the callback demands an API key unless told it is offline
-            callbacks.append(
-                WandbLoggerCallback(
-                    project=cfg.wandb.project, group=cfg.wandb.group or f"sweep-{out.name}", mode=mode, dir=str(out)
-                )
-            )
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(cfg),
@@ -176,9 +185,7 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
                 max_concurrent_trials=_max_concurrent(cfg),
             ),
             # gram-ray prints a line per trial step and evaluation; Tune's status table stays off the console.
-            run_config=tune.RunConfig(
-                name=SWEEP_NAME, **storage.run_storage(tune_storage), callbacks=callbacks, verbose=0
-            ),
+            run_config=tune.RunConfig(name=SWEEP_NAME, **storage.run_storage(tune_storage), verbose=0),
         )
     results = run_with_progress(tuner.fit, progress, Console(log, main_metric=metric))
     write_outputs(results, cfg, metric, evaluations, out, log)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tiny import OVERRIDES
+from wandb_records import history, read_records
 
 from gram_ray.cluster.processes import free_port, ray_head_command, stop_group, wait_until_up
 
@@ -140,6 +141,16 @@ def _wait(client, job_id: str, timeout: float = 600) -> str:
     return status
 
 
+def _folders(uri: str) -> list[str]:
+    """The names of the folders directly under a storage URI."""
+    import pyarrow.fs as pafs
+
+    from gram_ray import storage
+
+    fs, path = storage.resolve(uri)
+    return [i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
+
+
 def _assert_trained(result_json: Path) -> dict:
     result = json.loads(result_json.read_text())
     assert "val/text-video-audio/t2v/R@1" in result["best_metrics"]
@@ -195,9 +206,12 @@ def test_a_job_with_everything_in_a_bucket_then_evaluated_from_the_bucket_alone(
     data = s3.upload_dataset(synth_small)
     bucket = s3.bucket_of(data)
     client = _client(local_head)
-    args = _train_args(data, tmp_path / "run", f"run.storage_path={bucket}/runs", "run.name=s3-run")
+    args = _train_args(
+        data, tmp_path / "run", f"run.storage_path={bucket}/runs", "run.name=s3-run", "wandb.enabled=true"
+    )
     job_id = client.submit_job(
-        entrypoint=shlex.join(["python", "jobs/train.py", *args]), runtime_env={"working_dir": str(REPO)}
+        entrypoint=shlex.join(["python", "jobs/train.py", *args]),
+        runtime_env={"working_dir": str(REPO), "env_vars": {"WANDB_MODE": "offline"}},  # W&B on, with no account
     )
     status = _wait(client, job_id)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
@@ -209,6 +223,17 @@ def test_a_job_with_everything_in_a_bucket_then_evaluated_from_the_bucket_alone(
     assert storage.exists(f"{run}/cache/val/report.json") and storage.exists(f"{run}/config.yaml")
 
     shutil.rmtree(tmp_path / "run")  # nothing a later job needs stayed on the driver's disk
+    # What the run reported outlives rank 0's node: metrics.jsonl and the W&B run, copied to the run's storage.
+    lines = storage.read_text(f"{run}/metrics.jsonl").splitlines()
+    assert [json.loads(line)["step"] for line in lines if "train/loss" in line][-1] == result["last_metrics"]["step"]
+    run_id = storage.read_text(f"{run}/wandb-run-id").strip()
+    (folder,) = _folders(f"{run}/wandb")
+    assert folder.endswith(f"-{run_id}")
+    (record_file,) = storage.list_files(f"{run}/wandb/{folder}", ".wandb")
+    local_record = tmp_path / "run.wandb"
+    local_record.write_bytes(storage.read_bytes(record_file))
+    logged = [row["step"] for row in history(read_records(local_record)) if "train/loss" in row]
+    assert logged and logged == sorted(logged) and logged[-1] == result["last_metrics"]["step"]
     evaluated = CliRunner().invoke(
         main,
         [

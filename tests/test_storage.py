@@ -36,7 +36,7 @@ def test_read_write_list_delete_through_a_uri(tmp_path):
 def test_cli_takes_uris_where_storage_may_be_remote(tmp_path):
     """click.Path would collapse s3://bucket into s3:/bucket: the options that may name storage are strings."""
     result = CliRunner().invoke(main, ["evaluate", "--checkpoint", f"file://{tmp_path}/nope", "--data", str(tmp_path)])
-    assert result.exit_code != 0 and f"file://{tmp_path}/nope is not a gram-ray checkpoint folder" in result.output
+    assert result.exit_code != 0 and f"--checkpoint=file://{tmp_path}/nope: no such folder" in result.output
 
 
 # Through the S3 API: a local S3 server (moto) on 127.0.0.1, the same pyarrow client and code path as AWS.
@@ -113,12 +113,12 @@ def test_a_clip_that_cannot_be_read_from_storage_is_skipped_with_the_reason(data
 
 def test_missing_inputs_in_storage_are_named_before_ray_starts(data_in_bucket, monkeypatch):
     """A typo in a bucket path is an error in about a second, not after Ray's start-up."""
-    import gram_ray.cli.commands
+    import gram_ray.cli.common
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the inputs were checked")
 
-    monkeypatch.setattr(gram_ray.cli.commands, "init_ray", no_ray)
+    monkeypatch.setattr(gram_ray.cli.common, "init_ray", no_ray)
     bucket = S3Server.bucket_of(data_in_bucket)
     result = CliRunner().invoke(
         main,
@@ -131,7 +131,7 @@ def test_missing_inputs_in_storage_are_named_before_ray_starts(data_in_bucket, m
         ["train", "--config", "configs/demo.yaml", "--set", f"data.train_annotations={data_in_bucket['train']}"]
         + ["--set", f"data.video_dir={bucket}/data/no-videos"],
     )
-    assert result.exit_code != 0 and f"video directory {bucket}/data/no-videos does not exist" in result.output
+    assert result.exit_code != 0 and f"data.video_dir={bucket}/data/no-videos: no such folder" in result.output
 
 
 @pytest.mark.ray

@@ -15,7 +15,9 @@ from gram_ray.train.trainer import fit
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpoint(synth_small, ray_session, tmp_path):
+def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpoint(
+    synth_small, ray_session, tmp_path, monkeypatch
+):
     # Two CPU workers; one of them is SIGKILLed right after the first checkpoint (mid-epoch, step 1), and with
     # scaling.max_failures=1 Ray Train restarts the group from it. The datasets are rebuilt for the restarted
     # group from that checkpoint's position (the rest of epoch 0): the step-3 checkpoint must count exactly the
@@ -23,8 +25,15 @@ def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpo
     # the run must end at its planned 4 steps. Then `gram-ray evaluate` on the checkpoint. The workers shard the
     # model with FSDP (scaling.strategy: fsdp), so this is also FSDP through Ray Train: the sharded model's gathered
     # checkpoints, a restart from one, and an FSDP checkpoint read by `evaluate` without any process group (every
-    # other Ray Train test runs DDP).
+    # other Ray Train test runs DDP). W&B records it offline, with a key in the driver's environment only (the
+    # session's Ray workers started without it): rank 0 gets it by reference, the restarted group continues the same
+    # W&B run, and the key is written nowhere.
     from chaos import kill_a_worker_when
+    from wandb_records import history, read_records
+
+    key = "fedcba9876543210fedcba9876543210fedcba98"
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    monkeypatch.setenv("WANDB_MODE", "offline")
 
     cfg = tiny_config(
         "train.epochs=2",
@@ -33,6 +42,7 @@ def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpo
         "scaling.num_workers=2",
         "scaling.strategy=fsdp",
         "scaling.max_failures=1",
+        "wandb.enabled=true",
         f"data.train_annotations={synth_small['train']}",
         f"data.val_annotations={synth_small['val']}",
         f"data.video_dir={synth_small['videos']}",
@@ -57,6 +67,18 @@ def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpo
     # Both workers ran the exact gather: the val metrics cover all 8 val clips (2 groups of 4).
     best = summary["best_eval"]["volume"]["text-video-audio"]["t2v"]
     assert best["MeanR"] <= 8 and json.loads(json.dumps(best)) == best
+
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    run_id = (tmp_path / "run" / "ray" / cfg.run.name / "wandb-run-id").read_text().strip()
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # before and after the restart
+    steps = [
+        [row["step"] for row in history(read_records(next(r.glob("*.wandb")))) if "train/loss" in row] for r in runs
+    ]
+    # The killed group's rank 0 wrote what W&B had flushed (it writes its run file every 15 s: nothing, or step 1);
+    # the restarted one continued the same run from the checkpoint of step 1 to the last step.
+    assert steps[0] in ([], [1]) and steps[1] == [2, 3, 4]
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or key.encode() not in path.read_bytes(), path
 
     out = tmp_path / "eval.json"
     cache = Path(tmp_path / "run" / "cache" / "val")

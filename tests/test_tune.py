@@ -57,7 +57,10 @@ def sweep(synth_small, ray_session, s3, tmp_path_factory):
         # A temperature of -1 is invalid: those trials must fail while the others go on.
         "tune.search_space={train.lr: {grid: [1.0e-2, 1.0e-4]}, model.temperature: {grid: [0.07, -1.0]}}",
     )
-    results = run_sweep(cfg, out, log=lambda *_: None)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")  # W&B records the trials, with no account
+        cfg.wandb.enabled = True
+        results = run_sweep(cfg, out, log=lambda *_: None)
     return cfg, out, results, _rows(out)
 
 
@@ -92,6 +95,29 @@ def test_the_sweep_state_and_caches_live_in_the_bucket(sweep):
     assert tune.Tuner.can_restore(storage.join(root, "ray", SWEEP_NAME))  # resumable from the bucket alone
     assert storage.exists(storage.join(root, "cache", "train", "report.json"))
     assert storage.read_text(storage.join(root, "trials.csv")) == (out / "trials.csv").read_text()
+
+
+def test_a_sweep_is_one_wandb_group_with_a_run_per_trial_kept_in_the_bucket(sweep, tmp_path):
+    """Each trial that trained is a W&B run whose id is its trial id, kept in its folder of the sweep's storage;
+    the finished trial's run names the sweep's group. (ASHA's stopped trial ends with its workers: its copy holds
+    what W&B had flushed at its last checkpoint.)"""
+    import pyarrow.fs as pafs
+    from wandb_records import read_records
+
+    from gram_ray import storage
+    from gram_ray.tune import sweep_root
+
+    cfg, out, _, rows = sweep
+    fs, trials = storage.resolve(storage.join(sweep_root(cfg), "trials"))
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(trials, recursive=True)) if i.path.endswith(".wandb")]
+    by_trial = {path.split("/")[-2].rsplit("-", 1)[1]: path for path in files}  # offline-run-<time>-<run id>
+    trained = {r["trial_id"]: r for r in rows if r["status"] != "error"}
+    assert set(by_trial) == set(trained) and len(trained) == 2  # the failing two stopped before training
+    (done,) = [trial for trial, r in trained.items() if r["status"] == "completed"]
+    local = tmp_path / "done.wandb"
+    local.write_bytes(storage.read_bytes(f"s3://{by_trial[done]}"))
+    (run,) = [r.run for r in read_records(local) if r.WhichOneof("record_type") == "run"]
+    assert (run.run_id, run.run_group, run.display_name) == (done, f"sweep-{out.name}", f"train-{done}")
 
 
 def test_best_config_is_accepted_by_the_training_loader(sweep):

@@ -32,6 +32,7 @@ from gram_ray.data.preprocess import REPORT, SHARDS, build_dataset, preprocess
 from gram_ray.data.schema import CAPTIONS, ID
 from gram_ray.data.text import build_word_vocab
 from gram_ray.model.checkpoint import load_checkpoint, upload_checkpoint
+from gram_ray.tracking import wandb_run_id
 from gram_ray.train.console import (
     NOTE,
     RESTARTED,
@@ -61,6 +62,7 @@ __all__ = [
     "train_loop_per_worker",
     "build_trainer",
     "train_env",
+    "tracking_options",
     "fit",
 ]
 
@@ -348,7 +350,8 @@ def train_loop_per_worker(config: dict) -> None:
     (clips of the train split), "output_dir": str, "caches": {split: its cache folder or URI}, "progress": a
     ray.util.queue.Queue or None, "source": a label for progress lines, "resume_from": a checkpoint folder or URI
     to start from, or None, "restored": the run's latest checkpoint when the fit started (Train V2 hands it to the
-    first workers), or None}."""
+    first workers), or None, "tracking": tracking_options() or None}."""
+    import ray
     import ray.data
     import ray.train
     import ray.train.torch
@@ -416,7 +419,20 @@ def train_loop_per_worker(config: dict) -> None:
             val_cache.extend(collate(b) for i, b in enumerate(batches) if i % world == rank)
         return val_cache
 
-    tracker = Tracker(cfg, Path(config["output_dir"]), enabled=rank == 0, resume=resume is not None)
+    tracking = config.get("tracking") or {}
+    credentials = None
+    if rank == 0 and tracking.get("credentials") is not None:
+        credentials = ray.get(tracking["credentials"])  # W&B's key, by reference: never in this config's values
+    tracker = Tracker(
+        cfg,
+        Path(config["output_dir"]),
+        enabled=rank == 0,
+        resume=resume is not None,
+        run_id=tracking.get("run_id"),
+        credentials=credentials,
+        sync_to=tracking.get("sync_to"),
+        mode=tracking.get("wandb_mode"),
+    )
     progress = config.get("progress")
 
     def log(metrics: dict) -> None:
@@ -431,6 +447,8 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(dict(metrics) | where, checkpoint=ckpt, checkpoint_upload_fn=_upload_checkpoint)
+        if checkpoint_dir is not None:  # rank 0: the logs so far join the checkpoint on the run's storage
+            tracker.sync()
 
     try:
         run_training(
@@ -470,7 +488,10 @@ def build_trainer(
     restored: str | None = None,
     progress=None,
     source: str = "",
+    tracking: dict | None = None,
 ):
+    """tracking: {"run_id": the W&B run id, "credentials": an ObjectRef of tracking.wandb_credentials(), "sync_to":
+    where rank 0 copies its logs} (tracking_options)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -507,6 +528,7 @@ def build_trainer(
             "source": source,
             "resume_from": resume_from,
             "restored": restored,
+            "tracking": tracking,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers,  # (min, max): Ray Train's elastic scaling
@@ -563,6 +585,34 @@ def train_env(cfg: GramConfig):
         os.environ.pop(START_TIMEOUT_ENV, None)
 
 
+def tracking_options(cfg: GramConfig, layout: RunLayout, run_id) -> dict:
+    """What rank 0 needs to record the run (build_trainer's tracking): its W&B run id (run_id(), called only when
+    W&B is on), the W&B credentials by reference (ray.put: in no config, log or job metadata), and where to copy
+    its logs (the run's storage, when it has one)."""
+    import ray
+
+    from gram_ray.tracking import wandb_credentials, wandb_mode
+
+    credentials = wandb_credentials()
+    mode = wandb_mode(cfg, credentials)
+    on = mode != "disabled"
+    return {
+        "wandb_mode": mode,  # decided here, once: rank 0's own environment may say otherwise
+        "run_id": run_id() if on else None,
+        "credentials": ray.put(credentials) if on else None,
+        "sync_to": layout.run_root if layout.shared else None,
+    }
+
+
+def _fetch_metrics(layout: RunLayout) -> None:
+    """The driver's own copy of metrics.jsonl, where rank 0 ran on another node (it kept it on the run's storage)."""
+    from gram_ray.tracking import METRICS_FILE
+
+    remote = storage.join(layout.run_root, METRICS_FILE)
+    if layout.shared and not layout.metrics.exists() and storage.exists(remote):
+        storage.write_bytes_with(layout.metrics, lambda f: f.write(storage.read_bytes(remote)))
+
+
 def fit(
     cfg: GramConfig, output_dir: str | Path, resume_from: str | None = None, log=print, console: Console | None = None
 ):
@@ -595,7 +645,8 @@ def fit(
         workers = f"{s.num_workers} workers"
     log(f"training on {data.train_rows} clips with {workers} for {epochs:g} epochs ...")
     progress = ProgressQueue() if console is not None else None
-    trainer = build_trainer(cfg, data, layout, resume_from, progress=progress, restored=existing)
+    tracking = tracking_options(cfg, layout, run_id=lambda: wandb_run_id(layout.run_root, resume_from is not None))
+    trainer = build_trainer(cfg, data, layout, resume_from, progress=progress, restored=existing, tracking=tracking)
     with train_env(cfg):
         result = run_with_progress(trainer.fit, progress, console) if console is not None else trainer.fit()
     metric = main_metric_name(cfg)
@@ -616,6 +667,7 @@ def fit(
         "world_sizes": console.world_sizes.get("", []) if console is not None else [],
     }
     layout.write_result("result.json", json.dumps(summary, indent=2))
+    _fetch_metrics(layout)
     if layout.shared:
         layout.write_result("config.yaml", (layout.output_dir / "config.yaml").read_text())
     return result, summary
