@@ -283,7 +283,7 @@ def test_a_killed_driver_is_continued_by_resume_auto_exactly_to_the_planned_step
     # mid-epoch checkpoint is registered; its workers die with it, the cluster stays. The same command with
     # `--resume auto` finds the newest whole checkpoint and finishes the run: the rest of that epoch (every later
     # mid-epoch checkpoint counts exactly the clips of its epoch's steps: none replayed, none skipped), then
-    # the remaining epochs, up to the planned step.
+    # the remaining epochs, up to the planned step. W&B (offline) records both as one run, steps going on.
     from tiny import synth_data, tiny_config
 
     from gram_ray.config import save_config
@@ -298,12 +298,13 @@ def test_a_killed_driver_is_continued_by_resume_auto_exactly_to_the_planned_step
         "train.eval_every_epochs=100",
         "scaling.num_workers=2",
         "data.materialize=never",  # 2 epochs: reading 16 clips twice beats copying them into the object store
+        "wandb.enabled=true",
         *synth_data(synth_small, val=False),
     )
     save_config(cfg, tmp_path / "config.yaml")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "gram_ray", "train", "--config", str(tmp_path / "config.yaml"), "--out", str(out)]
-    env = local_head["env"] | {"RAY_ADDRESS": local_head["gcs"]}
+    env = local_head["env"] | {"RAY_ADDRESS": local_head["gcs"], "WANDB_MODE": "offline"}
     snapshot = out / "ray" / "killed" / SNAPSHOT
     first = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline, steps = time.monotonic() + 240, []
@@ -329,6 +330,11 @@ def test_a_killed_driver_is_continued_by_resume_auto_exactly_to_the_planned_step
     for p in positions:
         if not p["epoch_complete"]:
             assert len(set(p["consumed_ids"])) == len(p["consumed_ids"]) == 4 * (p["step"] - 4 * p["epoch"]), p
+    run_id = (out / "ray" / "killed" / "wandb-run-id").read_text().strip()
+    runs = sorted((out / "wandb").glob("offline-run-*"), key=lambda r: r.name)
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # the killed one and --resume auto
+    resumed = [row["step"] for row in history(read_records(next(runs[1].glob("*.wandb")))) if "train/loss" in row]
+    assert resumed == list(range(resumed[0], 9)) and 1 < resumed[0] <= max(steps) + 1  # from the checkpoint on
 
 
 @pytest.mark.ray
