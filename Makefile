@@ -34,7 +34,8 @@ test: $(STAMP)
 
 # Several Ray nodes on this machine: a lost node replaced and an elastic group shrinking and growing back on a
 # ray.cluster_utils.Cluster (~6 min), whole jobs (a GPU job; the demo's training job and a 4-trial sweep) on a
-# local autoscaling cluster shaped like cluster/aws.yaml (~15 min), `bench preprocess` on a 2-node cluster and from
+# local autoscaling cluster shaped like cluster/aws.yaml (~15 min; cluster/README.md's walkthrough run as printed,
+# ~5 min; a wrong weights path failing before any GPU node, ~1 min), `bench preprocess` on a 2-node cluster and from
 # a local S3 bucket (~2.5 min), and the single-node runs of minutes (marker `long`): the stream of a cache 4x the
 # object store (~2.5 min), a killed driver resumed (~2 min), an interrupted sweep resumed (~2.5 min), storage gone
 # at a cache read and at the result write (~5 min), and the other jobs, a sweep, and storage gone during preprocess

@@ -70,7 +70,9 @@ def test_kuberay_manifests_parse_and_agree_on_image_and_entrypoint():
         assert gpu and all(g["minReplicas"] == 0 for g in gpu)
     entry = shlex.split(job["spec"]["entrypoint"])
     assert entry[:2] == ["python", "jobs/train.py"] and (REPO / entry[1]).is_file()
-    assert (REPO / entry[entry.index("--config") + 1]).is_file()
+    # the config cluster/README.md's walkthrough has the user write (into the checkout the image is built from)
+    assert entry[entry.index("--config") + 1] == "configs/my-msrvtt.yaml"
+    assert "`configs/my-msrvtt.yaml`" in (REPO / "cluster" / "README.md").read_text()
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == "/home/ray/gram-ray"
     assert "WORKDIR /home/ray/gram-ray" in (REPO / "cluster" / "Dockerfile").read_text()
 

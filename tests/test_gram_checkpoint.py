@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import GRAM_ENCODERS, SIZES, random_rows, tiny_config
+from tiny import GRAM_ENCODERS, gram_layout_checkpoint, random_rows, tiny_config, tiny_recipe
 
 from gram_ray import storage
 from gram_ray.cli import main
@@ -132,47 +132,7 @@ CAPTIONS = [f"clip {i} shows a {['red', 'blue'][i % 2]} shape" for i in range(4)
 
 
 def _tiny(recipe: Path, *extra: str):
-    """A recipe of configs/ as users have it (frames, windows, modalities, matching loss, precision, checkpointing),
-    its encoders at tiny sizes with random weights (GRAM's kinds stay GRAM's), 4 clips of 16 px a step."""
-    from gram_ray.config import load_config as load
-
-    m = load(recipe).model
-    vocab = len(build_word_vocab(CAPTIONS))
-    if m.vision.kind == "eva_clip":
-        vision = "{width: 16, depth: 1, head_width: 8, mlp_hidden: 24, patch_size: 8}"
-    else:
-        vision = f"{{model_type: vit, image_size: 16, patch_size: 8, {SIZES}}}"
-    if m.audio.kind == "beats":
-        audio = next(o.split("=", 1)[1] for o in GRAM_ENCODERS if o.startswith("model.audio.config="))
-    else:
-        audio = "{model_type: audio-spectrogram-transformer, max_length: 64, num_mel_bins: 64, "
-        audio += f"frequency_stride: 16, time_stride: 16, {SIZES}}}"
-    return load(
-        recipe,
-        [
-            "model.vision.pretrained=null",
-            f"model.vision.config={vision}",
-            "model.audio.pretrained=null",
-            f"model.audio.config={audio}",
-            "model.text.pretrained=null",
-            "model.tokenizer=null",
-            f"model.text.config={{model_type: bert, vocab_size: {vocab}, max_position_embeddings: 64, {SIZES}}}",
-            "model.max_text_length=16",
-            "model.embed_dim=16",
-            "data.video.size=16",
-            "data.video.train_draws=1",
-            "data.audio.window_frames=64",
-            "train.global_batch_size=null",
-            "train.batch_size=4",
-            "train.grad_accum=1",
-            "train.epochs=1",
-            "train.log_every_steps=1",
-            "scaling.num_workers=1",
-            "scaling.use_gpu=false",
-            "wandb.enabled=false",
-            *extra,
-        ],
-    )
+    return tiny_recipe(recipe, len(build_word_vocab(CAPTIONS)), *extra)
 
 
 @pytest.fixture(scope="module")
@@ -189,23 +149,8 @@ def gram_layout(tmp_path_factory):
         "data.video.size=32",
         "data.audio.windows=1",
     )
-    torch.manual_seed(7)
-    model = build_model(full, None)
-    source = {}
-    for key, value in model.state_dict().items():
-        source[gram_ray_to_gram(key)] = value.exp().reshape(()) if key == "loss_fn.log_temperature" else value
-    torch.manual_seed(8)
-    source |= {  # GRAM's keys that gram-ray keeps but does not load
-        "contra_head_d.linear.weight": torch.randn(16, 16),
-        "contra_head_va.linear.weight": torch.randn(16, 16),
-        "hidden_trans_subtitle_multimodal.0.weight": torch.randn(16, 16),
-        "subtitle_type_embeddings": torch.randn(1, 1, 16),
-        "vision_encoder.text.token_embedding.weight": torch.randn(8, 4),
-        "vision_encoder.visual.head.weight": torch.randn(4, 16),
-        "multimodal_encoder.cls.predictions.bias": torch.randn(8),
-    }
     path = tmp / "model_step_100.pt"
-    torch.save(source, path)
+    source = gram_layout_checkpoint(full, path)
     default = tmp / "msrvtt-tiny.yaml"
     save_config(_tiny(CONFIGS / "msrvtt.yaml"), default)
     out = tmp / "gram-pretrained"

@@ -124,3 +124,74 @@ def random_rows(cfg, n: int, seed: int = 0) -> dict:
         "audio_fbank": rng.standard_normal((n, a.windows, a.window_frames, a.mel_bins)).astype(np.float32),
         "has_audio": np.ones(n, dtype=bool),
     }
+
+
+def tiny_recipe(recipe, vocab_size: int, *extra: str):
+    """A recipe of configs/ as users have it (frames, windows, modalities, matching loss, precision, checkpointing),
+    its encoders at tiny sizes with random weights (GRAM's kinds stay GRAM's; text: a BERT of vocab_size words),
+    4 clips of 16 px a step, one CPU worker."""
+    m = load_config(recipe).model
+    if m.vision.kind == "eva_clip":
+        vision = "{width: 16, depth: 1, head_width: 8, mlp_hidden: 24, patch_size: 8}"
+    else:
+        vision = f"{{model_type: vit, image_size: 16, patch_size: 8, {SIZES}}}"
+    if m.audio.kind == "beats":
+        audio = next(o.split("=", 1)[1] for o in GRAM_ENCODERS if o.startswith("model.audio.config="))
+    else:
+        audio = "{model_type: audio-spectrogram-transformer, max_length: 64, num_mel_bins: 64, "
+        audio += f"frequency_stride: 16, time_stride: 16, {SIZES}}}"
+    return load_config(
+        recipe,
+        [
+            "model.vision.pretrained=null",
+            f"model.vision.config={vision}",
+            "model.audio.pretrained=null",
+            f"model.audio.config={audio}",
+            "model.text.pretrained=null",
+            "model.tokenizer=null",
+            f"model.text.config={{model_type: bert, vocab_size: {vocab_size}, max_position_embeddings: 64, {SIZES}}}",
+            "model.max_text_length=16",
+            "model.embed_dim=16",
+            "data.video.size=16",
+            "data.video.train_draws=1",
+            "data.audio.window_frames=64",
+            "train.global_batch_size=null",
+            "train.batch_size=4",
+            "train.grad_accum=1",
+            "train.epochs=1",
+            "train.log_every_steps=1",
+            "scaling.num_workers=1",
+            "scaling.use_gpu=false",
+            "wandb.enabled=false",
+            *extra,
+        ],
+    )
+
+
+def gram_layout_checkpoint(cfg, path, seed: int = 7) -> dict:
+    """GRAM's released checkpoint at tiny sizes, as GRAM stores it: the state dict of cfg's model (random weights)
+    under GRAM's names (a scalar temperature, not its log), with GRAM's keys that gram-ray keeps but does not load.
+    Saved at path; returns it."""
+    import torch
+
+    from gram_ray.model.gram import build_model
+    from gram_ray.model.gram_checkpoint import gram_ray_to_gram
+
+    torch.manual_seed(seed)
+    model = build_model(cfg, None)
+    source = {}
+    for key, value in model.state_dict().items():
+        source[gram_ray_to_gram(key)] = value.exp().reshape(()) if key == "loss_fn.log_temperature" else value
+    torch.manual_seed(seed + 1)
+    width = cfg.model.embed_dim
+    source |= {
+        "contra_head_d.linear.weight": torch.randn(width, width),
+        "contra_head_va.linear.weight": torch.randn(width, width),
+        "hidden_trans_subtitle_multimodal.0.weight": torch.randn(16, 16),
+        "subtitle_type_embeddings": torch.randn(1, 1, 16),
+        "vision_encoder.text.token_embedding.weight": torch.randn(8, 4),
+        "vision_encoder.visual.head.weight": torch.randn(4, 16),
+        "multimodal_encoder.cls.predictions.bias": torch.randn(8),
+    }
+    torch.save(source, path)
+    return source

@@ -71,7 +71,13 @@ def cluster_check_cmd(yaml_path, config_path, overrides, gpu_gb) -> None:
     type=click.FloatRange(min=0),
     help="after the jobs: how long to wait, beyond the idle timeout, for the nodes to go back to each type's minimum",
 )
-def cluster_local_cmd(yaml_path, node_cpus, idle_timeout_minutes, jobs, settle_s) -> None:
+@click.option(
+    "--logs",
+    "logs_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="write each job's whole output to LOGS/job-N.log (the head, and `ray job logs` with it, go at the end)",
+)
+def cluster_local_cmd(yaml_path, node_cpus, idle_timeout_minutes, jobs, settle_s, logs_dir) -> None:
     """Try a cluster YAML (AWS, GCP launcher, or a KubeRay RayCluster/RayJob) on this machine: Ray's autoscaler
     launches and removes local "nodes" shaped like its node types, and the console says which came and went."""
     import time
@@ -100,12 +106,15 @@ def cluster_local_cmd(yaml_path, node_cpus, idle_timeout_minutes, jobs, settle_s
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
-        for job in jobs:
+        for number, job in enumerate(jobs, 1):
             status, logs = local.submit(job)
             if status != "SUCCEEDED":
                 failed.append(job)
             # The head goes when this command ends, and `ray job logs` with it: the job's own output is shown here.
-            click.echo(f"--- the end of the job's output ({status}) ---\n{logs.rstrip()}\n--- end ---")
+            click.echo(f"--- the end of the job's output ({status}) ---\n{logs[-3000:].rstrip()}\n--- end ---")
+            if logs_dir is not None:
+                logs_dir.mkdir(parents=True, exist_ok=True)
+                (logs_dir / f"job-{number}.log").write_text(logs)
         if jobs:
             wait = local.idle_timeout_minutes * 60 + settle_s
             click.echo(f"jobs done; waiting up to {wait:.0f} s for idle nodes to go (idle timeout)")

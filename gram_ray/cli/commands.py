@@ -45,11 +45,17 @@ def synth(out, n, seed, size, seconds, val_share) -> None:
 
 @click.command()
 @click.option(
+    "--split",
+    type=click.Choice(["train", "val"]),
+    help="decode the config's split into the cache its training run reads (<run.storage_path>/<run.name>/cache/"
+    "<split>, or data.cache_dir/<split>): the inputs, settings and mode come from the config, and training then "
+    "decodes nothing",
+)
+@click.option(
     "--annotations",
     "--input",
     "annotations",
-    required=True,
-    help="what --source reads: an annotation file or manifest, or shards (a brace pattern such as "
+    help="without --split: what --source reads, an annotation file or manifest, or shards (a brace pattern such as "
     "s3://b/{00000..00099}.tar, one file, or a folder); a path or storage URI",
 )
 @click.option(
@@ -61,19 +67,19 @@ def synth(out, n, seed, size, seconds, val_share) -> None:
 )
 @click.option("--video-dir", help="folder of the videos (or images): a path or storage URI; none for audio-only sets")
 @click.option("--audio-dir", help="folder of separate audio files (a path or URI); else: the videos' tracks")
-@click.option("--out", required=True, help="cache folder or storage URI (shards/ + report.json)")
+@click.option("--out", help="cache folder or storage URI (shards/ + report.json); with --split, default its run's")
 @CONFIG_OPTION
 @SET_OPTION
 @click.option(
     "--mode",
     type=click.Choice(["eval", "train"]),
-    default="eval",
-    show_default=True,
-    help="eval: middle frame of each segment; train: a random one",
+    help="without --split: eval (the default): middle frame of each segment; train: random ones (train_draws)",
 )
 @click.option("--force", is_flag=True, help="decode again even if the cache matches")
 @VERBOSE_OPTION
-def preprocess(annotations, source, video_dir, audio_dir, out, config_path, overrides, mode, force, verbose) -> None:
+def preprocess(
+    split, annotations, source, video_dir, audio_dir, out, config_path, overrides, mode, force, verbose
+) -> None:
     """Decode clips with Ray Data into a Parquet cache that every epoch and Tune trial reuses."""
     from gram_ray.cluster.preflight import Need
     from gram_ray.data.manifest import ManifestError
@@ -82,25 +88,51 @@ def preprocess(annotations, source, video_dir, audio_dir, out, config_path, over
     from gram_ray.data.preprocess import preprocess as run
 
     cfg = config_from_options(config_path, [*([f"data.source.kind={source}"] if source else []), *overrides])
-    subtitles = "subtitle" in cfg.model.modalities if cfg.data.source.kind in PACKED else None
-    needs = [Need("--annotations", annotations, "inputs", cfg.data.source.kind)]
-    needs += [Need("--video-dir", video_dir, "dir")] if video_dir else []
-    needs += [Need("--audio-dir", audio_dir, "dir")] if audio_dir else []
-    check_then_start_ray([*needs, Need("--out", out, "writable")], cfg.data, verbose)
+    if split:
+        if annotations or video_dir or audio_dir or mode:
+            raise click.UsageError(
+                "--split takes the annotations, media folders and mode from the config (data.*), so that training "
+                "finds the cache it would decode: set them there, not with --annotations/--video-dir/--audio-dir/--mode"
+            )
+        annotations, data, mode = _split_inputs(cfg, split)
+        video_dir, audio_dir = cfg.data.video_dir, cfg.data.audio_dir
+        out = out or _split_cache(cfg, split)
+    else:
+        if not annotations or not out:
+            raise click.UsageError("give --annotations and --out, or --config with --split")
+        data, mode = cfg.data, mode or "eval"
+    subtitles = "subtitle" in cfg.model.modalities if data.source.kind in PACKED else None
+    key = f"data.{split}_annotations" if split else "--annotations"
+    needs = [Need(key, annotations, "inputs", data.source.kind)]
+    needs += [Need("data.video_dir" if split else "--video-dir", video_dir, "dir")] if video_dir else []
+    needs += [Need("data.audio_dir" if split else "--audio-dir", audio_dir, "dir")] if audio_dir else []
+    check_then_start_ray([*needs, Need("--out", out, "writable")], data, verbose)
     try:
-        run(
-            annotations,
-            video_dir,
-            out,
-            cfg.data,
-            audio_dir=audio_dir,
-            mode=mode,
-            force=force,
-            log=click.echo,
-            subtitles=subtitles,
-        )
+        run(annotations, video_dir, out, data, audio_dir=audio_dir, mode=mode, force=force, log=click.echo,
+            subtitles=subtitles)  # fmt: skip
     except (ManifestError, PreprocessError) as e:
         raise click.ClickException(str(e)) from None
+
+
+def _split_inputs(cfg, split: str):
+    from gram_ray.train.trainer import split_inputs
+
+    annotations, data, mode = split_inputs(cfg, split)
+    if not annotations:
+        raise click.UsageError(f"--split {split}: the config names no data.{split}_annotations")
+    return annotations, data, mode
+
+
+def _split_cache(cfg, split: str) -> str:
+    """Where a training run of cfg reads the split's cache (its RunLayout): knowable here only when shared."""
+    from gram_ray.train.layout import RunLayout
+
+    if not (cfg.data.cache_dir or cfg.run.storage_path):
+        raise click.UsageError(
+            "--split: set run.storage_path (the run's caches go beside its checkpoints) or data.cache_dir, where "
+            "training will read the cache, or give --out"
+        )
+    return RunLayout.of(cfg, Path.cwd()).cache(split)
 
 
 @click.command()
@@ -158,7 +190,11 @@ def tune(config_path, overrides, out, resume, verbose) -> None:
 
 
 @click.command()
-@click.option("--checkpoint", required=True, help="a checkpoint folder or storage URI")
+@click.option(
+    "--checkpoint",
+    required=True,
+    help="a checkpoint folder or storage URI, or a training run's folder (<run.storage_path>/<run.name>): its best",
+)
 @click.option("--data", required=True, help="a preprocess --out folder (or storage URI)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the metrics JSON here")
 @VERBOSE_OPTION
@@ -167,8 +203,9 @@ def evaluate(checkpoint, data, json_path, verbose) -> None:
     from gram_ray.cluster.preflight import Need
     from gram_ray.model.checkpoint import CheckpointError
     from gram_ray.retrieval.metrics import results_table, write_metrics
-    from gram_ray.train.inference import check_inputs, evaluate_checkpoint
+    from gram_ray.train.inference import check_inputs, evaluate_checkpoint, run_checkpoint
 
+    checkpoint = run_checkpoint(checkpoint)
     needs = [Need("--checkpoint", checkpoint, "checkpoint"), Need("--data", data, "cache")]
     check_then_start_ray(needs, _default_data(), verbose)
     try:
@@ -182,7 +219,11 @@ def evaluate(checkpoint, data, json_path, verbose) -> None:
 
 
 @click.command()
-@click.option("--checkpoint", required=True, help="a checkpoint folder or storage URI: the model that embeds")
+@click.option(
+    "--checkpoint",
+    required=True,
+    help="the model that embeds: a checkpoint folder or storage URI, or a training run's folder (its best)",
+)
 @click.option("--data", help="a preprocess --out folder (or storage URI) of the clips to index")
 @click.option("--annotations", help="instead of --data: an annotation file, preprocessed first (with --video-dir)")
 @click.option("--video-dir", help="with --annotations: the videos' (or images') folder, a path or storage URI")
@@ -201,17 +242,17 @@ def index(checkpoint, data, annotations, video_dir, audio_dir, out, dtype, worke
     """Embed a collection of clips into a search index: per clip its embeddings, its span's basis for search by
     volume, a thumbnail and where its media are. Rerun to continue; another --data adds its clips."""
     from gram_ray import storage
-    from gram_ray.model.checkpoint import CheckpointError, checkpoint_config
-    from gram_ray.retrieval.index import SearchIndexError, build_index
-    from gram_ray.train.inference import check_inputs
-
-    if (data is None) == (annotations is None):
-        raise click.UsageError("give either --data (a preprocessed cache) or --annotations with --video-dir")
     from gram_ray.cluster.preflight import Need
     from gram_ray.data.manifest import ManifestError
     from gram_ray.data.preprocess import PreprocessError
     from gram_ray.data.preprocess import preprocess as decode
+    from gram_ray.model.checkpoint import CheckpointError, checkpoint_config
+    from gram_ray.retrieval.index import SearchIndexError, build_index
+    from gram_ray.train.inference import check_inputs, run_checkpoint
 
+    if (data is None) == (annotations is None):
+        raise click.UsageError("give either --data (a preprocessed cache) or --annotations with --video-dir")
+    checkpoint = run_checkpoint(checkpoint)
     needs = [Need("--checkpoint", checkpoint, "checkpoint")]
     if data:
         needs.append(Need("--data", data, "cache"))

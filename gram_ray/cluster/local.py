@@ -265,7 +265,7 @@ class LocalCluster:
 
     def submit(self, entrypoint: str, working_dir: str | Path = ".", timeout_s: float = 1800) -> tuple[str, str]:
         """Submit a job (its working directory uploaded as `ray job submit --working-dir` does), watch the nodes
-        until it ends; returns (status, the end of its logs)."""
+        until it ends; returns (status, its logs)."""
         from ray.job_submission import JobStatus
 
         client = self.client()
@@ -282,7 +282,7 @@ class LocalCluster:
             time.sleep(1)
         self.watch()
         self.log(f"{job_id}: {status} {time.monotonic() - submitted:.1f} s after its submission")
-        return str(status), client.get_job_logs(job_id)[-3000:]
+        return str(status), client.get_job_logs(job_id)
 
     def wait_for_minimum(self, timeout_s: float) -> bool:
         """Watch until every node type is back at its min_workers (the idle timeout passed) or timeout_s."""

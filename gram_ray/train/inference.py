@@ -127,6 +127,17 @@ def _rerank(ds, checkpoint_dir: str, clip_ids: list[str], embeddings: dict, text
     return {kind: {name: metrics} for kind, metrics in by_kind.items()}
 
 
+def run_checkpoint(path: str) -> str:
+    """A checkpoint folder as given, or, for a training run's folder (<run.storage_path>/<run.name>, holding its
+    result.json), the run's best checkpoint: what a job can name before it knows the checkpoint's number."""
+    from gram_ray.model.checkpoint import STATE_FILE
+
+    if storage.exists(storage.join(path, STATE_FILE)) or not storage.exists(storage.join(path, "result.json")):
+        return path
+    best = storage.read_json(storage.join(path, "result.json")).get("checkpoint")
+    return best or path
+
+
 def check_inputs(checkpoint_dir: str | Path, data_dir: str | Path) -> None:
     """FileNotFoundError naming what is missing, or CheckpointError for a checkpoint that is refused (one that
     would run code, or a truncated one), before any Ray work starts."""

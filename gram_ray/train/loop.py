@@ -236,7 +236,9 @@ def rerank_evaluation(
     def match_log_odds(pairs: torch.Tensor) -> torch.Tensor:
         log_odds = torch.zeros(pairs.shape[0], device=device)
         mine = torch.nonzero((pairs[:, 1] >= first_clip) & (pairs[:, 1] < first_clip + clips)).flatten()
-        for chunk in mine.split(cfg.train.eval_batch_size):
+        # split() of an empty tensor gives one empty chunk: a rank that holds no val clip (fewer val batches than
+        # ranks) has no condition features to index, and scores nothing.
+        for chunk in mine.split(cfg.train.eval_batch_size) if mine.numel() else ():
             caption, clip = pairs[chunk, 0].to(device), pairs[chunk, 1].to(device) - first_clip
             with _autocast(device, cfg):
                 logits = model.match_logits(all_ids[caption], all_mask[caption], condition[clip])

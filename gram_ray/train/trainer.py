@@ -53,6 +53,9 @@ from gram_ray.uploads import abort_orphans_of_a_dead_run, now
 __all__ = [
     "TrainingData",
     "RayCollate",
+    "SPLITS",
+    "split_inputs",
+    "decode_split",
     "decode_caches",
     "prepare_data",
     "keep_in_memory",
@@ -91,29 +94,38 @@ def _require(value: str | None, key: str) -> str:
     return value
 
 
+SPLITS = ("train", "val")
+
+
+def split_inputs(cfg: GramConfig, split: str) -> tuple[str | None, object, str]:
+    """(annotations, the data settings, the decode mode) a split is decoded with: what training decodes into its
+    cache, and what `gram-ray preprocess --config C --split S` decodes into the same cache (same inputs and
+    settings, so training finds it complete and decodes nothing)."""
+    d = cfg.data
+    if split == "train":
+        return d.train_annotations, d, "train"
+    val = d.model_copy(deep=True)
+    val.video.num_frames = d.video.eval_num_frames or d.video.num_frames
+    val.source = d.val_source or d.source
+    return d.val_annotations, val, "eval"
+
+
+def decode_split(cfg: GramConfig, split: str, out: str, log=print) -> dict:
+    """Decode (or reuse) one split's Parquet cache at `out`; returns its report."""
+    annotations, data, mode = split_inputs(cfg, split)
+    annotations = _require(annotations, f"data.{split}_annotations")
+    return preprocess(annotations, cfg.data.video_dir, out, data, mode=mode, **_split_options(cfg, data.source, log))
+
+
 def decode_caches(cfg: GramConfig, layout: RunLayout, log=print) -> int | None:
     """Decode (or reuse) the Parquet caches of the train and val splits; returns the train rows written
     (None when the train split is decoded on the fly instead)."""
     d = cfg.data
     train_rows = None
     if not d.decode_on_the_fly:
-        train_ann = _require(d.train_annotations, "data.train_annotations")
-        report = preprocess(
-            train_ann, d.video_dir, layout.cache("train"), d, mode="train", **_split_options(cfg, d.source, log)
-        )
-        train_rows = report["rows_written"]
+        train_rows = decode_split(cfg, "train", layout.cache("train"), log)["rows_written"]
     if d.val_annotations:
-        val_data = d.model_copy(deep=True)
-        val_data.video.num_frames = d.video.eval_num_frames or d.video.num_frames
-        val_data.source = d.val_source or d.source
-        preprocess(
-            d.val_annotations,
-            d.video_dir,
-            layout.cache("val"),
-            val_data,
-            mode="eval",
-            **_split_options(cfg, val_data.source, log),
-        )
+        decode_split(cfg, "val", layout.cache("val"), log)
     return train_rows
 
 
