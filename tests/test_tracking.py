@@ -3,6 +3,7 @@ to rank 0 by reference, one W&B run across restarts, metrics.jsonl and the W&B r
 
 import json
 import os
+import time
 
 from wandb_records import history, read_records
 
@@ -57,6 +58,8 @@ def test_a_restarted_rank_0_continues_the_same_wandb_run_and_its_logs_reach_the_
     for step in (1, 2, 3):
         first.log({"step": step, "train/loss": 3.0 - step / 10})
     first.finish()  # its last copy to the bucket; then the node goes (a preemption; --resume auto after a stop)
+    # A restarted rank 0 starts seconds later: W&B names a process's folder by the second it started in (and the id).
+    time.sleep(1.1)
     # the restarted group's rank 0 on another node: the same run id, from the checkpoint of step 3
     second = Tracker(cfg, tmp_path / "node-b", resume=True, run_id=wandb_run_id(bucket, continuing=True),
                      credentials=credentials, sync_to=bucket)  # fmt: skip

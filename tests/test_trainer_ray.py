@@ -74,9 +74,9 @@ def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpo
     steps = [
         [row["step"] for row in history(read_records(next(r.glob("*.wandb")))) if "train/loss" in row] for r in runs
     ]
-    # The killed group's rank 0 wrote what W&B had flushed (it writes its run file every 15 s: nothing, or step 1);
-    # the restarted one continued the same run from the checkpoint of step 1 to the last step.
-    assert steps[0] in ([], [1]) and steps[1] == [2, 3, 4]
+    # The killed group's rank 0 wrote what W&B had flushed of the steps it logged (it writes its run file every 15 s
+    # and at exit: none, or the first ones); the restarted one continued the same run from the checkpoint of step 1.
+    assert steps[0] == list(range(1, len(steps[0]) + 1)) and len(steps[0]) <= 4 and steps[1] == [2, 3, 4]
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or key.encode() not in path.read_bytes(), path
 
