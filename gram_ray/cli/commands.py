@@ -108,8 +108,13 @@ def preprocess(
     needs += [Need("data.audio_dir" if split else "--audio-dir", audio_dir, "dir")] if audio_dir else []
     check_then_start_ray([*needs, Need("--out", out, "writable")], data, verbose)
     try:
-        run(annotations, video_dir, out, data, audio_dir=audio_dir, mode=mode, force=force, log=click.echo,
-            subtitles=subtitles)  # fmt: skip
+        if split:  # through training's own decode of the split: the same inputs, settings and options
+            from gram_ray.train.trainer import decode_split
+
+            decode_split(cfg, split, out, log=click.echo, force=force)
+        else:
+            run(annotations, video_dir, out, data, audio_dir=audio_dir, mode=mode, force=force, log=click.echo,
+                subtitles=subtitles)  # fmt: skip
     except (ManifestError, PreprocessError) as e:
         raise click.ClickException(str(e)) from None
 

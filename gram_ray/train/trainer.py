@@ -110,11 +110,13 @@ def split_inputs(cfg: GramConfig, split: str) -> tuple[str | None, object, str]:
     return d.val_annotations, val, "eval"
 
 
-def decode_split(cfg: GramConfig, split: str, out: str, log=print) -> dict:
-    """Decode (or reuse) one split's Parquet cache at `out`; returns its report."""
+def decode_split(cfg: GramConfig, split: str, out: str, log=print, force: bool = False) -> dict:
+    """Decode (or reuse) one split's Parquet cache at `out`; returns its report. Training and `gram-ray preprocess
+    --split` both decode through here, so each finds the other's cache."""
     annotations, data, mode = split_inputs(cfg, split)
     annotations = _require(annotations, f"data.{split}_annotations")
-    return preprocess(annotations, cfg.data.video_dir, out, data, mode=mode, **_split_options(cfg, data.source, log))
+    options = _split_options(cfg, data.source, log)
+    return preprocess(annotations, cfg.data.video_dir, out, data, mode=mode, force=force, **options)
 
 
 def decode_caches(cfg: GramConfig, layout: RunLayout, log=print) -> int | None:
