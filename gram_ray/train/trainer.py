@@ -365,12 +365,9 @@ def train_loop_per_worker(config: dict) -> None:
     ray.util.queue.Queue or None, "source": a label for progress lines, "resume_from": a checkpoint folder or URI
     to start from, or None, "restored": the run's latest checkpoint when the fit started (Train V2 hands it to the
     first workers), or None, "tracking": tracking_options() or None}."""
-    import ray
     import ray.data
     import ray.train
     import ray.train.torch
-
-    from gram_ray.tracking import Tracker
 
     cfg = GramConfig.model_validate(config["cfg"])
     storage.configure(cfg.storage.settings())  # this worker's own reads and writes (a node's environment may differ)
@@ -433,20 +430,7 @@ def train_loop_per_worker(config: dict) -> None:
             val_cache.extend(collate(b) for i, b in enumerate(batches) if i % world == rank)
         return val_cache
 
-    tracking = config.get("tracking") or {}
-    credentials = None
-    if rank == 0 and tracking.get("credentials") is not None:
-        credentials = ray.get(tracking["credentials"])  # W&B's key, by reference: never in this config's values
-    tracker = Tracker(
-        cfg,
-        Path(config["output_dir"]),
-        enabled=rank == 0,
-        resume=resume is not None,
-        run_id=tracking.get("run_id"),
-        credentials=credentials,
-        sync_to=tracking.get("sync_to"),
-        mode=tracking.get("wandb_mode"),
-    )
+    tracker = _tracker(cfg, config, rank, resumed=resume is not None)
     progress = config.get("progress")
 
     def log(metrics: dict) -> None:
@@ -480,6 +464,28 @@ def train_loop_per_worker(config: dict) -> None:
         )
     finally:
         tracker.finish()
+
+
+def _tracker(cfg: GramConfig, config: dict, rank: int, resumed: bool):
+    """This worker's Tracker (recording on rank 0 only) from the driver's tracking_options."""
+    import ray
+
+    from gram_ray.tracking import Tracker
+
+    tracking = config.get("tracking") or {}
+    credentials = None
+    if rank == 0 and tracking.get("credentials") is not None:
+        credentials = ray.get(tracking["credentials"])  # W&B's key, by reference: never in this config's values
+    return Tracker(
+        cfg,
+        Path(config["output_dir"]),
+        enabled=rank == 0,
+        resume=resumed,
+        run_id=tracking.get("run_id"),
+        credentials=credentials,
+        sync_to=tracking.get("sync_to"),
+        mode=tracking.get("wandb_mode"),
+    )
 
 
 def _preparer(cfg: GramConfig, device):
