@@ -120,14 +120,19 @@ class FaultyS3:
         self.add(fault)
         return fault
 
-    def when_answered(self, key: str, then, method: str | None = None, timeout: float = 300) -> threading.Thread:
-        """Call then() (on a thread of its own) as soon as the proxy has answered a request of method whose target
-        matches key with a 200: a fault plan's next phase, started at a point of a job's progress."""
+    def when_answered(
+        self, key: str, then, method: str | None = None, timeout: float = 300, methods: tuple[str, ...] = ()
+    ) -> threading.Thread:
+        """Call then() (on a thread of its own) as soon as the proxy has answered a request of method (or one of
+        methods) whose target matches key with a 200: a fault plan's next phase, started at a point of a job's
+        progress."""
+        methods = methods or ((method,) if method else ())
 
         def watch():
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if any(e.outcome == "200" for e in self.entries(method=method, key=key)):
+                entries = self.entries(key=key)
+                if any(e.outcome == "200" and (not methods or e.method in methods) for e in entries):
                     then()
                     return
                 time.sleep(0.05)
@@ -135,6 +140,12 @@ class FaultyS3:
         thread = threading.Thread(target=watch, daemon=True)
         thread.start()
         return thread
+
+    def when_stored(self, key: str, then, timeout: float = 300) -> threading.Thread:
+        """Call then() as soon as an object whose key matches `key` (a regex, up to the key's end) is stored whole:
+        a single PUT answered, or a multipart upload's completion (POST ?uploadId=). An uploaded part is not yet
+        an object: a fault plan started at one would fail the completion, and the object would never exist."""
+        return self.when_answered(rf"{key}(\?uploadId=[^&]*)?$", then, timeout=timeout, methods=("PUT", "POST"))
 
     def heal(self) -> None:
         """No more faults: storage is healthy again."""

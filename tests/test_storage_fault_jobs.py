@@ -225,7 +225,7 @@ def test_storage_gone_during_preprocess_keeps_the_finished_shards_and_the_rerun_
         outage["fault"] = proxy.outage("503", key=r"/gone/cache/")
         outage["at"] = time.monotonic()
 
-    proxy.when_answered(r"/gone/cache/_done/shard-", go_away, method="PUT")
+    proxy.when_stored(r"/gone/cache/_done/shard-\d+\.json", go_away)
     last, ended = _fails(proxy, "preprocess", "--config", str(config), "--annotations", data["val"], *media,
                          "--out", f"{bucket}/gone/cache", "--mode", "eval")  # fmt: skip
     print(f"\nstorage gone during preprocess: it ended {ended - outage['at']:.0f} s later: {last}")
@@ -238,7 +238,8 @@ def test_storage_gone_during_preprocess_keeps_the_finished_shards_and_the_rerun_
     output = _gram_ray(proxy, timings, "preprocess", "--config", str(config), "--annotations", data["val"],
                        *media, "--out", f"{bucket}/gone/cache", "--mode", "eval")  # fmt: skip
     kept = re.search(r"resuming: (\d+) of (\d+) shards", output)
-    assert kept and 1 <= int(kept[1]) < int(kept[2]), output[-3000:]
+    progress = "\n".join(f"{e.t} {e.method} {e.target} {e.outcome}" for e in proxy.entries(key=r"/gone/cache/_done/"))
+    assert kept and 1 <= int(kept[1]) < int(kept[2]), f"{output[-3000:]}\nthe _done requests:\n{progress}"
     print(f"the rerun: {kept[0]}")
     assert _cache_rows(f"{bucket}/gone/cache") == _cache_rows(f"{bucket}/clean/cache")
 
@@ -262,7 +263,7 @@ def test_storage_gone_during_an_index_build_keeps_the_finished_shards_and_the_re
         outage["fault"] = proxy.outage("503", key=r"/gone/")
         outage["at"] = time.monotonic()
 
-    proxy.when_answered(r"/gone/_done/.+\.json", go_away, method="PUT")
+    proxy.when_stored(r"/gone/_done/[^/?]+\.json", go_away)
     last, ended = _fails(proxy, "index", "--checkpoint", checkpoint, "--data", f"{bucket}/cache", "--out",
                          f"{bucket}/gone")  # fmt: skip
     print(f"\nstorage gone during an index build: it ended {ended - outage['at']:.0f} s later: {last}")

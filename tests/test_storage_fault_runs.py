@@ -144,7 +144,7 @@ def test_a_run_through_transient_faults_and_a_checkpoint_blip_ends_as_the_run_wi
         blip["fault"] = proxy.outage("503", seconds=12, key=r"/faulty/faults/checkpoint_")
         blip["end"] = time.monotonic() - proxy.started + 12
 
-    proxy.when_answered(r"/faulty/faults/checkpoint_.*/manifest\.json\?uploadId", start_blip)
+    proxy.when_stored(r"/faulty/faults/checkpoint_[^/]*/manifest\.json", start_blip)
     started = time.monotonic()
     code, output = _finish(_train(faulty, tmp_path / "faulty", proxy))
     took = time.monotonic() - started
