@@ -429,7 +429,7 @@ def storage_uploads(prefix, abort, older_than_h) -> None:
     """The unfinished multipart uploads under an s3:// PREFIX (left by killed writers, billed until aborted)."""
     from datetime import timedelta
 
-    from gram_ray.uploads import abort_uploads, now, unfinished_uploads
+    from gram_ray.storage.uploads import abort_uploads, now, unfinished_uploads
 
     try:
         found = unfinished_uploads(prefix, begun_before=now() - timedelta(hours=older_than_h))

@@ -45,7 +45,7 @@ from gram_ray.data.schema import (
     MODALITIES,
 )
 from gram_ray.data.video import Mode
-from gram_ray.uploads import abort_orphans_of_a_dead_run, now
+from gram_ray.storage.uploads import abort_orphans_of_a_dead_run, now
 
 __all__ = [
     "PreprocessError",

@@ -32,6 +32,7 @@ from gram_ray.data.preprocess import REPORT, SHARDS, build_dataset, preprocess
 from gram_ray.data.schema import CAPTIONS, ID
 from gram_ray.data.text import build_word_vocab
 from gram_ray.model.checkpoint import load_checkpoint, upload_checkpoint
+from gram_ray.storage.uploads import abort_orphans_of_a_dead_run, now
 from gram_ray.tracking import wandb_run_id
 from gram_ray.train.console import (
     NOTE,
@@ -48,7 +49,6 @@ from gram_ray.train.layout import RunLayout
 from gram_ray.train.loop import main_metric_name, run_training
 from gram_ray.train.resume import latest_checkpoint, latest_registered, position
 from gram_ray.train.world import WorldPlan, plan_for_world
-from gram_ray.uploads import abort_orphans_of_a_dead_run, now
 
 __all__ = [
     "TrainingData",

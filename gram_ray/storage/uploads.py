@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from gram_ray import storage
+from gram_ray.storage.storage_settings import settings
 
 __all__ = ["Upload", "unfinished_uploads", "abort_uploads"]
 
@@ -40,7 +40,7 @@ def _client():
     import boto3
     from botocore.config import Config
 
-    chosen = storage.settings()
+    chosen = settings()
     return boto3.client(
         "s3",
         config=Config(
