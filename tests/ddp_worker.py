@@ -160,10 +160,10 @@ def elastic_run(rank: int, world: int, resume: dict | None = None, stop_at: int 
     world-th micro-batch of the epoch's order (less the clips a resumed epoch already trained on). Stops after the
     checkpoint of step stop_at. Returns rank 0's view: the checkpoints, the logged metrics, the clips seen per
     epoch by this rank, and the final weights."""
+    from gram_ray.config.world import plan_for_world
     from gram_ray.data.collate import epoch_batches
     from gram_ray.model.checkpoint import load_checkpoint
     from gram_ray.train.loop import run_training
-    from gram_ray.train.world import plan_for_world
 
     cfg, rows, vocab, collate = elastic_setup()
     plan = plan_for_world(cfg.step_clips, cfg.train.batch_size, world)  # as trainer.plan_of
@@ -244,11 +244,11 @@ def fsdp_run(
 ) -> dict:
     """run_training on `world` ranks under DDP or FSDP (or one plain process), on CPU or a GPU: every checkpoint
     (rank 0's) and every logged metric."""
+    from gram_ray.config.world import plan_for_world
     from gram_ray.data.collate import Collate, epoch_batches
     from gram_ray.model.checkpoint import load_checkpoint
     from gram_ray.train.loop import run_training
     from gram_ray.train.sharding import shard_model
-    from gram_ray.train.world import plan_for_world
 
     cfg, train, val, vocab = fsdp_setup(*extra)
     device = device or torch.device("cpu")

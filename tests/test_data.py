@@ -56,7 +56,7 @@ def test_every_dataset_config_loads_and_validates():
     assert loaded["vatex"].train.epochs == 2.5 and "subtitle" in loaded["vatex"].model.modalities
     assert loaded["didemo"].data.audio.windows == 2 and loaded["didemo"].model.max_text_length == 70
     assert loaded["vast150k"].train.global_batch_size == 128 and loaded["vast150k"].data.video.num_frames == 2
-    assert loaded["msrvtt"].train.batch_size * loaded["msrvtt"].scaling.num_workers == 32
+    assert loaded["msrvtt"].worker_batch * loaded["msrvtt"].scaling.num_workers == 32
     assert loaded["demo-dam"].model.itm_ratio == 0.1 and loaded["demo-dam"].model.text.cross_attention
 
 

@@ -9,8 +9,8 @@ import torch
 from tiny import tiny_config
 
 from gram_ray.config import ConfigError
+from gram_ray.config.world import WorldPlan, WorldSizeError, derive_seed, plan_for_world
 from gram_ray.train.trainer import plan_of
-from gram_ray.train.world import WorldPlan, WorldSizeError, derive_seed, plan_for_world
 
 
 def test_a_step_keeps_its_clips_at_every_world_size_by_accumulating_micro_batches():
@@ -34,7 +34,7 @@ def test_a_step_keeps_its_clips_at_every_world_size_by_accumulating_micro_batche
 def test_an_elastic_config_states_its_range_and_is_refused_where_a_size_cannot_keep_the_step():
     cfg = tiny_config("scaling.num_workers=[1, 2]", "scaling.max_failures=3", "train.global_batch_size=8")
     s = cfg.scaling
-    assert (s.elastic, s.min_workers, s.max_workers, cfg.train.batch_size) == (True, 1, 2, 4)
+    assert (s.elastic, s.min_workers, s.max_workers, cfg.worker_batch) == (True, 1, 2, 4)
     assert plan_of(cfg, 2) == WorldPlan(2, 4, 1) and plan_of(cfg, 1) == WorldPlan(1, 4, 2)
     fixed = tiny_config("scaling.num_workers=2")
     assert (fixed.scaling.elastic, fixed.scaling.min_workers, fixed.scaling.max_workers) == (False, 2, 2)

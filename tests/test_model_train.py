@@ -343,7 +343,8 @@ def test_global_batch_is_split_over_the_workers_or_refused():
     from gram_ray.config import ConfigError
 
     cfg = tiny_config("scaling.num_workers=4", "train.global_batch_size=32")
-    assert cfg.train.batch_size == 8
+    assert cfg.worker_batch == 8 and cfg.step_clips == 32
+    assert cfg.train.batch_size == tiny_config().train.batch_size  # the config as written: nothing set behind it
     with pytest.raises(ConfigError, match="does not divide over scaling.num_workers=4"):
         tiny_config("scaling.num_workers=4", "train.global_batch_size=30")
 

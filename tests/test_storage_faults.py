@@ -46,8 +46,8 @@ def test_settings_come_from_the_environment_as_aws_tools_read_them_and_bad_value
     assert (chosen.max_attempts, chosen.retry_mode, chosen.outage_s) == (7, "standard", 120.0)
     # A config's keys win over the environment's, which win over the defaults.
     cfg = load_config(None, ["storage.max_attempts=3", "storage.outage_s=30"])
-    assert (cfg.storage.settings().max_attempts, cfg.storage.settings().outage_s) == (3, 30.0)
-    assert cfg.storage.settings().retry_mode == "standard"
+    settings = storage.StorageSettings.of(cfg.storage)
+    assert (settings.max_attempts, settings.outage_s, settings.retry_mode) == (3, 30.0, "standard")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "many")
     with pytest.raises(ValueError, match="AWS_MAX_ATTEMPTS='many' is not a valid int"):
         storage.StorageSettings.from_env()

@@ -32,11 +32,10 @@ def test_library_and_loop_import_without_ray_or_decoders():
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gram_ray"
 TOP_LEVEL = {
-    # the Ray-free math, the typed config, tracking, and the two entry points that are not commands; storage and
-    # the rest are packages
-    "modules": {"__init__", "__main__", "volume", "loss", "matching", "distributed", "config"}
-    | {"tracking", "tune", "demo"},
-    "packages": {"storage", "data", "model", "train", "retrieval", "cluster", "bench", "cli"},
+    # the Ray-free math, tracking, and the two entry points that are not commands; the config, storage and the
+    # rest are packages
+    "modules": {"__init__", "__main__", "volume", "loss", "matching", "distributed"} | {"tracking", "tune", "demo"},
+    "packages": {"config", "storage", "data", "model", "train", "retrieval", "cluster", "bench", "cli"},
 }
 
 
@@ -98,6 +97,29 @@ def test_find_circle_finds_one():
 def test_no_import_circles():
     circle = find_circle(import_graph())
     assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+def unit_of(module: str) -> str:
+    """The package (gram_ray.train) or top-level module (gram_ray.tune) a module belongs to."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_the_config_is_the_root_and_imports_nothing_else_of_gram_rays():
+    outside = {
+        (name, dep)
+        for name, deps in import_graph().items()
+        if unit_of(name) == "gram_ray.config"
+        for dep in deps
+        if unit_of(dep) != "gram_ray.config"
+    }
+    assert outside == set()
+
+
+def test_the_configs_modalities_are_the_data_contracts():
+    from gram_ray.config import MODALITY_NAMES
+    from gram_ray.data.schema import MODALITIES
+
+    assert tuple(MODALITIES) == MODALITY_NAMES
 
 
 def test_top_level_holds_the_math_config_entry_points_and_packages():

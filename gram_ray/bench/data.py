@@ -119,7 +119,7 @@ def bench_data(
     dev = torch.device(device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core
-    batch_size = cfg.train.batch_size
+    batch_size = cfg.worker_batch
     try:
         variants: dict[str, dict] = {}
         for codec, shards in caches.items():
@@ -264,7 +264,7 @@ def run_bench_data(
             caches = {"cache": cache_shards(cache)}
         else:
             start_ray()
-            rows = batches * cfg.train.batch_size
+            rows = batches * cfg.worker_batch
             v = cfg.data.video
             caches = {}
             # raw frames and filterbanks; JPEG frames; JPEG frames and 8-bit filterbanks (data.audio.cache_codec)

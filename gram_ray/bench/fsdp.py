@@ -37,7 +37,7 @@ def _synthetic_batches(cfg: GramConfig, vocab, rank: int, count: int) -> list[di
     from gram_ray.data.collate import Collate
     from gram_ray.data.schema import object_column
 
-    d, n = cfg.data, cfg.train.batch_size
+    d, n = cfg.data, cfg.worker_batch
     rng = np.random.default_rng([cfg.train.seed, rank])
     words = [w for w in (vocab or []) if not w.startswith("[")] or [f"w{i}" for i in range(1000)]
     collate = Collate(cfg, vocab, train=True)
@@ -148,7 +148,7 @@ def bench_fsdp(cfg: GramConfig, *, workers: int, steps: int, warmup: int, device
     c.train.grad_accum = cfg.train.grad_accum  # accumulation is part of what the strategies do differently
     vocab = bench_vocab(c)
     result: dict = {"workers": workers, "steps": steps, "warmup": warmup, "grad_accum": c.train.grad_accum,
-                    "micro_batch": c.train.batch_size, "fsdp_sync": c.scaling.fsdp_sync}  # fmt: skip
+                    "micro_batch": c.worker_batch, "fsdp_sync": c.scaling.fsdp_sync}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="gram-ray-bench-fsdp-") as out:
         for strategy in STRATEGIES:
             progress(f"{strategy}: {workers} processes, {warmup} + {steps} steps ...")

@@ -12,7 +12,7 @@ __all__ = ["bench_shuffle", "run_bench_shuffle", "shuffle_table"]
 def _drain_shard(shard, cfg, epoch: int, rank: int) -> None:
     """One worker's epoch over its shard, batched and locally shuffled as training does, without collating
     (tokenising is the same work whatever the shuffle)."""
-    from gram_ray.train.trainer import train_iter_options
+    from gram_ray.train.datasets import train_iter_options
 
     options = train_iter_options(cfg, None, epoch, rank)
     del options["collate_fn"]
@@ -28,11 +28,11 @@ def bench_shuffle(cfg, shards: str, *, epochs: int = 3, workers: int = 2, progre
     import threading
 
     from gram_ray.data.parquet_layout import read_cache
-    from gram_ray.train.trainer import keep_in_memory, shuffled
+    from gram_ray.train.datasets import keep_in_memory, shuffled
 
     ds = keep_in_memory(read_cache(shards), cfg)
     rows = ds.count()
-    progress(f"  {rows} rows in {ds.num_blocks()} blocks of {cfg.train.batch_size} kept in Ray's object store")
+    progress(f"  {rows} rows in {ds.num_blocks()} blocks of {cfg.worker_batch} kept in Ray's object store")
     result = {"rows": rows, "workers": workers, "epochs": epochs, "seconds_per_epoch": {}}
     for mode in ("none", "blocks", "full"):
         c = cfg.model_copy(deep=True)

@@ -104,7 +104,7 @@ def _plain(cfg: GramConfig, vocab, batches: list[dict], steps: int, warmup: int,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        timer.step_done(cfg.train.batch_size)
+        timer.step_done(cfg.worker_batch)
     del model, optimizer
     return timer.summary()
 
@@ -115,7 +115,7 @@ def _loop(cfg: GramConfig, vocab, shards: str, steps_per_epoch: int, device: tor
     collate = Collate(cfg, vocab, train=True)
     metrics = run_training(
         cfg,
-        train_batches=lambda epoch, skip_ids: parquet_batches(shards, cfg.train.batch_size, collate),
+        train_batches=lambda epoch, skip_ids: parquet_batches(shards, cfg.worker_batch, collate),
         val_batches=None,
         steps_per_epoch=steps_per_epoch,
         report=lambda metrics, checkpoint_dir: None,
@@ -158,7 +158,7 @@ def bench_train(
     c = bench_config(cfg, steps=steps, warmup=warmup, workers=workers, device=device, random=random)
     vocab = bench_vocab(c)
     per_worker = warmup + steps
-    rows = per_worker * c.train.batch_size * workers
+    rows = per_worker * c.worker_batch * workers
     # (a) and (b) run here with the CPU threads each Ray Train worker of (c) gets, so the paths compare alike.
     threads = torch.get_num_threads()
     torch.set_num_threads(c.train.threads_per_worker or 1)
@@ -167,7 +167,7 @@ def bench_train(
     result: dict = {
         "hardware": hardware,
         "device": device,
-        "batch_size": c.train.batch_size,
+        "batch_size": c.worker_batch,
         "workers": workers,
         "steps": steps,
         "warmup": warmup,
@@ -204,7 +204,7 @@ def _run_paths(c: GramConfig, vocab, result: dict, paths, rows: int, per_worker:
         shards = write_synthetic_cache(tmp, rows, c.data, words=len(vocab) - len(SPECIAL_TOKENS) if vocab else 1000)
         collate = Collate(c, vocab, train=True)
         # (a) cycles through a few real batches held on the device: the right shapes, no loading.
-        first = itertools.islice(parquet_batches(shards, c.train.batch_size, collate), min(4, per_worker))
+        first = itertools.islice(parquet_batches(shards, c.worker_batch, collate), min(4, per_worker))
         on_device = [to_device(b, dev) for b in first]
         progress("  counting the FLOPs of one step (torch.utils.flop_counter) ...")
         flops = step_flops(c, vocab, on_device[0], dev)
@@ -212,7 +212,7 @@ def _run_paths(c: GramConfig, vocab, result: dict, paths, rows: int, per_worker:
         result["model_parameters"] = sum(p.numel() for p in build_model(c.model_copy(deep=True), vocab).parameters())
         result["flops_per_step"] = flops
         for name in paths:
-            progress(f"  {PATHS[name]}: {warmup} warm-up + {steps} timed steps of {c.train.batch_size} clips ...")
+            progress(f"  {PATHS[name]}: {warmup} warm-up + {steps} timed steps of {c.worker_batch} clips ...")
             start = time.perf_counter()
             if name == "plain":
                 timing = _plain(c, vocab, on_device, steps, warmup, dev)
@@ -225,7 +225,7 @@ def _run_paths(c: GramConfig, vocab, result: dict, paths, rows: int, per_worker:
             if not timing:
                 raise RuntimeError(f"path {name} reported no step timings")
             entry = {k.removeprefix("time/"): v for k, v in timing.items()}
-            achieved = flops * entry["samples_per_s"] / c.train.batch_size
+            achieved = flops * entry["samples_per_s"] / c.worker_batch
             entry["tflops"] = achieved / 1e12
             entry["mfu"] = achieved / (peak * 1e12) if peak else None
             entry["wall_s"] = time.perf_counter() - start

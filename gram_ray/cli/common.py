@@ -242,7 +242,7 @@ def config_from_options(config_path, overrides):
     try:
         cfg = load_config(config_path, overrides)
         # Before Ray starts: its workers inherit this process's environment, and FORWARDED_ENV carries it further.
-        storage.configure(cfg.storage.settings())
+        storage.configure(storage.StorageSettings.of(cfg.storage))
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except ValueError as e:  # a bad AWS_MAX_ATTEMPTS, AWS_RETRY_MODE or GRAM_RAY_STORAGE_* in the environment

@@ -87,8 +87,8 @@ def reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `gram_ray/config.py` by `gram-ray config-reference` (a test keeps this page equal to its",
-        "output). Every key below is what `--set` takes (`--set data.video.num_frames=8`) and what a YAML config",
+        "Generated from `gram_ray/config/sections.py` by `gram-ray config-reference` (a test keeps this page equal to",
+        "its output). Every key below is what `--set` takes (`--set data.video.num_frames=8`) and what a YAML config",
         "holds under its section; values are read as YAML. [configuration.md](configuration.md) says how configs",
         "are read and overridden.",
     ]

@@ -1,8 +1,8 @@
 """The data contract: what a cache row holds, what a model batch holds, and which encoder reads which modality.
 
-Adding a modality is one entry in MODALITIES (plus its decoder and encoder); every other module reads the
-column and key names from here. Import-light on purpose (numpy only): the model, the loop and Ray Data UDFs all
-use it.
+Adding a modality is one entry in MODALITIES (plus its decoder and encoder, and its name in the config's
+MODALITY_NAMES: a test checks they agree); every other module reads the column and key names from here.
+Import-light on purpose (numpy only): the model, the loop and Ray Data UDFs all use it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ __all__ = [
     "CACHE_COLUMNS",
     "Modality",
     "MODALITIES",
-    "MODALITY_NAMES",
     "object_column",
 ]
 
@@ -65,7 +64,6 @@ MODALITIES: dict[str, Modality] = {
         Modality("subtitle", "subtitle", ("subtitle_input_ids", "subtitle_attention_mask"), encoder="text"),
     )
 }
-MODALITY_NAMES = tuple(MODALITIES)
 
 # Every column a cache may hold; subtitle only when the annotations have subtitles.
 CACHE_COLUMNS = (

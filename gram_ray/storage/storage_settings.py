@@ -4,7 +4,7 @@ environment the way AWS tools read it, applied with configure()."""
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 __all__ = [
     "StorageSettings",
@@ -61,6 +61,12 @@ class StorageSettings:
             return cls(**values)
         except ValueError as e:
             raise ValueError(f"{e} (from the environment: {', '.join(SETTINGS_ENV.values())})") from None
+
+    @classmethod
+    def of(cls, section) -> StorageSettings:
+        """The settings of a config's storage section (config.StorageConfig): its keys, then the environment's,
+        then the defaults."""
+        return replace(cls.from_env(), **section.chosen())
 
     def env(self) -> dict[str, str]:
         """These settings as environment variables, for this process and the Ray workers it starts."""

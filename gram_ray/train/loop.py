@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gram_ray.config import GramConfig
+from gram_ray.config.world import derive_seed
 from gram_ray.data.frame_codec import decode_on_device
 from gram_ray.data.schema import IDS, MODALITIES, TEXT_TO_VIDEO
 from gram_ray.distributed import all_gather_no_grad, get_rank, get_world_size, is_distributed, max_over_ranks
@@ -33,7 +34,6 @@ from gram_ray.retrieval.metrics import evaluate_embeddings
 from gram_ray.storage import StorageError
 from gram_ray.train.sharding import as_local, gathered_state, load_optimizer_state, micro_batch_sync, whole_weights
 from gram_ray.train.step_timer import StepTimer
-from gram_ray.train.world import derive_seed
 
 __all__ = [
     "main_metric_name",

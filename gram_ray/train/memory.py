@@ -189,7 +189,7 @@ def estimate_memory(cfg: GramConfig, batch_size: int | None = None, workers: int
     """Per-GPU estimates of a config's training step in bf16, for the ways to fit it (DDP as it is, with gradient
     checkpointing, with the vision tower frozen, both; FSDP over the workers with checkpointing), and last the
     config as it stands (its strategy, checkpointing and frozen vision)."""
-    batch_size = batch_size or cfg.train.batch_size
+    batch_size = batch_size or cfg.worker_batch
     workers = workers or cfg.scaling.min_workers  # FSDP's shards: an elastic group at its smallest holds most
     model = _meta_model(cfg, vocab_size=None)
     if model.vision is not None:  # the input augmentation has no gradient to save, and draws need real values

@@ -24,6 +24,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from gram_ray import storage
 from gram_ray.config import GramConfig, save_config
+from gram_ray.config.world import WorldPlan, plan_for_world
 from gram_ray.data.collate import Collate
 from gram_ray.data.manifest import read_annotations, resolve_media
 from gram_ray.data.packed import PACKED
@@ -48,7 +49,6 @@ from gram_ray.train.console import (
 from gram_ray.train.layout import RunLayout
 from gram_ray.train.loop import main_metric_name, run_training
 from gram_ray.train.resume import latest_checkpoint, latest_registered, position
-from gram_ray.train.world import WorldPlan, plan_for_world
 
 __all__ = [
     "TrainingData",
@@ -192,7 +192,7 @@ def _maybe_materialize(ds, shards: str, cfg: GramConfig, log):
 def keep_in_memory(ds, cfg: GramConfig):
     """The dataset materialized in the object store, in blocks of one batch: randomising the block order then
     mixes the split (a 32 MB Parquet file would otherwise be one block of hundreds of small clips)."""
-    return ds.repartition(target_num_rows_per_block=cfg.train.batch_size).materialize()
+    return ds.repartition(target_num_rows_per_block=cfg.worker_batch).materialize()
 
 
 def _seed(*parts: int) -> int:
@@ -288,7 +288,7 @@ def train_iter_options(
     micro-batch, default train.batch_size)."""
     shuffle = cfg.train.shuffle == "blocks"
     return {
-        "batch_size": batch_size or cfg.train.batch_size,
+        "batch_size": batch_size or cfg.worker_batch,
         "collate_fn": RayCollate(cfg, vocab, train=True, epoch=epoch),
         "drop_last": True,  # equal steps on every rank, so the gathers in the loss always pair up
         "prefetch_batches": cfg.train.prefetch_batches,
@@ -299,7 +299,7 @@ def train_iter_options(
 
 def plan_of(cfg: GramConfig, workers: int) -> WorldPlan:
     """The config's step laid out over `workers` workers (the configured layout itself at the full size)."""
-    return plan_for_world(cfg.step_clips, cfg.train.batch_size, workers)
+    return plan_for_world(cfg.step_clips, cfg.worker_batch, workers)
 
 
 def _worker_nodes(world: int) -> list[str]:
@@ -370,7 +370,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = GramConfig.model_validate(config["cfg"])
-    storage.configure(cfg.storage.settings())  # this worker's own reads and writes (a node's environment may differ)
+    # This worker's own reads and writes (a node's environment may differ).
+    storage.configure(storage.StorageSettings.of(cfg.storage))
     vocab = config.get("vocab")
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers write to logs, not terminals
     _quiet_ray_train_reports()
@@ -519,7 +520,7 @@ def build_trainer(
     per_step = cfg.step_clips
     if data.train_rows < per_step:
         raise ValueError(
-            f"{data.train_rows} training clips cannot fill one step of {cfg.train.batch_size} per worker x "
+            f"{data.train_rows} training clips cannot fill one step of {cfg.worker_batch} per worker x "
             f"{s.max_workers} workers x {cfg.train.grad_accum} accumulated; lower train.batch_size, "
             "train.grad_accum or scaling.num_workers"
         )

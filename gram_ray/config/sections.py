@@ -1,23 +1,21 @@
-"""Typed configuration: pydantic models, loaded from YAML, every key overridable as `--set section.key=value`.
-
-Unknown keys and bad values stop with a message that names the key, so a typo never trains silently with a
-default.
+"""The configuration's sections: one pydantic model per section of the YAML, each key with its type, default and
+description (`gram-ray config-reference` prints them), and the rules that tie keys together, one validator each.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gram_ray.data.schema import MODALITY_NAMES
-from gram_ray.train.world import WorldSizeError, plans_for_range
+from gram_ray.config.world import WorldSizeError, plans_for_range
+
+# The modalities a config may name; data/schema.py's MODALITIES holds how each is cached, batched and encoded (a
+# test checks that the two agree).
+MODALITY_NAMES = ("text", "video", "audio", "subtitle")
 
 __all__ = [
-    "ConfigError",
-    "read_yaml_mapping",
+    "MODALITY_NAMES",
     "VideoConfig",
     "AudioConfig",
     "SourceFields",
@@ -27,28 +25,21 @@ __all__ = [
     "VisionEncoderConfig",
     "ModelConfig",
     "TrainConfig",
-    "EvalSection",
-    "ScalingSection",
-    "RunSection",
-    "StorageSection",
+    "EvalConfig",
+    "ScalingConfig",
+    "RunConfig",
+    "StorageConfig",
     "WandbConfig",
-    "TuneSection",
+    "TuneConfig",
     "GramConfig",
-    "load_config",
-    "apply_overrides",
-    "save_config",
 ]
 
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key and what to do."""
-
-
-class _Section(BaseModel):
+class _ConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class VideoConfig(_Section):
+class VideoConfig(_ConfigBase):
     format: Literal["video", "image", "none"] = Field(
         "video",
         description="what data.video_dir holds (GRAM's vision_format): video files; image = still images "
@@ -83,7 +74,7 @@ class VideoConfig(_Section):
     )
 
 
-class AudioConfig(_Section):
+class AudioConfig(_ConfigBase):
     format: Literal["audio", "none"] = Field(
         "audio",
         description="audio = decode each clip's audio (data.audio_dir, else the video's track); none = no audio "
@@ -130,7 +121,7 @@ class AudioConfig(_Section):
         return values
 
 
-class SourceFields(_Section):
+class SourceFields(_ConfigBase):
     """Which field of a manifest row (or of a WebDataset sample's json, or a video2dataset Parquet row) holds what.
     A field that is not set is looked for under its usual names."""
 
@@ -160,7 +151,7 @@ class SourceFields(_Section):
     end: str | None = Field(None, description="the clip's end in seconds within the video (with start)")
 
 
-class SourceConfig(_Section):
+class SourceConfig(_ConfigBase):
     """What data.train_annotations / val_annotations name, and how to read it (docs/data.md)."""
 
     kind: Literal["gram", "manifest", "webdataset", "parquet"] = Field(
@@ -199,7 +190,7 @@ class SourceConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(_ConfigBase):
     source: SourceConfig = SourceConfig()
     val_source: SourceConfig | None = Field(
         None,
@@ -262,7 +253,7 @@ class DataConfig(_Section):
         return self
 
 
-class EncoderConfig(_Section):
+class EncoderConfig(_ConfigBase):
     """One modality's encoder: pretrained weights (a name or local path), or random weights from a config."""
 
     kind: Literal["hf", "eva_clip", "beats"] = Field(
@@ -310,7 +301,7 @@ class VisionEncoderConfig(EncoderConfig):
     )
 
 
-class ModelConfig(_Section):
+class ModelConfig(_ConfigBase):
     modalities: list[str] = Field(
         ["text", "video", "audio"], description=f"text and one or more of {', '.join(MODALITY_NAMES[1:])}"
     )
@@ -369,6 +360,11 @@ class ModelConfig(_Section):
         unknown = [m for m in value if m not in MODALITY_NAMES]
         if unknown:
             raise ValueError(f"unknown modalities {unknown}; known: {list(MODALITY_NAMES)}")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_and_another_each_once(cls, value: list[str]) -> list[str]:
         if "text" not in value or len(value) < 2 or len(set(value)) != len(value):
             raise ValueError(f"need 'text' and at least one other modality, each once; got {value}")
         return value
@@ -380,18 +376,31 @@ class ModelConfig(_Section):
             kind = getattr(self, tower).kind
             if kind not in kinds:
                 raise ValueError(f"model.{tower}.kind={kind!r}: the {tower} encoder can be one of {list(kinds)}")
-            if tower != "text" and getattr(self, tower).cross_attention:
+        return self
+
+    @model_validator(mode="after")
+    def _cross_attention_only_in_text(self) -> ModelConfig:
+        for tower in ("vision", "audio"):
+            if getattr(self, tower).cross_attention:
                 raise ValueError(f"model.{tower}.cross_attention: only the text encoder has cross-attention layers")
+        return self
+
+    @model_validator(mode="after")
+    def _match_head_fuses_through_cross_attention(self) -> ModelConfig:
         if self.itm_ratio > 0 and not self.text.cross_attention:
             raise ValueError(
                 "model.itm_ratio > 0 trains the match head through the fusion: set model.text.cross_attention: true"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _match_head_has_a_clip_to_fuse(self) -> ModelConfig:
         if self.itm_ratio > 0 and not {"video", "audio"} & set(self.modalities):
             raise ValueError("model.itm_ratio > 0 needs video or audio to fuse with the captions")
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(_ConfigBase):
     epochs: float = Field(
         5, gt=0, description="may be fractional (GRAM's VATEX: 2.5): the run stops at round(epochs x steps an epoch)"
     )
@@ -456,7 +465,7 @@ class TrainConfig(_Section):
     )
 
 
-class ScalingSection(_Section):
+class ScalingConfig(_ConfigBase):
     num_workers: int | tuple[int, int] = Field(
         2,
         description="trainer workers; [min, max]: elastic, Ray Train runs any size in that range (fewer after a lost "
@@ -516,7 +525,7 @@ class ScalingSection(_Section):
         return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
     @model_validator(mode="after")
-    def _elastic_restarts(self) -> ScalingSection:
+    def _elastic_restarts(self) -> ScalingConfig:
         if self.elastic and self.max_failures == 0:
             raise ValueError(
                 f"scaling.num_workers={list(self.num_workers)} goes on with fewer workers after a node is lost by "
@@ -526,13 +535,13 @@ class ScalingSection(_Section):
         return self
 
 
-class RunSection(_Section):
+class RunConfig(_ConfigBase):
     name: str = Field("gram", description="the run's name: its folder under run.storage_path, W&B's run name")
     storage_path: str | None = Field(None, description="local path or s3:// / gs:// URI; default <output>/ray")
 
 
-class StorageSection(_Section):
-    """How hard every process of a job tries storage before a fault ends it (gram_ray/storage/). Unset keys come
+class StorageConfig(_ConfigBase):
+    """How hard every process of a job tries storage before a fault ends it (gram_ray/storage.py). Unset keys come
     from the environment as AWS tools read it (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE; GRAM_RAY_STORAGE_*), else the
     defaults, chosen so a training run rides out a storage outage of up to two minutes (docs/faults.md)."""
 
@@ -555,16 +564,13 @@ class StorageSection(_Section):
         "error naming the object (default 120)",
     )
 
-    def settings(self):
-        """The StorageSettings of this config: its keys, then the environment's, then the defaults."""
-        from dataclasses import replace
-
-        from gram_ray.storage import StorageSettings
-
-        return replace(StorageSettings.from_env(), **{k: v for k, v in self.model_dump().items() if v is not None})
+    def chosen(self) -> dict:
+        """The keys this config sets (the others come from the environment, then the defaults: storage's
+        StorageSettings.of)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-class WandbConfig(_Section):
+class WandbConfig(_ConfigBase):
     enabled: bool = Field(True, description="record the run with W&B (metrics.jsonl is written either way)")
     project: str | None = Field(None, description="the W&B project; default: WANDB_PROJECT, else gram-ray")
     entity: str | None = Field(None, description="the W&B team or user; default: WANDB_ENTITY, else the account's own")
@@ -575,7 +581,7 @@ class WandbConfig(_Section):
     )
 
 
-class TuneSection(_Section):
+class TuneConfig(_ConfigBase):
     """A sweep: dotted config keys -> a distribution ({"loguniform": [lo, hi]}, {"uniform": [lo, hi]},
     {"choice": [...]}, {"grid": [...]})."""
 
@@ -598,7 +604,7 @@ class TuneSection(_Section):
     reduction_factor: float = Field(2, gt=1, description="ASHA: 1/reduction_factor of the trials go on at each rung")
 
 
-class EvalSection(_Section):
+class EvalConfig(_ConfigBase):
     protocol: Literal["all", "seed"] = Field(
         "all",
         description="which captions and videos evaluation scores: all = every caption of every video; seed = "
@@ -618,150 +624,80 @@ class EvalSection(_Section):
     )
 
 
-class GramConfig(_Section):
+# What scaling.strategy: fsdp is not combined with: (section, key) -> why, and what to do.
+FSDP_EXCLUDES = {
+    ("train", "fp16"): "scaling.strategy: fsdp computes in bf16 on GPU (train.bf16); train.fp16's loss scaler does "
+    "not handle sharded gradients here: use train.bf16 (Ampere and later GPUs), or scaling.strategy: ddp",
+    ("model", "compile"): "model.compile with scaling.strategy: fsdp has not been tested together (the encoders "
+    "would be compiled before they are sharded): turn one of them off",
+}
+
+
+class GramConfig(_ConfigBase):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-    eval: EvalSection = EvalSection()
-    scaling: ScalingSection = ScalingSection()
-    run: RunSection = RunSection()
-    storage: StorageSection = StorageSection()
+    eval: EvalConfig = EvalConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
     wandb: WandbConfig = WandbConfig()
-    tune: TuneSection = TuneSection()
+    tune: TuneConfig = TuneConfig()
+
+    @property
+    def worker_batch(self) -> int:
+        """The clips a worker trains on per micro-batch at the full size: train.global_batch_size over the workers
+        (scaling.num_workers, or its max) when it is set, else train.batch_size."""
+        g = self.train.global_batch_size
+        return g // self.scaling.max_workers if g is not None else self.train.batch_size
 
     @property
     def step_clips(self) -> int:
         """The clips of one optimizer step: the batch at its full size (scaling.num_workers, or its max)."""
-        return self.train.batch_size * self.scaling.max_workers * self.train.grad_accum
+        return self.worker_batch * self.scaling.max_workers * self.train.grad_accum
 
     @model_validator(mode="after")
-    def _global_batch(self) -> GramConfig:
-        g, s = self.train.global_batch_size, self.scaling
-        if g is not None:
-            if g % s.max_workers:
-                raise ValueError(
-                    f"train.global_batch_size={g} does not divide over scaling.num_workers={s.max_workers}: choose a "
-                    "multiple of the worker count"
-                )
-            if self.train.batch_size != g // s.max_workers:
-                self.train.batch_size = g // s.max_workers
+    def _global_batch_divides_over_the_workers(self) -> GramConfig:
+        g, workers = self.train.global_batch_size, self.scaling.max_workers
+        if g is not None and g % workers:
+            raise ValueError(
+                f"train.global_batch_size={g} does not divide over scaling.num_workers={workers}: choose a "
+                "multiple of the worker count"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _every_modality_has_a_decoder(self) -> GramConfig:
         for modality, section in (("video", self.data.video), ("audio", self.data.audio)):
             if modality in self.model.modalities and section.format == "none":
                 raise ValueError(
                     f"model.modalities has {modality} but data.{modality}.format is none (nothing to decode it "
                     f"from): drop {modality} from model.modalities, or set data.{modality}.format"
                 )
-        if s.strategy == "fsdp" and self.train.fp16:
-            raise ValueError(
-                "scaling.strategy: fsdp computes in bf16 on GPU (train.bf16); train.fp16's loss scaler does not "
-                "handle sharded gradients here: use train.bf16 (Ampere and later GPUs), or scaling.strategy: ddp"
-            )
-        if s.strategy == "fsdp" and self.model.compile:
-            raise ValueError(
-                "model.compile with scaling.strategy: fsdp has not been tested together (the encoders would be "
-                "compiled before they are sharded): turn one of them off"
-            )
-        if s.elastic:
-            step = self.step_clips
-            try:
-                plans_for_range(step, self.train.batch_size, s.min_workers, s.max_workers)
-            except WorldSizeError as e:
-                raise ValueError(
-                    f"scaling.num_workers={list(s.num_workers)} cannot keep the global batch of {step} clips a step "
-                    f"(train.batch_size {self.train.batch_size} x {s.max_workers} workers x train.grad_accum "
-                    f"{self.train.grad_accum}) at every size in the range: {e}. Every size from min to max must divide "
-                    "the step: e.g. [1, 2] with an even step, [2, 4] with a step divisible by 12"
-                ) from None
         return self
 
+    @model_validator(mode="after")
+    def _fsdp_alone(self) -> GramConfig:
+        """What scaling.strategy: fsdp is not combined with (FSDP_EXCLUDES)."""
+        if self.scaling.strategy == "fsdp":
+            for (section, key), why in FSDP_EXCLUDES.items():
+                if getattr(getattr(self, section), key):
+                    raise ValueError(why)
+        return self
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
-    node[parts[-1]] = value
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply `key.sub=value` strings; values are parsed as YAML (so 2e-5, true, [a, b] work)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set data.video.num_frames=4")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return tree
-
-
-def _describe(error: ValidationError) -> str:
-    """Every problem pydantic found, on one line: `key: what is wrong (got value); ...`."""
-    problems = []
-    for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            problems.append(f"{key}: unknown key (check the spelling; see gram_ray/config.py for the keys)")
-        else:
-            got = f" (got {e.get('input')!r})" if not isinstance(e.get("input"), dict) else ""  # not a whole section
-            problems.append(f"{key or 'config'}: {e['msg']}{got}")
-    return "; ".join(problems)
-
-
-def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    """The mapping a YAML file holds (a config, a cluster YAML), or a ConfigError that names the file and says in
-    one line what is wrong: missing, a folder, unreadable, not text, not valid YAML (where), not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} " + ("is not a file" if path.exists() else "does not exist"))
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} {path} is not a text file: is it the right file?") from None
-    except OSError as e:
-        raise ConfigError(f"{what} {path} cannot be read: {e.strerror}") from None
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{what} {path} is not valid YAML{where}: {problem}") from None
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{what} {path} must hold a mapping of keys, got {type(tree).__name__}")
-    return tree
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML file's mapping; `extends: other.yaml` (relative to the file) is read first and deep-merged under it."""
-    if path.resolve() in seen:
-        raise ConfigError(f"config file {path} extends itself through {' -> '.join(map(str, seen))}")
-    tree = read_yaml_mapping(path, "config file")
-    parent = tree.pop("extends", None)
-    if parent:
-        tree = _merge(_read_tree(path.parent / parent, (*seen, path.resolve())), tree)
-    return tree
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> GramConfig:
-    tree: dict[str, Any] = _read_tree(Path(path)) if path is not None else {}
-    apply_overrides(tree, overrides)
-    try:
-        return GramConfig.model_validate(tree)
-    except ValidationError as e:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{where}: {_describe(e)}") from None
-
-
-def save_config(cfg: GramConfig, path: str | Path) -> None:
-    """A complete YAML that load_config reads back to the same config."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    @model_validator(mode="after")
+    def _elastic_range_keeps_the_step(self) -> GramConfig:
+        s = self.scaling
+        if not s.elastic:
+            return self
+        step = self.step_clips
+        try:
+            plans_for_range(step, self.worker_batch, s.min_workers, s.max_workers)
+        except WorldSizeError as e:
+            raise ValueError(
+                f"scaling.num_workers={list(s.num_workers)} cannot keep the global batch of {step} clips a step "
+                f"(train.batch_size {self.worker_batch} x {s.max_workers} workers x train.grad_accum "
+                f"{self.train.grad_accum}) at every size in the range: {e}. Every size from min to max must divide "
+                "the step: e.g. [1, 2] with an even step, [2, 4] with a step divisible by 12"
+            ) from None
+        return self
