@@ -138,8 +138,8 @@ def _search_demo(checkpoint: str, val_cache: str, run_dir: Path, log) -> Path:
 def run_demo(
     out: str | Path, modalities: list[str], config_path=None, overrides=(), log=print, data_dir: Path | None = None
 ) -> dict:
+    from gram_ray.retrieval.inference import evaluate_checkpoint
     from gram_ray.train.console import Console
-    from gram_ray.train.inference import evaluate_checkpoint
     from gram_ray.train.layout import RunLayout
     from gram_ray.train.loop import main_metric_name
     from gram_ray.train.trainer import fit

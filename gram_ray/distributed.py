@@ -21,6 +21,7 @@ __all__ = [
     "broadcast_from_rank0",
     "max_over_ranks",
     "exchange_rows",
+    "gather_objects",
 ]
 
 
@@ -94,6 +95,15 @@ def all_gather_no_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -> 
         gathered = _all_gather_padded(tensor.detach(), sizes)
     start = sum(sizes[: get_rank()])
     return torch.cat([gathered[:start], tensor, gathered[start + tensor.shape[0] :]])
+
+
+def gather_objects(value) -> list:
+    """value of every rank, in rank order ([value] without a process group)."""
+    if not is_distributed():
+        return [value]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def max_over_ranks(value: int, device: torch.device) -> int:

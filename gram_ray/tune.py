@@ -55,8 +55,9 @@ def trial_driver(
     from pydantic import ValidationError
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from gram_ray.train.datasets import prepare_data
     from gram_ray.train.layout import RunLayout
-    from gram_ray.train.trainer import build_trainer, prepare_data, train_env
+    from gram_ray.train.trainer import build_trainer, train_env
 
     tree = copy.deepcopy(base)
     apply_overrides(tree, [f"{k}={v}" for k, v in config.items()])
@@ -120,8 +121,9 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
 
     from gram_ray.tracking import wandb_credentials, wandb_mode
     from gram_ray.train.console import Console, ProgressQueue, run_with_progress
+    from gram_ray.train.datasets import decode_caches
+    from gram_ray.train.events import RunEvents
     from gram_ray.train.layout import RunLayout
-    from gram_ray.train.trainer import decode_caches
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +189,7 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
             # gram-ray prints a line per trial step and evaluation; Tune's status table stays off the console.
             run_config=tune.RunConfig(name=SWEEP_NAME, **storage.run_storage(tune_storage), verbose=0),
         )
-    results = run_with_progress(tuner.fit, progress, Console(log, main_metric=metric))
+    results = run_with_progress(tuner.fit, progress, RunEvents(), Console(log, main_metric=metric))
     write_outputs(results, cfg, metric, evaluations, out, log)
     return results
 

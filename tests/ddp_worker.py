@@ -166,7 +166,7 @@ def elastic_run(rank: int, world: int, resume: dict | None = None, stop_at: int 
     from gram_ray.train.loop import run_training
 
     cfg, rows, vocab, collate = elastic_setup()
-    plan = plan_for_world(cfg.step_clips, cfg.train.batch_size, world)  # as trainer.plan_of
+    plan = plan_for_world(cfg.step_clips, cfg.train.batch_size, world)  # as worker.plan_of
     seen, logged, checkpoints, models = {}, [], [], []
 
     def train_batches(epoch, skip):
@@ -252,7 +252,7 @@ def fsdp_run(
 
     cfg, train, val, vocab = fsdp_setup(*extra)
     device = device or torch.device("cpu")
-    plan = plan_for_world(cfg.step_clips, cfg.train.batch_size, world)  # as trainer.plan_of
+    plan = plan_for_world(cfg.step_clips, cfg.train.batch_size, world)  # as worker.plan_of
     collate = Collate(cfg, vocab, train=True)
     val_collate = Collate(cfg, vocab, train=False)
     val_batches = [val_collate({k: v[i : i + 3] for k, v in val.items()}) for i in range(0, FSDP_VAL_ROWS, 3)][
@@ -341,7 +341,7 @@ def main():
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
     on_device = {"device_ids": [device]} if device.type == "cuda" else {}
     if gather == "accum":
-        from gram_ray.train.loop import accumulate_gradients
+        from gram_ray.train.step import accumulate_gradients
 
         model = DistributedDataParallel(MicroBatchTowers("exact").to(device), **on_device)
         allreduces = []

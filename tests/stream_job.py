@@ -61,8 +61,9 @@ def main() -> None:
     from gram_ray.data.parquet_layout import read_cache
     from gram_ray.data.text import build_word_vocab
     from gram_ray.demo import DEMO_CONFIG
+    from gram_ray.train.datasets import TrainingData, _maybe_materialize
     from gram_ray.train.layout import RunLayout
-    from gram_ray.train.trainer import TrainingData, _maybe_materialize, build_trainer, train_env
+    from gram_ray.train.trainer import build_trainer, train_env
 
     cfg = load_config(
         DEMO_CONFIG,

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from gram_ray.train.console import Console, run_with_progress, step_record
+from gram_ray.train.events import RunEvents
 
 METRIC = "val/text-video-audio/t2v/R@1"
 
@@ -37,7 +38,7 @@ def test_step_and_eval_lines_say_where_training_is():
         )
         return "result"
 
-    assert run_with_progress(fit, progress, console, poll_s=0.01) == "result"
+    assert run_with_progress(fit, progress, RunEvents(), console, poll_s=0.01) == "result"
     assert len(lines) == 3
     assert lines[0].startswith("epoch 2/4  step 10/40  loss 1.7500  lr 1.00e-03  512 samples/s  ETA")
     assert "step 20/40" in lines[1] and "ETA 0m00s" in lines[1]  # 10 steps in ~0.05 s: 20 more take ~0.1 s
@@ -49,35 +50,39 @@ def test_an_error_in_fit_reaches_the_caller():
         raise ValueError("bad config")
 
     with pytest.raises(ValueError, match="bad config"):
-        run_with_progress(fit, queue.Queue(), Console(lambda line: None, bar=False), poll_s=0.01)
+        run_with_progress(fit, queue.Queue(), RunEvents(), Console(lambda line: None, bar=False), poll_s=0.01)
 
 
 def test_a_failure_and_a_resize_are_followed_by_what_they_cost_and_the_world_size_over_time():
     """Steps lost: the newest step seen before the failure (or resize) minus the step of the checkpoint the group
     restarted from; time: from the failure's (resize's) report to the first step after the restart. The world
     size comes with the step records; each change is a line and an entry of world_sizes."""
-    from gram_ray.train.console import FAILED, NOTE, RESIZING, RESTARTED
+    from gram_ray.train.events import FAILED, NOTE, RESIZING, RESTARTED, RunEvents
 
     # the time of each record below
     clock = iter([0.0, 0.0, 10.0, 12.0, 40.0, 41.0, 50.0, 51.0, 60.0, 61.0, 62.0])
     lines = []
-    console = Console(lines.append, bar=False, main_metric=METRIC, clock=lambda: next(clock))
+    events = RunEvents(clock=lambda: next(clock))
+    console = Console(lines.append, bar=False, main_metric=METRIC)
+
+    def show(record: dict):
+        console.show(record, events.record(record))
 
     def step(n: int, workers: int):
-        console.show(step_record(_step(n), epochs=4) | {"workers": workers})
+        show(step_record(_step(n), epochs=4) | {"workers": workers})
 
     step(2, 2)
     step(3, 2)
-    console.show({"kind": NOTE, "event": FAILED, "text": "worker group failed: rank 1 (node died)"})
-    console.show({"kind": NOTE, "event": RESTARTED, "step": 1, "text": "restarted from the checkpoint of step 1"})
+    show({"kind": NOTE, "event": FAILED, "text": "worker group failed: rank 1 (node died)"})
+    show({"kind": NOTE, "event": RESTARTED, "step": 1, "text": "restarted from the checkpoint of step 1"})
     step(2, 1)
     step(3, 1)
     step(4, 1)
-    console.show({"kind": NOTE, "event": RESIZING, "text": "resizing the worker group: 1 -> 2 workers"})
-    console.show({"kind": NOTE, "event": RESTARTED, "step": 4, "text": "restarted from the checkpoint of step 4"})
+    show({"kind": NOTE, "event": RESIZING, "text": "resizing the worker group: 1 -> 2 workers"})
+    show({"kind": NOTE, "event": RESTARTED, "step": 4, "text": "restarted from the checkpoint of step 4"})
     step(5, 2)
     step(6, 2)
-    assert console.recoveries == [
+    assert events.recoveries == [
         {
             "cause": "failure",
             "failed_after_step": 3,
@@ -97,7 +102,7 @@ def test_a_failure_and_a_resize_are_followed_by_what_they_cost_and_the_world_siz
             "workers": 2,
         },
     ]
-    assert console.world_sizes[""] == [
+    assert events.world_sizes[""] == [
         {"from_step": 2, "workers": 2, "at_s": 0.0},
         {"from_step": 2, "workers": 1, "at_s": 40.0},
         {"from_step": 5, "workers": 2, "at_s": 61.0},
@@ -130,3 +135,26 @@ def test_an_evaluation_without_a_val_split_is_not_shown_as_zero_recall():
         "eval  epoch 4/4  step 8/8  no val split  checkpoint saved",
         "eval  epoch 4/4  step 8/8  val text-video-audio/t2v/R@1 62.5",
     ]
+
+
+def test_a_run_without_a_console_still_records_its_recoveries_and_world_sizes():
+    """fit writes recoveries and world sizes into result.json from its RunEvents, console or not (they were empty
+    whenever no console was attached)."""
+    from gram_ray.train.events import FAILED, NOTE, RESTARTED
+
+    progress = queue.Queue()
+    events = RunEvents()
+
+    def fit():
+        for record in (
+            step_record(_step(3), epochs=4) | {"workers": 2},
+            {"kind": NOTE, "event": FAILED, "text": "worker group failed"},
+            {"kind": NOTE, "event": RESTARTED, "step": 1, "text": "restarted"},
+            step_record(_step(2), epochs=4) | {"workers": 1},
+        ):
+            progress.put(record)
+        return "result"
+
+    assert run_with_progress(fit, progress, events, console=None, poll_s=0.01) == "result"
+    assert [(r["cause"], r["steps_lost"], r["workers"]) for r in events.recoveries] == [("failure", 2, 1)]
+    assert [w["workers"] for w in events.world_sizes[""]] == [2, 1]

@@ -10,7 +10,7 @@ from tiny import tiny_config
 
 from gram_ray.config import ConfigError
 from gram_ray.config.world import WorldPlan, WorldSizeError, derive_seed, plan_for_world
-from gram_ray.train.trainer import plan_of
+from gram_ray.train.worker import plan_of
 
 
 def test_a_step_keeps_its_clips_at_every_world_size_by_accumulating_micro_batches():

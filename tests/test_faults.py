@@ -107,7 +107,8 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run_naming_the_step_and_the
 
     from gram_ray.data.collate import Collate
     from gram_ray.data.text import build_word_vocab
-    from gram_ray.train.loop import NonFiniteTrainingError, run_training
+    from gram_ray.train.loop import run_training
+    from gram_ray.train.step import NonFiniteTrainingError
 
     cfg = tiny_config("train.epochs=3", "train.max_skipped_steps=3")
     rows = random_rows(cfg, 8)
@@ -139,15 +140,30 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run_naming_the_step_and_the
 
 def _fake_run(root: Path, steps: dict[str, int], registered: bool) -> None:
     """A run folder as Ray Train V2 leaves it: checkpoint folders, and the snapshot of the registered ones."""
-    import json
 
     for name, step in steps.items():
         (root / name).mkdir(parents=True)
         torch.save({"model": {"w": torch.zeros(1000)}, "step": step}, root / name / "state.pt")
-    if registered:
-        results = [{"checkpoint_dir_name": n, "metrics": {"step": s}} for n, s in steps.items()]
-        snapshot = {"checkpoint_results": results, "latest_checkpoint_result": results[-1]}
-        (root / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    if registered:  # Ray's registry, written by Ray's own model of it (its format is Ray's, read through
+        # ray.train.Result.from_path)
+        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+            _CheckpointManagerState,
+            _TrainingResultState,
+        )
+
+        results = [_TrainingResultState(checkpoint_dir_name=n, metrics={"step": s}) for n, s in steps.items()]
+        snapshot = _CheckpointManagerState(
+            checkpoint_results=results,
+            checkpoint_report_indices=list(range(len(results))),
+            latest_checkpoint_result=results[-1],
+            pending_training_results=[],
+            pending_validation_specs=[],
+            current_report_index=len(results),
+            validated_checkpoint_dir_names=[],
+            timed_out_validation_checkpoint_dir_names=[],
+            failed_validation_checkpoint_dir_names=[],
+        )
+        (root / "checkpoint_manager_snapshot.json").write_text(snapshot.model_dump_json())
 
 
 @pytest.mark.parametrize("registered", [True, False], ids=["from Ray's snapshot", "before any registration"])

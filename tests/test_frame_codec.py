@@ -55,7 +55,7 @@ def test_a_jpeg_cache_stores_one_jpeg_per_frame_and_trains_on_the_same_frames_wh
     from gram_ray.data.preprocess import preprocess
     from gram_ray.data.schema import FRAMES_JPEG
     from gram_ray.data.text import build_word_vocab
-    from gram_ray.train.loop import to_device
+    from gram_ray.model.device import to_device
 
     cfg = tiny_config("data.video.train_draws=2")
     assert cfg.data.video.cache_codec == "jpeg" and cfg.data.video.jpeg_quality == 90

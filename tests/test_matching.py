@@ -135,7 +135,7 @@ def test_gram_ray_evaluate_reranks_as_training_evaluation_does(synth_small, ray_
     from gram_ray.data.preprocess import preprocess
     from gram_ray.data.text import build_word_vocab
     from gram_ray.model.checkpoint import load_checkpoint
-    from gram_ray.train.inference import evaluate_checkpoint
+    from gram_ray.retrieval.inference import evaluate_checkpoint
     from gram_ray.train.loop import run_training
 
     cfg = tiny_config("model.text.cross_attention=true", "model.itm_ratio=0.1", "train.epochs=1", "eval.rerank_k=4")

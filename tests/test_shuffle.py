@@ -8,7 +8,7 @@ import pytest
 from tiny import tiny_config
 
 from gram_ray.data.schema import object_column
-from gram_ray.train.trainer import keep_in_memory, rest_of_epoch, shuffled, train_iter_options
+from gram_ray.train.datasets import keep_in_memory, rest_of_epoch, shuffled, train_iter_options
 
 ROWS, WORKERS = 64, 2
 

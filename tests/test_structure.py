@@ -104,6 +104,20 @@ def unit_of(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
+def package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for name, deps in import_graph().items():
+        graph.setdefault(unit_of(name), set()).update(unit_of(d) for d in deps)
+    return {unit: deps - {unit} for unit, deps in graph.items()}
+
+
+def test_no_import_circles_between_packages():
+    """A package's modules may import each other freely; between packages (and top-level modules) the imports
+    go one way: e.g. training imports retrieval's embedding, retrieval never imports training."""
+    circle = find_circle(package_graph())
+    assert circle is None, "import circle between packages: " + " -> ".join(circle)
+
+
 def test_the_config_is_the_root_and_imports_nothing_else_of_gram_rays():
     outside = {
         (name, dep)

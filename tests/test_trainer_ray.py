@@ -56,6 +56,10 @@ def test_torchtrainer_two_workers_survives_a_killed_worker_then_evaluate_checkpo
         killer.join(timeout=10)
     assert killed.get("after_step") == 1, "no worker was killed after the first checkpoint"
     assert result.error is None
+    # fit's RunEvents recorded the recovery with no console attached (result.json held none before).
+    (recovery,) = summary["recoveries"]
+    assert (recovery["cause"], recovery["restarted_from_step"], recovery["workers"]) == ("failure", 1, 2)
+    assert [size["workers"] for size in summary["world_sizes"]] == [2]
     steps_per_epoch = 16 // (cfg.train.batch_size * 2)  # 16 train clips, 2 workers
     assert summary["last_metrics"]["step"] == 2 * steps_per_epoch
     assert main_metric_name(cfg) in summary["best_metrics"]

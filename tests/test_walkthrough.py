@@ -202,8 +202,8 @@ def test_preprocess_split_writes_the_cache_training_reads(synth_small, tmp_path,
     from tiny import synth_data, tiny_config
 
     from gram_ray.cli import main
+    from gram_ray.train.datasets import decode_caches
     from gram_ray.train.layout import RunLayout
-    from gram_ray.train.trainer import decode_caches
 
     cfg = tiny_config(*synth_data(synth_small), f"data.cache_dir={tmp_path / 'cache'}", "data.video.train_draws=2")
     save_config(cfg, tmp_path / "c.yaml")

@@ -33,7 +33,7 @@ from gram_ray.bench.common import cache_batches, peak_bf16_tflops
 from gram_ray.config import GramConfig
 from gram_ray.data.collate import Collate
 from gram_ray.data.schema import FRAMES_JPEG, ID
-from gram_ray.train.loop import to_device
+from gram_ray.model.device import to_device
 
 __all__ = ["DEFAULT_GPU", "DEFAULT_MFU", "gpu_rate", "bench_data", "run_bench_data", "data_table"]
 

@@ -73,9 +73,11 @@ def _rank(rank: int, world: int, strategy: str, cfg: GramConfig, vocab, steps: i
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from gram_ray.model.device import autocast, to_device
     from gram_ray.model.gram import build_model
-    from gram_ray.train.loop import _autocast, accumulate_gradients, build_optimizer, to_device
+    from gram_ray.train.loop import build_optimizer
     from gram_ray.train.sharding import as_local, gathered_state, shard_model
+    from gram_ray.train.step import accumulate_gradients
 
     cuda = torch.cuda.is_available() and cfg.scaling.use_gpu
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -103,7 +105,7 @@ def _rank(rank: int, world: int, strategy: str, cfg: GramConfig, vocab, steps: i
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         for i, batch in enumerate(batches):
-            with _autocast(device, cfg):
+            with autocast(device, cfg):
                 out_ = accumulate_gradients(model, batch, accum, i == accum - 1, sync_every_micro_batch=every)
         as_local(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
         held = _local_bytes(p for p in model.parameters()) + _local_bytes(

@@ -36,7 +36,7 @@ from gram_ray.data.collate import Collate
 from gram_ray.data.text import SPECIAL_TOKENS
 
 # The loop's own device transfer and autocast, so every path runs the precision the config asks for (fp16 too).
-from gram_ray.train.loop import _autocast, to_device
+from gram_ray.model.device import autocast, to_device
 
 __all__ = [
     "PATHS",
@@ -69,7 +69,7 @@ def step_flops(cfg: GramConfig, vocab, batch: dict, device: torch.device) -> int
     eager.model.compile = False
     model = build_model(eager, vocab).to(device)
     counter = FlopCounterMode(display=False)
-    with counter, _autocast(device, cfg):
+    with counter, autocast(device, cfg):
         model(batch).loss.backward()
     del model
     return counter.get_total_flops()
@@ -95,7 +95,7 @@ def _plain(cfg: GramConfig, vocab, batches: list[dict], steps: int, warmup: int,
     for i in range(warmup + steps):
         with timer.phase("data"):
             batch = batches[i % len(batches)]
-        with _autocast(device, cfg):
+        with autocast(device, cfg):
             with timer.phase("forward"):
                 loss = model(batch).loss
             with timer.phase("backward"):
@@ -127,8 +127,9 @@ def _loop(cfg: GramConfig, vocab, shards: str, steps_per_epoch: int, device: tor
 
 def _ray(cfg: GramConfig, vocab, shards: str, rows: int, out: Path) -> dict:
     from gram_ray.data.parquet_layout import read_cache
+    from gram_ray.train.datasets import TrainingData
     from gram_ray.train.layout import RunLayout
-    from gram_ray.train.trainer import TrainingData, build_trainer
+    from gram_ray.train.trainer import build_trainer
 
     data = TrainingData(train=read_cache(shards), val=None, train_rows=rows, vocab=vocab)
     result = build_trainer(cfg, data, RunLayout.of(cfg, out)).fit()

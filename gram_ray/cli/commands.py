@@ -109,7 +109,7 @@ def preprocess(
     check_then_start_ray([*needs, Need("--out", out, "writable")], data, verbose)
     try:
         if split:  # through training's own decode of the split: the same inputs, settings and options
-            from gram_ray.train.trainer import decode_split
+            from gram_ray.train.datasets import decode_split
 
             decode_split(cfg, split, out, log=click.echo, force=force)
         else:
@@ -120,7 +120,7 @@ def preprocess(
 
 
 def _split_inputs(cfg, split: str):
-    from gram_ray.train.trainer import split_inputs
+    from gram_ray.train.datasets import split_inputs
 
     annotations, data, mode = split_inputs(cfg, split)
     if not annotations:
@@ -207,8 +207,8 @@ def evaluate(checkpoint, data, json_path, verbose) -> None:
     """Retrieval metrics of a checkpoint on a Parquet cache (Ray Data batch inference)."""
     from gram_ray.cluster.preflight import Need
     from gram_ray.model.checkpoint import CheckpointError
+    from gram_ray.retrieval.inference import check_inputs, evaluate_checkpoint, run_checkpoint
     from gram_ray.retrieval.metrics import results_table, write_metrics
-    from gram_ray.train.inference import check_inputs, evaluate_checkpoint, run_checkpoint
 
     checkpoint = run_checkpoint(checkpoint)
     needs = [Need("--checkpoint", checkpoint, "checkpoint"), Need("--data", data, "cache")]
@@ -253,7 +253,7 @@ def index(checkpoint, data, annotations, video_dir, audio_dir, out, dtype, worke
     from gram_ray.data.preprocess import preprocess as decode
     from gram_ray.model.checkpoint import CheckpointError, checkpoint_config
     from gram_ray.retrieval.index import SearchIndexError, build_index
-    from gram_ray.train.inference import check_inputs, run_checkpoint
+    from gram_ray.retrieval.inference import check_inputs, run_checkpoint
 
     if (data is None) == (annotations is None):
         raise click.UsageError("give either --data (a preprocessed cache) or --annotations with --video-dir")

@@ -111,7 +111,7 @@ def training_failure(error: BaseException) -> str | None:
     else."""
     from gram_ray.model.checkpoint import CheckpointWriteError
     from gram_ray.storage import StorageError
-    from gram_ray.train.loop import NonFiniteTrainingError
+    from gram_ray.train.step import NonFiniteTrainingError
 
     known = (NonFiniteTrainingError, CheckpointWriteError, ValueError, StorageError)
     controller = getattr(error, "controller_failure", None)  # Ray Train's controller: its checkpoint registry

@@ -104,7 +104,7 @@ class _IndexCacheFile:
 
     def __init__(self, checkpoint_dir, out, source, video_dir, audio_dir, dtype, known_ids, batch_size) -> None:
         from gram_ray.data.manifest import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, media_finder
-        from gram_ray.train.inference import inference_model
+        from gram_ray.retrieval.inference import inference_model
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, cfg, self.collate = inference_model(checkpoint_dir, self.device, every_caption=True)
@@ -137,7 +137,7 @@ class _IndexCacheFile:
     def _embed(self, table: pa.Table) -> dict | None:
         from gram_ray.data.parquet_layout import numpy_rows
         from gram_ray.data.schema import FRAMES_JPEG, IDS, TEXT_TO_VIDEO
-        from gram_ray.train.loop import to_device
+        from gram_ray.model.device import to_device
         from gram_ray.volume import orthonormal_span
 
         rows = numpy_rows(table)

@@ -1,5 +1,6 @@
 """Retrieval evaluation: R@1/5/10, MedR and MeanR, by volume and by cosine, both directions. Pure numpy/torch:
-embedding a dataset with a checkpoint (Ray Data batch inference) lives in train/inference.py.
+embedding a dataset with a checkpoint (Ray Data batch inference) lives in retrieval/inference.py, and embedding
+with the model being trained in retrieval/embedding.py.
 
 Metrics JSON (DESIGN.md): {"volume": {"text-video-audio": {"t2v": {...}, "v2t": {...}}, ...},
 "cosine": {"text-video": {...}, ...}}. R@K in percent, ranks 1-based. Volume scores: lower is better.

@@ -45,7 +45,7 @@ class Searcher:
     """An index and the checkpoint it was built with (or `checkpoint`, which must be the same model), on `device`."""
 
     def __init__(self, index_dir: str, checkpoint: str | None = None, device: str | None = None) -> None:
-        from gram_ray.train.inference import inference_model
+        from gram_ray.retrieval.inference import inference_model
 
         self.index: LoadedIndex = load_index(index_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -120,7 +120,7 @@ class Searcher:
     def _reranked(self, text: str, volumes: torch.Tensor, rows: torch.Tensor, k: int) -> QueryResult:
         from gram_ray.data.schema import IDS
         from gram_ray.data.text import tokenize
-        from gram_ray.train.loop import to_device
+        from gram_ray.model.device import to_device
 
         rows = rows.tolist()
         batch = self.collate(self._cache_rows([self.index.ids[r] for r in rows]))

@@ -15,25 +15,17 @@ import threading
 import time
 from collections.abc import Callable
 
+from gram_ray.train.events import EVAL, FAILED, NOTE, RESIZING, RESTARTED, STEP, RunEvents
+
 __all__ = [
     "Console",
     "ProgressQueue",
-    "NOTE",
-    "FAILED",
-    "RESTARTED",
-    "RESIZING",
     "step_record",
     "put_record",
     "progress_callback",
     "resize_callback",
     "run_with_progress",
 ]
-
-STEP, EVAL, NOTE = "step", "eval", "note"  # a note: one line of text (e.g. a restart and what it cost)
-# Notes that mark a recovery (a field "event" of a NOTE record): the worker group failed (a worker or its node
-# died), or an elastic group is being resized (nodes came or went), then it restarted from a checkpoint ("step":
-# the checkpoint's step).
-FAILED, RESIZING, RESTARTED = "failed", "resizing", "restarted"
 
 
 def _duration(seconds: float) -> str:
@@ -51,67 +43,24 @@ class Console:
         echo: Callable[[str], None] = print,
         bar: bool | None = None,
         main_metric: str = "",
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.echo = echo
-        self.clock = clock  # for the recovery times
         self.bar = sys.stdout.isatty() if bar is None else bar
         self.main_metric = main_metric
         self.lines = 0
         self._bar_shown = False
         self._origin: dict[str, tuple[float, int]] = {}  # per source: (time, step) of its first step record
-        self.recoveries: list[dict] = []  # one per worker-group restart: what it cost
-        # per source: the worker group's size over the run, [{"from_step", "workers", "at_s"}] (step records
-        # carry the size; at_s counts from the source's first record)
-        self.world_sizes: dict[str, list[dict]] = {}
-        self._start: dict[str, float] = {}
-        self._last_step: dict[str, int] = {}  # per source: the newest step seen
-        self._failure: dict[str, dict] = {}  # per source: a failure or resize whose recovery is not finished yet
 
-    def _track(self, record: dict) -> list[str]:
-        """Follow failures, resizes and restarts: the lines that say what a finished recovery cost and when the
-        world size changed. Steps lost: the newest step seen before the failure (or resize) minus the step of the
-        checkpoint the group restarted from (those are trained again). Time: from the failure's (or resize's)
-        report to the first step after the restart."""
-        source, now = record.get("source", ""), self.clock()
-        start = self._start.setdefault(source, now)
-        event = record.get("event") if record["kind"] == NOTE else None
-        if event in (FAILED, RESIZING):
-            cause = "failure" if event == FAILED else "resize"
-            self._failure.setdefault(source, {"at": now, "step": self._last_step.get(source, 0), "cause": cause})
-        elif event == RESTARTED and source in self._failure:
-            self._failure[source]["restart_step"] = record["step"]
-            self._origin.pop(source, None)  # the ETA starts again from the restart
-        elif record["kind"] == STEP:
-            lines = []
-            failure = self._failure.get(source)
-            self._last_step[source] = record["step"]
-            if failure is not None and "restart_step" in failure:
-                del self._failure[source]
-                recovery = {
-                    "cause": failure["cause"],
-                    "failed_after_step": failure["step"],
-                    "restarted_from_step": failure["restart_step"],
-                    "steps_lost": max(0, failure["step"] - failure["restart_step"]),
-                    "recovery_s": round(now - failure["at"], 1),
-                    "first_step_after": record["step"],
-                    "workers": record.get("workers"),
-                }
-                self.recoveries.append(recovery)
-                what = "recovered" if failure["cause"] == "failure" else "resized"
-                lines.append(
-                    f"{what}: {recovery['steps_lost']} steps lost (trained up to step {failure['step']}, restarted "
-                    f"from the checkpoint of step {failure['restart_step']}), {recovery['recovery_s']:.1f} s from the "
-                    f"{failure['cause']} to the first step after it"
-                )
-            sizes = self.world_sizes.setdefault(source, [])
-            workers = record.get("workers")
-            if workers is not None and (not sizes or sizes[-1]["workers"] != workers):
-                if sizes:
-                    lines.append(f"world size: {sizes[-1]['workers']} -> {workers} workers from step {record['step']}")
-                sizes.append({"from_step": record["step"], "workers": workers, "at_s": round(now - start, 1)})
-            return lines
-        return []
+    def event_line(self, event: dict) -> str:
+        """A line for an event a RunEvents returned."""
+        if event["event"] == "world_size":
+            return f"world size: {event['before']} -> {event['workers']} workers from step {event['from_step']}"
+        what = "recovered" if event["cause"] == "failure" else "resized"
+        return (
+            f"{what}: {event['steps_lost']} steps lost (trained up to step {event['failed_after_step']}, restarted "
+            f"from the checkpoint of step {event['restarted_from_step']}), {event['recovery_s']:.1f} s from the "
+            f"{event['cause']} to the first step after it"
+        )
 
     def _eta(self, source: str, step: int, total: int) -> str:
         now = time.perf_counter()
@@ -135,9 +84,12 @@ class Console:
         where = f"epoch {r['epoch'] + 1}/{r['epochs']:g}  step {r['step']}/{r.get('total_steps', '?')}"
         return f"{prefix}eval  {where}  {shown}{saved}"
 
-    def show(self, record: dict) -> None:
+    def show(self, record: dict, events: list[dict] = ()) -> None:
+        """Print a record's line, after the lines of the events it completed (RunEvents.record)."""
         prefix = f"[{record['source']}] " if record.get("source") else ""
-        tracked = self._track(record)
+        tracked = [self.event_line(e) for e in events]
+        if record["kind"] == NOTE and record.get("event") == RESTARTED:
+            self._origin.pop(record.get("source", ""), None)  # the ETA starts again from the restart
         if record["kind"] == NOTE:
             line = prefix + record["text"]
         else:
@@ -239,15 +191,27 @@ def put_record(progress, record: dict) -> None:
         pass
 
 
-def run_with_progress(fit: Callable[[], object], progress, console: Console, poll_s: float = 0.5):
-    """Run fit() (in this thread: Tune and Ctrl+C need the main thread's signal handlers) while a printer thread
-    shows the records that arrive; returns fit()'s value, or raises its error."""
+def run_with_progress(
+    fit: Callable[[], object],
+    progress,
+    events: RunEvents,
+    console: Console | None = None,
+    poll_s: float = 0.5,
+):
+    """Run fit() (in this thread: Tune and Ctrl+C need the main thread's signal handlers) while a thread takes the
+    records that arrive: events records each, and a console, if any, shows it. Returns fit()'s value, or raises
+    its error."""
     done = threading.Event()
+
+    def take(record: dict) -> None:
+        happened = events.record(record)
+        if console is not None:
+            console.show(record, happened)
 
     def printer() -> None:
         while True:
             try:
-                console.show(progress.get(timeout=poll_s))
+                take(progress.get(timeout=poll_s))
             except (queue_lib.Empty, Exception):  # ray.util.queue.Empty, or the queue is gone
                 if done.is_set():
                     return
@@ -259,4 +223,5 @@ def run_with_progress(fit: Callable[[], object], progress, console: Console, pol
     finally:
         done.set()  # the printer drains what is left, then stops
         thread.join(timeout=10 * poll_s + 5)
-        console.close()
+        if console is not None:
+            console.close()
