@@ -113,85 +113,95 @@ def bench_data(
 ) -> dict:
     """Clips/s per core of each stage and of the whole pipeline, for each cache (name -> shards dir: one per
     codec) and, for a JPEG cache on a CUDA device, each decode device; and the cores one GPU needs."""
-    from gram_ray import storage
     from gram_ray.data.augment import crop_flip
 
     dev = torch.device(device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core
-    batch_size = cfg.worker_batch
     try:
-        variants: dict[str, dict] = {}
-        for codec, shards in caches.items():
-            probe = next(cache_batches(shards, 1), None)
-            if probe is None:
-                raise ValueError(f"the cache at {shards} holds no clips")
-            is_jpeg = FRAMES_JPEG in probe
-            bytes_per_clip = storage.total_bytes(shards, ".parquet") / _rows(shards)
-            for decode_device in ("cpu", "cuda") if is_jpeg and dev.type == "cuda" else ("cpu",):
-                variants[f"{codec}, decode on {decode_device}"] = {
-                    "codec": "jpeg" if is_jpeg else "raw",
-                    "decode_device": decode_device,
-                    "shards": shards,
-                    "stored_bytes_per_clip": bytes_per_clip,
-                    "times": {s: [] for s in (*CPU_STAGES, "to_device", "pipeline")},
-                }
+        variants = _variants(caches, dev)
         rest = _collate_rest(cfg, vocab)
         for rep in range(reps + 1):  # pass 0 warms up decoders, tokenizer, allocator and the page cache
             progress(f"  pass {rep}/{reps}{' (warm-up)' if rep == 0 else ''} ...")
             for v in variants.values():
-                collate = Collate(_variant(cfg, v["decode_device"]), vocab, train=True)
-                t_read, read = _timed(
-                    lambda _, v=v: list(islice(cache_batches(v["shards"], batch_size), batches)), [0], dev
-                )
-                read = read[0]
-                t_decode, _ = _timed(lambda b, c=collate: c.frames(b, [str(i) for i in b[ID]]), read, dev)
-                t_rest, _ = _timed(rest, read, dev)
-                model_batches = [collate(b) for b in read]
-                t_device, on_device = _timed(lambda b: to_device(b, dev), model_batches, dev)
-                t_pipeline, _ = _timed(
-                    lambda _, v=v, c=collate: [
-                        to_device(c(b), dev) for b in islice(cache_batches(v["shards"], batch_size), batches)
-                    ],
-                    [0],
-                    dev,
-                )
-                clips = sum(len(b[ID]) for b in read)
-                if rep:
-                    measured = (t_read, t_decode, t_rest, t_device, t_pipeline)
-                    for stage, seconds in zip((*CPU_STAGES, "to_device", "pipeline"), measured, strict=True):
-                        v["times"][stage].append(seconds / clips)
-                v["clips"], frames = clips, on_device[0]["frames"]
-                del read, model_batches, on_device
+                frames = _measure(cfg, vocab, v, dev, batches, rest, keep=rep > 0)
         progress("  augment (crop_flip) on the device ...")
         frames = frames.float()
         crop_flip(frames)  # warm-up
         t_augment = statistics.median(_timed(lambda _: crop_flip(frames), [0], dev)[0] for _ in range(reps))
     finally:
         torch.set_num_threads(threads)
-
     result = {
         "device": device,
-        "batch_size": batch_size,
+        "batch_size": cfg.worker_batch,
         "batches": batches,
         "reps": reps,
         "gpu_rate": rate,
         "augment_clips_per_s": frames.shape[0] / t_augment,
-        "variants": {},
     }
-    for name, v in variants.items():
-        per_clip = {stage: statistics.median(t) for stage, t in v["times"].items()}
-        cpu = per_clip["read"] + per_clip["collate"] + (per_clip["decode"] if v["decode_device"] == "cpu" else 0.0)
-        result["variants"][name] = {
-            "codec": v["codec"],
-            "decode_device": v["decode_device"],
-            "clips": v["clips"],
-            "stored_bytes_per_clip": v["stored_bytes_per_clip"],
-            "clips_per_s": {stage: 1.0 / t for stage, t in per_clip.items()},
-            "cpu_clips_per_s_per_core": 1.0 / cpu,
-            "cores_per_gpu": rate["clips_per_s"] * cpu,
-        }
-    return result
+    return result | {"variants": {name: _variant_result(v, rate) for name, v in variants.items()}}
+
+
+def _variants(caches: dict[str, str], dev: torch.device) -> dict[str, dict]:
+    """What is measured: each cache, and a JPEG cache on a CUDA device once per decode device."""
+    from gram_ray import storage
+
+    variants: dict[str, dict] = {}
+    for codec, shards in caches.items():
+        probe = next(cache_batches(shards, 1), None)
+        if probe is None:
+            raise ValueError(f"the cache at {shards} holds no clips")
+        is_jpeg = FRAMES_JPEG in probe
+        bytes_per_clip = storage.total_bytes(shards, ".parquet") / _rows(shards)
+        for decode_device in ("cpu", "cuda") if is_jpeg and dev.type == "cuda" else ("cpu",):
+            variants[f"{codec}, decode on {decode_device}"] = {
+                "codec": "jpeg" if is_jpeg else "raw",
+                "decode_device": decode_device,
+                "shards": shards,
+                "stored_bytes_per_clip": bytes_per_clip,
+                "times": {s: [] for s in (*CPU_STAGES, "to_device", "pipeline")},
+            }
+    return variants
+
+
+def _measure(cfg: GramConfig, vocab, v: dict, dev: torch.device, batches: int, rest, keep: bool):
+    """One pass over a variant's first batches: each stage timed alone, then the whole pipeline; the seconds per
+    clip of each go into v["times"] when keep (not a warm-up). Returns the last batch's frames on the device."""
+    batch_size = cfg.worker_batch
+    collate = Collate(_variant(cfg, v["decode_device"]), vocab, train=True)
+    t_read, read = _timed(lambda _: list(islice(cache_batches(v["shards"], batch_size), batches)), [0], dev)
+    read = read[0]
+    t_decode, _ = _timed(lambda b: collate.frames(b, [str(i) for i in b[ID]]), read, dev)
+    t_rest, _ = _timed(rest, read, dev)
+    model_batches = [collate(b) for b in read]
+    t_device, on_device = _timed(lambda b: to_device(b, dev), model_batches, dev)
+    t_pipeline, _ = _timed(
+        lambda _: [to_device(collate(b), dev) for b in islice(cache_batches(v["shards"], batch_size), batches)],
+        [0],
+        dev,
+    )
+    clips = sum(len(b[ID]) for b in read)
+    if keep:
+        measured = (t_read, t_decode, t_rest, t_device, t_pipeline)
+        for stage, seconds in zip((*CPU_STAGES, "to_device", "pipeline"), measured, strict=True):
+            v["times"][stage].append(seconds / clips)
+    v["clips"] = clips
+    return on_device[0]["frames"]
+
+
+def _variant_result(v: dict, rate: dict) -> dict:
+    """A variant's clips/s per stage (medians of the passes), per CPU core, and the cores one GPU needs."""
+    per_clip = {stage: statistics.median(t) for stage, t in v["times"].items()}
+    cpu = per_clip["read"] + per_clip["collate"] + (per_clip["decode"] if v["decode_device"] == "cpu" else 0.0)
+    return {
+        "codec": v["codec"],
+        "decode_device": v["decode_device"],
+        "clips": v["clips"],
+        "stored_bytes_per_clip": v["stored_bytes_per_clip"],
+        "clips_per_s": {stage: 1.0 / t for stage, t in per_clip.items()},
+        "cpu_clips_per_s_per_core": 1.0 / cpu,
+        "cores_per_gpu": rate["clips_per_s"] * cpu,
+    }
 
 
 def _rows(shards: str) -> int:

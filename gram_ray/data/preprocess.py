@@ -16,6 +16,7 @@ files' or shards' names, sizes and mtimes) and the data config. The same inputs 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,6 +25,7 @@ import posixpath
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ from gram_ray.data.decode import ClipColumns, ClipInput, clip_rng, columns_to_ar
 from gram_ray.data.manifest import ManifestRow, check_sources, read_annotations, resolve_media
 from gram_ray.data.packed import PACKED, ShardError, parquet_clips, shard_uris, tar_clips
 from gram_ray.data.parquet_layout import to_parquet_layout
+from gram_ray.data.pieces import DONE, drive, read_records, record_done
 from gram_ray.data.schema import (
     AUDIO_FBANK_RANGE,
     AUDIO_FBANK_U8,
@@ -63,7 +66,6 @@ __all__ = [
 SHARDS = "shards"
 REPORT = "report.json"
 _SKIPPED = "_skipped"  # side files of the lazily decoded dataset's skipped clips
-_DONE = "_done"  # the cache writer's progress: plan.json and one record per shard written
 _SUBTITLE = MODALITIES["subtitle"].cache_column
 _FRAMES = MODALITIES["video"].cache_column
 AUDIO_U8 = {AUDIO_FBANK_U8, AUDIO_FBANK_RANGE}
@@ -346,7 +348,7 @@ def write_piece(item: dict, data: DataConfig, mode: Mode, out: str, key: str, su
     else:
         failures.extend(part.failures)
     record = {"cache_key": key, "clips": clips, "written": written, "skipped": failures, "files": files}
-    storage.write_text(storage.join(out, _DONE, _shard_name(index) + ".json"), json.dumps(record))
+    record_done(out, _shard_name(index), record)
     return record
 
 
@@ -357,22 +359,7 @@ def write_shards(batch: dict, data: DataConfig, mode: Mode, out: str, key: str, 
     for i, index in enumerate(batch["shard"]):
         item = {"shard": int(index)} | {k: str(batch[k][i]) for k in ("rows", "uri") if k in batch}
         written.append(write_piece(item, data, mode, out, key, subtitles)["written"])
-    return {"shard": np.asarray(batch["shard"]), "written": np.asarray(written)}
-
-
-def _drive(ds, pieces: int, clips: int | None, log, every_s: float = 30.0) -> None:
-    """Run the writer, saying how far it is every every_s seconds (and at the end) on long decodes."""
-    start = last = time.perf_counter()
-    finished = decoded = 0
-    for row in ds.iter_rows():
-        finished += 1
-        decoded += int(row["written"])
-        now = time.perf_counter()
-        if now - last >= every_s and finished < pieces:
-            rate = decoded / (now - start)
-            eta = f", about {(clips - decoded) / rate:.0f} s left" if clips and rate > 0 else ""
-            log(f"  {finished}/{pieces} shards, {decoded} clips, {rate:.1f} clips/s{eta}")
-            last = now
+    return {"shard": np.asarray(batch["shard"]), "clips": np.asarray(written)}
 
 
 def _piece_index(name: str) -> int:
@@ -382,18 +369,8 @@ def _piece_index(name: str) -> int:
 
 def _done_shards(out: str, key: str) -> dict[int, dict]:
     """The pieces an earlier run of the same inputs and config finished: {index: its record}."""
-    done = {}
-    for path in storage.list_files(storage.join(out, _DONE), ".json"):
-        name = posixpath.basename(path)
-        if not name.startswith("shard-"):
-            continue
-        try:
-            record = json.loads(storage.read_text(path))
-        except (OSError, json.JSONDecodeError):
-            continue  # cut off while being written: the piece is redone
-        if record.get("cache_key") == key:
-            done[_piece_index(name)] = record
-    return done
+    records = read_records(out, prefix="shard-")
+    return {_piece_index(piece): r for piece, r in records.items() if r.get("cache_key") == key}
 
 
 def reason_kind(reason: str) -> str:
@@ -423,6 +400,31 @@ def _sources(annotations, video_dir, audio_dir, data: DataConfig, mode: Mode) ->
     return rows, rows, cache_key(annotations, rows, data, mode)
 
 
+@dataclass
+class _Job:
+    """One preprocess run: what it decodes and how (fixed), and its plan (the pieces, and those done before)."""
+
+    annotations: str
+    video_dir: str | None
+    audio_dir: str | None
+    out: str
+    data: DataConfig
+    mode: Mode
+    subtitles: bool
+    rows: list[ManifestRow] | None  # None for a packed source: its samples are read by the decode tasks only
+    key: str
+    pieces: list[dict] = field(default_factory=list)
+    done: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def todo(self) -> list[int]:
+        return [i for i in range(len(self.pieces)) if i not in self.done]
+
+    @property
+    def reused(self) -> int:
+        return sum(record["clips"] for record in self.done.values())
+
+
 def preprocess(
     annotations: str | Path,
     video_dir: str | Path | None,
@@ -437,68 +439,40 @@ def preprocess(
     """Decode every clip of a source (data.source.kind: annotations or a manifest with media, or WebDataset or
     Parquet shards, named by `annotations`) into a Parquet cache under `out`; returns the report.
 
-    Reuses an existing cache of the same inputs and config unless force. Resumable: the clips are decoded in
-    pieces (a chunk of manifest rows, or one shard), each recorded when written, so a run killed mid-way is
-    continued by the next run of the same inputs and config, which decodes only the pieces not yet recorded (the
-    report counts both). subtitles: keep a subtitle column; default: when a manifest has subtitles (never for
-    packed sources, whose samples are only read by the decode tasks). Raises PreprocessError (after writing the
-    report and keeping every shard written) when more than data.max_failure_share of the clips failed."""
-    import ray.data
-
+    Reuses an existing cache of the same inputs and config unless force. Resumable (data/pieces.py): the clips are
+    decoded in pieces (a chunk of manifest rows, or one shard), each recorded when written, so a run killed
+    mid-way is continued by the next run of the same inputs and config, which decodes only the pieces not yet
+    recorded (the report counts both). subtitles: keep a subtitle column; default: when a manifest has subtitles
+    (never for packed sources, whose samples are only read by the decode tasks). Raises PreprocessError (after
+    writing the report and keeping every shard written) when more than data.max_failure_share of the clips
+    failed."""
     started = now()
     data = data or DataConfig()
     out = storage.absolute(out)
-    shards, report_path, plan_path = (
-        storage.join(out, SHARDS),
-        storage.join(out, REPORT),
-        storage.join(out, _DONE, "plan.json"),
-    )
     rows, inputs, key = _sources(annotations, video_dir, audio_dir, data, mode)
-    if subtitles is None:
-        subtitles = rows is not None and any(r.subtitle for r in rows)
     previous = _load_report(out)
     if previous and previous.get("cache_key") == key and previous.get("status") == "complete" and not force:
         log(f"cache hit: {out} already holds these {previous['rows_written']} clips (use --force to decode again)")
         return previous | {"reused": True}
-
+    if subtitles is None:
+        subtitles = rows is not None and any(r.subtitle for r in rows)
+    job = _Job(str(annotations), _text(video_dir), _text(audio_dir), out, data, mode, subtitles, rows, key)
     start = time.perf_counter()
+    with _cache_write_errors(out):
+        _plan(job, inputs, force, started, log)
+        _run(job, log)
+    return _report(job, time.perf_counter() - start, log)
+
+
+def _text(path: str | Path | None) -> str | None:
+    return str(path) if path else None
+
+
+@contextlib.contextmanager
+def _cache_write_errors(out: str):
+    """A failed write under the cache as a PreprocessError that says what was kept and what to do."""
     try:
-        plan = None if force or not storage.exists(plan_path) else json.loads(storage.read_text(plan_path))
-        if plan is None or plan.get("cache_key") != key:  # nothing of these inputs yet: start clean
-            for stale in (shards, storage.join(out, _DONE), storage.join(out, _SKIPPED)):
-                storage.delete_dir(stale)
-            storage.delete_file(report_path)
-            plan = {"cache_key": key, "rows_per_shard": _shard_rows(len(rows), data) if rows is not None else None}
-            storage.write_text(plan_path, json.dumps(plan))
-        if rows is None:
-            pieces = [{"uri": uri} for uri in inputs]
-        else:
-            size = plan["rows_per_shard"]
-            pieces = [{"rows": json.dumps(_manifest_items(rows[i : i + size]))} for i in range(0, len(rows), size)]
-        done = _done_shards(out, key)
-        for path in storage.list_files(shards, ".parquet"):  # files of pieces a kill cut off: redone
-            if _piece_index(posixpath.basename(path)) not in done:
-                storage.delete_file(path)
-        todo = [i for i in range(len(pieces)) if i not in done]
-        reused = sum(done[i]["clips"] for i in done)
-        if done:
-            log(f"resuming: {len(done)} of {len(pieces)} shards ({reused} clips) were written by an earlier run")
-            abort_orphans_of_a_dead_run(out, started, log=log)  # the parts of the shards the earlier run was writing
-        what = (
-            f"{len(rows) - reused} clips" if rows is not None else f"the clips of {len(todo)} {data.source.kind} shards"
-        )
-        log(f"decoding {what} from {annotations} into {shards} with Ray Data ...")
-        if todo:
-            items = [{"shard": i} | pieces[i] for i in todo]
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                write_shards,
-                batch_size=1,
-                batch_format="numpy",
-                fn_kwargs={"data": data, "mode": mode, "out": out, "key": key, "subtitles": subtitles},
-                num_cpus=1,
-                compute=ray.data.TaskPoolStrategy(size=decode_concurrency(data)),
-            )
-            _drive(ds, len(todo), len(rows) - reused if rows is not None else None, log)
+        yield
     except Exception as e:
         cause = _os_error(e)
         if cause is None:
@@ -510,51 +484,108 @@ def preprocess(
             f"writing the cache under {out} failed ({cause}). {kept} Free space or fix the folder's permissions (or "
             "set data.cache_dir elsewhere), then rerun."
         ) from e
-    wall = time.perf_counter() - start
 
-    records = _done_shards(out, key)
-    skipped = [s for record in records.values() for s in record["skipped"]]
+
+def _plan(job: _Job, inputs: list, force: bool, started, log) -> None:
+    """The job's pieces, and those an earlier run of the same inputs and config recorded as done (kept); what that
+    run left unfinished is removed. A plan of other inputs (or force) starts the cache clean."""
+    shards, plan_path = storage.join(job.out, SHARDS), storage.join(job.out, DONE, "plan.json")
+    plan = None if force or not storage.exists(plan_path) else json.loads(storage.read_text(plan_path))
+    if plan is None or plan.get("cache_key") != job.key:  # nothing of these inputs yet: start clean
+        for stale in (shards, storage.join(job.out, DONE), storage.join(job.out, _SKIPPED)):
+            storage.delete_dir(stale)
+        storage.delete_file(storage.join(job.out, REPORT))
+        size = _shard_rows(len(job.rows), job.data) if job.rows is not None else None
+        plan = {"cache_key": job.key, "rows_per_shard": size}
+        storage.write_text(plan_path, json.dumps(plan))
+    if job.rows is None:
+        job.pieces = [{"uri": uri} for uri in inputs]
+    else:
+        size, rows = plan["rows_per_shard"], job.rows
+        job.pieces = [{"rows": json.dumps(_manifest_items(rows[i : i + size]))} for i in range(0, len(rows), size)]
+    job.done = _done_shards(job.out, job.key)
+    for path in storage.list_files(shards, ".parquet"):  # files of pieces a kill cut off: redone
+        if _piece_index(posixpath.basename(path)) not in job.done:
+            storage.delete_file(path)
+    if job.done:
+        log(
+            f"resuming: {len(job.done)} of {len(job.pieces)} shards ({job.reused} clips) were written by an earlier run"
+        )
+        abort_orphans_of_a_dead_run(job.out, started, log=log)  # the parts of the shards the earlier run was writing
+
+
+def _run(job: _Job, log) -> None:
+    """Decode the pieces not done, in Ray Data tasks that write their shards and records themselves."""
+    import ray.data
+
+    todo, kind = job.todo, job.data.source.kind
+    what = f"{len(job.rows) - job.reused} clips" if job.rows is not None else f"the clips of {len(todo)} {kind} shards"
+    log(f"decoding {what} from {job.annotations} into {storage.join(job.out, SHARDS)} with Ray Data ...")
+    if not todo:
+        return
+    items = [{"shard": i} | job.pieces[i] for i in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        write_shards,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={"data": job.data, "mode": job.mode, "out": job.out, "key": job.key, "subtitles": job.subtitles},
+        num_cpus=1,
+        compute=ray.data.TaskPoolStrategy(size=decode_concurrency(job.data)),
+    )
+    drive(ds.iter_rows(), len(todo), "shards", log, clips=len(job.rows) - job.reused if job.rows is not None else None)
+
+
+def _report(job: _Job, wall: float, log) -> dict:
+    """The cache's report from every piece's record, written and summarised; PreprocessError (after writing it)
+    when more than data.max_failure_share of the clips failed."""
+    records = _done_shards(job.out, job.key)
+    skipped = sorted((s for record in records.values() for s in record["skipped"]), key=lambda s: s["id"])
     written = sum(record["written"] for record in records.values())
     total = sum(record["clips"] for record in records.values())
-    decoded_now = total - reused
-    share = len(skipped) / max(total, 1)
+    decoded_now, share = total - job.reused, len(skipped) / max(total, 1)
+    report_path, data = storage.join(job.out, REPORT), job.data
     report = {
         "status": "complete" if share <= data.max_failure_share and total else "failed",
-        "cache_key": key,
+        "cache_key": job.key,
         "source": data.source.kind,
-        "annotations": str(annotations),
-        "video_dir": str(video_dir) if video_dir else None,
-        "audio_dir": str(audio_dir) if audio_dir else None,
-        "mode": mode,
+        "annotations": job.annotations,
+        "video_dir": job.video_dir,
+        "audio_dir": job.audio_dir,
+        "mode": job.mode,
         "rows_total": total,
         "rows_written": written,
         "rows_decoded_now": decoded_now,
-        "rows_reused": reused,
-        "shards": len(pieces),
-        "shards_reused": len(done),
-        "rows_skipped": sorted(skipped, key=lambda s: s["id"]),
+        "rows_reused": job.reused,
+        "shards": len(job.pieces),
+        "shards_reused": len(job.done),
+        "rows_skipped": skipped,
         "skipped_by_reason": dict(Counter(reason_kind(s["reason"]) for s in skipped).most_common()),
         "config": data.model_dump(),
         "wall_seconds": round(wall, 3),
         "clips_per_second": round(decoded_now / wall, 3) if wall > 0 else None,
-        "columns": _cache_columns(data, subtitles),
+        "columns": _cache_columns(data, job.subtitles),
     }
     storage.write_text(report_path, json.dumps(report, indent=2))
+    _summarise(report, report_path, log)
+    if report["status"] == "failed":
+        raise PreprocessError(
+            f"{len(skipped)} of {total} clips ({share:.0%}) could not be decoded, more than "
+            f"data.max_failure_share={data.max_failure_share:.0%}. The {written} good clips are kept in "
+            f"{storage.join(job.out, SHARDS)}; the reasons are in {report_path}. Fix the inputs, or raise "
+            "data.max_failure_share to accept them."
+        )
+    return report
+
+
+def _summarise(report: dict, report_path: str, log) -> None:
+    reused, skipped = report["rows_reused"], report["rows_skipped"]
     log(
-        f"wrote {written} clips, skipped {len(skipped)}, in {wall:.1f} s ({report['clips_per_second']} clips/s"
+        f"wrote {report['rows_written']} clips, skipped {len(skipped)}, in {report['wall_seconds']:.1f} s "
+        f"({report['clips_per_second']} clips/s"
         + (f"; {reused} clips kept from an earlier run" if reused else "")
-        + "); "
-        f"report: {report_path}"
+        + f"); report: {report_path}"
     )
     for reason, count in report["skipped_by_reason"].items():
         log(f"  skipped {count}: {reason}")
     for s in skipped[:10]:
         log(f"  skipped {s['id']}: {s['reason']}")
-    if report["status"] == "failed":
-        raise PreprocessError(
-            f"{len(skipped)} of {total} clips ({share:.0%}) could not be decoded, more than "
-            f"data.max_failure_share={data.max_failure_share:.0%}. "
-            f"The {written} good clips are kept in {shards}; "
-            f"the reasons are in {report_path}. Fix the inputs, or raise data.max_failure_share to accept them."
-        )
-    return report

@@ -34,13 +34,13 @@ import pyarrow.parquet as pq
 import torch
 
 from gram_ray import storage
+from gram_ray.data.pieces import done_pieces, drive, record_done
 from gram_ray.retrieval.search import ClipIndex
 
 __all__ = ["SearchIndexError", "build_index", "load_index", "shard_table", "LoadedIndex", "INDEX_FILE", "FORMAT"]
 
 INDEX_FILE = "index.json"
 SHARDS = "shards"
-_DONE = "_done"
 FORMAT = 1
 THUMBNAIL_QUALITY = 85
 
@@ -129,9 +129,7 @@ class _IndexCacheFile:
             table = table.filter(pa.array([i not in self.known_ids for i in table.column("id").to_pylist()]))
         parts = [self._embed(table.slice(s, self.batch_size)) for s in range(0, table.num_rows, self.batch_size)]
         written = self._write(shard, _concat([p for p in parts if p is not None]))
-        storage.write_text(
-            storage.join(self.out, _DONE, shard.removesuffix(".parquet") + ".json"), json.dumps({"clips": written})
-        )
+        record_done(self.out, shard.removesuffix(".parquet"), {"clips": written})
         return written
 
     def _embed(self, table: pa.Table) -> dict | None:
@@ -242,14 +240,32 @@ def build_index(
     batch_size: int = 64,
     log=print,
 ) -> dict:
-    """Embed every clip of a cache into the index at `out` (created, continued, or added to); returns index.json."""
-    import ray
-    import ray.data
-
+    """Embed every clip of a cache into the index at `out` (created, continued, or added to); returns index.json.
+    Resumable (data/pieces.py): a cache file is a piece, recorded when its shard is written."""
     if dtype not in ("float16", "float32"):
         raise SearchIndexError(f"--dtype must be float16 or float32, got {dtype!r}")
     checkpoint_dir, data_dir, out = storage.absolute(checkpoint_dir), storage.absolute(data_dir), storage.absolute(out)
     shards_dir, report = _cache_of(data_dir)
+    meta, source = _open_index(checkpoint_dir, data_dir, out, dtype, report)
+    source_id = meta["sources"][source]["id"]
+    todo, known_ids = _todo(shards_dir, out, source_id, log)
+    start = time.perf_counter()
+    if todo:
+        log(
+            f"indexing {len(todo)} cache files of {data_dir} with {checkpoint_dir} into {out} "
+            f"({workers} worker{'s' if workers > 1 else ''}"
+            + (f"; {len(known_ids)} clips already in the index are skipped" if known_ids else "")
+            + ") ..."
+        )
+        options = {"checkpoint_dir": checkpoint_dir, "out": out, "source": source, "dtype": dtype}
+        options |= {"video_dir": report.get("video_dir"), "audio_dir": report.get("audio_dir")}
+        _embed_files(todo, options | {"known_ids": known_ids, "batch_size": batch_size}, workers, log)
+    return _complete(meta, out, time.perf_counter() - start, log)
+
+
+def _open_index(checkpoint_dir: str, data_dir: str, out: str, dtype: str, report: dict) -> tuple[dict, int]:
+    """index.json of the index at out (a new one when there is none), with this cache as one of its sources,
+    written back marked incomplete; and the source's position. Another checkpoint's index is refused."""
     from gram_ray.model.checkpoint import checkpoint_config
 
     cfg = checkpoint_config(checkpoint_dir)
@@ -272,83 +288,61 @@ def build_index(
     if meta["dtype"] != dtype:
         raise SearchIndexError(f"{out} stores {meta['dtype']}; add to it with --dtype {meta['dtype']}")
     source_id = _source_id(report["cache_key"], checkpoint)
-    known = [s for s in meta["sources"] if s["id"] == source_id]
-    if known:
-        source = meta["sources"].index(known[0])
-    else:
-        meta["sources"].append(
-            {
-                "id": source_id,
-                "data": data_dir,
-                "annotations": report.get("annotations"),
-                "video_dir": report.get("video_dir"),
-                "audio_dir": report.get("audio_dir"),
-                "clips": 0,
-            }
-        )
-        source = len(meta["sources"]) - 1
+    ids = [s["id"] for s in meta["sources"]]
+    if source_id not in ids:
+        keys = ("annotations", "video_dir", "audio_dir")
+        meta["sources"].append({"id": source_id, "data": data_dir} | {k: report.get(k) for k in keys} | {"clips": 0})
+        ids.append(source_id)
     meta["complete"] = False  # until every cache file is indexed: search refuses the index meanwhile
     storage.write_text(storage.join(out, INDEX_FILE), json.dumps(meta, indent=2))
+    return meta, ids.index(source_id)
 
+
+def _todo(shards_dir: str, out: str, source_id: str, log) -> tuple[list[dict], set[str]]:
+    """(the cache files of this source not indexed yet, each with its shard's name; the clips other sources put in
+    the index, which are not embedded again)."""
     cache_files = storage.list_files(shards_dir, ".parquet")
-    done = {posixpath.basename(p) for p in storage.list_files(storage.join(out, _DONE), ".json")}
+    done = done_pieces(out)
     todo = [
         {"file": f, "shard": f"{source_id}-{posixpath.basename(f)}"}
         for f in cache_files
-        if f"{source_id}-{posixpath.basename(f).removesuffix('.parquet')}.json" not in done
+        if f"{source_id}-{posixpath.basename(f).removesuffix('.parquet')}" not in done
     ]
-    other_shards = [
-        p
-        for p in storage.list_files(storage.join(out, SHARDS), ".parquet")
-        if not posixpath.basename(p).startswith(source_id)
-    ]
-    known_ids = _ids(other_shards)
+    others = storage.list_files(storage.join(out, SHARDS), ".parquet")
+    known_ids = _ids([p for p in others if not posixpath.basename(p).startswith(source_id)])
     if len(todo) < len(cache_files):
         log(f"resuming: {len(cache_files) - len(todo)} of {len(cache_files)} cache files are indexed already")
-    start = time.perf_counter()
-    if todo:
-        log(
-            f"indexing {len(todo)} cache files of {data_dir} with {checkpoint_dir} into {out} "
-            f"({workers} worker{'s' if workers > 1 else ''}"
-            + (f"; {len(known_ids)} clips already in the index are skipped" if known_ids else "")
-            + ") ..."
-        )
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            _IndexCacheFile,
-            fn_constructor_kwargs={
-                "checkpoint_dir": checkpoint_dir,
-                "out": out,
-                "source": source,
-                "video_dir": report.get("video_dir"),
-                "audio_dir": report.get("audio_dir"),
-                "dtype": dtype,
-                "known_ids": known_ids,
-                "batch_size": batch_size,
-            },
-            batch_size=1,
-            batch_format="numpy",
-            num_gpus=gpus,
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(todo)))),
-        )
-        files = clips = 0
-        last = time.perf_counter()
-        for row in ds.iter_rows():
-            files, clips = files + 1, clips + int(row["clips"])
-            if time.perf_counter() - last > 10 or files == len(todo):
-                wall = time.perf_counter() - start
-                log(f"  {files}/{len(todo)} cache files, {clips} clips, {clips / wall:.1f} clips/s")
-                last = time.perf_counter()
+    return todo, known_ids
+
+
+def _embed_files(todo: list[dict], options: dict, workers: int, log) -> None:
+    """Index the cache files in Ray Data actors (one model each, on a GPU when the cluster has them) that write
+    their shards and records themselves."""
+    import ray
+    import ray.data
+
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+        _IndexCacheFile,
+        fn_constructor_kwargs=options,
+        batch_size=1,
+        batch_format="numpy",
+        num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(todo)))),
+    )
+    drive(ds.iter_rows(), len(todo), "cache files", log, every_s=10.0)
+
+
+def _complete(meta: dict, out: str, wall: float, log) -> dict:
+    """index.json with every source's clips counted, marked complete (written last: every shard is whole and
+    recorded)."""
     counts = _counts(out)
     for i, s in enumerate(meta["sources"]):
         s["clips"] = counts.get(i, 0)
     meta["clips"] = sum(counts.values())
-    meta["complete"] = True  # written last: every shard is whole and recorded
+    meta["complete"] = True
     storage.write_text(storage.join(out, INDEX_FILE), json.dumps(meta, indent=2))
-    log(
-        f"index {out}: {meta['clips']} clips from {len(meta['sources'])} source(s) "
-        f"({time.perf_counter() - start:.1f} s)"
-    )
+    log(f"index {out}: {meta['clips']} clips from {len(meta['sources'])} source(s) ({wall:.1f} s)")
     return meta
 
 
