@@ -157,6 +157,11 @@ def test_span_audio_is_the_span_of_the_track(long_video):
 def test_brace_patterns():
     assert expand_braces("s3://b/{00000..00002}.tar") == [f"s3://b/0000{i}.tar" for i in range(3)]
     assert expand_braces("{a,b}/{8..10}.tar") == ["a/8.tar", "a/9.tar", "a/10.tar", "b/8.tar", "b/9.tar", "b/10.tar"]
+    # Nested alternatives, and a range padded to its widest end, as webdataset and bash expand them.
+    assert expand_braces("{a,{b,c}}.tar") == ["a.tar", "b.tar", "c.tar"]
+    assert expand_braces("{1..010}.tar") == [f"{i:03d}.tar" for i in range(1, 11)]
+    assert expand_braces("s3://b/{000..001}-{x,y}.tar") == ["s3://b/000-x.tar", "s3://b/000-y.tar", "s3://b/001-x.tar",
+                                                             "s3://b/001-y.tar"]  # fmt: skip
     with pytest.raises(ManifestError, match="runs backwards"):
         expand_braces("{3..1}.tar")
 

@@ -541,7 +541,7 @@ class RunConfig(_ConfigBase):
 
 
 class StorageConfig(_ConfigBase):
-    """How hard every process of a job tries storage before a fault ends it (gram_ray/storage.py). Unset keys come
+    """How hard every process of a job tries storage before a fault ends it (gram_ray/storage/). Unset keys come
     from the environment as AWS tools read it (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE; GRAM_RAY_STORAGE_*), else the
     defaults, chosen so a training run rides out a storage outage of up to two minutes (docs/faults.md)."""
 

@@ -24,7 +24,7 @@ import json
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gram_ray import storage
@@ -45,21 +45,15 @@ class ShardError(Exception):
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """WebDataset's brace patterns: {00000..00999} (zero-padded as written) and {a,b,c}, any number of them."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    head, tail, body = pattern[: match.start()], pattern[match.end() :], match.group(1)
-    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numeric:
-        lo, hi = numeric.groups()
+    """WebDataset's brace patterns, as webdataset and open_clip expand them (braceexpand, bash's rules): {a,b,c},
+    nested ({a,{b,c}}), and ranges {00000..00999} zero-padded to the widest end written. A range that runs
+    backwards ({9..1}) is refused: bash would list it downwards, and in a shard list that is a typo."""
+    from braceexpand import braceexpand
+
+    for lo, hi in re.findall(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.-?\d+)?\}", pattern):
         if int(hi) < int(lo):
-            raise ManifestError(f"shard pattern {pattern!r}: the range {{{body}}} runs backwards")
-        width = len(lo) if lo.startswith("0") else 0
-        options = [str(n).zfill(width) for n in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [out for option in options for out in expand_braces(head + option + tail)]
+            raise ManifestError(f"shard pattern {pattern!r}: the range {{{lo}..{hi}}} runs backwards")
+    return list(braceexpand(pattern))
 
 
 def shard_uris(spec: str, kind: str) -> list[str]:
@@ -187,15 +181,17 @@ def _sample(key: str, members: dict[str, object], source: SourceConfig, shard: s
 def tar_clips(uri: str, source: SourceConfig) -> Iterator[ClipInput]:
     """The samples of one tar shard, read as a stream, as ClipInputs. Raises ShardError (after yielding the samples
     before it) for a file that is not a tar or is cut off mid-member."""
-    shard = _name(uri)
-    media_exts = {*source.video_extensions, *source.audio_extensions}
-    wanted = media_exts | {source.caption_extension, source.json_extension}
-    limit = source.max_member_mb * _MB
+    samples = _TarSamples(source, _name(uri))
+    for member, read in _tar_members(uri, samples.shard):
+        yield from samples.add(member, read)
+    yield from samples.finish()
+
+
+def _tar_members(uri: str, shard: str) -> Iterator[tuple[tarfile.TarInfo, Callable[[], bytes]]]:
+    """The file members of one tar shard, read as a stream: (member, a reader of its bytes, valid until the next
+    member). ShardError for a file that is not a tar, cut off mid-member or before its end, or unreadable."""
     fs, path = storage.resolve(uri)
-    key, members = None, {}
-    member = last = dotted_seen = None
-    seen: set[str] = set()  # the keys already yielded: a key's members must be adjacent
-    split = None
+    member = last = None
     try:
         size = fs.get_file_info(path).size
         # Read through a buffer: tarfile asks for 10 KB at a time, each a ranged GET from a bucket otherwise.
@@ -206,53 +202,8 @@ def tar_clips(uri: str, source: SourceConfig) -> Iterator[ClipInput]:
             while (member := tar.next()) is not None:
                 last = member
                 tar.members.clear()  # the stream reader would otherwise keep every member's header
-                if not member.isfile():
-                    continue
-                folder, base = posixpath.split(member.name)
-                stem, _, ext = base.partition(".")
-                ext = ext.lower()
-                if ext not in wanted:
-                    if "." in ext and ext.rsplit(".", 1)[1] in wanted:  # "0001.5.mp4": a dot inside the key
-                        dotted = posixpath.join(folder, base.rsplit(".", 1)[0])
-                        if dotted == dotted_seen:  # its other members: the sample is counted once
-                            continue
-                        dotted_seen = dotted
-                        if key is not None:
-                            yield _sample(key, members, source, shard)
-                        key, members = None, {}
-                        yield ClipInput(
-                            dotted,
-                            [],
-                            error=f"a key with a dot: member {member.name!r} of {shard} (its key {dotted!r} holds "
-                            "a dot). WebDataset keys end at the first dot of a member's name, so this sample's "
-                            "members cannot be grouped: rename them without dots in the key (video2dataset's keys "
-                            "have none)",
-                        )
-                    continue
-                sample_key = posixpath.join(folder, stem)
-                if sample_key == split:  # the rest of a key met again (below): not used
-                    continue
-                if sample_key != key:
-                    if key is not None:
-                        yield _sample(key, members, source, shard)
-                        seen.add(key)
-                    key, members, split = sample_key, {}, None
-                    if key in seen:  # WebDataset wants a sample's members adjacent: this one is split
-                        yield ClipInput(
-                            key,
-                            [],
-                            error=f"members not adjacent: key {key!r} of {shard} comes again after other keys "
-                            "(re-create the tar with its members sorted by name, e.g. tar --sort=name)",
-                        )
-                        key, split = None, key
-                        continue
-                if ext in media_exts and member.size > limit:
-                    members[ext] = (
-                        f"member {member.name} is {member.size / _MB:.0f} MB, more than data.source.max_member_mb "
-                        f"({source.max_member_mb:g}): not read ({shard})"
-                    )
-                    continue
-                members[ext] = tar.extractfile(member).read()
+                if member.isfile():
+                    yield member, lambda member=member: _read_member(tar, member, shard)
             # tarfile takes a header cut off mid-way for the end of the archive; a whole tar ends with two zero
             # blocks after its last member. Without them the last sample may be incomplete: it is not used.
             if size is not None and size - tar.offset < 2 * tarfile.BLOCKSIZE and not uri.endswith(("gz", "tgz")):
@@ -261,16 +212,94 @@ def tar_clips(uri: str, source: SourceConfig) -> Iterator[ClipInput]:
                     f"shard cut off before its end: {shard} ends{after} without the end-of-archive blocks; the "
                     "samples before the last are kept"
                 )
-    except tarfile.ReadError as e:
+    except (tarfile.ReadError, OSError) as e:
+        raise _shard_error(e, shard, member) from None
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: str) -> bytes:
+    """A member's bytes, read while the stream is at it (by the sample grouping, between two members)."""
+    try:
+        return tar.extractfile(member).read()
+    except (tarfile.ReadError, OSError) as e:
+        raise _shard_error(e, shard, member) from None
+
+
+def _shard_error(error: Exception, shard: str, member: tarfile.TarInfo | None) -> ShardError:
+    """What a tar's read error means: not a tar (before its first member), cut off inside a member, or storage."""
+    if isinstance(error, tarfile.ReadError):
         if member is None:
-            raise ShardError(f"not a tar file: {shard} ({e})") from None
-        raise ShardError(
-            f"shard cut off inside a member: {shard} (in {member.name}: {e}); the samples before it are kept"
-        ) from None
-    except OSError as e:
-        raise ShardError(f"shard cannot be read: {shard} ({str(e).splitlines()[0][:200]})") from None
-    if key is not None:
-        yield _sample(key, members, source, shard)
+            return ShardError(f"not a tar file: {shard} ({error})")
+        return ShardError(
+            f"shard cut off inside a member: {shard} (in {member.name}: {error}); the samples before it are kept"
+        )
+    return ShardError(f"shard cannot be read: {shard} ({str(error).splitlines()[0][:200]})")
+
+
+class _TarSamples:
+    """Groups a tar's members into samples as WebDataset does (a sample: the adjacent members sharing a key, the
+    name up to its first dot), and says what is wrong with a sample it cannot group."""
+
+    def __init__(self, source: SourceConfig, shard: str) -> None:
+        self.source, self.shard = source, shard
+        self.media = {*source.video_extensions, *source.audio_extensions}
+        self.wanted = self.media | {source.caption_extension, source.json_extension}
+        self.key, self.members = None, {}
+        self.dotted_seen = self.split = None
+        self.seen: set[str] = set()  # the keys already yielded: a key's members must be adjacent
+
+    def add(self, member: tarfile.TarInfo, read: Callable[[], bytes]) -> Iterator[ClipInput]:
+        folder, base = posixpath.split(member.name)
+        stem, _, ext = base.partition(".")
+        ext = ext.lower()
+        if ext not in self.wanted:
+            if "." in ext and ext.rsplit(".", 1)[1] in self.wanted:  # "0001.5.mp4": a dot inside the key
+                yield from self._dotted(member, posixpath.join(folder, base.rsplit(".", 1)[0]))
+            return
+        key = posixpath.join(folder, stem)
+        if key == self.split:  # the rest of a key met again (below): not used
+            return
+        if key != self.key:
+            yield from self.finish()
+            self.key, self.members, self.split = key, {}, None
+            if key in self.seen:  # WebDataset wants a sample's members adjacent: this one is split
+                yield ClipInput(
+                    key,
+                    [],
+                    error=f"members not adjacent: key {key!r} of {self.shard} comes again after other keys "
+                    "(re-create the tar with its members sorted by name, e.g. tar --sort=name)",
+                )
+                self.key, self.split = None, key
+                return
+        limit = self.source.max_member_mb * _MB
+        if ext in self.media and member.size > limit:
+            self.members[ext] = (
+                f"member {member.name} is {member.size / _MB:.0f} MB, more than data.source.max_member_mb "
+                f"({self.source.max_member_mb:g}): not read ({self.shard})"
+            )
+            return
+        self.members[ext] = read()
+
+    def _dotted(self, member: tarfile.TarInfo, dotted: str) -> Iterator[ClipInput]:
+        if dotted == self.dotted_seen:  # its other members: the sample is counted once
+            return
+        self.dotted_seen = dotted
+        if self.key is not None:
+            yield _sample(self.key, self.members, self.source, self.shard)
+        self.key, self.members = None, {}
+        yield ClipInput(
+            dotted,
+            [],
+            error=f"a key with a dot: member {member.name!r} of {self.shard} (its key {dotted!r} holds a dot). "
+            "WebDataset keys end at the first dot of a member's name, so this sample's members cannot be grouped: "
+            "rename them without dots in the key (video2dataset's keys have none)",
+        )
+
+    def finish(self) -> Iterator[ClipInput]:
+        """The sample being grouped, if any (at the next key, or at the tar's end)."""
+        if self.key is not None:
+            yield _sample(self.key, self.members, self.source, self.shard)
+            self.seen.add(self.key)
+            self.key = None
 
 
 def parquet_clips(uri: str, source: SourceConfig, rows_at_once: int = 8) -> Iterator[ClipInput]:
