@@ -184,6 +184,39 @@ def test_resume_auto_takes_the_newest_whole_checkpoint_and_never_a_half_written_
     assert latest_checkpoint(str(tmp_path / "nothing-here"), log=lambda line: None) is None
 
 
+def test_rays_notice_on_reading_a_runs_registry_is_kept_off_the_console(tmp_path):
+    """Reading the registry through Ray Train's Result.from_path makes Ray log that it found a snapshot, with advice
+    to start afresh: the console filter (cli/ray_noise.py) knows it as harmless and keeps it in its log file."""
+    import logging
+
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+
+    from gram_ray.cli.ray_noise import is_harmless
+    from gram_ray.train.resume import latest_checkpoint
+
+    _fake_run(tmp_path / "run", {"checkpoint_2026-01-01_10-00-00.000001": 2}, registered=True)
+    seen: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    # At the logger Ray's notice comes from, at INFO and enabled whatever earlier tests (in-process commands set
+    # Ray's logging up) left it at.
+    source = logging.getLogger(CheckpointManager.__module__)
+    level, disabled, disabled_below = source.level, source.disabled, logging.root.manager.disable
+    source.setLevel(logging.INFO)
+    source.disabled = False
+    logging.disable(logging.NOTSET)
+    source.addHandler(handler)
+    try:
+        assert latest_checkpoint(str(tmp_path / "run"), log=lambda line: None) is not None
+    finally:
+        source.removeHandler(handler)
+        source.setLevel(level)
+        source.disabled = disabled
+        logging.disable(disabled_below)
+    notices = [message for message in seen if "snapshot" in message]
+    assert notices and all(is_harmless(message) for message in notices)
+
+
 def test_a_new_run_refuses_to_start_over_a_run_of_the_same_name(tmp_path):
     from tiny import tiny_config
 

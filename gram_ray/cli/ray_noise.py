@@ -33,6 +33,12 @@ HARMLESS = (
         "whole life, so a restarted actor finds it. The warning is about arguments lost before a restart.",
     ),
     (
+        re.compile(r"A run snapshot was found in storage folder"),
+        "gram-ray reads a run's checkpoint registry through Ray Train's Result.from_path (resume_plan, and each "
+        "worker group's start), which says so at INFO with advice for starting afresh; whether a run continues is "
+        "gram-ray's decision (--resume), and it says so in its own line.",
+    ),
+    (
         re.compile(r"PYTHON worker processes have been started on node"),
         "the raylet starts more worker processes at once than the machine has cores: gram-ray starts a local Ray "
         "with more logical CPUs than cores (8 on 2 cores) so that Ray Data's tasks and Train's workers never wait "
