@@ -81,6 +81,26 @@ def _start_timeout_env() -> None:
     assert WORKER_GROUP_START_TIMEOUT_S_ENV_VAR == "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
+def _preemption_poll_env() -> None:
+    from ray.train.v2._internal import constants
+
+    assert constants.PREEMPTION_POLL_INTERVAL_S_ENV_VAR == "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"
+    assert constants.PREEMPTION_POLL_INTERVAL_S_ENV_VAR in constants.ENV_VARS_TO_PROPAGATE  # driver -> controller
+
+
+def _gcs_drain_node() -> None:
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+
+    doc = ray._raylet.InnerGcsClient.drain_node.__doc__
+    assert "reason_message" in doc and "deadline_timestamp_ms" in doc and "timeout" in doc, doc
+    assert autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+    from ray.core.generated import gcs_pb2
+
+    assert "Dict[NodeID, gcs_pb2.GcsNodeInfo]" in ray._raylet.InnerGcsClient.get_all_node_info.__doc__
+    assert gcs_pb2.GcsNodeInfo.GcsNodeState.DEAD
+
+
 def _s3_reduce_layout() -> None:
     import pyarrow.fs as pafs
 
@@ -140,6 +160,21 @@ PRIVATE_USES = (
         "the environment variable RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
         "scaling.start_timeout_s: Ray Train's ScalingConfig has no field for the worker group's start timeout",
         _start_timeout_env,
+    ),
+    PrivateUse(
+        "train/trainer.py (train_env)",
+        "the environment variable RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S",
+        "how often Ray Train's preemption watcher looks for drained nodes (5 s by default, a sixth of GCP's notice); "
+        "no config field sets it",
+        _preemption_poll_env,
+    ),
+    PrivateUse(
+        "cluster/drain.py (drain_node)",
+        "ray._raylet.GcsClient.drain_node and autoscaler_pb2.DrainNodeReason: the GCS's drain request; "
+        "GcsClient.get_all_node_info and gcs_pb2.GcsNodeInfo: whether a drained node has gone (drain-self --wait)",
+        "a preemption notice becomes a drain with its deadline; Ray's only other way is the hidden `ray drain-node` "
+        "CLI (the same call, seconds slower to start, not covered by Ray's API guarantees either)",
+        _gcs_drain_node,
     ),
     PrivateUse(
         "storage/filesystems.py (filesystem)",

@@ -18,9 +18,12 @@ def registered_steps(run_root: Path) -> list[int]:
         return []
 
 
-def kill_a_worker_when(run_root: Path, ready) -> tuple[threading.Thread, dict, threading.Event]:
-    """Start a thread that SIGKILLs one Ray Train worker process as soon as ready(registered steps) is true.
-    Returns (thread, info: {"after_step"} once killed, an event to set when the fit is over)."""
+def kill_a_worker_when(
+    run_root: Path, ready, sig: int = signal.SIGKILL
+) -> tuple[threading.Thread, dict, threading.Event]:
+    """Start a thread that sends `sig` (SIGKILL; SIGSTOP freezes it) to one Ray Train worker process as soon as
+    ready(registered steps) is true. Returns (thread, info: {"after_step", "pid", "at"} once sent, an event to set
+    when the fit is over)."""
     import ray
     from ray.util.state import list_actors
 
@@ -36,8 +39,8 @@ def kill_a_worker_when(run_root: Path, ready) -> tuple[threading.Thread, dict, t
                 alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
                 workers = list_actors(address=address, filters=alive)
                 if workers:
-                    os.kill(workers[-1].pid, signal.SIGKILL)
-                    info["after_step"] = max(steps)
+                    os.kill(workers[-1].pid, sig)
+                    info.update(after_step=max(steps), pid=workers[-1].pid, at=time.time())
                     return
             time.sleep(0.05)
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import cached_frames, load_split, tiny_config
+from tiny import cached_frames, in_memory, load_split, tiny_config
 
 from gram_ray.cli import main
-from gram_ray.data.collate import Collate, epoch_batches
+from gram_ray.data.collate import Collate
 from gram_ray.data.parquet_layout import numpy_rows
 from gram_ray.data.preprocess import preprocess
 from gram_ray.data.text import build_word_vocab
@@ -37,20 +37,12 @@ def trained(synth_small, ray_session, tmp_path_factory):
     cfg = tiny_config("model.text.cross_attention=true", "model.itm_ratio=0.1", "train.epochs=1", "eval.rerank_k=4")
     train, val = load_split(synth_small, "train", cfg), load_split(synth_small, "val", cfg)
     vocab = build_word_vocab(c for rows in (train, val) for caps in rows["captions"] for c in caps)
-    collate = Collate(cfg, vocab, train=True)
 
     def report(metrics, checkpoint):
         if checkpoint is not None:
             shutil.copytree(checkpoint, tmp / "ckpt", dirs_exist_ok=True)
 
-    run_training(
-        cfg,
-        train_batches=lambda epoch, skip: epoch_batches(train, cfg.train.batch_size, collate, epoch, skip),
-        val_batches=None,
-        steps_per_epoch=len(train["id"]) // cfg.train.batch_size,
-        report=report,
-        vocab=vocab,
-    )
+    run_training(cfg, **in_memory(cfg, train, vocab), report=report)
     data = cfg.data.model_copy(deep=True)
     data.shard_mb = 0.01  # several cache files: several index shards
     val_cache = tmp / "val-cache"

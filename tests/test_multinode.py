@@ -150,6 +150,19 @@ def _reported(run: str) -> list[dict]:
     return sorted((r["metrics"] for r in snapshot.get("checkpoint_results") or []), key=lambda m: m["step"])
 
 
+def wait_for_reports(driver, run: str, condition, what: str, limit: float = 300) -> list[dict]:
+    """The run's registered reports once condition(reports) holds; an error saying `what` was not seen (and how the
+    driver ended, if it did) after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while driver.poll() is None and time.monotonic() < deadline:
+        reports = _reported(run)
+        if condition(reports):
+            return reports
+        time.sleep(0.2)
+    ended = driver.stdout.read()[-3000:] if driver.poll() is not None else ""
+    raise AssertionError(f"{what}: not seen; {ended}")
+
+
 def test_an_elastic_run_shrinks_to_one_worker_without_waiting_and_grows_back(cluster, s3, synth_small, tmp_path):
     """scaling.num_workers [1, 2]: a lost node leaves one worker, which goes on at once (no replacement is
     waited for); when a node comes back the group grows to 2 again. Every step trains on the same 4 clips (2 a
@@ -182,14 +195,7 @@ def test_an_elastic_run_shrinks_to_one_worker_without_waiting_and_grows_back(clu
     c = cluster["cluster"]
 
     def wait_for(condition, what: str, limit: float = 300):
-        deadline = time.monotonic() + limit
-        while driver.poll() is None and time.monotonic() < deadline:
-            reports = _reported(run)
-            if condition(reports):
-                return reports
-            time.sleep(0.2)
-        ended = driver.stdout.read()[-3000:] if driver.poll() is not None else ""
-        raise AssertionError(f"{what}: not seen; {ended}")
+        return wait_for_reports(driver, run, condition, what, limit)
 
     wait_for(lambda r: any(m["world/size"] == 2 and m["step"] >= 2 for m in r), "two workers training")
     lost = cluster["workers"][1]

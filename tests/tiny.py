@@ -195,3 +195,16 @@ def gram_layout_checkpoint(cfg, path, seed: int = 7) -> dict:
     }
     torch.save(source, path)
     return source
+
+
+def in_memory(cfg, rows: dict, vocab) -> dict:
+    """run_training's data arguments for a train split held in memory (load_split), without Ray or a val split."""
+    from gram_ray.data.collate import Collate, epoch_batches
+
+    collate = Collate(cfg, vocab, train=True)
+    return {
+        "train_batches": lambda epoch, skip: epoch_batches(rows, cfg.train.batch_size, collate, epoch, skip),
+        "val_batches": None,
+        "steps_per_epoch": len(rows["id"]) // cfg.train.batch_size,
+        "vocab": vocab,
+    }

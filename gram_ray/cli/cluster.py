@@ -125,3 +125,83 @@ def cluster_local_cmd(yaml_path, node_cpus, idle_timeout_minutes, jobs, settle_s
         click.echo("  " + line)
     if failed:
         raise click.ClickException(f"{len(failed)} job(s) failed: {failed}")
+
+
+@cluster.command("spot-watch")
+@click.option("--cloud", required=True, type=click.Choice(["aws", "gcp"]), help="whose instance metadata to read")
+@click.option(
+    "--address",
+    default="auto",
+    show_default=True,
+    help="the cluster's GCS (host:port); auto: the Ray node started on this machine",
+)
+@click.option("--node-id", help="the Ray node to drain (hex); default: the one this machine runs")
+@click.option("--metadata-url", help="the metadata service (default: the cloud's own)")
+@click.option("--poll-s", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="seconds between polls")
+@click.option(
+    "--rebalance-deadline-s",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="AWS's rebalance recommendation drains the node with this deadline; 0: only say it",
+)
+def cluster_spot_watch_cmd(cloud, address, node_id, metadata_url, poll_s, rebalance_deadline_s) -> None:
+    """Watch this node's instance metadata for a spot interruption (AWS: spot/instance-action and the rebalance
+    recommendation, IMDSv2; GCP: instance/preempted) and drain this Ray node with its deadline, so that training
+    checkpoints before the node goes. The cluster YAMLs start it on every worker node."""
+    from gram_ray.cluster.drain import drain_node, own_node
+    from gram_ray.cluster.spot import AWS_METADATA, GCP_METADATA, AwsMetadata, GcpMetadata, SpotWatcher
+
+    if node_id is None or address == "auto":
+        address, found = own_node(address)
+        node_id = node_id or found
+    if cloud == "aws":
+        metadata = AwsMetadata(metadata_url or AWS_METADATA)
+    else:
+        metadata = GcpMetadata(metadata_url or GCP_METADATA, poll_s=poll_s)
+    click.echo(f"spot-watch: {cloud} metadata at {metadata.base}, every {poll_s:g} s, for Ray node {node_id}")
+
+    def drain(deadline_s, why):
+        drain_node(address, node_id, deadline_s, f"gram-ray spot-watch: {why}")
+
+    watcher = SpotWatcher(
+        metadata,
+        drain,
+        poll_s=poll_s,
+        rebalance_deadline_s=rebalance_deadline_s or None,
+        log=lambda line: click.echo(line),
+    )
+    notice = watcher.run()
+    click.echo(f"spot-watch: node {node_id} drained ({notice.detail}); done")
+
+
+@cluster.command("drain-self")
+@click.option(
+    "--deadline-s",
+    required=True,
+    type=click.FloatRange(min=1),
+    help="seconds until this node goes (a pod: its termination grace period, less a margin)",
+)
+@click.option("--address", default="auto", show_default=True, help="the cluster's GCS (host:port); auto: this node's")
+@click.option("--node-id", help="the Ray node to drain (hex); default: the one this machine (or pod) runs")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="return once the node has shut down")
+def cluster_drain_self_cmd(deadline_s, address, node_id, wait) -> None:
+    """Drain this Ray node as a preemption, with a deadline, and wait until Ray has moved its work off it: a KubeRay
+    pod's preStop hook (cluster/kuberay/), so that training checkpoints before the pod goes."""
+    import time
+
+    from gram_ray.cluster.drain import drain_node, node_is_gone, own_node
+
+    if node_id is None or address == "auto":
+        address, found = own_node(address)
+        node_id = node_id or found
+    drain_node(address, node_id, deadline_s, "gram-ray cluster drain-self: the pod is being stopped")
+    click.echo(f"drain-self: node {node_id} drained, to go in {deadline_s:g} s")
+    ends = time.monotonic() + deadline_s
+    while wait and time.monotonic() < ends:
+        if node_is_gone(address, node_id):
+            click.echo("drain-self: the node has shut down (its work moved elsewhere)")
+            return
+        time.sleep(1)
+    if wait:
+        click.echo("drain-self: the deadline passed with the node still up")

@@ -442,6 +442,20 @@ class TrainConfig(_ConfigBase):
     )
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="best K kept by val R@1")
+    watchdog_steps: int = Field(
+        10,
+        ge=0,
+        description="a rank with no step finished in max(N x the median step, train.watchdog_floor_s), outside "
+        "evaluations and checkpoints, dumps its Python stacks into the run's stacks/ folder and ends, so the group "
+        "restarts from the last checkpoint (a wait for data holds as long as storage's retries may; 0: off)",
+    )
+    watchdog_floor_s: float = Field(60.0, gt=0, description="the step watchdog's shortest limit, in seconds")
+    preemption_checkpoint: bool = Field(
+        True,
+        description="when a node of the run is drained with a deadline (a spot notice), train on while there is "
+        "time, then checkpoint before it goes: the restart loses no step (false: the restart goes back to the "
+        "last scheduled checkpoint)",
+    )
     log_every_steps: int = Field(10, ge=1, description="step metrics to W&B and metrics.jsonl every N steps")
     eval_every_epochs: int = Field(1, ge=1, description="evaluate (and checkpoint) every N epochs and at the end")
     evals_per_run: int | None = Field(

@@ -55,11 +55,18 @@ class Console:
         """A line for an event a RunEvents returned."""
         if event["event"] == "world_size":
             return f"world size: {event['before']} -> {event['workers']} workers from step {event['from_step']}"
-        what = "recovered" if event["cause"] == "failure" else "resized"
+        what = {
+            "failure": "recovered",
+            "preemption": "recovered from the preemption",
+            "frozen": "recovered from the frozen step",
+        }.get(event["cause"], "resized")
+        since = {"preemption": "the node's loss", "frozen": "the watchdog's finding"}.get(
+            event["cause"], f"the {event['cause']}"
+        )
         return (
             f"{what}: {event['steps_lost']} steps lost (trained up to step {event['failed_after_step']}, restarted "
-            f"from the checkpoint of step {event['restarted_from_step']}), {event['recovery_s']:.1f} s from the "
-            f"{event['cause']} to the first step after it"
+            f"from the checkpoint of step {event['restarted_from_step']}), {event['recovery_s']:.1f} s from "
+            f"{since} to the first step after it"
         )
 
     def _eta(self, source: str, step: int, total: int) -> str:

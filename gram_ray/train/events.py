@@ -10,19 +10,36 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-__all__ = ["FAILED", "NOTE", "RESIZING", "RESTARTED", "STEP", "EVAL", "RunEvents"]
+__all__ = [
+    "EVAL",
+    "FAILED",
+    "FROZEN",
+    "NOTE",
+    "PREEMPTED",
+    "PREEMPTION_CHECKPOINT",
+    "RESIZING",
+    "RESTARTED",
+    "STEP",
+    "RunEvents",
+]
 
 STEP, EVAL, NOTE = "step", "eval", "note"  # a note: one line of text (e.g. a restart and what it cost)
 # Notes that mark a recovery (a field "event" of a NOTE record): the worker group failed (a worker or its node
 # died), or an elastic group is being resized (nodes came or went), then it restarted from a checkpoint ("step":
 # the checkpoint's step).
 FAILED, RESIZING, RESTARTED = "failed", "resizing", "restarted"
+# A node of the group is being drained with a deadline (a preemption notice: "deadline_in_s"), then the loop's
+# checkpoint for it ("step", "checkpoint_s"); the group restarts once the node has gone.
+PREEMPTED, PREEMPTION_CHECKPOINT = "preempted", "preemption_checkpoint"
+# A rank's step watchdog found it frozen (train/watchdog.py): it dumped its stacks and ends; the group restarts.
+FROZEN = "frozen"
 
 
 class RunEvents:
-    """Follows failures, resizes and restarts, per source (a run, or a sweep's trial). Steps lost: the newest step
-    seen before the failure (or resize) minus the step of the checkpoint the group restarted from (those are
-    trained again). Time: from the failure's (or resize's) report to the first step after the restart."""
+    """Follows failures, preemptions, resizes and restarts, per source (a run, or a sweep's trial). Steps lost: the
+    newest step seen before the restart minus the step of the checkpoint the group restarted from (those are
+    trained again). Time: from the failure's (or resize's) report to the first step after the restart; for a
+    preemption, from the node's loss: its deadline, or the failure its loss caused if that came first."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -41,13 +58,30 @@ class RunEvents:
         source, now = record.get("source", ""), self.clock()
         start = self._start.setdefault(source, now)
         event = record.get("event") if record["kind"] == NOTE else None
-        if event in (FAILED, RESIZING):
-            cause = "failure" if event == FAILED else "resize"
-            self._pending.setdefault(source, {"at": now, "step": self._last_step.get(source, 0), "cause": cause})
-        elif event == RESTARTED and source in self._pending:
-            self._pending[source]["restart_step"] = record["step"]
+        pending = self._pending.get(source)
+        if event == FROZEN and pending is None:
+            pending = self._pending[source] = {"at": now, "step": self._last_step.get(source, 0), "cause": "frozen"}
+        elif event in (FAILED, RESIZING, PREEMPTED):
+            if pending is not None and pending["cause"] == "preemption" and event == FAILED:
+                # the noticed node has gone (before its deadline, or after it): the recovery starts at the earlier
+                pending["node_lost_at"] = min(now, pending.get("node_lost_at", now))
+            elif pending is None:
+                cause = {FAILED: "failure", RESIZING: "resize", PREEMPTED: "preemption"}[event]
+                step = max(self._last_step.get(source, 0), record.get("step", 0))
+                pending = self._pending[source] = {"at": now, "step": step, "cause": cause}
+                if event == PREEMPTED:
+                    pending["notice"] = {k: record[k] for k in ("deadline_in_s", "ranks") if k in record}
+                    if "deadline_in_s" in record:  # Ray Train restarts the group at the deadline, node gone or not
+                        pending["node_lost_at"] = now + record["deadline_in_s"]
+        elif event == PREEMPTION_CHECKPOINT and pending is not None:
+            pending["checkpoint"] = {k: record[k] for k in ("step", "checkpoint_s", "registered") if k in record}
+            pending["step"] = max(pending["step"], record.get("step", 0))  # step lines may come every few steps
+        elif event == RESTARTED and pending is not None:
+            pending["restart_step"] = record["step"]
         elif record["kind"] == STEP:
             self._last_step[source] = record["step"]
+            if pending is not None and "restart_step" not in pending:  # the group trains on, e.g. after a notice
+                pending["step"] = max(pending["step"], record["step"])
             return self._recovered(source, record, now) + self._resized(source, record, now - start)
         return []
 
@@ -61,10 +95,11 @@ class RunEvents:
             "failed_after_step": pending["step"],
             "restarted_from_step": pending["restart_step"],
             "steps_lost": max(0, pending["step"] - pending["restart_step"]),
-            "recovery_s": round(now - pending["at"], 1),
+            "recovery_s": round(now - pending.get("node_lost_at", pending["at"]), 1),
             "first_step_after": record["step"],
             "workers": record.get("workers"),
         }
+        recovery |= {k: pending[k] for k in ("notice", "checkpoint") if k in pending}
         self.recoveries.append(recovery)
         return [{"event": "recovered"} | recovery]
 

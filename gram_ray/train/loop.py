@@ -13,6 +13,7 @@ twice, never one skipped, and its learning-rate schedule ends at the planned tot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -30,10 +31,12 @@ from gram_ray.model.checkpoint import CheckpointWriteError, init_weights, save_c
 from gram_ray.model.gram import GramModel, build_model
 from gram_ray.storage import StorageError
 from gram_ray.train.evaluation import evaluate_split, flatten_metrics
+from gram_ray.train.preemption import Notices
 from gram_ray.train.sharding import gathered_state, load_optimizer_state
 from gram_ray.train.state import TrainState, restore_rng, rng_state
 from gram_ray.train.step import Optimization, StepOutput, train_step
 from gram_ray.train.step_timer import StepTimer
+from gram_ray.train.watchdog import StepWatchdog
 
 __all__ = [
     "Schedule",
@@ -193,9 +196,20 @@ class Training:
     """What a run does between steps: log, evaluate, checkpoint and report, and count an epoch's clips. It holds
     the run's parts and callbacks; where the run is lives in the TrainState each method is given."""
 
-    def __init__(self, cfg: GramConfig, opt: Optimization, vocab, report, log, val_batches) -> None:
+    def __init__(
+        self,
+        cfg: GramConfig,
+        opt: Optimization,
+        vocab,
+        report,
+        log,
+        val_batches,
+        notices: Notices | None = None,
+        watchdog: StepWatchdog | None = None,
+    ) -> None:
         self.cfg, self.opt, self.vocab = cfg, opt, vocab
-        self.report, self.log, self.val_batches = report, log, val_batches
+        self.report, self.log, self.val_batches, self.notices = report, log, val_batches, notices
+        self.watchdog = watchdog
         self.rank0 = get_rank() == 0
         self.metric_name = main_metric_name(cfg)
         self.window_start, self.window_clips, self.epoch_start = time.perf_counter(), 0, time.perf_counter()
@@ -234,8 +248,16 @@ class Training:
         self.window_start, self.window_clips = time.perf_counter(), 0
         return metrics
 
+    def not_a_step(self):
+        """An evaluation or a checkpoint: the step watchdog does not time it."""
+        return self.watchdog.pause() if self.watchdog is not None else contextlib.nullcontext()
+
     def evaluate(self, metrics: dict, state: TrainState) -> dict:
         """metrics plus the val split's (every rank takes part); the main metric is always present."""
+        with self.not_a_step():
+            return self._evaluate(metrics, state)
+
+    def _evaluate(self, metrics: dict, state: TrainState) -> dict:
         if self.val_batches is not None:
             model = _unwrap(self.opt.model)
             try:
@@ -259,6 +281,15 @@ class Training:
     def checkpoint(self, metrics: dict, state: TrainState, mid_epoch: bool) -> None:
         """Report metrics with a checkpoint of the state (rank 0 writes it; every rank reports). Mid-epoch, every
         rank contributes its clips of the epoch and its RNG state: a collective."""
+        started = time.perf_counter()
+        try:
+            with self.not_a_step():
+                self._checkpoint(metrics, state, mid_epoch)
+        finally:
+            if self.notices is not None:  # how long the next one may take, should a preemption notice come
+                self.notices.checkpoint_took(time.perf_counter() - started)
+
+    def _checkpoint(self, metrics: dict, state: TrainState, mid_epoch: bool) -> None:
         previous, state.last_checkpoint_step = state.last_checkpoint_step, state.step
         metrics["train/skipped_steps"] = state.skipped_steps
         metrics["evaluations"] = state.evaluations
@@ -288,6 +319,17 @@ class Training:
                 + what_to_do
             ) from e
 
+    def heed_notice(self, last: dict, state: TrainState, epoch: int) -> None:
+        """After a step mid-epoch: a preemption notice (Notices) is met with a checkpoint at the last step there
+        is time for, then a wait for the restart (a collective: every rank calls it after every step)."""
+
+        def checkpoint() -> None:
+            if state.last_checkpoint_step != state.step:  # not when this step's scheduled one was just written
+                self.checkpoint({**last, "step": state.step, "epoch": epoch}, state, mid_epoch=True)
+
+        if self.notices is not None:
+            self.notices.heed(state.step, checkpoint, self.rank0)
+
     def epoch_metrics(self, state: TrainState) -> dict:
         """Every rank's clips of the epoch (with those a resumed epoch had trained on before), each counted once: a
         reported check that the epoch trained every clip of the split once (drop_last leaves out the remainder).
@@ -316,6 +358,8 @@ def run_training(
     prepare_model: Callable = lambda m: m,
     log: Callable[[dict], None] = lambda metrics: None,
     grad_accum: int | None = None,
+    notices: Notices | None = None,
+    watchdog: StepWatchdog | None = None,
 ) -> dict:
     """Train for cfg.train.epochs; returns the last metrics.
 
@@ -323,7 +367,9 @@ def run_training(
     each evaluation and checkpoint, with a checkpoint folder from rank 0 only. log() gets the step metrics every
     log_every_steps on rank 0. With train.time_steps, every evaluation's report also carries this rank's
     step-time breakdown (StepTimer.summary: time/...). grad_accum: micro-batches per optimizer step at this world
-    size (an elastic run's WorldPlan), default train.grad_accum. resume: a checkpoint's state to continue from."""
+    size (an elastic run's WorldPlan), default train.grad_accum. resume: a checkpoint's state to continue from.
+    notices: preemption notices, heeded after every step mid-epoch (train/preemption.py); None: not asked.
+    watchdog: told of every step, read and pause (train/watchdog.py); the caller starts and stops it."""
     device = device or torch.device("cpu")
     grad_accum = grad_accum or cfg.train.grad_accum
     if device.type == "cuda":
@@ -333,7 +379,7 @@ def run_training(
     state = TrainState.load(resume)
     if resume is not None:
         restore_rng(resume, device, cfg.train.seed)
-    run = Training(cfg, opt, vocab, report, log, val_batches)
+    run = Training(cfg, opt, vocab, report, log, val_batches, notices, watchdog)
     last: dict = {"step": state.step, "total_steps": schedule.total_steps}
     if cfg.train.first_eval and resume is None and val_batches is not None:
         last = run.evaluate(dict(last), state)  # the starting point (pretrained or imported weights)
@@ -342,15 +388,24 @@ def run_training(
         state.start_epoch(epoch)
         run.start_epoch()
         batches = iter(train_batches(epoch, state.resumed_ids))
+        if watchdog is not None:
+            batches = watchdog.reads(batches)
         end = schedule.epoch_end(epoch)
         while state.step < end:
+            started = time.perf_counter()
             done = train_step(opt, batches, state, cfg, grad_accum, steps_left=end - state.step)
+            if notices is not None:
+                notices.step_took(time.perf_counter() - started)
+            if watchdog is not None:
+                watchdog.step_done()
             last = run.after_step(done, state, schedule, last)
             if schedule.evaluation_due(state.step, epoch):
                 last = run.evaluate_and_checkpoint(last, state, mid_epoch=True)
                 opt.model.train()
             elif schedule.checkpoint_due(state.step, epoch):
                 run.checkpoint({**last, "step": state.step, "epoch": epoch}, state, mid_epoch=True)
+            if state.step < end:  # at an epoch's end its own evaluation comes first; the next step heeds it
+                run.heed_notice(last, state, epoch)
         last = last | run.epoch_metrics(state)
         state.end_epoch()
         if schedule.epoch_evaluation_due(epoch, state.step):

@@ -24,7 +24,7 @@ from gram_ray.train.events import RunEvents
 from gram_ray.train.layout import RunLayout
 from gram_ray.train.loop import main_metric_name
 from gram_ray.train.resume import ResumePlan, resume_plan
-from gram_ray.train.worker import WorkerArgs, plan_of, train_loop_per_worker
+from gram_ray.train.worker import WorkerArgs, plan_of, step_beacon, train_loop_per_worker
 
 __all__ = ["build_trainer", "fit", "tracking_options", "train_env"]
 
@@ -130,6 +130,8 @@ def build_trainer(
         progress=progress,
         source=source,
         tracking=tracking,
+        beacon=step_beacon() if cfg.train.watchdog_steps else None,
+        test_hang=os.environ.get("GRAM_RAY_TEST_HANG"),  # tests only: the step watchdog's hung rank
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -169,27 +171,33 @@ def _ingest_options(cfg: GramConfig):
     return options
 
 
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train hands it from the driver to its controller
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train hands these from the driver to its controller
+PREEMPTION_POLL_ENV = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"
 
 
 ELASTIC_START_TIMEOUT_S = 15.0
+# How often Ray Train's watcher looks for drained nodes (Ray's default 5 s): every second of a notice (GCP gives
+# about 30 s) is a second to train on before the preemption checkpoint. One GCS read a second.
+PREEMPTION_POLL_S = 1.0
 
 
 @contextlib.contextmanager
 def train_env(cfg: GramConfig):
     """The environment Ray Train's controller reads, around a fit: the worker group's start timeout
-    (scaling.start_timeout_s), unless the user set the variable. Restored afterwards (Tune runs several fits in
-    one process)."""
+    (scaling.start_timeout_s) and how often it looks for drained nodes, each unless the user set the variable.
+    Restored afterwards (Tune runs several fits in one process)."""
     s = cfg.scaling
     timeout = s.start_timeout_s or (ELASTIC_START_TIMEOUT_S if s.elastic else None)
-    if timeout is None or START_TIMEOUT_ENV in os.environ:
-        yield
-        return
-    os.environ[START_TIMEOUT_ENV] = str(timeout)
+    wanted = {PREEMPTION_POLL_ENV: str(PREEMPTION_POLL_S)}
+    if timeout is not None:
+        wanted[START_TIMEOUT_ENV] = str(timeout)
+    ours = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(ours)
     try:
         yield
     finally:
-        os.environ.pop(START_TIMEOUT_ENV, None)
+        for k in ours:
+            os.environ.pop(k, None)
 
 
 def tracking_options(cfg: GramConfig, layout: RunLayout, run_id) -> dict:
