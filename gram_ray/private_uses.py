@@ -101,6 +101,12 @@ def _gcs_drain_node() -> None:
     assert gcs_pb2.GcsNodeInfo.GcsNodeState.DEAD
 
 
+def _head_node_resource() -> None:
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    assert HEAD_NODE_RESOURCE_NAME == "node:__internal_head__"
+
+
 def _s3_reduce_layout() -> None:
     import pyarrow.fs as pafs
 
@@ -175,6 +181,13 @@ PRIVATE_USES = (
         "a preemption notice becomes a drain with its deadline; Ray's only other way is the hidden `ray drain-node` "
         "CLI (the same call, seconds slower to start, not covered by Ray's API guarantees either)",
         _gcs_drain_node,
+    ),
+    PrivateUse(
+        "tune.py (_TRIAL_DRIVER)",
+        "the head node's resource node:__internal_head__ (ray._common.constants.HEAD_NODE_RESOURCE_NAME)",
+        "trial drivers pinned to the head, off spot nodes (Tune's resources take no scheduling strategy); Ray Train "
+        "pins its own state actor the same way",
+        _head_node_resource,
     ),
     PrivateUse(
         "storage/filesystems.py (filesystem)",

@@ -99,6 +99,12 @@ def sweep_root(cfg: GramConfig) -> str:
     return storage.join(cfg.run.storage_path, f"{cfg.run.name}-sweep")
 
 
+# Where each trial's driver (its TorchTrainer's owner) runs: on the head, beside the sweep's own driver, with no CPU
+# of its own (it only drives). On a worker node it would die with that node (a spot node's reclaim), and with it the
+# trial's Ray Train controller, leaving the trial's placement group held. Ray Train pins its own state actor so.
+_TRIAL_DRIVER = {"cpu": 0, "node:__internal_head__": 0.001}
+
+
 def _max_concurrent(cfg: GramConfig) -> int:
     import ray
 
@@ -107,7 +113,7 @@ def _max_concurrent(cfg: GramConfig) -> int:
     resources = ray.cluster_resources()
     workers = cfg.scaling.max_workers  # an elastic trial may grow to its max
     per_trial_gpu = workers if cfg.scaling.use_gpu else 0
-    per_trial_cpu = workers + 2  # workers, the trial driver, the train controller
+    per_trial_cpu = workers + 1  # the workers, and room for their Ray Data work (driver and controller take none)
     fits = resources.get("CPU", 1) // per_trial_cpu
     if per_trial_gpu:
         fits = min(fits, resources.get("GPU", 0) // per_trial_gpu)
@@ -153,7 +159,7 @@ def run_sweep(cfg: GramConfig, out: str | Path, resume: bool = False, log=print)
             wandb_mode=mode,
             credentials=credentials if mode != "disabled" else None,  # with_parameters: by the object store
         ),
-        {"cpu": 1},
+        _TRIAL_DRIVER,
     )
 
     if resume:

@@ -5,6 +5,7 @@ the Ray-free loop (loop.py) over its shard of the train split, reporting through
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -244,10 +245,9 @@ def _notices(args: WorkerArgs, tracker, watchdog: StepWatchdog | None, rank: int
     def wait_for_restart(notice: Notice, step: int) -> None:
         """Block until Ray Train tears the group down (at the drain's deadline; FailureConfig.preemption_grace_s
         after it) and restarts it from the checkpoint just written. Returning would end the run as finished."""
-        if watchdog is not None:
-            watchdog.stop()  # waiting is what this rank must do now
-        while True:
-            time.sleep(60)
+        with watchdog.pause() if watchdog is not None else contextlib.nullcontext():  # waiting is no freeze
+            while True:  # (the watchdog's thread keeps saying so: the other ranks do not find this one silent)
+                time.sleep(60)
 
     return Notices(poll, wait=wait_for_restart, announce=announce, confirm=confirm)
 
@@ -277,6 +277,11 @@ def step_beacon():
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(num_cpus=0, scheduling_strategy=here)(StepBeacon).remote()
+
+
+# Ray Data retries a failed read of a cache on its own, on top of storage's: 10 tries with a random backoff of up to
+# 2, 4, 8, 16, then 32 s between them, at most 190 s (docs/faults.md). A wait for data is no freeze before that.
+RAY_DATA_READ_RETRIES_S = 190.0
 
 
 def _watchdog(args: WorkerArgs, cfg: GramConfig, rank: int, tracker) -> StepWatchdog | None:
@@ -318,7 +323,7 @@ def _watchdog(args: WorkerArgs, cfg: GramConfig, rank: int, tracker) -> StepWatc
         on_stall,
         steps=cfg.train.watchdog_steps,
         floor_s=cfg.train.watchdog_floor_s,
-        data_grace_s=settings.outage_s + settings.request_timeout_s,
+        data_grace_s=settings.outage_s + settings.request_timeout_s + RAY_DATA_READ_RETRIES_S,
         publish=lambda phase, since: args.beacon.beat.remote(group, rank, phase, since),
         peers=lambda: ray.get(args.beacon.peers.remote(group, rank), timeout=10),
         beat_s=beat_s,
