@@ -147,3 +147,25 @@ def test_a_preemption_without_a_reported_loss_is_timed_from_its_deadline():
         events.record(record)
     (recovery,) = events.recoveries
     assert recovery["recovery_s"] == 19.0 and recovery["steps_lost"] == 0
+
+
+def test_a_restart_no_failure_was_reported_for_is_still_recorded_with_the_steps_it_lost():
+    """Ray Train restarts the group at a drain's deadline whether or not a worker has failed yet; without the
+    preemption checkpoint (train.preemption_checkpoint: false) nothing else says so."""
+    from gram_ray.train.console import Console
+
+    times = iter([0.0, 1.0, 2.0, 10.0])
+    events, lines = RunEvents(clock=lambda: next(times)), []
+    for record in (
+        {"kind": STEP, "step": 40, "workers": 2},
+        {"kind": STEP, "step": 49, "workers": 2},
+        {"kind": NOTE, "event": RESTARTED, "step": 25, "text": "restarted"},
+        {"kind": STEP, "step": 26, "workers": 2},
+    ):
+        lines += [Console(bar=False).event_line(e) for e in events.record(record)]
+    (recovery,) = events.recoveries
+    assert (recovery["cause"], recovery["steps_lost"], recovery["recovery_s"]) == ("restart", 24, 8.0)
+    assert lines == [
+        "restarted: 24 steps lost (trained up to step 49, restarted from the checkpoint of step 25), 8.0 s from the "
+        "restart to the first step after it"
+    ]

@@ -59,8 +59,9 @@ class Console:
             "failure": "recovered",
             "preemption": "recovered from the preemption",
             "frozen": "recovered from the frozen step",
+            "restart": "restarted",
         }.get(event["cause"], "resized")
-        since = {"preemption": "the node's loss", "frozen": "the watchdog's finding"}.get(
+        since = {"preemption": "the node's loss", "frozen": "the watchdog's finding", "restart": "the restart"}.get(
             event["cause"], f"the {event['cause']}"
         )
         return (

@@ -76,7 +76,10 @@ class RunEvents:
         elif event == PREEMPTION_CHECKPOINT and pending is not None:
             pending["checkpoint"] = {k: record[k] for k in ("step", "checkpoint_s", "registered") if k in record}
             pending["step"] = max(pending["step"], record.get("step", 0))  # step lines may come every few steps
-        elif event == RESTARTED and pending is not None:
+        elif event == RESTARTED:
+            if pending is None:  # no failure was reported (Ray Train restarted at a drain's deadline, say)
+                step = self._last_step.get(source, 0)
+                pending = self._pending[source] = {"at": now, "step": step, "cause": "restart"}
             pending["restart_step"] = record["step"]
         elif record["kind"] == STEP:
             self._last_step[source] = record["step"]
