@@ -19,7 +19,7 @@ import math
 import resource
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,6 +248,17 @@ class Training:
         self.window_start, self.window_clips = time.perf_counter(), 0
         return metrics
 
+    def watched(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """An epoch's batches, each wait for the next one known to the step watchdog as a read."""
+        return self.watchdog.reads(batches) if self.watchdog is not None else batches
+
+    def step_took(self, seconds: float) -> None:
+        """A step is done: the watchdog's clock restarts, and a notice's judgement learns how long one takes."""
+        if self.notices is not None:
+            self.notices.step_took(seconds)
+        if self.watchdog is not None:
+            self.watchdog.step_done()
+
     def not_a_step(self):
         """An evaluation or a checkpoint: the step watchdog does not time it."""
         return self.watchdog.pause() if self.watchdog is not None else contextlib.nullcontext()
@@ -387,17 +398,12 @@ def run_training(
     for epoch in range(state.epoch, schedule.epochs):
         state.start_epoch(epoch)
         run.start_epoch()
-        batches = iter(train_batches(epoch, state.resumed_ids))
-        if watchdog is not None:
-            batches = watchdog.reads(batches)
+        batches = run.watched(iter(train_batches(epoch, state.resumed_ids)))
         end = schedule.epoch_end(epoch)
         while state.step < end:
             started = time.perf_counter()
             done = train_step(opt, batches, state, cfg, grad_accum, steps_left=end - state.step)
-            if notices is not None:
-                notices.step_took(time.perf_counter() - started)
-            if watchdog is not None:
-                watchdog.step_done()
+            run.step_took(time.perf_counter() - started)
             last = run.after_step(done, state, schedule, last)
             if schedule.evaluation_due(state.step, epoch):
                 last = run.evaluate_and_checkpoint(last, state, mid_epoch=True)

@@ -21,10 +21,11 @@ from gram_ray.tracking import wandb_run_id
 from gram_ray.train.console import Console, ProgressQueue, progress_callback, resize_callback, run_with_progress
 from gram_ray.train.datasets import REST, EpochSplits, TrainingData, prepare_data
 from gram_ray.train.events import RunEvents
+from gram_ray.train.guards import step_beacon
 from gram_ray.train.layout import RunLayout
 from gram_ray.train.loop import main_metric_name
 from gram_ray.train.resume import ResumePlan, resume_plan
-from gram_ray.train.worker import WorkerArgs, plan_of, step_beacon, train_loop_per_worker
+from gram_ray.train.worker import WorkerArgs, plan_of, train_loop_per_worker
 
 __all__ = ["build_trainer", "fit", "tracking_options", "train_env"]
 

@@ -5,11 +5,7 @@ the Ray-free loop (loop.py) over its shard of the train split, reporting through
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import threading
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,11 +19,10 @@ from gram_ray.data.collate import Collate
 from gram_ray.model.checkpoint import load_checkpoint, upload_checkpoint
 from gram_ray.train.console import put_record, step_record
 from gram_ray.train.datasets import REST, train_iter_options
-from gram_ray.train.events import FROZEN, NOTE, RESTARTED
+from gram_ray.train.events import NOTE, RESTARTED
+from gram_ray.train.guards import preemption_notices, step_watchdog
 from gram_ray.train.loop import run_training
-from gram_ray.train.preemption import Notice, Notices
 from gram_ray.train.resume import ResumePlan
-from gram_ray.train.watchdog import StepWatchdog, dump_stacks
 
 __all__ = ["WorkerArgs", "plan_of", "storage_failures_named", "train_loop_per_worker"]
 
@@ -46,7 +41,7 @@ class WorkerArgs:
     progress: object = None  # a ray.util.queue.Queue of progress records for the driver, or None
     source: str = ""  # a label for progress lines (a sweep's trial)
     tracking: dict | None = None  # tracking_options(): W&B's mode, run id and credentials, where to sync logs
-    beacon: object = None  # a StepBeacon (step_beacon()): every rank's phase, for the step watchdogs; None: off
+    beacon: object = None  # a guards.StepBeacon: every rank's phase, for the step watchdogs; None: off
     test_hang: str | None = None  # tests only (GRAM_RAY_TEST_HANG="step:rank"): that rank hangs after that step
 
     def as_config(self) -> dict:
@@ -83,8 +78,8 @@ def train_loop_per_worker(config: dict) -> None:
     val = _optional_shard("val")
     tracker = _tracker(cfg, args, rank, resumed=resume is not None)
     reports = _Reports(args, cfg, tracker, world)
-    watchdog = _watchdog(args, cfg, rank, tracker)
-    notices = _notices(args, tracker, watchdog, rank, fresh=resume is None) if cfg.train.preemption_checkpoint else None
+    watchdog = step_watchdog(args, cfg, rank, tracker)
+    notices = preemption_notices(args, cfg, tracker, watchdog, rank, fresh=resume is None)
     try:
         run_training(
             cfg,
@@ -212,122 +207,6 @@ def _tracker(cfg: GramConfig, args: WorkerArgs, rank: int, resumed: bool):
         sync_to=tracking.get("sync_to"),
         mode=tracking.get("wandb_mode"),
     )
-
-
-def _notices(args: WorkerArgs, tracker, watchdog: StepWatchdog | None, rank: int, fresh: bool) -> Notices:
-    """Ray Train's preemption info (its watcher polls the nodes being drained; train_env sets how often) as the
-    loop's Notices: what happens goes to the console, result.json and W&B (rank 0). For the step watchdog's test,
-    test_hang "S:R" has rank R of a group started afresh never join the poll after step S (a collective)."""
-    import ray.train
-
-    hang = tuple(int(x) for x in args.test_hang.split(":")) if args.test_hang and fresh else None
-
-    def poll(step: int) -> Notice | None:
-        if hang == (step, rank):
-            threading.Event().wait()  # for ever: the other ranks wait in the barrier below
-        info = ray.train.get_preemption_info()  # a barrier: every rank asks after every step
-        if info is None:
-            return None
-        deadline = info.deadline_ms / 1000 if info.deadline_ms else None
-        return Notice(deadline, tuple(info.preempted_ranks), tuple(info.preempted_node_ids))
-
-    def announce(event: str, text: str, fields: dict) -> None:
-        print(text, flush=True)
-        tracker.log({"step": fields["step"]} | {f"preemption/{k}": v for k, v in fields.items() if k != "step"})
-        if args.progress is not None:
-            put_record(args.progress, {"kind": NOTE, "event": event, "text": text, "source": args.source} | fields)
-
-    def confirm(step: int, timeout_s: float) -> bool:
-        committed = ray.train.CheckpointConsistencyMode.COMMITTED
-        registered = ray.train.get_all_reported_checkpoints(consistency_mode=committed, timeout_s=timeout_s)
-        return any(r.metrics.get("step") == step for r in registered)
-
-    def wait_for_restart(notice: Notice, step: int) -> None:
-        """Block until Ray Train tears the group down (at the drain's deadline; FailureConfig.preemption_grace_s
-        after it) and restarts it from the checkpoint just written. Returning would end the run as finished."""
-        with watchdog.pause() if watchdog is not None else contextlib.nullcontext():  # waiting is no freeze
-            while True:  # (the watchdog's thread keeps saying so: the other ranks do not find this one silent)
-                time.sleep(60)
-
-    return Notices(poll, wait=wait_for_restart, announce=announce, confirm=confirm)
-
-
-class StepBeacon:
-    """Every rank's phase (a step, or reading its next batch, and since when), for the step watchdogs: a rank stuck
-    in a collective holds while another waits on storage, and finds one that has gone silent. A zero-CPU actor on
-    the driver's node (step_beacon), for the run's whole life: each worker group is told apart by its own id."""
-
-    def __init__(self) -> None:
-        self.beats: dict[tuple[str, int], tuple[str, float, float]] = {}  # (group, rank): (phase, since, said at)
-
-    def beat(self, group: str, rank: int, phase: str, since: float) -> None:
-        self.beats = {k: v for k, v in self.beats.items() if k[0] == group}  # a newer group: the old one is gone
-        self.beats[(group, rank)] = (phase, since, time.time())
-
-    def peers(self, group: str, rank: int) -> dict[int, tuple[str, float, float]]:
-        """The other ranks of `group`: {rank: (phase, since, seconds since it last said)}."""
-        now = time.time()
-        return {r: (phase, since, now - said) for (g, r), (phase, since, said) in self.beats.items()
-                if g == group and r != rank}  # fmt: skip
-
-
-def step_beacon():
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(StepBeacon).remote()
-
-
-# Ray Data retries a failed read of a cache on its own, on top of storage's: 10 tries with a random backoff of up to
-# 2, 4, 8, 16, then 32 s between them, at most 190 s (docs/faults.md). A wait for data is no freeze before that.
-RAY_DATA_READ_RETRIES_S = 190.0
-
-
-def _watchdog(args: WorkerArgs, cfg: GramConfig, rank: int, tracker) -> StepWatchdog | None:
-    """The step watchdog of this rank (train.watchdog_steps), started; its stall dumps this process's stacks into
-    the run's stacks/ folder (and its storage) and ends the process: Ray Train restarts the group."""
-    import ray
-    import ray.train
-
-    if not cfg.train.watchdog_steps or args.beacon is None:
-        return None
-    settings = storage.StorageSettings.of(cfg.storage)
-    beat_s = 2.0
-    # This worker group, as every rank of it names it: Ray Train gives each group start its own rendezvous.
-    group = (
-        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}/{ray.train.get_context().get_world_size()}"
-    )
-
-    def on_stall(why: str) -> None:
-        node = ray.get_runtime_context().get_node_id()[:8]
-        name = f"rank-{rank}-node-{node}-{time.strftime('%Y%m%dT%H%M%S')}.txt"
-        where = Path(args.output_dir) / "stacks"
-        where.mkdir(parents=True, exist_ok=True)
-        dump_stacks(where / name)
-        sync_to = (args.tracking or {}).get("sync_to")
-        if sync_to is not None:
-            try:
-                storage.put_bytes(storage.join(sync_to, "stacks", name), (where / name).read_bytes())
-            except Exception as e:  # the stacks on this node's disk are still there
-                print(f"step watchdog: the stacks could not be copied to {sync_to}: {e}", flush=True)
-        text = f"step watchdog on rank {rank}: {why}; its Python stacks are in {where / name}; ending this worker"
-        text += " so that the group restarts from the last whole checkpoint"
-        print(text, flush=True)
-        if args.progress is not None:
-            put_record(args.progress, {"kind": NOTE, "event": FROZEN, "text": text, "source": args.source})
-        tracker.finish()  # the logs so far reach the run's storage
-        os._exit(70)  # the main thread is stuck: only the process's end frees the group
-
-    return StepWatchdog(
-        on_stall,
-        steps=cfg.train.watchdog_steps,
-        floor_s=cfg.train.watchdog_floor_s,
-        data_grace_s=settings.outage_s + settings.request_timeout_s + RAY_DATA_READ_RETRIES_S,
-        publish=lambda phase, since: args.beacon.beat.remote(group, rank, phase, since),
-        peers=lambda: ray.get(args.beacon.peers.remote(group, rank), timeout=10),
-        beat_s=beat_s,
-    ).start()
 
 
 def plan_of(cfg: GramConfig, workers: int) -> WorldPlan:
