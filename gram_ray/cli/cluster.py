@@ -127,15 +127,20 @@ def cluster_local_cmd(yaml_path, node_cpus, idle_timeout_minutes, jobs, settle_s
         raise click.ClickException(f"{len(failed)} job(s) failed: {failed}")
 
 
+def _node_options(command):
+    """--address and --node-id: the Ray node a command drains (default: the one this machine, or pod, runs)."""
+    command = click.option("--node-id", help="the Ray node to drain (hex); default: the one this machine runs")(command)
+    return click.option(
+        "--address",
+        default="auto",
+        show_default=True,
+        help="the cluster's GCS (host:port); auto: the Ray node started on this machine",
+    )(command)
+
+
 @cluster.command("spot-watch")
 @click.option("--cloud", required=True, type=click.Choice(["aws", "gcp"]), help="whose instance metadata to read")
-@click.option(
-    "--address",
-    default="auto",
-    show_default=True,
-    help="the cluster's GCS (host:port); auto: the Ray node started on this machine",
-)
-@click.option("--node-id", help="the Ray node to drain (hex); default: the one this machine runs")
+@_node_options
 @click.option("--metadata-url", help="the metadata service (default: the cloud's own)")
 @click.option("--poll-s", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="seconds between polls")
 @click.option(
@@ -149,12 +154,10 @@ def cluster_spot_watch_cmd(cloud, address, node_id, metadata_url, poll_s, rebala
     """Watch this node's instance metadata for a spot interruption (AWS: spot/instance-action and the rebalance
     recommendation, IMDSv2; GCP: instance/preempted) and drain this Ray node with its deadline, so that training
     checkpoints before the node goes. The cluster YAMLs start it on every worker node."""
-    from gram_ray.cluster.drain import drain_node, own_node
+    from gram_ray.cluster.drain import drain_node, the_node
     from gram_ray.cluster.spot import AWS_METADATA, GCP_METADATA, AwsMetadata, GcpMetadata, SpotWatcher
 
-    if node_id is None or address == "auto":
-        address, found = own_node(address)
-        node_id = node_id or found
+    address, node_id = the_node(address, node_id)
     if cloud == "aws":
         metadata = AwsMetadata(metadata_url or AWS_METADATA)
     else:
@@ -169,7 +172,7 @@ def cluster_spot_watch_cmd(cloud, address, node_id, metadata_url, poll_s, rebala
         drain,
         poll_s=poll_s,
         rebalance_deadline_s=rebalance_deadline_s or None,
-        log=lambda line: click.echo(line),
+        log=click.echo,
     )
     notice = watcher.run()
     click.echo(f"spot-watch: node {node_id} drained ({notice.detail}); done")
@@ -182,19 +185,16 @@ def cluster_spot_watch_cmd(cloud, address, node_id, metadata_url, poll_s, rebala
     type=click.FloatRange(min=1),
     help="seconds until this node goes (a pod: its termination grace period, less a margin)",
 )
-@click.option("--address", default="auto", show_default=True, help="the cluster's GCS (host:port); auto: this node's")
-@click.option("--node-id", help="the Ray node to drain (hex); default: the one this machine (or pod) runs")
+@_node_options
 @click.option("--wait/--no-wait", default=True, show_default=True, help="return once the node has shut down")
 def cluster_drain_self_cmd(deadline_s, address, node_id, wait) -> None:
     """Drain this Ray node as a preemption, with a deadline, and wait until Ray has moved its work off it: a KubeRay
     pod's preStop hook (cluster/kuberay/), so that training checkpoints before the pod goes."""
     import time
 
-    from gram_ray.cluster.drain import drain_node, node_is_gone, own_node
+    from gram_ray.cluster.drain import drain_node, node_is_gone, the_node
 
-    if node_id is None or address == "auto":
-        address, found = own_node(address)
-        node_id = node_id or found
+    address, node_id = the_node(address, node_id)
     drain_node(address, node_id, deadline_s, "gram-ray cluster drain-self: the pod is being stopped")
     click.echo(f"drain-self: node {node_id} drained, to go in {deadline_s:g} s")
     ends = time.monotonic() + deadline_s

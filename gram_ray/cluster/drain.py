@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["DrainRefused", "drain_node", "node_is_gone", "own_node"]
+__all__ = ["DrainRefused", "drain_node", "node_is_gone", "own_node", "the_node"]
 
 
 class DrainRefused(RuntimeError):
@@ -47,6 +47,15 @@ def own_node(address: str = "auto") -> tuple[str, str]:
         return context.gcs_address, context.get_node_id()
     finally:
         ray.shutdown()
+
+
+def the_node(address: str, node_id: str | None) -> tuple[str, str]:
+    """(GCS address, node id) of the node to drain: as given, or this machine's (own_node) where the address is
+    "auto" or no node is named."""
+    if node_id is not None and address != "auto":
+        return address, node_id
+    found_address, found = own_node(address)
+    return found_address, node_id or found
 
 
 def node_is_gone(gcs_address: str, node_id: str, timeout_s: float = 10.0) -> bool:

@@ -126,12 +126,18 @@ class Console:
 def ProgressQueue():  # a factory that reads like the class it makes
     """A Ray queue (a zero-CPU actor) that workers and the train controller put progress records into. It lives
     on the driver's node, whose life is the run's: on a worker node it would die with that node (a spot node)."""
-    import ray
     from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_this_node()})
+
+
+def on_this_node():
+    """A scheduling strategy for a run's small actors (its progress queue, its ranks' beacon): this process's node,
+    the driver's, whose life is the run's."""
+    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def step_record(metrics: dict, epochs: float) -> dict:

@@ -59,16 +59,16 @@ class RunEvents:
         start = self._start.setdefault(source, now)
         event = record.get("event") if record["kind"] == NOTE else None
         pending = self._pending.get(source)
+        last = self._last_step.get(source, 0)
         if event == FROZEN and pending is None:
-            pending = self._pending[source] = {"at": now, "step": self._last_step.get(source, 0), "cause": "frozen"}
+            pending = self._begin(source, "frozen", now, last)
         elif event in (FAILED, RESIZING, PREEMPTED):
             if pending is not None and pending["cause"] == "preemption" and event == FAILED:
                 # the noticed node has gone (before its deadline, or after it): the recovery starts at the earlier
                 pending["node_lost_at"] = min(now, pending.get("node_lost_at", now))
             elif pending is None:
                 cause = {FAILED: "failure", RESIZING: "resize", PREEMPTED: "preemption"}[event]
-                step = max(self._last_step.get(source, 0), record.get("step", 0))
-                pending = self._pending[source] = {"at": now, "step": step, "cause": cause}
+                pending = self._begin(source, cause, now, max(last, record.get("step", 0)))
                 if event == PREEMPTED:
                     pending["notice"] = {k: record[k] for k in ("deadline_in_s", "ranks") if k in record}
                     if "deadline_in_s" in record:  # Ray Train restarts the group at the deadline, node gone or not
@@ -78,8 +78,7 @@ class RunEvents:
             pending["step"] = max(pending["step"], record.get("step", 0))  # step lines may come every few steps
         elif event == RESTARTED:
             if pending is None:  # no failure was reported (Ray Train restarted at a drain's deadline, say)
-                step = self._last_step.get(source, 0)
-                pending = self._pending[source] = {"at": now, "step": step, "cause": "restart"}
+                pending = self._begin(source, "restart", now, last)
             pending["restart_step"] = record["step"]
         elif record["kind"] == STEP:
             self._last_step[source] = record["step"]
@@ -87,6 +86,11 @@ class RunEvents:
                 pending["step"] = max(pending["step"], record["step"])
             return self._recovered(source, record, now) + self._resized(source, record, now - start)
         return []
+
+    def _begin(self, source: str, cause: str, now: float, step: int) -> dict:
+        """A recovery under way: what caused it, when it was reported, the newest step trained before it."""
+        pending = self._pending[source] = {"at": now, "step": step, "cause": cause}
+        return pending
 
     def _recovered(self, source: str, record: dict, now: float) -> list[dict]:
         pending = self._pending.get(source)

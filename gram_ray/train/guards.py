@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gram_ray import storage
 from gram_ray.config import GramConfig
-from gram_ray.train.console import put_record
+from gram_ray.train.console import on_this_node, put_record
 from gram_ray.train.events import FROZEN, NOTE
 from gram_ray.train.preemption import Notice, Notices
 from gram_ray.train.watchdog import StepWatchdog, dump_stacks
@@ -75,25 +75,26 @@ class StepBeacon:
     the driver's node (step_beacon), for the run's whole life: each worker group is told apart by its own id."""
 
     def __init__(self) -> None:
-        self.beats: dict[tuple[str, int], tuple[str, float, float]] = {}  # (group, rank): (phase, since, said at)
+        self.group: str | None = None  # the group heard from last: a newer one means the old one is gone
+        self.beats: dict[int, tuple[str, float, float]] = {}  # rank: (phase, since, said at)
 
     def beat(self, group: str, rank: int, phase: str, since: float) -> None:
-        self.beats = {k: v for k, v in self.beats.items() if k[0] == group}  # a newer group: the old one is gone
-        self.beats[(group, rank)] = (phase, since, time.time())
+        if group != self.group:
+            self.group, self.beats = group, {}
+        self.beats[rank] = (phase, since, time.time())
 
     def peers(self, group: str, rank: int) -> dict[int, tuple[str, float, float]]:
         """The other ranks of `group`: {rank: (phase, since, seconds since it last said)}."""
+        if group != self.group:
+            return {}
         now = time.time()
-        return {r: (phase, since, now - said) for (g, r), (phase, since, said) in self.beats.items()
-                if g == group and r != rank}  # fmt: skip
+        return {r: (phase, since, now - said) for r, (phase, since, said) in self.beats.items() if r != rank}
 
 
 def step_beacon():
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(StepBeacon).remote()
+    return ray.remote(num_cpus=0, scheduling_strategy=on_this_node())(StepBeacon).remote()
 
 
 # Ray Data retries a failed read of a cache on its own, on top of storage's: 10 tries with a random backoff of up to
@@ -109,7 +110,7 @@ def step_watchdog(args, cfg: GramConfig, rank: int, tracker) -> StepWatchdog | N
 
     if not cfg.train.watchdog_steps or args.beacon is None:
         return None
-    settings = storage.StorageSettings.of(cfg.storage)
+    settings = storage.settings()  # as the worker configured them from cfg.storage
     beat_s = 2.0
     # This worker group, as every rank of it names it: Ray Train gives each group start its own rendezvous.
     group = (

@@ -60,6 +60,7 @@ class StepWatchdog:
         self.steps_s: deque[float] = deque(maxlen=50)
         self.phase, self.since = STEP, clock()  # since: when this rank last made progress (or entered its phase)
         self.last_step_at: float | None = None  # None until the group's first step: not timed
+        self.moved_at = self.since  # a step done, a pause begun or ended: nothing can be frozen for floor_s after
         self.paused = 0
         self.fired = False
         self._stop = threading.Event()
@@ -78,17 +79,20 @@ class StepWatchdog:
         if self.last_step_at is not None:
             self.steps_s.append(now - self.last_step_at)
         self.last_step_at, self.phase, self.since = now, STEP, now
+        self.moved_at = now
 
     @contextmanager
     def pause(self) -> Iterator[None]:
         """An evaluation, a checkpoint, a wait for a restart: not a step, not timed; the clock restarts after."""
         self.paused += 1
+        self.moved_at = self.clock()
         try:
             yield
         finally:
             self.paused -= 1
+            self.moved_at = self.clock()
             if self.last_step_at is not None:
-                self.last_step_at = self.since = self.clock()
+                self.last_step_at = self.since = self.moved_at
 
     def reads(self, batches: Iterator) -> Iterator:
         """`batches` with every wait for the next one marked as reading data."""
@@ -108,8 +112,8 @@ class StepWatchdog:
 
     def stalled(self, now: float) -> str | None:
         """Why the group counts as frozen at `now`, or None."""
-        if self.fired:
-            return None
+        if self.fired or now - self.moved_at < self.floor_s:
+            return None  # neither rule can hold yet (every limit is floor_s or more): the peers are not asked
         try:
             peers = self.peers()
         except Exception:  # the peers' view is a help: without it, this rank's own steps still count
