@@ -160,9 +160,10 @@ def elastic_run(rank: int, world: int, resume: dict | None = None, stop_at: int 
     world-th micro-batch of the epoch's order (less the clips a resumed epoch already trained on). Stops after the
     checkpoint of step stop_at. Returns rank 0's view: the checkpoints, the logged metrics, the clips seen per
     epoch by this rank, and the final weights."""
+    from tiny import saved
+
     from gram_ray.config.world import plan_for_world
     from gram_ray.data.collate import epoch_batches
-    from gram_ray.model.checkpoint import load_checkpoint
     from gram_ray.train.loop import run_training
 
     cfg, rows, vocab, collate = elastic_setup()
@@ -180,7 +181,7 @@ def elastic_run(rank: int, world: int, resume: dict | None = None, stop_at: int 
 
     def report(metrics, checkpoint):
         if checkpoint is not None:
-            checkpoints.append(load_checkpoint(checkpoint))
+            checkpoints.append(saved(checkpoint))
         if metrics["step"] == stop_at:
             raise Stop
 
@@ -244,9 +245,10 @@ def fsdp_run(
 ) -> dict:
     """run_training on `world` ranks under DDP or FSDP (or one plain process), on CPU or a GPU: every checkpoint
     (rank 0's) and every logged metric."""
+    from tiny import saved
+
     from gram_ray.config.world import plan_for_world
     from gram_ray.data.collate import Collate, epoch_batches
-    from gram_ray.model.checkpoint import load_checkpoint
     from gram_ray.train.loop import run_training
     from gram_ray.train.sharding import shard_model
 
@@ -267,7 +269,7 @@ def fsdp_run(
 
     def report(metrics, checkpoint):
         if checkpoint is not None:
-            checkpoints.append(load_checkpoint(checkpoint))
+            checkpoints.append(saved(checkpoint))
 
     def prepare(model):
         if strategy == "fsdp":

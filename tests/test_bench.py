@@ -140,3 +140,46 @@ def test_dry_run_estimates_memory_per_gpu_without_a_gpu(tmp_path):
     assert sharded < fsdp["static_bytes"] < sharded + 2**30
     assert configured["name"].startswith("as configured: DDP") and "gradient checkpointing" in configured["name"]
     assert configured["total_bytes"] == checkpointed["total_bytes"]  # msrvtt.yaml: DDP with checkpointing
+
+
+def _bench_checkpoint(args: list[str], out) -> dict:
+    result = CliRunner().invoke(main, ["bench", "checkpoint", *args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "pause vs synchronous" in result.output
+    return json.loads(out.read_text())
+
+
+def test_bench_checkpoint_times_both_ways_of_storing_and_every_checkpoint_is_whole(tmp_path):
+    store = tmp_path / "store"
+    args = ["--size", "config", "--size", "2e6", "--checkpoints", "2", "--storage", str(store)]
+    payload = _bench_checkpoint(args, tmp_path / "c.json")
+    config, linear = payload["sizes"]
+    assert config["size"] == "config" and 1.9e6 < linear["parameters"] < 2.1e6
+    assert 0 <= linear["state_bytes"] - 3 * 4 * linear["parameters"] < 1024  # fp32 weights, AdamW's moments, steps
+    for row in payload["sizes"]:
+        for mode in ("synchronous", "background"):
+            r = row[mode]
+            assert r["whole"] and len(r["pauses_s"]) == len(r["stored_all_s"]) == 2, (row["size"], mode)
+            assert 0 < r["pause_s"] and 0 < r["stored_s"]
+    assert not list(store.iterdir())  # stored there, checked whole, then removed: the bench leaves nothing behind
+
+
+def test_bench_checkpoint_rejects_a_size_that_is_not_a_model():
+    result = CliRunner().invoke(main, ["bench", "checkpoint", "--size", "big"])
+    assert result.exit_code != 0 and "--size 'big': give 'config' or a parameter count such as 1e9" in result.output
+
+
+@pytest.mark.long
+def test_the_checkpoint_bench_of_the_performance_page_runs_as_printed(tmp_path):
+    """docs/performance.md's command: the demo's model and 1 B parameters (4 GB of weights, two copies and the file's
+    pages in memory at once: about 12 GB of RSS)."""
+    import shlex
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "performance.md").read_text()
+    printed = [line for line in page.splitlines() if line.startswith("gram-ray bench checkpoint ")]
+    assert len(printed) == 1, printed
+    args = shlex.split(printed[0])[3:]
+    payload = _bench_checkpoint(args, tmp_path / "c.json")
+    assert [row["size"] for row in payload["sizes"]] == ["config", 1_000_000_000]
+    assert all(row[mode]["whole"] for row in payload["sizes"] for mode in ("synchronous", "background"))

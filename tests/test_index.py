@@ -40,7 +40,7 @@ def trained(synth_small, ray_session, tmp_path_factory):
 
     def report(metrics, checkpoint):
         if checkpoint is not None:
-            shutil.copytree(checkpoint, tmp / "ckpt", dirs_exist_ok=True)
+            checkpoint.write(tmp / "ckpt")
 
     run_training(cfg, **in_memory(cfg, train, vocab), report=report)
     data = cfg.data.model_copy(deep=True)

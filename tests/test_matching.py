@@ -145,9 +145,7 @@ def test_gram_ray_evaluate_reranks_as_training_evaluation_does(synth_small, ray_
 
     def report(metrics, checkpoint):
         if checkpoint is not None:
-            import shutil
-
-            shutil.copytree(checkpoint, tmp_path / "ckpt", dirs_exist_ok=True)
+            checkpoint.write(tmp_path / "ckpt")
             saved["metrics"] = metrics
 
     collate = Collate(cfg, vocab, train=True)

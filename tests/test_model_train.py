@@ -4,14 +4,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import batches, load_split, tiny_config
+from tiny import batches, load_split, saved, tiny_config
 from wandb_records import history, read_records
 
 from gram_ray.config import EncoderConfig, TrainConfig, load_config, save_config
 from gram_ray.data.collate import Collate, epoch_batches
 from gram_ray.data.schema import MODALITIES
 from gram_ray.data.text import build_word_vocab
-from gram_ray.model.checkpoint import load_checkpoint
 from gram_ray.model.encoders import load_backbone
 from gram_ray.model.gram import build_model
 from gram_ray.retrieval.metrics import evaluate_embeddings, load_embedding_dir, retrieval_metrics
@@ -76,8 +75,7 @@ def _run(cfg, train, val, vocab, resume=None, reports=None):
     reports = [] if reports is None else reports
 
     def report(metrics, ckpt):
-        saved = load_checkpoint(ckpt) if ckpt else None
-        reports.append((metrics, saved))
+        reports.append((metrics, saved(ckpt) if ckpt else None))
 
     collate = Collate(cfg, vocab, train=True)
     last = run_training(
@@ -220,8 +218,8 @@ def _resume_run(cfg, train, vocab, resume=None, stop_at=None):
 
     def report(metrics, ckpt):
         if ckpt is not None:
-            checkpoints.append(load_checkpoint(ckpt))
-            if load_checkpoint(ckpt)["epoch_complete"]:
+            checkpoints.append(saved(ckpt))
+            if checkpoints[-1]["epoch_complete"]:
                 epoch_ends.append(metrics)
         if stop_at is not None and metrics["step"] == stop_at:
             raise _Interrupted

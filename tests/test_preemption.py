@@ -5,9 +5,8 @@ exactly where an uninterrupted one does. The same notice on a real cluster: test
 import pytest
 import torch
 from test_model_train import setup  # noqa: F401  (the module's fixture: a tiny config, its data and vocab)
-from tiny import in_memory
+from tiny import in_memory, saved
 
-from gram_ray.model.checkpoint import load_checkpoint
 from gram_ray.train.events import FAILED, NOTE, PREEMPTED, PREEMPTION_CHECKPOINT, RESTARTED, STEP, RunEvents
 from gram_ray.train.loop import run_training
 from gram_ray.train.preemption import Notice, Notices, Preempted
@@ -41,7 +40,7 @@ def _train(cfg, train, vocab, notices=None, resume=None):
 
     def report(metrics, ckpt):
         if ckpt is not None:
-            checkpoints.append(load_checkpoint(ckpt))
+            checkpoints.append(saved(ckpt))
 
     try:
         run_training(

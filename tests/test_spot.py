@@ -72,7 +72,7 @@ def test_a_spot_notice_costs_no_step_and_its_restart_is_not_a_failure(cluster, s
     assert recovery["recovery_s"] < 60, recovery  # from the deadline (the node's loss) to the next step
     assert recovery["restarted_from_step"] == recovery["checkpoint"]["step"] > reports[-1]["step"]
     assert 0 < recovery["notice"]["deadline_in_s"] <= NOTICE_S
-    assert "preemption notice at step" in output and "for the preemption, written in" in output
+    assert "preemption notice at step" in output and "for the preemption, stored and registered in" in output
     assert "recovered from the preemption: 0 steps lost" in output
     steps = [m["step"] for m in _reported(run)]
     assert recovery["checkpoint"]["step"] in steps  # registered: the restart came from it

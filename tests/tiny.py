@@ -208,3 +208,14 @@ def in_memory(cfg, rows: dict, vocab) -> dict:
         "steps_per_epoch": len(rows["id"]) // cfg.train.batch_size,
         "vocab": vocab,
     }
+
+
+def saved(checkpoint) -> dict:
+    """A run_training report's checkpoint (a TakenCheckpoint) as state.pt holds it: written to a folder, loaded."""
+    import tempfile
+    from pathlib import Path
+
+    from gram_ray.model.checkpoint import load_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_checkpoint(checkpoint.write(Path(tmp)))

@@ -305,6 +305,38 @@ def bench_fsdp_cmd(config_path, overrides, device, workers, steps, warmup, json_
     _report(fsdp_table(result), result | {"hardware": hardware_name(device)}, json_path)
 
 
+@bench.command("checkpoint")
+@CONFIG_OPTION
+@SET_OPTION
+@click.option(
+    "--size",
+    "sizes",
+    multiple=True,
+    default=("config",),
+    show_default=True,
+    help="'config' (the config's model) or a parameter count such as 1e9 (linear layers); repeat for several",
+)
+@click.option("--optimizer/--no-optimizer", default=True, show_default=True, help="AdamW's two moments too")
+@click.option(
+    "--checkpoints", default=3, show_default=True, type=click.IntRange(min=1), help="timed checkpoints per mode"
+)
+@click.option("--storage", "dest", help="a folder or URI to store them in (default: a temporary local folder)")
+@JSON_OPTION
+def bench_checkpoint_cmd(config_path, overrides, sizes, optimizer, checkpoints, dest, json_path) -> None:
+    """The pause a checkpoint costs training: written and uploaded on the training thread, against copied to host
+    memory and stored in the background (train.checkpoint_in_background), side by side; on CPU, without Ray."""
+    from gram_ray.bench.checkpoint import bench_checkpoint, checkpoint_table, parse_size
+    from gram_ray.bench.common import hardware_name
+
+    cfg = _bench_config(config_path, overrides)
+    parsed = [_usage_errors(parse_size, s) for s in sizes]
+    click.echo(f"bench checkpoint of {config_path or DEMO_CONFIG} on {hardware_name('cpu')}")
+    result = bench_checkpoint(
+        cfg, sizes=parsed, optimizer=optimizer, checkpoints=checkpoints, dest=dest, progress=click.echo
+    )
+    _report(checkpoint_table(result), result | {"hardware": hardware_name("cpu")}, json_path)
+
+
 @bench.command("train")
 @CONFIG_OPTION
 @SET_OPTION

@@ -442,6 +442,12 @@ class TrainConfig(_ConfigBase):
     )
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="best K kept by val R@1")
+    checkpoint_in_background: bool = Field(
+        True,
+        description="a checkpoint pauses training only while rank 0 copies the state to host memory; it is written "
+        "and uploaded in the background, one at a time, and registered once whole (false: training waits for the "
+        "write and the upload, and no host copy is made: for hosts without the memory for one)",
+    )
     watchdog_steps: int = Field(
         10,
         ge=0,

@@ -42,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointWriteError",
     "save_checkpoint",
+    "checkpoint_state",
     "write_checkpoint",
     "load_checkpoint",
     "init_weights",
@@ -61,8 +62,12 @@ SPARE = "spare"
 ORIGINALS = "originals"
 
 
-def save_checkpoint(
-    directory: Path,
+def save_checkpoint(directory: Path, model_state: dict, cfg: GramConfig, vocab: list[str] | None, **position) -> None:
+    """checkpoint_state(...) written to the folder `directory` (position: checkpoint_state's keywords)."""
+    write_checkpoint(directory, checkpoint_state(model_state, cfg, vocab, **position), cfg)
+
+
+def checkpoint_state(
     model_state: dict,
     cfg: GramConfig,
     vocab: list[str] | None,
@@ -77,11 +82,10 @@ def save_checkpoint(
     consumed_ids: list[str] | None = None,
     rng_states: list[dict] | None = None,
     world_size: int = 1,
-) -> None:
-    """model_state and optimizer_state as one process's model and optimizer have them (by parameter index), whatever
-    the strategy that trained them: train/sharding.py's gathered_state gives them."""
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {
+) -> dict:
+    """What state.pt holds. model_state and optimizer_state as one process's model and optimizer have them (by
+    parameter index), whatever the strategy that trained them: train/sharding.py's gathered_state gives them."""
+    return {
         "model": model_state,
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -96,7 +100,6 @@ def save_checkpoint(
         "config": cfg.model_dump(mode="json"),
         "vocab": vocab,
     }
-    write_checkpoint(directory, state, cfg)
 
 
 def write_checkpoint(directory: str | Path, state: dict, cfg: GramConfig) -> None:

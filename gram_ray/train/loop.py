@@ -3,9 +3,9 @@
 `run_training` reads top-down: build the model and its optimizer (`build_optimization`), load where the run is
 (`TrainState`, train/state.py), then for every step call `train_step` (train/step.py) and ask the `Schedule`
 what is due after it: a log line, an evaluation (train/evaluation.py), a checkpoint. It takes a function giving
-each epoch's batches and a `report(metrics, checkpoint_dir)` callback; the Ray Train entry point (worker.py)
-feeds it dataset shards and reports through ray.train.report. Every rank runs the same code; torch.distributed
-(set up by Ray Train, torchrun or nothing) decides what is gathered.
+each epoch's batches and a `report(metrics, checkpoint)` callback (checkpoint: train/checkpointing.py's); the Ray
+Train entry point (worker.py) feeds it dataset shards and reports through ray.train.report. Every rank runs the
+same code; torch.distributed (set up by Ray Train, torchrun or nothing) decides what is gathered.
 
 Resuming is exact (train/state.py): the resumed run trains on the rest of a checkpoint's epoch, never a clip
 twice, never one skipped, and its learning-rate schedule ends at the planned total steps.
@@ -17,22 +17,21 @@ import contextlib
 import json
 import math
 import resource
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from gram_ray.config import GramConfig
 from gram_ray.distributed import gather_objects, get_rank, get_world_size
-from gram_ray.model.checkpoint import CheckpointWriteError, init_weights, save_checkpoint
+from gram_ray.model.checkpoint import checkpoint_state, init_weights
 from gram_ray.model.gram import GramModel, build_model
 from gram_ray.storage import StorageError
+from gram_ray.train.checkpointing import TakenCheckpoint, stamped_failure
 from gram_ray.train.evaluation import evaluate_split, flatten_metrics
 from gram_ray.train.preemption import Notices
-from gram_ray.train.sharding import gathered_state, load_optimizer_state
+from gram_ray.train.sharding import gathered_state, is_sharded, load_optimizer_state
 from gram_ray.train.state import TrainState, restore_rng, rng_state
 from gram_ray.train.step import Optimization, StepOutput, train_step
 from gram_ray.train.step_timer import StepTimer
@@ -210,6 +209,12 @@ class Training:
         self.cfg, self.opt, self.vocab = cfg, opt, vocab
         self.report, self.log, self.val_batches, self.notices = report, log, val_batches, notices
         self.watchdog = watchdog
+        self.in_flight: TakenCheckpoint | None = None  # a checkpoint being stored in the background
+        # The last checkpoint's pause of training and its time from taken to stored (rank 0), in the step metrics.
+        self.checkpoint_pause_s: float | None = None
+        self.checkpoint_stored_s: float | None = None
+        # Stored in the background, a checkpoint needs a copy of its own; FSDP's gathered state is one already.
+        self.copy_to_host = cfg.train.checkpoint_in_background and not is_sharded(opt.model)
         self.rank0 = get_rank() == 0
         self.metric_name = main_metric_name(cfg)
         self.window_start, self.window_clips, self.epoch_start = time.perf_counter(), 0, time.perf_counter()
@@ -239,6 +244,10 @@ class Training:
             "train/step_clips": step_clips,  # the global batch of this step, whatever the world size
             "train/skipped_steps": state.skipped_steps,
         }
+        if self.checkpoint_pause_s is not None:
+            metrics["checkpoint/pause_s"] = self.checkpoint_pause_s
+        if self.checkpoint_stored_s is not None:
+            metrics["checkpoint/stored_s"] = self.checkpoint_stored_s
         if out.matching_loss is not None:
             metrics["train/matching_loss"] = out.matching_loss.item()
         if out.refine_overflow is not None:  # synced here, at the log interval only
@@ -290,17 +299,17 @@ class Training:
         return metrics
 
     def checkpoint(self, metrics: dict, state: TrainState, mid_epoch: bool) -> None:
-        """Report metrics with a checkpoint of the state (rank 0 writes it; every rank reports). Mid-epoch, every
-        rank contributes its clips of the epoch and its RNG state: a collective."""
+        """Report metrics with a checkpoint of the state (rank 0 takes it; every rank reports). Mid-epoch, every
+        rank contributes its clips of the epoch and its RNG state: a collective. Training waits only for the
+        state's host copy when the report stores it in the background (train/checkpointing.py)."""
         started = time.perf_counter()
-        try:
-            with self.not_a_step():
-                self._checkpoint(metrics, state, mid_epoch)
-        finally:
-            if self.notices is not None:  # how long the next one may take, should a preemption notice come
-                self.notices.checkpoint_took(time.perf_counter() - started)
+        with self.not_a_step():
+            self._checkpoint(metrics, state, mid_epoch)
+        if self.rank0:
+            self.checkpoint_pause_s = time.perf_counter() - started
 
     def _checkpoint(self, metrics: dict, state: TrainState, mid_epoch: bool) -> None:
+        stopped = state.stopped()  # should this checkpoint fail: the run keeps the ones before it
         previous, state.last_checkpoint_step = state.last_checkpoint_step, state.step
         metrics["train/skipped_steps"] = state.skipped_steps
         metrics["evaluations"] = state.evaluations
@@ -310,25 +319,42 @@ class Training:
         if not self.rank0:
             self.report(metrics, None)
             return
+        self.wait_for_stored()  # at most one in flight, so host memory holds one copy; its failure is raised here
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(
-                    Path(tmp), model_state, self.cfg, self.vocab, optimizer_state=optimizer_state,
-                    scheduler=self.opt.scheduler, scaler=self.opt.scaler, rng_states=rng_states,
-                    **state.fields(consumed),
-                )  # fmt: skip
-                self.report(metrics, Path(tmp))
+            taken = TakenCheckpoint.take(
+                checkpoint_state(
+                    model_state, self.cfg, self.vocab, optimizer_state=optimizer_state, scheduler=self.opt.scheduler,
+                    scaler=self.opt.scaler, rng_states=rng_states, **state.fields(consumed),
+                ),
+                self.cfg, state.step, stopped, copy=self.copy_to_host,
+            )  # fmt: skip
+            del model_state, optimizer_state
+            in_background = self.report(metrics, taken)
         except OSError as e:  # disk full, permission denied, storage unreachable: stop, saying what to do
             state.last_checkpoint_step = previous
-            what_to_do = (
-                "."  # a StorageError says what to do
-                if isinstance(e, StorageError)
-                else ". Free space or fix the storage's permissions, then continue with gram-ray train --resume auto."
-            )
-            raise CheckpointWriteError(
-                f"step {state.step}: the checkpoint could not be written or stored ({e}). {state.stopped()}"
-                + what_to_do
-            ) from e
+            failure = stamped_failure(e, state.step, stopped)
+            if failure is e:  # stamped where it failed (TakenCheckpoint.store)
+                raise
+            raise failure from e
+        if in_background:
+            self.in_flight = taken
+        else:
+            taken.settle()  # stored, or written where the caller wanted it, before report returned
+        taken.stored.add_done_callback(self._checkpoint_stored)
+
+    def _checkpoint_stored(self, stored) -> None:
+        """From the thread that stored it: how long it took, for the step metrics and should a notice come."""
+        if stored.exception() is None:
+            self.checkpoint_stored_s = stored.result()
+            if self.notices is not None:
+                self.notices.checkpoint_took(self.checkpoint_stored_s)
+
+    def wait_for_stored(self) -> None:
+        """The checkpoint stored in the background (if one is in flight) is whole and registered; its failure is
+        raised here, on the training thread."""
+        if self.in_flight is not None:
+            taken, self.in_flight = self.in_flight, None
+            taken.stored.result()
 
     def heed_notice(self, last: dict, state: TrainState, epoch: int) -> None:
         """After a step mid-epoch: a preemption notice (Notices) is met with a checkpoint at the last step there
@@ -362,7 +388,7 @@ def run_training(
     train_batches: TrainBatches,
     val_batches: Callable[[], Iterable[dict]] | None,
     steps_per_epoch: int,
-    report: Callable[[dict, Path | None], None],
+    report: Callable[[dict, TakenCheckpoint | None], bool | None],
     vocab: list[str] | None = None,
     resume: dict | None = None,
     device: torch.device | None = None,
@@ -374,11 +400,14 @@ def run_training(
 ) -> dict:
     """Train for cfg.train.epochs; returns the last metrics.
 
-    steps_per_epoch: batches per rank in a full epoch (every rank the same). report() is called on every rank at
-    each evaluation and checkpoint, with a checkpoint folder from rank 0 only. log() gets the step metrics every
-    log_every_steps on rank 0. With train.time_steps, every evaluation's report also carries this rank's
-    step-time breakdown (StepTimer.summary: time/...). grad_accum: micro-batches per optimizer step at this world
-    size (an elastic run's WorldPlan), default train.grad_accum. resume: a checkpoint's state to continue from.
+    steps_per_epoch: batches per rank in a full epoch (every rank the same). report(metrics, checkpoint) is called
+    on every rank at each evaluation and checkpoint, with a TakenCheckpoint from rank 0 only (None elsewhere): it
+    stores it (checkpoint.store(upload)) or writes it (checkpoint.write(folder)) before it returns, or returns True
+    when it is stored in the background (then the next checkpoint, and the run's end, wait for checkpoint.stored).
+    log() gets the step metrics every log_every_steps on rank 0. With train.time_steps, every evaluation's report
+    also carries this rank's step-time breakdown (StepTimer.summary: time/...). grad_accum: micro-batches per
+    optimizer step at this world size (an elastic run's WorldPlan), default train.grad_accum. resume: a
+    checkpoint's state to continue from.
     notices: preemption notices, heeded after every step mid-epoch (train/preemption.py); None: not asked.
     watchdog: told of every step, read and pause (train/watchdog.py); the caller starts and stops it."""
     device = device or torch.device("cpu")
@@ -416,4 +445,5 @@ def run_training(
         state.end_epoch()
         if schedule.epoch_evaluation_due(epoch, state.step):
             last = run.evaluate_and_checkpoint(last, state, mid_epoch=False)
+    run.wait_for_stored()  # the run's last checkpoint whole and registered before it ends
     return last

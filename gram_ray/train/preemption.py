@@ -52,7 +52,8 @@ def _raise_preempted(notice: Notice, step: int) -> None:
 class Notices:
     """After each step: is a notice out, and is there time for another step before the checkpoint that must be
     whole before its deadline? The times it judges by are this rank's: the last steps' wall time and its last
-    checkpoint's (report and upload included); rank 0's judgement is every rank's."""
+    checkpoint's, from taking it to stored (report and upload included, in the background or not); rank 0's
+    judgement is every rank's."""
 
     def __init__(
         self,
@@ -107,15 +108,14 @@ class Notices:
             return
         started = self.clock()
         checkpoint()
-        took = self.clock() - started
-        if rank0:
+        if rank0:  # the checkpoint may still be uploading in the background: it counts once registered
             left = None if notice.deadline is None else notice.deadline - self.clock()
             registered = self.confirm(step, max(1.0, left or 60.0))
+            took = self.clock() - started
             left = None if notice.deadline is None else notice.deadline - self.clock()
-            text = f"checkpoint at step {step} for the preemption, written in {took:.2f} s and " + (
-                "registered" if registered else "NOT confirmed as registered"
-            )
-            text += f" {left:.1f} s before the deadline" if left is not None else ""
+            outcome = "stored and registered" if registered else "NOT confirmed as registered"
+            text = f"checkpoint at step {step} for the preemption, {outcome} in {took:.2f} s"
+            text += f", {left:.1f} s before the deadline" if left is not None else ""
             fields = {"step": step, "checkpoint_s": round(took, 2), "registered": registered}
             self.announce(PREEMPTION_CHECKPOINT, text + "; waiting for the restart", fields)
         self.wait(notice, step)

@@ -5,6 +5,7 @@ the Ray-free loop (loop.py) over its shard of the train split, reporting through
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
@@ -17,6 +18,7 @@ from gram_ray.config import GramConfig
 from gram_ray.config.world import WorldPlan, plan_for_world
 from gram_ray.data.collate import Collate
 from gram_ray.model.checkpoint import load_checkpoint, upload_checkpoint
+from gram_ray.train.checkpointing import TakenCheckpoint, remove_orphans
 from gram_ray.train.console import put_record, step_record
 from gram_ray.train.datasets import REST, train_iter_options
 from gram_ray.train.events import NOTE, RESTARTED
@@ -63,6 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     args = WorkerArgs.from_config(config)
     cfg = args.gram_config()
+    remove_orphans()  # checkpoint folders that workers killed on this node mid-upload left behind
     storage.configure(
         storage.StorageSettings.of(cfg.storage)
     )  # this worker's own reads and writes (a node's environment may differ)
@@ -170,6 +173,7 @@ class _Reports:
 
     def __init__(self, args: WorkerArgs, cfg: GramConfig, tracker, world: int) -> None:
         self.args, self.epochs, self.tracker, self.world = args, cfg.train.epochs, tracker, world
+        self.background = cfg.train.checkpoint_in_background
         self.where = {"world/size": world, "world/nodes": ",".join(_worker_nodes(world))}
 
     def log(self, metrics: dict) -> None:
@@ -178,13 +182,26 @@ class _Reports:
             record = step_record(metrics, self.epochs) | {"workers": self.world, "source": self.args.source}
             put_record(self.args.progress, record)
 
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+    def report(self, metrics: dict, checkpoint: TakenCheckpoint | None) -> bool:
+        """run_training's report: every rank reports; rank 0's checkpoint is written and uploaded by Ray Train's
+        upload thread (train.checkpoint_in_background; True: the loop waits for it before the next one), else
+        on this thread. Ray Train registers it once the upload returns: whole, its manifest last."""
         import ray.train
 
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(dict(metrics) | self.where, checkpoint=ckpt, checkpoint_upload_fn=_upload_checkpoint)
-        if checkpoint_dir is not None:  # rank 0: the logs so far join the checkpoint on the run's storage
-            self.tracker.sync()
+        metrics = dict(metrics) | self.where
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return False
+        background, modes = self.background, ray.train.CheckpointUploadMode
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint.folder)),
+            checkpoint_upload_mode=modes.ASYNC if background else modes.SYNC,
+            delete_local_checkpoint_after_upload=False,  # store() removes its folder itself, once uploaded or failed
+            checkpoint_upload_fn=lambda _, dir_name: checkpoint.store(functools.partial(_upload_checkpoint, dir_name)),
+        )
+        self.tracker.sync()  # the logs so far join the checkpoint on the run's storage
+        return background
 
 
 def _tracker(cfg: GramConfig, args: WorkerArgs, rank: int, resumed: bool):
@@ -245,17 +262,17 @@ def _restart_note(resume: dict, world: int) -> str:
     )
 
 
-def _upload_checkpoint(checkpoint, dir_name: str):
-    """Ray Train's checkpoint_upload_fn: the checkpoint folder into the run's storage, file by file with the storage
-    settings' retries (an outage shorter than storage.outage_s delays the run, no more) and its manifest last, in
-    place of Ray's one copy_files with pyarrow's attempts alone. Ray Train registers it once this returns."""
+def _upload_checkpoint(dir_name: str, folder: Path):
+    """A checkpoint folder into the run's storage as Ray Train's checkpoint `dir_name`, file by file with the storage
+    settings' retries (an outage shorter than storage.outage_s delays it, no more) and its manifest last, in place
+    of Ray's one copy_files with pyarrow's attempts alone. Ray Train registers what this returns."""
     import ray.train
 
     context = ray.train.get_context().get_storage()
     fs, dest = context.storage_filesystem, context.build_checkpoint_path_from_name(dir_name)
     inner = storage.unwrapped(fs)
     target = f"{inner.type_name}://{dest}" if inner.type_name != "local" else dest  # for messages: s3://bucket/...
-    upload_checkpoint(Path(checkpoint.path), inner, dest, target=target)
+    upload_checkpoint(folder, inner, dest, target=target)
     return ray.train.Checkpoint(filesystem=fs, path=dest)  # Ray Train's own filesystem: a checkpoint it manages
 
 
