@@ -88,6 +88,39 @@ def _preemption_poll_env() -> None:
     assert constants.PREEMPTION_POLL_INTERVAL_S_ENV_VAR in constants.ENV_VARS_TO_PROPAGATE  # driver -> controller
 
 
+def _worker_poll_env() -> None:
+    from ray.train.v2._internal import constants
+
+    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR in constants.ENV_VARS_TO_PROPAGATE  # driver -> controller
+
+
+def _gcs_health_check_config() -> None:
+    import ray._raylet
+
+    # The GCS reads RayConfig from RAY_<name>: these are names of its options (src/ray/common/ray_config_def.h).
+    from gram_ray.cluster.health import NODE_HEALTH_CHECKS
+
+    config = ray._raylet.Config
+    assert all(hasattr(config, name) for name in NODE_HEALTH_CHECKS), [
+        n for n in NODE_HEALTH_CHECKS if not hasattr(config, n)
+    ]
+
+
+def _autoscaling_coordinator() -> None:
+    import inspect
+
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
+
+    from gram_ray.train.cluster_view import COORDINATOR
+
+    name, namespace = COORDINATOR
+    source = inspect.getsource(coordinator.get_or_create_autoscaling_coordinator)
+    assert f'name="{name}"' in source and f'namespace="{namespace}"' in source, source
+    assert callable(coordinator._AutoscalingCoordinatorActor._tick)
+    assert "_update_cluster_node_resources" in inspect.getsource(coordinator._AutoscalingCoordinatorActor._tick)
+
+
 def _gcs_drain_node() -> None:
     import ray._raylet
     from ray.core.generated import autoscaler_pb2
@@ -173,6 +206,29 @@ PRIVATE_USES = (
         "how often Ray Train's preemption watcher looks for drained nodes (5 s by default, a sixth of GCP's notice); "
         "no config field sets it",
         _preemption_poll_env,
+    ),
+    PrivateUse(
+        "train/trainer.py (train_env)",
+        "the environment variable RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+        "how often Ray Train's controller polls its workers (2 s by default): a worker on a dead node is seen "
+        "sooner; no config field sets it",
+        _worker_poll_env,
+    ),
+    PrivateUse(
+        "cluster/health.py (NODE_HEALTH_CHECKS), the cluster YAMLs and KubeRay manifests",
+        "the GCS's health_check_period_ms, health_check_timeout_ms and health_check_failure_threshold, set as "
+        "RAY_<name> in the head's environment",
+        "how soon a node gone without notice is declared dead (about 15 s by default, 65 s for a node that drops "
+        "off the network); Ray documents no other way to set them",
+        _gcs_health_check_config,
+    ),
+    PrivateUse(
+        "train/cluster_view.py (refresh_cluster_view)",
+        "Ray Data's AutoscalingCoordinator actor (by name) and its _tick method: the periodic refresh of its view "
+        "of the cluster's nodes, called at once",
+        "an elastic restart after a node is lost without notice takes the size the coordinator reserves, from a "
+        "view it refreshes every 20 s; until then each start at the old size times out",
+        _autoscaling_coordinator,
     ),
     PrivateUse(
         "cluster/drain.py (drain_node)",

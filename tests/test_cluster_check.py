@@ -63,3 +63,29 @@ def test_a_cpu_job_stays_off_the_gpu_nodes_and_the_cli_prints_the_plan():
         + ["scaling.resources_per_worker={CPU: 1, TPU: 1}"],
     )
     assert bad.exit_code != 0 and "TPU: 1" in bad.output
+
+
+def _head_env(path: Path) -> dict[str, str]:
+    """The environment a cluster file gives the head's `ray start`: a launcher YAML's command prefix, a KubeRay
+    head container's env."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    if path in YAMLS:
+        (command,) = [c for c in docs[0]["head_start_ray_commands"] if "ray start --head" in c]
+        before = command.split("ray start --head")[0].split(";")[-1].split()
+        return dict(word.split("=", 1) for word in before)
+    spec = docs[-1]["spec"]
+    head = (spec.get("rayClusterSpec") or spec)["headGroupSpec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in head.get("env", [])}
+
+
+@pytest.mark.parametrize("path", YAMLS + KUBERAY, ids=lambda p: p.name)
+def test_every_cluster_file_gives_its_head_gram_rays_node_health_checks(path):
+    from gram_ray.cluster.health import NODE_HEALTH_CHECKS, node_health_env
+
+    env = _head_env(path)
+    assert {k: env.get(k) for k in node_health_env()} == node_health_env()
+    # ray-project/ray#59193: faster than 1.5 s of failed probes declares loaded nodes dead that are not
+    checks = NODE_HEALTH_CHECKS
+    assert checks["health_check_period_ms"] * checks["health_check_failure_threshold"] >= 1500

@@ -3,6 +3,7 @@ cluster, and worker nodes that each hold one "GPU" (a custom resource, so one tr
 Media, caches, checkpoints and results live in a bucket of the local S3 server: nothing a later job needs stays
 on a node's disk. Nodes are removed without warning, as a spot node goes."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -30,26 +31,69 @@ def cluster():
     from ray._common.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
-    c = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={
-            "num_cpus": 0,
-            "node_ip_address": "127.0.0.1",
-            "dashboard_host": "127.0.0.1",
-            "object_store_memory": 100 * 2**20,
-            "temp_dir": tempfile.mkdtemp(prefix="rc", dir="/tmp"),
-        },
-    )
+    from gram_ray.cluster.health import node_health_env
+
+    with _environment(node_health_env()):  # as the cluster YAMLs start their head (cluster/health.py)
+        c = Cluster(
+            initialize_head=True,
+            connect=False,
+            head_node_args={
+                "num_cpus": 0,
+                "node_ip_address": "127.0.0.1",
+                "dashboard_host": "127.0.0.1",
+                "object_store_memory": 100 * 2**20,
+                "temp_dir": tempfile.mkdtemp(prefix="rc", dir="/tmp"),
+            },
+        )
+    removed = _record_removals(c)
     workers = [c.add_node(node_ip_address="127.0.0.1", **WORKER_NODE) for _ in range(2)]
     c.wait_for_nodes()
     record = Path(get_ray_address_file(None))
     try:
         yield {"cluster": c, "workers": workers}
+        # Fast health checks must not declare a loaded node dead: every dead node is one a test removed.
+        falsely_dead = _dead_nodes(c.gcs_address) - removed
+        assert not falsely_dead, f"nodes declared dead that no test removed (false deaths): {falsely_dead}"
     finally:
         c.shutdown()
         if record.is_file() and record.read_text().strip() == c.address:
             record.unlink()  # Cluster records itself as the machine's current cluster: take that back
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]):
+    """os.environ with `variables`, restored afterwards (what processes started meanwhile inherit)."""
+    before = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _record_removals(c) -> set[str]:
+    """The ids of the nodes tests remove from the cluster (Cluster.remove_node), as they are removed."""
+    removed: set[str] = set()
+    remove = c.remove_node
+
+    def remove_node(node, *args, **kwargs):
+        removed.add(node.node_id)
+        return remove(node, *args, **kwargs)
+
+    c.remove_node = remove_node
+    return removed
+
+
+def _dead_nodes(gcs_address: str) -> set[str]:
+    import ray._raylet
+    from ray.core.generated import gcs_pb2
+
+    nodes = ray._raylet.GcsClient(address=gcs_address).get_all_node_info(timeout=10)
+    return {nid.hex() for nid, info in nodes.items() if info.state == gcs_pb2.GcsNodeInfo.GcsNodeState.DEAD}
 
 
 def _train(cluster, cfg, out: Path, start_timeout_s: int | None = 120) -> subprocess.Popen:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gram_ray.cluster.check import NodeType, read_node_types
+from gram_ray.cluster.health import node_health_env
 from gram_ray.cluster.processes import free_port, ray_head_command, stop_group, wait_until_up
 
 __all__ = ["LOCAL_GPU", "LocalNodeType", "local_node_types", "autoscaling_config", "LocalCluster", "NodeTimeline"]
@@ -201,6 +202,7 @@ class LocalCluster:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every node's IP is 127.0.0.1: nothing leaves the machine
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs use this Python
         }
+        self.env |= node_health_env()  # the health checks the YAMLs give their heads (cluster/health.py)
         self.env.pop("RAY_ADDRESS", None)
         self.head: subprocess.Popen | None = None
         self.timeline = NodeTimeline()

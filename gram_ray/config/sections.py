@@ -519,7 +519,7 @@ class ScalingConfig(_ConfigBase):
         None,
         gt=0,
         description="how long a worker group's resources may take to be granted before Ray Train gives up that "
-        "start and decides again (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S); default Ray's 60 s, and 15 s for elastic "
+        "start and decides again (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S); default Ray's 60 s, and 5 s for elastic "
         "runs, which only start on resources that are there: after a node is lost without warning Ray's view of "
         "the cluster lags, and a start at the old size waits this long before the group goes on with fewer",
     )

@@ -18,6 +18,7 @@ from gram_ray.config import GramConfig, save_config
 from gram_ray.data.preprocess import REPORT
 from gram_ray.storage.uploads import abort_orphans_of_a_dead_run, now
 from gram_ray.tracking import wandb_run_id
+from gram_ray.train.cluster_view import fresh_cluster_view_callback
 from gram_ray.train.console import Console, ProgressQueue, progress_callback, resize_callback, run_with_progress
 from gram_ray.train.datasets import REST, EpochSplits, TrainingData, prepare_data
 from gram_ray.train.events import RunEvents
@@ -117,10 +118,13 @@ def build_trainer(
     datasets = {"train": splits.train, REST: splits.rest}  # called at every worker-group (re)start
     if data.val is not None:
         datasets["val"] = data.val
+    callbacks = list(callbacks or [])
     if progress is not None:
-        callbacks = [*(callbacks or []), progress_callback(progress, main_metric_name(cfg), cfg.train.epochs, source)]
+        callbacks.append(progress_callback(progress, main_metric_name(cfg), cfg.train.epochs, source))
         if s.elastic:
             callbacks.append(resize_callback(progress, source))
+    if s.elastic:  # the size a restart takes follows the nodes left within a second (train/cluster_view.py)
+        callbacks.append(fresh_cluster_view_callback())
     args = WorkerArgs(
         cfg=cfg.model_dump(mode="json"),
         vocab=data.vocab,
@@ -176,20 +180,29 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train hands 
 PREEMPTION_POLL_ENV = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"
 
 
-ELASTIC_START_TIMEOUT_S = 15.0
+# An elastic group starts only on resources Ray's autoscaling coordinator reserved for it, which are there: a
+# placement group over them is granted in a second or two. After a node is lost without notice the coordinator's
+# view lags (it refreshes every 20 s), and each start at the old size waits this long before Ray Train decides
+# again with fewer workers.
+ELASTIC_START_TIMEOUT_S = 5.0
 # How often Ray Train's watcher looks for drained nodes (Ray's default 5 s): every second of a notice (GCP gives
 # about 30 s) is a second to train on before the preemption checkpoint. One GCS read a second.
 PREEMPTION_POLL_S = 1.0
+# How often Ray Train's controller polls its workers (Ray's default 2 s): a worker gone (its node declared dead,
+# cluster/health.py) is seen within a second. One small call a worker a second.
+WORKER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+WORKER_POLL_S = 1.0
 
 
 @contextlib.contextmanager
 def train_env(cfg: GramConfig):
     """The environment Ray Train's controller reads, around a fit: the worker group's start timeout
-    (scaling.start_timeout_s) and how often it looks for drained nodes, each unless the user set the variable.
+    (scaling.start_timeout_s), how often it looks for drained nodes and polls its workers, each unless the user
+    set the variable.
     Restored afterwards (Tune runs several fits in one process)."""
     s = cfg.scaling
     timeout = s.start_timeout_s or (ELASTIC_START_TIMEOUT_S if s.elastic else None)
-    wanted = {PREEMPTION_POLL_ENV: str(PREEMPTION_POLL_S)}
+    wanted = {PREEMPTION_POLL_ENV: str(PREEMPTION_POLL_S), WORKER_POLL_ENV: str(WORKER_POLL_S)}
     if timeout is not None:
         wanted[START_TIMEOUT_ENV] = str(timeout)
     ours = {k: v for k, v in wanted.items() if k not in os.environ}
