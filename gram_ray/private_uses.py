@@ -88,13 +88,6 @@ def _preemption_poll_env() -> None:
     assert constants.PREEMPTION_POLL_INTERVAL_S_ENV_VAR in constants.ENV_VARS_TO_PROPAGATE  # driver -> controller
 
 
-def _worker_poll_env() -> None:
-    from ray.train.v2._internal import constants
-
-    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR in constants.ENV_VARS_TO_PROPAGATE  # driver -> controller
-
-
 def _gcs_health_check_config() -> None:
     import ray._raylet
 
@@ -206,13 +199,6 @@ PRIVATE_USES = (
         "how often Ray Train's preemption watcher looks for drained nodes (5 s by default, a sixth of GCP's notice); "
         "no config field sets it",
         _preemption_poll_env,
-    ),
-    PrivateUse(
-        "train/trainer.py (train_env)",
-        "the environment variable RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-        "how often Ray Train's controller polls its workers (2 s by default): a worker on a dead node is seen "
-        "sooner; no config field sets it",
-        _worker_poll_env,
     ),
     PrivateUse(
         "cluster/health.py (NODE_HEALTH_CHECKS), the cluster YAMLs and KubeRay manifests",

@@ -75,6 +75,18 @@ def test_a_peer_that_has_said_nothing_for_the_floor_is_found_even_during_a_check
         assert dog.stalled(70.0) == "rank 1 has said nothing for 61 s (stopped, or its Python cannot run)"
 
 
+def test_a_rank_that_found_the_group_frozen_has_every_other_rank_dump_its_stacks_too():
+    """The rank that finds the freeze ends its process, and Ray Train then tears the group down: the others, told
+    through the beacon, dump theirs first, whatever their own clocks say (waiting in a collective, or in a pause)."""
+    now = [0.0]
+    peers = {1: ("step", 0.0, 1.0)}
+    dog = _watchdog(now, steps=10, floor_s=60.0, peers=lambda: peers)
+    with dog.pause():
+        assert dog.stalled(61.0) is None
+        peers[1] = ("frozen", 60.0, 1.0)
+        assert dog.stalled(62.0) == "rank 1 found the group frozen"
+
+
 def test_a_beacon_that_does_not_answer_leaves_the_ranks_own_steps_to_judge():
     def gone():
         raise TimeoutError("the beacon did not answer")

@@ -133,6 +133,7 @@ def step_watchdog(args, cfg: GramConfig, rank: int, tracker) -> StepWatchdog | N
         if args.progress is not None:
             put_record(args.progress, {"kind": NOTE, "event": FROZEN, "text": text, "source": args.source})
         _at_most(FINAL_WRITES_S, tracker.finish, "closing the run's logs")  # the logs so far reach its storage
+        time.sleep(2 * beat_s)  # the other ranks see this one's FROZEN within a beat: their stacks first
         os._exit(70)  # the main thread is stuck: only the process's end frees the group
 
     return StepWatchdog(

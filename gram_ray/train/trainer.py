@@ -188,21 +188,16 @@ ELASTIC_START_TIMEOUT_S = 5.0
 # How often Ray Train's watcher looks for drained nodes (Ray's default 5 s): every second of a notice (GCP gives
 # about 30 s) is a second to train on before the preemption checkpoint. One GCS read a second.
 PREEMPTION_POLL_S = 1.0
-# How often Ray Train's controller polls its workers (Ray's default 2 s): a worker gone (its node declared dead,
-# cluster/health.py) is seen within a second. One small call a worker a second.
-WORKER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-WORKER_POLL_S = 1.0
 
 
 @contextlib.contextmanager
 def train_env(cfg: GramConfig):
     """The environment Ray Train's controller reads, around a fit: the worker group's start timeout
-    (scaling.start_timeout_s), how often it looks for drained nodes and polls its workers, each unless the user
-    set the variable.
+    (scaling.start_timeout_s) and how often it looks for drained nodes, each unless the user set the variable.
     Restored afterwards (Tune runs several fits in one process)."""
     s = cfg.scaling
     timeout = s.start_timeout_s or (ELASTIC_START_TIMEOUT_S if s.elastic else None)
-    wanted = {PREEMPTION_POLL_ENV: str(PREEMPTION_POLL_S), WORKER_POLL_ENV: str(WORKER_POLL_S)}
+    wanted = {PREEMPTION_POLL_ENV: str(PREEMPTION_POLL_S)}
     if timeout is not None:
         wanted[START_TIMEOUT_ENV] = str(timeout)
     ours = {k: v for k, v in wanted.items() if k not in os.environ}

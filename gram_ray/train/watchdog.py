@@ -31,6 +31,7 @@ from contextlib import contextmanager
 __all__ = ["DATA", "STEP", "StepWatchdog", "dump_stacks"]
 
 STEP, DATA = "step", "data"  # where a rank is: in a step's compute and collectives, or reading its next batch
+FROZEN = "frozen"  # a rank that found the group frozen says so, and every other rank dumps its stacks too
 
 
 def dump_stacks(path) -> None:
@@ -118,6 +119,9 @@ class StepWatchdog:
             peers = self.peers()
         except Exception:  # the peers' view is a help: without it, this rank's own steps still count
             peers = {}
+        found = sorted(rank for rank, (phase, _, _) in peers.items() if phase == FROZEN)
+        if found:
+            return f"rank {found[0]} found the group frozen"
         silent = {rank: quiet for rank, (_, _, quiet) in peers.items() if quiet >= self.floor_s}
         if silent:
             rank, quiet = max(silent.items(), key=lambda item: item[1])
@@ -152,5 +156,9 @@ class StepWatchdog:
             why = self.stalled(self.clock())
             if why is not None:
                 self.fired = True
+                try:  # the other ranks dump theirs at their next beat, before the group is torn down
+                    self.publish(FROZEN, self.clock())
+                except Exception:
+                    pass
                 self.on_stall(why)
                 return
