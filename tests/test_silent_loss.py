@@ -17,6 +17,7 @@ from test_multinode import WORKER_NODE, _train, cluster, wait_for_reports  # noq
 from tiny import synth_data, tiny_config
 
 from gram_ray import storage
+from gram_ray.cluster.drain import node_is_gone
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
 
@@ -74,13 +75,9 @@ def lose_host(c, node) -> None:
 
 
 def _node_dead_at(gcs_address: str, node_id: str, since: float, limit_s: float = 120) -> float | None:
-    """When Ray's GCS marks the node dead (polled every 0.1 s)."""
-    import ray._raylet
-
-    gcs = ray._raylet.GcsClient(address=gcs_address)
+    """When Ray's GCS marks the node dead (polled every 0.1 s, as drain-self asks it)."""
     while time.monotonic() < since + limit_s:
-        info = gcs.get_all_node_info().get(ray._raylet.NodeID.from_hex(node_id))
-        if info is not None and info.state == 1:  # GcsNodeInfo.DEAD
+        if node_is_gone(gcs_address, node_id):
             return time.monotonic()
         time.sleep(0.1)
     return None

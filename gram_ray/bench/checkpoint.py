@@ -148,7 +148,6 @@ def _measure(cfg: GramConfig, opt, dest: str, background: bool, checkpoints: int
         run.checkpoint({"step": state.step}, state, mid_epoch=False)
         pauses.append(time.perf_counter() - started)
         stored.append(sink.taken[-1].stored.result())  # waited for here: the next checkpoint finds none in flight
-        run.wait_for_stored()
         progress(f"  checkpoint {i + 1}/{checkpoints}: pause {pauses[-1]:.3f} s, stored {stored[-1]:.2f} s")
     whole = all(manifest_problem(folder) is None for folder in sink.folders)
     for folder in sink.folders:  # a bench leaves no checkpoints behind
