@@ -20,13 +20,17 @@ def coordinator(ray_session):
     @ray.remote(num_cpus=0)
     class Coordinator:
         def __init__(self) -> None:
-            self.ticks = 0
+            self.ticks: list[float] = []  # when each refresh ended (time.time)
 
         def _tick(self) -> None:
-            self.ticks += 1
+            time.sleep(0.2)  # a refresh reads the GCS's node table: it takes a moment
+            self.ticks.append(time.time())
 
         def count(self) -> int:
-            return self.ticks
+            return len(self.ticks)
+
+        def first(self) -> float:
+            return self.ticks[0]
 
     actor = Coordinator.options(name=NAME[0], namespace=NAME[1]).remote()
     yield actor
@@ -49,9 +53,12 @@ def test_a_failed_group_has_the_coordinator_refresh_its_view_every_second_for_a_
     time.sleep(1.0)
     assert ray.get(coordinator.count.remote()) == 0  # a start and a run: nothing to refresh
     callback.after_controller_state_update(_state("RunningState"), _state("RestartingState"))
+    returned = time.time()
+    # Refreshed before the callback returned: the controller decides the restart's size right after its callbacks.
+    assert ray.get(coordinator.first.remote()) <= returned
     callback.thread.join(timeout=10)
     ticks = ray.get(coordinator.count.remote())
-    assert 4 <= ticks <= 6, ticks  # every 0.5 s for 2.5 s, then it stops
+    assert 4 <= ticks <= 7, ticks  # once, then every 0.5 s (and 0.2 s of its own) for 2.5 s, then it stops
     callback.after_controller_state_update(_state("SchedulingState"), _state("ReschedulingState"))
     callback.thread.join(timeout=10)
     assert ray.get(coordinator.count.remote()) > ticks  # a start that timed out refreshes it again

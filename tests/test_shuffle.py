@@ -8,7 +8,7 @@ import pytest
 from tiny import tiny_config
 
 from gram_ray.data.schema import object_column
-from gram_ray.train.datasets import keep_in_memory, rest_of_epoch, shuffled, train_iter_options
+from gram_ray.train.datasets import keep_in_memory, shuffled, shuffled_rest, train_iter_options
 
 ROWS, WORKERS = 64, 2
 
@@ -66,9 +66,12 @@ def test_a_new_order_every_epoch_and_every_clip_once(cached_rows, mode):
 
 
 @pytest.mark.ray
-def test_the_rest_of_an_epoch_leaves_out_exactly_the_consumed_clips(cached_rows):
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_the_rest_of_an_epoch_leaves_out_exactly_the_consumed_clips(cached_rows, mode):
     cfg, ds, vocab, ids = cached_rows
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.shuffle = mode
     consumed = ids[::4]  # 16 clips: two global steps' worth
-    seen = _epochs(shuffled(rest_of_epoch(ds, consumed), cfg, start_epoch=1), cfg, vocab, epochs=1)
+    seen = _epochs(shuffled_rest(ds, cfg, 1, consumed), cfg, vocab, epochs=1)
     rest = seen[0][0] + seen[0][1]
     assert sorted(rest) == sorted(set(ids) - set(consumed))

@@ -5,8 +5,10 @@ Ray Train's elastic policy asks) has reserved for it, from its view of the clust
 every 20 s. After a node is lost without notice, Ray declares it dead in seconds (cluster/health.py), but the
 coordinator goes on counting its resources until its next refresh, and meanwhile every start at the old size
 waits scaling.start_timeout_s for resources that are gone. This controller callback has the coordinator refresh
-its view every second for a while after a worker group fails or a start times out: the restart's size then
-follows the nodes that are there within about a second of the GCS knowing.
+its view as the controller enters a restart, before it decides the restart's size (the controller calls its
+callbacks on its own thread and decides right after them; a node lost without notice is already dead in the GCS
+when its worker's death fails the group), then every second for a while after, for a node the GCS declares dead
+later: the restart's size follows the nodes that are there within about a second of the GCS knowing.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import logging
 import threading
 import time
 
-__all__ = ["COORDINATOR", "REFRESH_FOR_S", "fresh_cluster_view_callback", "refresh_cluster_view"]
+__all__ = ["COORDINATOR", "DECIDING_TIMEOUT_S", "REFRESH_FOR_S", "fresh_cluster_view_callback", "refresh_cluster_view"]
 
 # Ray Data's AutoscalingCoordinator actor: its name and namespace (get_or_create_autoscaling_coordinator)
 COORDINATOR = ("AutoscalingCoordinator", "AutoscalingCoordinator")
 REFRESH_FOR_S = 15.0  # after a failure: the GCS declares a node dead within ~6 s (3 probes a second apart, 1 s each)
+DECIDING_TIMEOUT_S = 2.0  # the refresh the controller waits for before it decides; a busy coordinator delays it no more
 _AFTER = ("RestartingState", "ReschedulingState")  # a group failed; a start at some size timed out
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,9 @@ def refresh_cluster_view(timeout_s: float = 5.0, coordinator: tuple[str, str] = 
 def fresh_cluster_view_callback(
     refresh_for_s: float = REFRESH_FOR_S, every_s: float = 1.0, coordinator: tuple[str, str] = COORDINATOR
 ):
-    """A Ray Train controller callback (RunConfig.callbacks) refreshing the coordinator's view every `every_s`
-    for `refresh_for_s` after the controller enters a restart or a rescheduling, from a thread of its own."""
+    """A Ray Train controller callback (RunConfig.callbacks) refreshing the coordinator's view when the controller
+    enters a restart or a rescheduling (on the controller's thread: the size it decides next reads that view),
+    then every `every_s` for `refresh_for_s`, from a thread of its own."""
     from ray.train.v2._internal.execution.callback import ControllerCallback
 
     class FreshClusterView(ControllerCallback):
@@ -55,6 +59,7 @@ def fresh_cluster_view_callback(
         def after_controller_state_update(self, previous_state, current_state):
             if type(current_state).__name__ not in _AFTER:
                 return
+            refresh_cluster_view(timeout_s=DECIDING_TIMEOUT_S, coordinator=coordinator)
             if self.lock is None:  # the controller calls its callbacks from one thread
                 self.lock = threading.Lock()
             with self.lock:

@@ -12,17 +12,17 @@ import zlib
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from gram_ray import storage
 from gram_ray.config import GramConfig
 from gram_ray.data.collate import Collate
+from gram_ray.data.consumed import without_ids
 from gram_ray.data.manifest import read_annotations, resolve_media
 from gram_ray.data.packed import PACKED
 from gram_ray.data.parquet_layout import read_cache
 from gram_ray.data.preprocess import SHARDS, build_dataset, preprocess
-from gram_ray.data.schema import CAPTIONS, ID
+from gram_ray.data.schema import CAPTIONS
 from gram_ray.data.text import build_word_vocab
 from gram_ray.train.layout import RunLayout
 from gram_ray.train.resume import ResumePlan, latest_registered, position
@@ -40,6 +40,7 @@ __all__ = [
     "shuffled",
     "streamed",
     "rest_of_epoch",
+    "shuffled_rest",
     "EpochSplits",
     "train_iter_options",
 ]
@@ -201,13 +202,21 @@ def streamed(shards: str, cfg: GramConfig, start_epoch: int, consumed_ids: list[
     return shuffled(ds, cfg, start_epoch) if cfg.train.shuffle == "full" else ds
 
 
-def _drop_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch[ID], value_set=pa.array(ids, pa.string()))))
-
-
 def rest_of_epoch(ds, consumed_ids: list[str]):
-    """The train split without the clips a mid-epoch checkpoint says were already trained on."""
-    return ds.map_batches(_drop_ids, fn_kwargs={"ids": consumed_ids}, batch_format="pyarrow", zero_copy_batch=True)
+    """The train split without the clips a mid-epoch checkpoint says were already trained on, block by block
+    (data/consumed.py: a function whose module a cold task worker imports in a fraction of a second)."""
+    ids = pa.array(consumed_ids, pa.string())  # once, here, not in every task
+    return ds.map_batches(without_ids, fn_kwargs={"ids": ids}, batch_format="pyarrow", zero_copy_batch=True)
+
+
+def shuffled_rest(ds, cfg: GramConfig, epoch: int, consumed_ids: list[str]):
+    """The rest of an epoch of a split kept in memory, in that epoch's new order. The block order is drawn first
+    and the clips already trained on are left out behind it: behind the filter, the block shuffle (all-to-all)
+    would hold the first batch until every block was filtered, and after a restart the filter's tasks run one or
+    two at a time beside the training worker. A full shuffle takes only the clips left."""
+    if cfg.train.shuffle == "full":
+        return shuffled(rest_of_epoch(ds, consumed_ids), cfg, epoch)
+    return rest_of_epoch(shuffled(ds, cfg, epoch), consumed_ids)
 
 
 class EpochSplits:
@@ -239,7 +248,7 @@ class EpochSplits:
             return self.base.limit(0)
         if self.shards is not None:
             return streamed(self.shards, self.cfg, p["epoch"], p["consumed_ids"])
-        return shuffled(rest_of_epoch(self.base, p["consumed_ids"]), self.cfg, p["epoch"])
+        return shuffled_rest(self.base, self.cfg, p["epoch"], p["consumed_ids"])
 
 
 def train_iter_options(
