@@ -12,7 +12,8 @@ from gram_ray.data.audio import decode_audio, fbank_windows, window_starts
 from gram_ray.data.errors import DecodeError
 from gram_ray.data.manifest import ManifestError, read_annotations, resolve_media
 from gram_ray.data.parquet_layout import read_cache
-from gram_ray.data.preprocess import PreprocessError, cache_key, preprocess
+from gram_ray.data.pieces import record_done
+from gram_ray.data.preprocess import PreprocessError, _done_shards, _piece_index, _shard_name, cache_key, preprocess
 from gram_ray.data.synthetic import AUDIO_COMBOS
 from gram_ray.data.video import decode_video, segment_indices
 
@@ -236,6 +237,29 @@ def test_cache_reused_unless_forced_or_changed(synth_small, ray_session, tmp_pat
     assert "reused" not in preprocess(*args, data, audio_dir=synth_small["audios"], force=True)
     data.video.num_frames = 4
     assert "reused" not in preprocess(*args, data, audio_dir=synth_small["audios"])
+
+
+@pytest.mark.parametrize("index", [0, 12, 99_999, 100_000, 100_012, 27_000_000])
+def test_a_piece_name_reads_back_as_its_index_at_any_count(index):
+    name = _shard_name(index)
+    for file in (name, name + ".json", name + ".parquet", name + "-0003.parquet"):
+        assert _piece_index(file) == index, file
+
+
+def test_a_resume_past_100000_pieces_finds_exactly_the_pieces_done(tmp_path):
+    """The done records of a split of VAST-27M's size: each piece is found by its own index (5-digit names once read
+    shard-100012 as piece 10001: a resume skipped pieces it never wrote and redid others)."""
+    out = str(tmp_path)
+    done = [12, 10_001, 99_999, 100_000, 100_012, 1_000_000]
+    for index in done:
+        record_done(out, _shard_name(index), {"cache_key": "k", "written": 1})
+    record_done(out, _shard_name(100_013), {"cache_key": "other inputs", "written": 1})
+    assert sorted(_done_shards(out, "k")) == done
+
+
+def test_a_stray_file_among_the_pieces_is_named():
+    with pytest.raises(ValueError, match="shard-notes.txt is not a cache piece's name"):
+        _piece_index("shard-notes.txt")
 
 
 def test_cache_stores_tensors_as_fixed_size_binary_and_reads_them_back(synth_small, ray_session, tmp_path):

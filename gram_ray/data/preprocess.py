@@ -362,9 +362,16 @@ def write_shards(batch: dict, data: DataConfig, mode: Mode, out: str, key: str, 
     return {"shard": np.asarray(batch["shard"]), "clips": np.asarray(written)}
 
 
+_PIECE = re.compile(r"shard-(\d+)(?:-\d+)?(?:\.json|\.parquet)?")
+
+
 def _piece_index(name: str) -> int:
-    """shard-00012.json, shard-00012.parquet, shard-00012-0003.parquet -> 12."""
-    return int(name.removeprefix("shard-")[:5])
+    """shard-00012[.json], shard-00012.parquet, shard-00012-0003.parquet -> 12; shard-100012 -> 100012 (names
+    are padded to 5 digits, not cut to them: VAST-27M's clips make far more than 100,000 pieces)."""
+    match = _PIECE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name} is not a cache piece's name (shard-N[.json], shard-N.parquet, shard-N-P.parquet)")
+    return int(match.group(1))
 
 
 def _done_shards(out: str, key: str) -> dict[int, dict]:
