@@ -20,7 +20,7 @@ from gram_ray import storage
 from gram_ray.config import DataConfig, SourceConfig, SourceFields
 from gram_ray.data.errors import DecodeError
 from gram_ray.data.manifest import ManifestError, read_annotations
-from gram_ray.data.packed import ShardError, expand_braces, shard_uris, tar_clips
+from gram_ray.data.packed import ShardError, expand_braces, parquet_clips, shard_uris, tar_clips
 
 CAPTIONS = 20  # video2dataset's MSR-VTT recipe: caption_0 ... caption_19
 
@@ -501,3 +501,13 @@ def test_a_manifest_chunk_of_exactly_a_parts_size_is_written_once(synth_small, r
     )
     rows = _rows(str(tmp_path / "c"))
     assert report["shards"] == report["rows_written"] == len(rows) == 8
+
+
+def test_video2dataset_parquet_without_a_key_column_gives_every_row_its_own_key(tmp_path):
+    """The fallback key is the row's place in its file: it once restarted every 8 rows (the reader's batch), so
+    the rows of a 20-row file shared 8 ids."""
+    path = tmp_path / "00000.parquet"
+    pq.write_table(pa.table({"mp4": [b"not decoded here"] * 20, "txt": [f"clip {i}" for i in range(20)]}), path)
+    source = DataConfig().source.model_copy(update={"kind": "parquet"})
+    ids = [clip.id for clip in parquet_clips(str(path), source)]
+    assert ids == [f"00000.parquet[{n}]" for n in range(20)]

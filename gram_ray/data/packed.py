@@ -318,20 +318,20 @@ def parquet_clips(uri: str, source: SourceConfig, rows_at_once: int = 8) -> Iter
                 looked = source.fields.video or ", ".join(source.video_extensions)
                 raise ShardError(f"no video column: {shard} has none (looked for {looked}; columns: {sorted(names)})")
             id_column = source.fields.id or "key"
-            for batch in reader.iter_batches(batch_size=rows_at_once):
-                for n, row in enumerate(batch.to_pylist()):
-                    key = str(row.get(id_column) or row.get("key") or f"{shard}[{n}]")
-                    media = {}
-                    video = row.pop(video_column, None)
-                    if isinstance(video, bytes) and video:
-                        media[source.video_extensions[0]] = video
-                    audio_column = next((e for e in source.audio_extensions if e in row), None)
-                    audio = row.pop(audio_column, None) if audio_column else None
-                    if isinstance(audio, bytes) and audio:
-                        media[audio_column] = audio
-                    caption = row.get(source.caption_extension)
-                    meta = {k: v for k, v in row.items() if not isinstance(v, bytes)}
-                    yield _clip(key, meta, media, caption if isinstance(caption, str) else None, source, shard)
+            rows = (row for batch in reader.iter_batches(batch_size=rows_at_once) for row in batch.to_pylist())
+            for n, row in enumerate(rows):  # n: the row in the file (a key of last resort, unique within it)
+                key = str(row.get(id_column) or row.get("key") or f"{shard}[{n}]")
+                media = {}
+                video = row.pop(video_column, None)
+                if isinstance(video, bytes) and video:
+                    media[source.video_extensions[0]] = video
+                audio_column = next((e for e in source.audio_extensions if e in row), None)
+                audio = row.pop(audio_column, None) if audio_column else None
+                if isinstance(audio, bytes) and audio:
+                    media[audio_column] = audio
+                caption = row.get(source.caption_extension)
+                meta = {k: v for k, v in row.items() if not isinstance(v, bytes)}
+                yield _clip(key, meta, media, caption if isinstance(caption, str) else None, source, shard)
     except ShardError:
         raise
     except OSError as e:
