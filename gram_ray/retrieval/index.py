@@ -30,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from gram_ray import storage
+from gram_ray.data.clip_ids import id_array, without_ids
 from gram_ray.data.pieces import done_pieces, drive, record_done
 from gram_ray.retrieval.search import ClipIndex
 
@@ -125,8 +127,8 @@ class _IndexCacheFile:
 
     def _index_file(self, cache_file: str, shard: str) -> int:
         table = storage.read_table(cache_file)
-        if self.known_ids:  # clips another source already put in the index: not embedded again
-            table = table.filter(pa.array([i not in self.known_ids for i in table.column("id").to_pylist()]))
+        if len(self.known_ids):  # clips another source already put in the index: not embedded again
+            table = without_ids(table, self.known_ids)
         parts = [self._embed(table.slice(s, self.batch_size)) for s in range(0, table.num_rows, self.batch_size)]
         written = self._write(shard, _concat([p for p in parts if p is not None]))
         record_done(self.out, shard.removesuffix(".parquet"), {"clips": written})
@@ -254,7 +256,7 @@ def build_index(
         log(
             f"indexing {len(todo)} cache files of {data_dir} with {checkpoint_dir} into {out} "
             f"({workers} worker{'s' if workers > 1 else ''}"
-            + (f"; {len(known_ids)} clips already in the index are skipped" if known_ids else "")
+            + (f"; {len(known_ids)} clips already in the index are skipped" if len(known_ids) else "")
             + ") ..."
         )
         options = {"checkpoint_dir": checkpoint_dir, "out": out, "source": source, "dtype": dtype}
@@ -298,7 +300,7 @@ def _open_index(checkpoint_dir: str, data_dir: str, out: str, dtype: str, report
     return meta, ids.index(source_id)
 
 
-def _todo(shards_dir: str, out: str, source_id: str, log) -> tuple[list[dict], set[str]]:
+def _todo(shards_dir: str, out: str, source_id: str, log) -> tuple[list[dict], pa.Array]:
     """(the cache files of this source not indexed yet, each with its shard's name; the clips other sources put in
     the index, which are not embedded again)."""
     cache_files = storage.list_files(shards_dir, ".parquet")
@@ -346,11 +348,10 @@ def _complete(meta: dict, out: str, wall: float, log) -> dict:
     return meta
 
 
-def _ids(shards: list[str]) -> set[str]:
-    ids: set[str] = set()
-    for path in shards:
-        ids.update(storage.read_table(path, columns=["id"]).column("id").to_pylist())
-    return ids
+def _ids(shards: list[str]) -> pa.Array:
+    """The distinct clip ids of index shards, as an Arrow array (no Python object per id)."""
+    chunks = [c for path in shards for c in storage.read_table(path, columns=["id"]).column("id").chunks]
+    return pc.unique(pa.chunked_array(chunks, pa.string())) if chunks else id_array([])
 
 
 def _counts(out: str) -> dict[int, int]:

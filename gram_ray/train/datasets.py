@@ -11,13 +11,12 @@ import json
 import zlib
 from dataclasses import dataclass
 
-import pyarrow as pa
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from gram_ray import storage
 from gram_ray.config import GramConfig
+from gram_ray.data.clip_ids import id_array, without_ids
 from gram_ray.data.collate import Collate
-from gram_ray.data.consumed import without_ids
 from gram_ray.data.manifest import read_annotations, resolve_media
 from gram_ray.data.packed import PACKED
 from gram_ray.data.parquet_layout import read_cache
@@ -204,8 +203,8 @@ def streamed(shards: str, cfg: GramConfig, start_epoch: int, consumed_ids: list[
 
 def rest_of_epoch(ds, consumed_ids: list[str]):
     """The train split without the clips a mid-epoch checkpoint says were already trained on, block by block
-    (data/consumed.py: a function whose module a cold task worker imports in a fraction of a second)."""
-    ids = pa.array(consumed_ids, pa.string())  # once, here, not in every task
+    (data/clip_ids.py: a function whose module a cold task worker imports in a fraction of a second)."""
+    ids = id_array(consumed_ids)
     return ds.map_batches(without_ids, fn_kwargs={"ids": ids}, batch_format="pyarrow", zero_copy_batch=True)
 
 

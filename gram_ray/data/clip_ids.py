@@ -1,4 +1,5 @@
-"""Leaving out the clips of an epoch already trained on (the rest of an epoch a mid-epoch checkpoint was taken in).
+"""Leaving clips out by id: the clips of an epoch already trained on (the rest of an epoch a mid-epoch checkpoint was
+taken in), the clips another source already put in a search index.
 
 A module of its own, importing only pyarrow: Ray Data pickles a function by its module, and a task worker started
 cold after a restart imports that module before its first batch. With the function in train/datasets.py (torch,
@@ -8,12 +9,19 @@ transformers), a restarted group waited 8.0 s for its first batch; with a filter
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from gram_ray.data.schema import ID
 
-__all__ = ["without_ids"]
+__all__ = ["id_array", "without_ids"]
+
+
+def id_array(ids: Iterable[str]) -> pa.Array:
+    """Clip ids as the Arrow array without_ids takes: made once by the caller, not in every task or batch."""
+    return pa.array(list(ids), pa.string())
 
 
 def without_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
