@@ -13,7 +13,15 @@ from gram_ray.data.errors import DecodeError
 from gram_ray.data.manifest import ManifestError, read_annotations, resolve_media
 from gram_ray.data.parquet_layout import read_cache
 from gram_ray.data.pieces import record_done
-from gram_ray.data.preprocess import PreprocessError, _done_shards, _piece_index, _shard_name, cache_key, preprocess
+from gram_ray.data.preprocess import (
+    PreprocessError,
+    _done_shards,
+    _piece_index,
+    _shard_name,
+    cache_key,
+    preprocess,
+    rows_per_shard,
+)
 from gram_ray.data.synthetic import AUDIO_COMBOS
 from gram_ray.data.video import decode_video, segment_indices
 
@@ -255,6 +263,19 @@ def test_a_resume_past_100000_pieces_finds_exactly_the_pieces_done(tmp_path):
         record_done(out, _shard_name(index), {"cache_key": "k", "written": 1})
     record_done(out, _shard_name(100_013), {"cache_key": "other inputs", "written": 1})
     assert sorted(_done_shards(out, "k")) == done
+
+
+def test_a_training_cache_shard_holds_about_shard_mb_with_its_draws():
+    """A training cache keeps train_draws draws of each clip's frames: its shards hold that many fewer clips, so a
+    shard (and the decode worker's buffer) stays about data.shard_mb; counting one draw made them draws x bigger."""
+    data = DataConfig()
+    data.audio.format = "none"
+    data.video.cache_codec = "raw"
+    data.video.train_draws = 4
+    once = rows_per_shard(data, "eval")
+    assert rows_per_shard(data, "train") == once // 4
+    frame_bytes = data.video.num_frames * 3 * data.video.size**2
+    assert rows_per_shard(data, "train") * 4 * frame_bytes <= data.shard_mb * 2**20
 
 
 def test_a_stray_file_among_the_pieces_is_named():

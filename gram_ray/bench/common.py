@@ -131,7 +131,7 @@ def write_synthetic_cache(out: str, rows: int, data, seed: int = 0, words: int =
     ds = ray.data.range(rows, override_num_blocks=max(1, rows // 256)).map_batches(make, batch_format="numpy")
     ds = ds.map_batches(to_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     filesystem, path = storage.resolve(shards)
-    ds.write_parquet(path, filesystem=filesystem, min_rows_per_file=rows_per_shard(data), use_dictionary=False)
+    ds.write_parquet(path, filesystem=filesystem, min_rows_per_file=rows_per_shard(data, "train"), use_dictionary=False)
     return shards
 
 

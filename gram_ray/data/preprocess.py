@@ -171,10 +171,12 @@ def build_dataset(rows: list[ManifestRow], data: DataConfig, mode: Mode = "eval"
 _JPEG_SHARE = 0.08
 
 
-def rows_per_shard(data: DataConfig) -> int:
-    """Clips per Parquet file for about data.shard_mb of stored tensors."""
+def rows_per_shard(data: DataConfig, mode: Mode) -> int:
+    """Clips per Parquet file for about data.shard_mb of stored tensors: a training cache's clip holds
+    data.video.train_draws draws of its frames."""
     v, a = data.video, data.audio
-    frame_bytes = v.num_frames * 3 * v.size * v.size * (_JPEG_SHARE if v.cache_codec == "jpeg" else 1)
+    draws = v.train_draws if mode == "train" else 1
+    frame_bytes = draws * v.num_frames * 3 * v.size * v.size * (_JPEG_SHARE if v.cache_codec == "jpeg" else 1)
     value_bytes = 1 if a.cache_codec == "uint8" else 4
     clip_bytes = (frame_bytes if v.format != "none" else 0) + (
         value_bytes * a.windows * a.window_frames * a.mel_bins if a.format != "none" else 0
@@ -269,13 +271,13 @@ def _load_report(out: str) -> dict | None:
         return None
 
 
-def _shard_rows(n: int, data: DataConfig) -> int:
+def _shard_rows(n: int, data: DataConfig, mode: Mode) -> int:
     """Clips per shard: data.shard_mb of decoded tensors, but small enough that the clips spread over at least
     four shards per decode task at once (a small split would otherwise decode in one task)."""
     import ray
 
     tasks = decode_concurrency(data) or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return max(1, min(rows_per_shard(data), math.ceil(n / (4 * tasks))))
+    return max(1, min(rows_per_shard(data, mode), math.ceil(n / (4 * tasks))))
 
 
 def _shard_name(index: int) -> str:
@@ -322,7 +324,7 @@ def write_piece(item: dict, data: DataConfig, mode: Mode, out: str, key: str, su
     memory. The record is written after every part is whole, so a piece without one is redone; a retried task
     rewrites the same files."""
     index, packed = int(item["shard"]), "uri" in item
-    per_part = rows_per_shard(data)
+    per_part = rows_per_shard(data, mode)
     part, files, written, clips = ClipColumns(data, mode), [], 0, 0
     failures: list[dict] = []
 
@@ -502,7 +504,7 @@ def _plan(job: _Job, inputs: list, force: bool, started, log) -> None:
         for stale in (shards, storage.join(job.out, DONE), storage.join(job.out, _SKIPPED)):
             storage.delete_dir(stale)
         storage.delete_file(storage.join(job.out, REPORT))
-        size = _shard_rows(len(job.rows), job.data) if job.rows is not None else None
+        size = _shard_rows(len(job.rows), job.data, job.mode) if job.rows is not None else None
         plan = {"cache_key": job.key, "rows_per_shard": size}
         storage.write_text(plan_path, json.dumps(plan))
     if job.rows is None:
