@@ -44,7 +44,7 @@ def _waveform_pyav(av, media: Media, sample_rate: int, span: Span | None = None)
     try:
         with av.open(reader_input(media)) as container:
             if not container.streams.audio:
-                raise DecodeError("no readable audio track (the file has no audio stream)")
+                raise DecodeError("no readable audio track (the file has no audio stream)", absent=True)
             stream = container.streams.audio[0]
             stream.codec_context.thread_count = 1  # one Ray Data task per CPU: threads would only contend
             frames, first = container.decode(stream), 0.0
@@ -61,7 +61,7 @@ def _waveform_pyav(av, media: Media, sample_rate: int, span: Span | None = None)
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
         raise _unreadable(e) from None
     if not chunks:
-        raise DecodeError("no readable audio track (the audio stream holds no samples)")
+        raise DecodeError("no readable audio track (the audio stream holds no samples)", absent=True)
     samples = np.concatenate(chunks).astype(np.float32, copy=False)
     return samples if span is None else _cut(samples, first or 0.0, span, sample_rate)
 
@@ -142,7 +142,7 @@ def fbank_windows(
 ) -> np.ndarray:
     """[A, L, mel_bins] float32 windows of the clip's filterbank (zero-padded past its end)."""
     if waveform.size == 0 or np.abs(waveform).max() < cfg.silence_threshold:
-        raise DecodeError("audio is silent")
+        raise DecodeError("audio is silent", absent=True)
     minimum = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
     if waveform.size < minimum:
         raise DecodeError(f"audio is shorter than one {cfg.frame_length_ms} ms filterbank window")
@@ -165,5 +165,5 @@ def decode_audio(
     (video: its path, or its bytes when they were read already); of a span of it when one is given."""
     source = audio_path or video
     if source is None:
-        raise DecodeError("no audio file and no video to take the audio track from")
+        raise DecodeError("no audio file and no video to take the audio track from", absent=True)
     return fbank_windows(load_waveform(source, cfg.sample_rate, span), cfg, mode, rng)

@@ -31,7 +31,8 @@ __all__ = ["ClipInput", "ClipColumns", "clip_rng", "decode_clip", "columns_to_ar
 class ClipInput:
     """One clip to decode. video/audio: a local path, a storage URI, or the bytes of a file or tar member; audio
     None takes the video's own track. error: why the clip cannot be used, known before decoding (a manifest row
-    without a video, a failed download): it is skipped with that reason."""
+    without a video, a failed download): it is skipped with that reason. absent: that reason is an absence the
+    data itself records (a download that failed), counted apart from the failures."""
 
     id: str
     captions: list[str]
@@ -40,6 +41,7 @@ class ClipInput:
     audio: Media | None = None
     span: Span | None = None
     error: str | None = None
+    absent: bool = False
 
 
 def clip_rng(media_id: str) -> np.random.Generator:
@@ -87,7 +89,8 @@ def decode_clip(clip: ClipInput, data: DataConfig, mode: Mode, rng=None) -> dict
         except DecodeError as e:
             if data.audio.missing == "skip" or not with_frames:  # an audio-only clip without audio is nothing
                 hint = " (data.audio.missing=silence keeps such clips)" if with_frames else ""
-                raise DecodeError(f"{e}{hint}") from None
+                # Left out by the user's policy when its audio is absent; a track that cannot be read is a failure.
+                raise DecodeError(f"{e}{hint}", absent=e.absent and with_frames) from None
             a = data.audio
             out["audio_fbank"] = np.zeros((a.windows, a.window_frames, a.mel_bins), np.float32)  # never used
             out["has_audio"] = False
@@ -109,12 +112,12 @@ class ClipColumns:
     def decode(self, clip: ClipInput, rng=None) -> None:
         """Decode one clip and keep it, or record why it cannot be used."""
         if clip.error:
-            self.fail(clip.id, clip.error)
+            self.fail(clip.id, clip.error, expected=clip.absent)
             return
         try:
             decoded = decode_clip(clip, self.data, self.mode, rng)
         except DecodeError as e:
-            self.fail(clip.id, str(e))
+            self.fail(clip.id, str(e), expected=e.absent)
             return
         for key, value in decoded.items():
             self.rows[key].append(value)
@@ -122,8 +125,10 @@ class ClipColumns:
         self.rows["captions"].append([str(c) for c in clip.captions])
         self.rows["subtitle"].append(str(clip.subtitle or ""))
 
-    def fail(self, clip_id: str, reason: str) -> None:
-        self.failures.append({"id": str(clip_id), "reason": reason})
+    def fail(self, clip_id: str, reason: str, expected: bool = False) -> None:
+        """Record a clip left out and why; expected: an absence the data or the user's settings foretell (a failed
+        download, no audio under data.audio.missing=skip), not a failure to decode."""
+        self.failures.append({"id": str(clip_id), "reason": reason} | ({"expected": True} if expected else {}))
 
     def columns(self) -> dict:
         """numpy columns of the clips kept (empty, with the right shapes, when none were)."""

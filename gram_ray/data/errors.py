@@ -20,7 +20,14 @@ Media = str | bytes  # a local file's path, or the bytes of an object read from 
 
 
 class DecodeError(Exception):
-    """One clip that cannot be used; str(error) is the reason recorded in report.json."""
+    """One clip that cannot be used; str(error) is the reason recorded in report.json. absent: the medium is not
+    there at all (no audio stream, a silent track, no file to take it from), as opposed to one that is there and
+    cannot be read: a clip left out for an absence under a policy the user chose (data.audio.missing=skip) is
+    counted apart from the failures (preprocess.py's report)."""
+
+    def __init__(self, reason: str, absent: bool = False) -> None:
+        super().__init__(reason)
+        self.absent = absent
 
 
 def check_media_file(path: str | None, what: str) -> None:

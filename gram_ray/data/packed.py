@@ -99,6 +99,15 @@ def _clip(key: str, meta: dict | None, media: dict[str, object], caption: str | 
     """One sample as a ClipInput (its .error set when it cannot be used). media: extension -> bytes, or a str
     saying why the member was not read."""
     fields = source.fields
+    # A failed download first: its json holds little more than its url and status (no id field, no caption).
+    if meta is not None and source.status_field in meta and meta[source.status_field] != "success":
+        detail = meta.get("error_message")
+        return ClipInput(
+            str(meta.get(fields.id) or key) if fields.id else key,
+            [],
+            error=f"download status {meta[source.status_field]}" + (f": {str(detail)[:200]}" if detail else ""),
+            absent=True,  # an absence the shard records, expected at scale (rotted URLs): not a failure to decode
+        )
     clip_id = key
     if meta is not None and fields.id:
         if meta.get(fields.id) in (None, ""):
@@ -108,13 +117,6 @@ def _clip(key: str, meta: dict | None, media: dict[str, object], caption: str | 
                 error=f"no id field in the json: sample {key} of {shard} has no {fields.id!r} (data.source.fields.id)",
             )
         clip_id = str(meta[fields.id])
-    if meta is not None and source.status_field in meta and meta[source.status_field] != "success":
-        detail = meta.get("error_message")
-        return ClipInput(
-            clip_id,
-            [],
-            error=f"download status {meta[source.status_field]}" + (f": {str(detail)[:200]}" if detail else ""),
-        )
     video_ext = next((e for e in source.video_extensions if e in media), None)
     if video_ext is None:
         wanted = ", ".join(f".{e}" for e in source.video_extensions)

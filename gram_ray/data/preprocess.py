@@ -551,7 +551,11 @@ def _report(job: _Job, wall: float, log) -> dict:
     skipped = sorted((s for record in records.values() for s in record["skipped"]), key=lambda s: s["id"])
     written = sum(record["written"] for record in records.values())
     total = sum(record["clips"] for record in records.values())
-    decoded_now, share = total - job.reused, len(skipped) / max(total, 1)
+    # Absences the data or the user's settings foretell (failed downloads, no audio under data.audio.missing=skip)
+    # are left out and counted, but are not failures: only failures count against data.max_failure_share.
+    failed = [s for s in skipped if not s.get("expected")]
+    absent = [s for s in skipped if s.get("expected")]
+    decoded_now, share = total - job.reused, len(failed) / max(total, 1)
     report_path, data = storage.join(job.out, REPORT), job.data
     report = {
         "status": "complete" if share <= data.max_failure_share and total else "failed",
@@ -567,8 +571,11 @@ def _report(job: _Job, wall: float, log) -> dict:
         "rows_reused": job.reused,
         "shards": len(job.pieces),
         "shards_reused": len(job.done),
-        "rows_skipped": skipped,
+        "rows_skipped": skipped,  # each left out clip and why; "expected": true on an expected absence
+        "rows_failed": len(failed),
+        "rows_absent": len(absent),
         "skipped_by_reason": dict(Counter(reason_kind(s["reason"]) for s in skipped).most_common()),
+        "absent_by_reason": dict(Counter(reason_kind(s["reason"]) for s in absent).most_common()),
         "config": data.model_dump(),
         "wall_seconds": round(wall, 3),
         "clips_per_second": round(decoded_now / wall, 3) if wall > 0 else None,
@@ -577,8 +584,9 @@ def _report(job: _Job, wall: float, log) -> dict:
     storage.write_text(report_path, json.dumps(report, indent=2))
     _summarise(report, report_path, log)
     if report["status"] == "failed":
+        expected = f" ({len(absent)} more left out as expected: not counted)" if absent else ""
         raise PreprocessError(
-            f"{len(skipped)} of {total} clips ({share:.0%}) could not be decoded, more than "
+            f"{len(failed)} of {total} clips ({share:.0%}) could not be decoded{expected}, more than "
             f"data.max_failure_share={data.max_failure_share:.0%}. The {written} good clips are kept in "
             f"{storage.join(job.out, SHARDS)}; the reasons are in {report_path}. Fix the inputs, or raise "
             "data.max_failure_share to accept them."
@@ -588,13 +596,19 @@ def _report(job: _Job, wall: float, log) -> dict:
 
 def _summarise(report: dict, report_path: str, log) -> None:
     reused, skipped = report["rows_reused"], report["rows_skipped"]
+    absent = report["rows_absent"]
     log(
-        f"wrote {report['rows_written']} clips, skipped {len(skipped)}, in {report['wall_seconds']:.1f} s "
-        f"({report['clips_per_second']} clips/s"
+        f"wrote {report['rows_written']} clips, skipped {report['rows_failed']}"
+        + (f", left out {absent} as expected" if absent else "")
+        + f", in {report['wall_seconds']:.1f} s ({report['clips_per_second']} clips/s"
         + (f"; {reused} clips kept from an earlier run" if reused else "")
         + f"); report: {report_path}"
     )
+    expected = report["absent_by_reason"]
     for reason, count in report["skipped_by_reason"].items():
-        log(f"  skipped {count}: {reason}")
-    for s in skipped[:10]:
+        if count > expected.get(reason, 0):
+            log(f"  skipped {count - expected.get(reason, 0)}: {reason}")
+    for reason, count in expected.items():
+        log(f"  left out {count} as expected: {reason}")
+    for s in [s for s in skipped if not s.get("expected")][:10]:
         log(f"  skipped {s['id']}: {s['reason']}")
