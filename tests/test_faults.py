@@ -313,13 +313,14 @@ def test_a_cache_that_cannot_be_written_stops_preprocessing_with_a_clear_message
 
 @pytest.mark.ray
 def test_preprocessing_killed_midway_continues_with_the_clips_left_and_ends_as_an_uninterrupted_run(
-    synth_small, ray_session, tmp_path
+    synth_small, ray_session, tmp_path, monkeypatch
 ):
     # The state a kill leaves: some shards written and recorded, one file cut off mid-write (no record), the rest
     # never started, no report. The rerun decodes only the shards not recorded; the cache then holds the same
     # files, byte for byte, as an uninterrupted run (train mode: the random frame draws are seeded by clip id).
     from tiny import tiny_config
 
+    from gram_ray import storage
     from gram_ray.data.preprocess import preprocess
 
     data = tiny_config("data.video.train_draws=2").data
@@ -337,8 +338,17 @@ def test_preprocessing_killed_midway_continues_with_the_clips_left_and_ends_as_a
     cut.write_bytes((tmp_path / "whole" / "shards" / f"{names[3]}.parquet").read_bytes()[:100])  # cut off
     (killed / "report.json").unlink()
 
-    lines = []
+    lines, records_read = [], []
+    read_text = storage.read_text
+
+    def counted(path, *a, **kw):  # the done records this driver reads: each piece's once (its plan), none after
+        if "/_done/shard-" in str(path):
+            records_read.append(str(path))
+        return read_text(path, *a, **kw)
+
+    monkeypatch.setattr(storage, "read_text", counted)
     resumed = preprocess(*args, killed, **(kwargs | {"log": lines.append}))
+    assert len(records_read) == len(set(records_read)) == 3, records_read
     assert resumed["status"] == "complete" and resumed["shards_reused"] == 3
     assert resumed["rows_reused"] + resumed["rows_decoded_now"] == 16 and resumed["rows_decoded_now"] < 16
     assert any("resuming: 3 of" in line for line in lines)

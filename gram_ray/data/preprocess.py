@@ -356,12 +356,19 @@ def write_piece(item: dict, data: DataConfig, mode: Mode, out: str, key: str, su
 
 def write_shards(batch: dict, data: DataConfig, mode: Mode, out: str, key: str, subtitles: bool) -> dict:
     """The map_batches UDF of the cache writer: each input row is one piece (write_piece). Returns one small row
-    per piece (the decoded clips never pass through Ray's object store)."""
-    written = []
+    per piece, with its done record (the decoded clips never pass through Ray's object store; the driver reads no
+    record back)."""
+    written, records = [], []
     for i, index in enumerate(batch["shard"]):
         item = {"shard": int(index)} | {k: str(batch[k][i]) for k in ("rows", "uri") if k in batch}
-        written.append(write_piece(item, data, mode, out, key, subtitles)["written"])
-    return {"shard": np.asarray(batch["shard"]), "clips": np.asarray(written)}
+        record = write_piece(item, data, mode, out, key, subtitles)
+        written.append(record["written"])
+        records.append(json.dumps(record))
+    return {
+        "shard": np.asarray(batch["shard"]),
+        "clips": np.asarray(written),
+        "record": np.asarray(records, dtype=object),
+    }
 
 
 _PIECE = re.compile(r"shard-(\d+)(?:-\d+)?(?:\.json|\.parquet)?")
@@ -423,7 +430,8 @@ class _Job:
     rows: list[ManifestRow] | None  # None for a packed source: its samples are read by the decode tasks only
     key: str
     pieces: list[dict] = field(default_factory=list)
-    done: dict[int, dict] = field(default_factory=dict)
+    done: dict[int, dict] = field(default_factory=dict)  # the records of pieces done before this run (its plan)
+    done_now: dict[int, dict] = field(default_factory=dict)  # the records this run's tasks returned
 
     @property
     def todo(self) -> list[int]:
@@ -541,13 +549,21 @@ def _run(job: _Job, log) -> None:
         num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=decode_concurrency(job.data)),
     )
-    drive(ds.iter_rows(), len(todo), "shards", log, clips=len(job.rows) - job.reused if job.rows is not None else None)
+
+    def recorded(rows):  # each piece's record as its task returned it: the report reads none back from storage
+        for row in rows:
+            job.done_now[int(row["shard"])] = json.loads(row["record"])
+            yield row
+
+    clips = len(job.rows) - job.reused if job.rows is not None else None
+    drive(recorded(ds.iter_rows()), len(todo), "shards", log, clips=clips)
 
 
 def _report(job: _Job, wall: float, log) -> dict:
-    """The cache's report from every piece's record, written and summarised; PreprocessError (after writing it)
+    """The cache's report from every piece's record (those the plan found and those this run's tasks returned:
+    each record is read from storage once a run), written and summarised; PreprocessError (after writing it)
     when more than data.max_failure_share of the clips failed."""
-    records = _done_shards(job.out, job.key)
+    records = job.done | job.done_now
     skipped = sorted((s for record in records.values() for s in record["skipped"]), key=lambda s: s["id"])
     written = sum(record["written"] for record in records.values())
     total = sum(record["clips"] for record in records.values())
