@@ -519,18 +519,18 @@ def test_failed_downloads_and_clips_without_audio_under_skip_are_expected_absenc
 ):
     """video2dataset's shards at WebVid's scale: failed downloads (a json and a txt, status failed_to_download)
     and clips without sound are what the user expects, not decoding failures: they are counted by reason and do
-    not count against data.max_failure_share (4 of 7 here, against a share of 20%; they once stopped the run).
+    not count against data.max_failure_share (4 of 11 here, against a share of 10%; they once stopped the run).
     A failed download's json lacks the id field it is mapped to: it is reported as the failed download it is."""
     from gram_ray.data.preprocess import PreprocessError, preprocess
 
     val = json.loads(Path(synth_small["val"]).read_text())
-    video = {e["video_id"]: (Path(synth_small["videos"]) / f"{e['video_id']}.mp4").read_bytes() for e in val[:4]}
+    video = {e["video_id"]: (Path(synth_small["videos"]) / f"{e['video_id']}.mp4").read_bytes() for e in val[:8]}
     audio = {i: (Path(synth_small["audios"]) / f"{i}.wav").read_bytes() for i in video}
     ids = list(video)
     members = []
-    for i in ids[:2]:  # a clip with its sound as a separate member
+    for i in ids[:6]:  # a clip with its sound as a separate member
         members += [(f"{i}.wav", audio[i]), *v2d_sample(i, video[i], ["with sound"], videoid=i)]
-    for i in ids[2:]:  # a video without an audio stream, and no audio member
+    for i in ids[6:]:  # a video without an audio stream, and no audio member
         members += v2d_sample(i, video[i], ["silent film"], videoid=i)
     for n in range(2):  # failed downloads: no video, no videoid in the json
         members += v2d_sample(f"gone{n}", None, ["rotted url"], status="failed_to_download", error_message="404")
@@ -538,19 +538,32 @@ def test_failed_downloads_and_clips_without_audio_under_skip_are_expected_absenc
     (tmp_path / "wds").mkdir()
     (tmp_path / "wds" / "00000.tar").write_bytes(tar_bytes(members))
     data = _small("webdataset", id="videoid")
-    data.audio.missing, data.max_failure_share = "skip", 0.2
+    data.audio.missing, data.max_failure_share = "skip", 0.1
     lines: list[str] = []
     report = preprocess(str(tmp_path / "wds"), None, str(tmp_path / "cache"), data, log=lines.append)
     assert report["status"] == "complete"
-    assert sorted(_rows(str(tmp_path / "cache"))) == sorted(ids[:2])
-    assert (report["rows_total"], report["rows_failed"], report["rows_absent"]) == (7, 1, 4)
+    assert sorted(_rows(str(tmp_path / "cache"))) == sorted(ids[:6])
+    assert (report["rows_total"], report["rows_failed"], report["rows_absent"]) == (11, 1, 4)
     assert report["absent_by_reason"] == {"download status failed_to_download": 2, "no readable audio track": 2}
     reasons = {s["id"]: s["reason"] for s in report["rows_skipped"]}
     assert reasons["gone0"] == "download status failed_to_download: 404"
     assert "  left out 2 as expected: download status failed_to_download" in lines
     assert "  left out 2 as expected: no readable audio track" in lines
-    assert any(line.startswith("wrote 2 clips, skipped 1, left out 4 as expected") for line in lines), lines
+    assert any(line.startswith("wrote 6 clips, skipped 1, left out 4 as expected") for line in lines), lines
 
-    data.max_failure_share = 0.1  # the one broken clip is 14%: a failure still stops the run, naming the others
-    with pytest.raises(PreprocessError, match=r"1 of 7 clips \(14%\) could not be decoded \(4 more left out as"):
+    # Expected absences that leave the cache nearly empty still stop it, saying why and what to do.
+    (tmp_path / "webvid").mkdir()
+    sound = [(f"{ids[0]}.wav", audio[ids[0]]), *v2d_sample(ids[0], video[ids[0]], ["with sound"], videoid=ids[0])]
+    silent = [m for i in ids[6:] for m in v2d_sample(i, video[i], ["silent film"], videoid=i)]
+    (tmp_path / "webvid" / "00000.tar").write_bytes(tar_bytes(sound + silent))
+    with pytest.raises(PreprocessError) as error:
+        preprocess(str(tmp_path / "webvid"), None, str(tmp_path / "cache-webvid"), data, log=lines.append)
+    assert str(error.value).startswith(
+        "only 1 of 3 clips were kept: 2 have no sound (WebVid, for one, has none). Left out as expected (not "
+        "failures), but they leave the cache nearly empty: use data.audio.missing: silence"
+    )
+    assert json.loads((tmp_path / "cache-webvid" / "report.json").read_text())["status"] == "failed"
+
+    data.max_failure_share = 0.05  # the one broken clip is 9%: a failure still stops the run, naming the others
+    with pytest.raises(PreprocessError, match=r"1 of 11 clips \(9%\) could not be decoded \(4 more left out as"):
         preprocess(str(tmp_path / "wds"), None, str(tmp_path / "cache2"), data, log=lines.append)

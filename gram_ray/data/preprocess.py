@@ -572,9 +572,10 @@ def _report(job: _Job, wall: float, log) -> dict:
     failed = [s for s in skipped if not s.get("expected")]
     absent = [s for s in skipped if s.get("expected")]
     decoded_now, share = total - job.reused, len(failed) / max(total, 1)
+    mostly_absent = bool(absent) and written < total / 2  # expected absences, but a cache left nearly empty
     report_path, data = storage.join(job.out, REPORT), job.data
     report = {
-        "status": "complete" if share <= data.max_failure_share and total else "failed",
+        "status": "complete" if share <= data.max_failure_share and total and not mostly_absent else "failed",
         "cache_key": job.key,
         "source": data.source.kind,
         "annotations": job.annotations,
@@ -599,6 +600,8 @@ def _report(job: _Job, wall: float, log) -> dict:
     }
     storage.write_text(report_path, json.dumps(report, indent=2))
     _summarise(report, report_path, log)
+    if report["status"] == "failed" and share <= data.max_failure_share and mostly_absent:
+        raise PreprocessError(_mostly_absent(report, written, total, report_path))
     if report["status"] == "failed":
         expected = f" ({len(absent)} more left out as expected: not counted)" if absent else ""
         raise PreprocessError(
@@ -608,6 +611,35 @@ def _report(job: _Job, wall: float, log) -> dict:
             "data.max_failure_share to accept them."
         )
     return report
+
+
+# What to do about a cache that expected absences left nearly empty, by the absence's kind (reason_kind).
+_ABSENCE_ADVICE = {
+    "no readable audio track": "have no sound (WebVid, for one, has none)",
+    "audio is silent": "have a silent track",
+    "no audio file and no video to take the audio track from": "have no audio file",
+}
+_NO_SOUND_REMEDY = (
+    "use data.audio.missing: silence (such clips are kept, flagged has_audio false) or a text-video config "
+    "(data.audio.format: none)"
+)
+
+
+def _mostly_absent(report: dict, written: int, total: int, report_path: str) -> str:
+    """The error of a cache that expected absences left empty or nearly so: what most clips lacked and what to do."""
+    parts, sound = [], 0
+    for reason, count in report["absent_by_reason"].items():
+        if reason in _ABSENCE_ADVICE:
+            sound += count
+            parts.append(f"{count} {_ABSENCE_ADVICE[reason]}")
+        else:  # a download that failed: the status's own words
+            parts.append(f"{count} were not downloaded ({reason})")
+    remedy = _NO_SOUND_REMEDY if sound >= report["rows_absent"] / 2 else "download the missing samples again"
+    return (
+        f"only {written} of {total} clips were kept: {', '.join(parts)}. Left out as expected (not failures), but "
+        f"they leave the cache {'empty' if not written else 'nearly empty'}: {remedy}. The reasons are in "
+        f"{report_path}."
+    )
 
 
 def _summarise(report: dict, report_path: str, log) -> None:
