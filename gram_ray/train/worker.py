@@ -6,10 +6,8 @@ the Ray-free loop (loop.py) over its shard of the train split, reporting through
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from gram_ray.train.guards import preemption_notices, step_watchdog
 from gram_ray.train.loop import run_training
 from gram_ray.train.resume import ResumePlan
 
-__all__ = ["WorkerArgs", "plan_of", "started_early", "storage_failures_named", "train_loop_per_worker"]
+__all__ = ["WorkerArgs", "plan_of", "storage_failures_named", "train_loop_per_worker"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,6 @@ def train_loop_per_worker(config: dict) -> None:
     # The step's clips are the same at every world size an elastic group runs at: a smaller group accumulates.
     plan = plan_of(cfg, world)
     resume = _starting_state(args, rank, world)
-    train_batches = _train_batches(args, cfg, rank, plan, resume)  # a restart's first batch starts coming now
     val = _optional_shard("val")
     tracker = _tracker(cfg, args, rank, resumed=resume is not None)
     reports = _Reports(args, cfg, tracker, world)
@@ -89,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         run_training(
             cfg,
-            train_batches=train_batches,
+            train_batches=_train_batches(args, cfg, rank, plan, resume),
             val_batches=_val_batches(args, cfg, val, rank, world) if val is not None else None,
             steps_per_epoch=args.train_rows // (plan.micro_batch * world),
             grad_accum=plan.grad_accum,
@@ -133,58 +130,27 @@ def _starting_state(args: WorkerArgs, rank: int, world: int) -> dict | None:
 def _train_batches(args: WorkerArgs, cfg: GramConfig, rank: int, plan: WorldPlan, resume: dict | None):
     """run_training's train_batches: this worker's shard of an epoch; for the epoch a mid-epoch checkpoint was
     taken in, its shard of the rest of that epoch (the driver already left out the clips trained on before).
-    The rest's first batch is fetched from now on, while the model is built: its pipeline starts cold (a task
-    worker process to start for its filter: 3-4 s of a restart here)."""
+    Nothing is read before the model is built: a first batch fetched meanwhile, on a thread of its own, raced the
+    model's first imports of transformers with the collate's tokenizer ("cannot import name 'AutoTokenizer'" in
+    make test-cluster), for little gain on 2 cores."""
     import ray.train
 
     train, rest = ray.train.get_dataset_shard("train"), _optional_shard(REST)
     resumed_epoch = resume["epoch"] if resume is not None and not resume.get("epoch_complete", True) else None
 
-    def read(shard, epoch: int) -> Iterator:
+    def batches(epoch: int, skip_ids: frozenset):
+        shard = train
+        if skip_ids:
+            if rest is not None and epoch == resumed_epoch:
+                shard = rest
+            else:
+                logging.getLogger("gram_ray").warning(
+                    "epoch %d restarts from its beginning: this restart has no rest-of-epoch dataset", epoch
+                )
         batches = shard.iter_torch_batches(**train_iter_options(cfg, args.vocab, epoch, rank, plan.micro_batch))
         return storage_failures_named(batches, "train", args.caches.get("train", "train"))
 
-    early = started_early(lambda: read(rest, resumed_epoch)) if rest is not None and resumed_epoch is not None else None
-
-    def batches(epoch: int, skip_ids: frozenset):
-        if not skip_ids:
-            return read(train, epoch)
-        if early is not None and epoch == resumed_epoch:
-            return early
-        logging.getLogger("gram_ray").warning(
-            "epoch %d restarts from its beginning: this restart has no rest-of-epoch dataset", epoch
-        )
-        return read(train, epoch)
-
     return batches
-
-
-def started_early(make: Callable[[], Iterator]) -> Iterator:
-    """The items of make(), the first of them fetched on a thread of its own from now on: a slow first item (a
-    cold pipeline) is fetched while the caller does something else. A failure to get it is raised where the
-    items are taken, as without the thread."""
-    first: list = []
-    failure: list[BaseException] = []
-    items: list[Iterator] = []
-
-    def fetch() -> None:
-        try:
-            items.append(iter(make()))
-            first.extend(itertools.islice(items[0], 1))
-        except BaseException as e:  # raised to the consumer below
-            failure.append(e)
-
-    thread = threading.Thread(target=fetch, name="first-batch", daemon=True)
-    thread.start()
-
-    def taken() -> Iterator:
-        thread.join()
-        if failure:
-            raise failure[0]
-        yield from first
-        yield from items[0]
-
-    return taken()
 
 
 def _val_batches(args: WorkerArgs, cfg: GramConfig, val, rank: int, world: int):
