@@ -24,7 +24,7 @@ from gram_ray.data.schema import AUDIO_FBANK_RANGE, AUDIO_FBANK_U8, FRAMES_JPEG,
 from gram_ray.data.span import Span
 from gram_ray.data.video import Mode, decode_video
 
-__all__ = ["ClipInput", "ClipColumns", "clip_rng", "decode_clip", "columns_to_arrow"]
+__all__ = ["ClipInput", "ClipColumns", "clip_rng", "decode_clip", "columns_to_arrow", "frame_draws"]
 
 
 @dataclass
@@ -50,8 +50,13 @@ def clip_rng(media_id: str) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(str(media_id).encode()))
 
 
+def frame_draws(video, mode: Mode) -> int:
+    """Draws of a clip's frames a cache of this mode holds (data.video.train_draws in a training cache)."""
+    return video.train_draws if mode == "train" else 1
+
+
 def _draw_shape(data: DataConfig, mode: Mode) -> tuple[int, ...]:
-    draws = data.video.train_draws if mode == "train" else 1
+    draws = frame_draws(data.video, mode)
     return (draws,) if draws > 1 else ()
 
 
@@ -62,7 +67,7 @@ def _decode_frames(clip: ClipInput, data: DataConfig, mode: Mode, rng) -> tuple[
     image's draws are all the same still."""
     video = data.video
     media = load_media(clip.video, video.format)
-    draws = video.train_draws if mode == "train" else 1
+    draws = frame_draws(video, mode)
     if video.format == "image":
         still = decode_image(media, video.num_frames, video.size)
         return (np.stack([still] * draws) if draws > 1 else still), None  # an image has no audio track

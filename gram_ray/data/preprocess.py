@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from gram_ray import storage
 from gram_ray.config import DataConfig, SourceConfig
-from gram_ray.data.decode import ClipColumns, ClipInput, clip_rng, columns_to_arrow
+from gram_ray.data.decode import ClipColumns, ClipInput, clip_rng, columns_to_arrow, frame_draws
 from gram_ray.data.manifest import ManifestRow, check_sources, read_annotations, resolve_media
 from gram_ray.data.packed import PACKED, ShardError, parquet_clips, shard_uris, tar_clips
 from gram_ray.data.parquet_layout import to_parquet_layout
@@ -175,8 +175,8 @@ def rows_per_shard(data: DataConfig, mode: Mode) -> int:
     """Clips per Parquet file for about data.shard_mb of stored tensors: a training cache's clip holds
     data.video.train_draws draws of its frames."""
     v, a = data.video, data.audio
-    draws = v.train_draws if mode == "train" else 1
-    frame_bytes = draws * v.num_frames * 3 * v.size * v.size * (_JPEG_SHARE if v.cache_codec == "jpeg" else 1)
+    codec_share = _JPEG_SHARE if v.cache_codec == "jpeg" else 1
+    frame_bytes = frame_draws(v, mode) * v.num_frames * 3 * v.size * v.size * codec_share
     value_bytes = 1 if a.cache_codec == "uint8" else 4
     clip_bytes = (frame_bytes if v.format != "none" else 0) + (
         value_bytes * a.windows * a.window_frames * a.mel_bins if a.format != "none" else 0
