@@ -513,6 +513,30 @@ def test_video2dataset_parquet_without_a_key_column_gives_every_row_its_own_key(
     assert ids == [f"00000.parquet[{n}]" for n in range(20)]
 
 
+def _webvid_like_shards(synth_small, folder: Path, copies: int = 1) -> tuple[list[str], dict, dict]:
+    """video2dataset tars as WebVid's come: per tar, 6 clips with their sound as a separate member, 2 videos with no
+    audio stream, 2 failed downloads (a json and a txt, no videoid) and one clip that is not a video at all.
+    Returns (the first tar's clip ids, their video bytes, their audio bytes)."""
+    val = json.loads(Path(synth_small["val"]).read_text())
+    video = {e["video_id"]: (Path(synth_small["videos"]) / f"{e['video_id']}.mp4").read_bytes() for e in val[:8]}
+    audio = {i: (Path(synth_small["audios"]) / f"{i}.wav").read_bytes() for i in video}
+    folder.mkdir()
+    for copy in range(copies):
+        name = (lambda i: i) if copy == 0 else (lambda i, c=copy: f"{i}-{c}")  # distinct ids in every tar
+        members = []
+        for i in list(video)[:6]:  # a clip with its sound as a separate member
+            members += [(f"{name(i)}.wav", audio[i]), *v2d_sample(name(i), video[i], ["with sound"], videoid=name(i))]
+        for i in list(video)[6:]:  # a video without an audio stream, and no audio member
+            members += v2d_sample(name(i), video[i], ["silent film"], videoid=name(i))
+        for n in range(2):  # failed downloads: no video, no videoid in the json
+            members += v2d_sample(
+                name(f"gone{n}"), None, ["rotted url"], status="failed_to_download", error_message="404"
+            )
+        members += v2d_sample(name("broken"), b"not a video at all" * 100, ["broken"], videoid=name("broken"))
+        (folder / f"{copy:05d}.tar").write_bytes(tar_bytes(members))
+    return list(video), video, audio
+
+
 @pytest.mark.ray
 def test_failed_downloads_and_clips_without_audio_under_skip_are_expected_absences_not_failures(
     synth_small, ray_session, tmp_path
@@ -523,20 +547,7 @@ def test_failed_downloads_and_clips_without_audio_under_skip_are_expected_absenc
     A failed download's json lacks the id field it is mapped to: it is reported as the failed download it is."""
     from gram_ray.data.preprocess import PreprocessError, preprocess
 
-    val = json.loads(Path(synth_small["val"]).read_text())
-    video = {e["video_id"]: (Path(synth_small["videos"]) / f"{e['video_id']}.mp4").read_bytes() for e in val[:8]}
-    audio = {i: (Path(synth_small["audios"]) / f"{i}.wav").read_bytes() for i in video}
-    ids = list(video)
-    members = []
-    for i in ids[:6]:  # a clip with its sound as a separate member
-        members += [(f"{i}.wav", audio[i]), *v2d_sample(i, video[i], ["with sound"], videoid=i)]
-    for i in ids[6:]:  # a video without an audio stream, and no audio member
-        members += v2d_sample(i, video[i], ["silent film"], videoid=i)
-    for n in range(2):  # failed downloads: no video, no videoid in the json
-        members += v2d_sample(f"gone{n}", None, ["rotted url"], status="failed_to_download", error_message="404")
-    members += v2d_sample("broken", b"not a video at all" * 100, ["broken"], videoid="broken")  # a real failure
-    (tmp_path / "wds").mkdir()
-    (tmp_path / "wds" / "00000.tar").write_bytes(tar_bytes(members))
+    ids, video, audio = _webvid_like_shards(synth_small, tmp_path / "wds")
     data = _small("webdataset", id="videoid")
     data.audio.missing, data.max_failure_share = "skip", 0.1
     lines: list[str] = []
@@ -567,3 +578,41 @@ def test_failed_downloads_and_clips_without_audio_under_skip_are_expected_absenc
     data.max_failure_share = 0.05  # the one broken clip is 9%: a failure still stops the run, naming the others
     with pytest.raises(PreprocessError, match=r"1 of 11 clips \(9%\) could not be decoded \(4 more left out as"):
         preprocess(str(tmp_path / "wds"), None, str(tmp_path / "cache2"), data, log=lines.append)
+
+
+@pytest.mark.ray
+def test_training_from_video2dataset_shards_with_failed_downloads_and_silent_clips(synth_small, ray_session, tmp_path):
+    """Issue 38's done-when: WebVid-like shards (a third of the samples failed downloads or silent) decode through
+    training's own path (decode_split, train mode) with each kind counted, none against data.max_failure_share,
+    and the model trains on what is left. It once stopped with 26 of 159 clips "could not be decoded"."""
+    from tiny import in_memory, tiny_config
+
+    from gram_ray.data.parquet_layout import numpy_rows
+    from gram_ray.data.text import build_word_vocab
+    from gram_ray.train.datasets import decode_split
+    from gram_ray.train.loop import run_training
+
+    _webvid_like_shards(synth_small, tmp_path / "wds", copies=3)
+    cfg = tiny_config(
+        f"data.train_annotations={tmp_path / 'wds'}", "data.source.kind=webdataset", "data.source.fields.id=videoid",
+        "data.audio.missing=skip", "data.max_failure_share=0.1", "train.epochs=2", "train.batch_size=4",
+    )  # fmt: skip
+    lines: list[str] = []
+    report = decode_split(cfg, "train", str(tmp_path / "cache"), log=lines.append)
+    assert report["status"] == "complete" and report["mode"] == "train"
+    # 3 tars of 11: 18 kept, 6 failed downloads and 6 silent left out as expected, 3 broken (9% < 10%).
+    assert (report["rows_total"], report["rows_written"], report["rows_failed"], report["rows_absent"]) == (
+        33,
+        18,
+        3,
+        12,
+    )
+    assert report["absent_by_reason"] == {"download status failed_to_download": 6, "no readable audio track": 6}
+    assert "  left out 6 as expected: download status failed_to_download" in lines
+    assert [line for line in lines if line.startswith("  skipped 3: ")], lines  # the broken clips, by reason
+
+    rows = numpy_rows(pq.read_table(tmp_path / "cache" / "shards"))
+    assert len(rows["id"]) == 18 and rows["has_audio"].all()
+    vocab = build_word_vocab(c for caps in rows["captions"] for c in caps)
+    last = run_training(cfg, **in_memory(cfg, rows, vocab), report=lambda metrics, checkpoint: None)
+    assert last["step"] == 2 * (18 // 4) and np.isfinite(last["train/loss"])
