@@ -8,9 +8,12 @@ import torch.nn.functional as F
 from gram_ray.retrieval.search import (
     ClipIndex,
     ErrorModel,
+    _beyond_kept,
+    _kept,
     search_captions,
     search_clips,
     squared_volumes,
+    volume_candidates,
     volume_error_bound,
 )
 from gram_ray.volume import gram_volume, orthonormal_span
@@ -164,3 +167,36 @@ def test_the_error_bound_holds_for_every_clip(dtype, queries):
     bound = volume_error_bound(estimate, t_sq, index.span_volume_sq[None, :], model)
     exact = gram_volume(query_rows.double(), *(e.to(dtype).double() for e in clip)) ** 2
     assert ((estimate.double() - exact).abs() <= bound.double()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("queries", [1, 24])
+def test_no_clip_the_scan_leaves_out_is_below_its_floor(dtype, queries):
+    """The scan bounds only the clips it keeps (the lowest estimates); every other clip's lower end is at least
+    _beyond_kept's floor. Checked against every clip's own bound, near-duplicates and far clips alike."""
+    clip, query_rows = _near_duplicate_clusters(2, seed=7, clusters=20)
+    query_rows = torch.cat([query_rows[:queries], F.normalize(torch.randn(queries, query_rows.shape[1]), dim=-1)])
+    index = _index(clip, dtype)
+    estimate = squared_volumes(query_rows, index.basis, index.span_volume_sq)
+    model = ErrorModel.of_index(index.basis, index.embeddings["video"], len(query_rows))
+    t_sq = (query_rows**2).sum(-1, keepdim=True)
+    lower = estimate - volume_error_bound(estimate, t_sq, index.span_volume_sq[None, :], model)
+    kept = estimate.topk(_kept(10), dim=1, largest=False)
+    left_out = torch.ones_like(estimate, dtype=torch.bool).scatter_(1, kept.indices, False)
+    floor = _beyond_kept(kept.values[:, -1], lambda x: volume_error_bound(x, t_sq, index.span_volume_sq.max(), model))
+    assert torch.isfinite(floor).all()  # the secant slope is below 1 here: the floor is given
+    assert (lower[left_out].view(len(query_rows), -1) >= floor[:, None]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_cluster_larger_than_the_scan_keeps_is_scanned_again_and_stays_exact(dtype):
+    """400 near-duplicates around each query's best clips: more candidates than the scan keeps (_kept(10) = 138),
+    so those queries are scanned again for every clip under their threshold; the top 10 still equal brute force."""
+    clip, query_rows = _near_duplicate_clusters(2, seed=8, clusters=4, size=400)
+    query_rows = query_rows[:6]
+    index = _index(clip, dtype)
+    candidates = volume_candidates(query_rows, index, k=10)
+    assert max(len(c) for c in candidates) > _kept(10)  # the second scan ran
+    brute = gram_volume(query_rows.double(), *(e.to(dtype).double() for e in clip))
+    scores, found = search_clips(query_rows, index, k=10)
+    _same_sets(found, brute, 10)

@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from gram_ray.bench.common import process_memory
-from gram_ray.retrieval.search import ClipIndex, search_clips, squared_volumes, volume_candidates
+from gram_ray.retrieval.search import (
+    ClipIndex,
+    merge_topk,
+    scan_rows,
+    search_clips,
+    squared_volumes,
+    volume_candidates,
+)
 from gram_ray.volume import gram_volume, orthonormal_span
 
 __all__ = ["SearchBenchResult", "bench_search", "search_table", "synthetic_index", "as_json"]
@@ -109,16 +116,16 @@ def _stored_bytes_per_clip(index: ClipIndex, sample: int = 10_000) -> float:
         return path.stat().st_size / n
 
 
-def _scan_only(queries: torch.Tensor, index: ClipIndex, k: int, rows: int = 65_536) -> torch.Tensor:
-    """The baseline exactness is measured against: each query's k lowest closed-form estimates, chunk by chunk."""
-    best = None
+def _scan_only(queries: torch.Tensor, index: ClipIndex, k: int) -> torch.Tensor:
+    """The baseline exactness is measured against: each query's k lowest closed-form estimates, in the exact
+    search's chunks (scan_rows: the same memory budget), merged as it merges its own running top k (merge_topk)."""
+    rows, best = scan_rows(queries, index), None
     for start in range(0, len(index), rows):
         estimate = squared_volumes(
             queries, index.basis[start : start + rows], index.span_volume_sq[start : start + rows]
         )
-        best = estimate if best is None else torch.cat([best, estimate], 1)
-        best = best.topk(min(k, best.shape[1]), dim=1, largest=False).values
-    return best
+        best = merge_topk(best, estimate, start, k, largest=False)
+    return best[0]
 
 
 def _reset_peak_rss() -> bool:

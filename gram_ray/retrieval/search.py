@@ -18,8 +18,10 @@ k-th smallest upper end (estimate + bound) is a volume the true top k cannot exc
 is below it is a candidate. The candidates are recomputed in float64 from the stored embeddings by Gram-Schmidt, as
 `gram_volume` does, and ranked by that, so the top k equal brute force by `gram_volume` over the same embeddings,
 ties aside, whatever the data: tested over 10,000 clips for 2, 3 and 4 modalities, and on clusters of
-near-duplicate clips in float16 and float32, both directions. One scan keeps each query's `k + max(3k, 128)` lowest
-lower ends; a query with more candidates than that under its threshold is scanned again for all of them.
+near-duplicate clips in float16 and float32, both directions. The scan itself is the estimate and a running top k
+of it: it keeps each query's `k + max(3k, 128)` lowest estimates, and only those get their bound; a query where a
+clip not kept could still be a candidate is scanned again for all of them. So exactness costs a wider top k and a
+pass over a few hundred candidates a query, not a bound over the whole collection.
 
 Memory. The collection is scanned in chunks sized so that the [queries, chunk, k-1] coordinates stay under
 `chunk_bytes`; the running top candidates are all that is kept between chunks. Pure torch: runs on the GPU when
@@ -40,6 +42,8 @@ __all__ = [
     "search_clips",
     "search_captions",
     "squared_volumes",
+    "merge_topk",
+    "scan_rows",
     "volume_candidates",
     "volume_error_bound",
     "ErrorModel",
@@ -167,66 +171,90 @@ def _chunk_rows(queries: int, per_row_floats: int, chunk_bytes: int, widened_flo
     return max(1, chunk_bytes // max(1, (queries * per_row_floats + widened_floats) * 4))
 
 
+def merge_topk(
+    best: tuple[torch.Tensor, torch.Tensor] | None, scores: torch.Tensor, start: int, keep: int, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best `keep` (scores, item indices) [Q, keep] per query of those so far (best, or None) and a chunk's
+    scores [Q, C] of items start..start+C. The chunk's own top k comes first, so only [Q, 2 keep] are merged: the
+    chunk is never copied, nor its indices made (a [Q, C] int64 tensor, twice the chunk's scores)."""
+    top = scores.topk(min(keep, scores.shape[1]), dim=1, largest=largest)
+    values, index = top.values, top.indices + start
+    if best is not None:
+        values, index = torch.cat([best[0], values], 1), torch.cat([best[1], index], 1)
+        top = values.topk(min(keep, values.shape[1]), dim=1, largest=largest)
+        values, index = top.values, index.gather(1, top.indices)
+    return values, index
+
+
 def _running_topk(
     score_chunk: Callable[[int, int], torch.Tensor], n: int, keep: int, rows: int, largest: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The best `keep` of n candidates per query, scanning them `rows` at a time: score_chunk(start, end) -> [Q, end -
     start]. Returns (scores, indices) [Q, keep], best first."""
-    best_scores = best_index = None
+    best = None
     for start in range(0, n, rows):
-        end = min(n, start + rows)
-        scores = score_chunk(start, end)
-        index = torch.arange(start, end, device=scores.device).expand_as(scores)
-        if best_scores is not None:
-            scores, index = torch.cat([best_scores, scores], 1), torch.cat([best_index, index], 1)
-        top = scores.topk(min(keep, scores.shape[1]), dim=1, largest=largest)
-        best_scores, best_index = top.values, index.gather(1, top.indices)
-    return best_scores, best_index
+        best = merge_topk(best, score_chunk(start, min(n, start + rows)), start, keep, largest)
+    return best
 
 
 def _kept(k: int) -> int:
-    """Lowest lower ends kept in the first scan: enough for clusters of ~100 near-duplicate clips around the top k
-    (a float16 index cannot tell them apart, so all of them are candidates) without a second scan."""
+    """Lowest estimates kept by the scan: enough for clusters of ~100 near-duplicate clips around the top k (a
+    float16 index cannot tell them apart, so all of them are candidates) without a second scan."""
     return k + max(3 * k, 128)
 
 
+# The error of an estimate, elementwise: bound(estimate [Q', C], queries [Q'] or None for all, items [Q', C] or
+# [1, C]), the estimate made by one GEMM of Q' queries (estimate.shape[0]).
+Bound = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+
+
+def _beyond_kept(last: torch.Tensor, widest: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[Q]: a lower end (estimate - bound) that no item the scan did not keep goes below, per query; -inf where
+    none can be given. last: each query's largest kept estimate, which every item not kept is at least;
+    widest(x): the bound of an estimate x for the item with the largest bound factors (it bounds every item's).
+
+    The bound is concave in the estimate (linear terms and the square root of one), so its slope beyond `last` is
+    at most the secant slope over [last / 2, last]. Where that is below 1, estimate - bound only grows beyond
+    `last`, and its value at `last` bounds every item not kept."""
+    half = last / 2
+    at_last, at_half = widest(last[:, None])[:, 0], widest(half[:, None])[:, 0]
+    slope = (at_last - at_half) / (last - half)
+    floor = last - at_last
+    return torch.where((last > 0) & (slope < 1), floor, torch.full_like(floor, -float("inf")))
+
+
 def _bounded_candidates(
-    estimate_chunk: Callable[[int, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    estimate_chunk: Callable[[int, int, torch.Tensor | None], torch.Tensor],
+    bound: Bound,
+    widest: Callable[[torch.Tensor], torch.Tensor],
     n: int,
     k: int,
     rows: int,
 ) -> list[torch.Tensor]:
     """Each query's candidates for the exact top k: every item whose lower end (estimate - bound) is at most the
-    k-th smallest upper end (estimate + bound) over all n items. estimate_chunk(start, end, queries) -> (estimate,
-    bound) [Q', end - start] for those queries (None: all). One scan keeps the _kept(k) lowest lower ends and the k
-    lowest upper ends; a query whose kept lower ends all fall under its threshold may have more, and is scanned
-    again for every item under it. Returns a tensor of item indices per query."""
-    keep = _kept(k)
-    lower = lower_index = upper = None
-    for start in range(0, n, rows):
-        end = min(n, start + rows)
-        estimate, bound = estimate_chunk(start, end, None)
-        low, high = estimate - bound, estimate + bound
-        index = torch.arange(start, end, device=estimate.device).expand_as(estimate)
-        if lower is not None:
-            low, index, high = (
-                torch.cat([lower, low], 1),
-                torch.cat([lower_index, index], 1),
-                torch.cat([upper, high], 1),
-            )
-        top = low.topk(min(keep, low.shape[1]), dim=1, largest=False)
-        lower, lower_index = top.values, index.gather(1, top.indices)
-        upper = high.topk(min(k, high.shape[1]), dim=1, largest=False).values
-    threshold = upper[:, -1]
-    candidates = [row[values <= limit] for row, values, limit in zip(lower_index, lower, threshold, strict=True)]
-    overflow = ((lower[:, -1] <= threshold) & (lower.shape[1] < n)).nonzero().flatten().tolist()
-    if overflow:  # more candidates than kept: every item under the threshold, found by scanning again
+    k-th smallest upper end (estimate + bound) over all n items. estimate_chunk(start, end, queries) -> the
+    estimates [Q', end - start] of those queries (None: all).
+
+    The scan is the estimate and a running top-k of it, as a scan without the bound is: the bound is computed only
+    for the _kept(k) lowest estimates of each query. Their k-th smallest upper end is at least the true threshold
+    (a threshold over fewer items), so it keeps every true candidate; the items not kept are bounded all at once
+    (_beyond_kept). A query where one of them could still be a candidate is scanned again, bound and all, for every
+    item under its threshold. Returns a tensor of item indices per query."""
+    kept, kept_index = _running_topk(lambda start, end: estimate_chunk(start, end, None), n, _kept(k), rows, False)
+    error = bound(kept, None, kept_index)
+    lower, threshold = kept - error, (kept + error).topk(k, dim=1, largest=False).values[:, -1]
+    candidates = [row[low <= limit] for row, low, limit in zip(kept_index, lower, threshold, strict=True)]
+    overflow = (
+        (_beyond_kept(kept[:, -1], widest) <= threshold).nonzero().flatten().tolist() if kept.shape[1] < n else []
+    )
+    if overflow:  # an item the scan did not keep may be a candidate: every item under the threshold, found again
         queries = torch.tensor(overflow, device=threshold.device)
         found: list[list[torch.Tensor]] = [[] for _ in overflow]
         for start in range(0, n, rows):
             end = min(n, start + rows)
-            estimate, bound = estimate_chunk(start, end, queries)
-            hits = (estimate - bound) <= threshold[queries, None]
+            estimate = estimate_chunk(start, end, queries)
+            items = torch.arange(start, end, device=estimate.device)[None, :]
+            hits = (estimate - bound(estimate, queries, items)) <= threshold[queries, None]
             for i in range(len(overflow)):
                 found[i].append(hits[i].nonzero().flatten() + start)
         for i, q in enumerate(overflow):
@@ -265,11 +293,19 @@ def search_clips(
     candidates = volume_candidates(queries, index, k, chunk_bytes)
     return _exact_top(
         lambda q, c: torch.stack([index.embeddings[m][c] for m in index.modalities], -2),
-        lambda q, c: queries[q, None, :].expand(-1, c.shape[1], -1),
+        lambda q, c: queries[q],
         candidates,
         k,
         eps,
     )
+
+
+def scan_rows(queries: torch.Tensor, index: ClipIndex, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Clips a chunk of the volume scan: its [queries, rows, m] float32 coordinates (and a float16 index's widened
+    copy of the rows) within chunk_bytes."""
+    m, dim = index.basis.shape[1:]
+    widened = m * dim if index.basis.dtype == torch.float16 and not _half_gemm(index.basis, queries.shape[0]) else 0
+    return _chunk_rows(queries.shape[0], m, chunk_bytes, widened)
 
 
 def volume_candidates(
@@ -277,43 +313,53 @@ def volume_candidates(
 ) -> list[torch.Tensor]:
     """Each query's candidates for its exact top k by volume (clip indices): every clip whose GEMM estimate, less
     its error bound, is at most the k-th smallest estimate plus bound."""
-    m, dim = index.basis.shape[1:]
-    widened = m * dim if index.basis.dtype == torch.float16 and not _half_gemm(index.basis, queries.shape[0]) else 0
-    rows = _chunk_rows(queries.shape[0], m, chunk_bytes, widened)
+    rows = scan_rows(queries, index, chunk_bytes)
     first = index.embeddings[index.modalities[0]]
     t_sq = (queries.to(_compute_dtype(index.basis)) ** 2).sum(-1, keepdim=True)
 
-    def chunk(start: int, end: int, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        vectors, sq = (queries, t_sq) if q is None else (queries[q], t_sq[q])
-        span = index.span_volume_sq[start:end]
-        estimate = squared_volumes(vectors, index.basis[start:end], span)
-        model = ErrorModel.of_index(index.basis, first, len(vectors))  # a float16 product for few queries
-        return estimate, volume_error_bound(estimate, sq, span.to(estimate.dtype)[None, :], model)
+    def chunk(start: int, end: int, q: torch.Tensor | None) -> torch.Tensor:
+        vectors = queries if q is None else queries[q]
+        return squared_volumes(vectors, index.basis[start:end], index.span_volume_sq[start:end])
 
-    return _bounded_candidates(chunk, len(index), min(k, len(index)), rows)
+    def model(estimate: torch.Tensor) -> ErrorModel:  # a float16 product for few queries
+        return ErrorModel.of_index(index.basis, first, estimate.shape[0])
+
+    def bound(estimate: torch.Tensor, q: torch.Tensor | None, items: torch.Tensor) -> torch.Tensor:
+        span = index.span_volume_sq[items].to(estimate.dtype)
+        return volume_error_bound(estimate, t_sq if q is None else t_sq[q], span, model(estimate))
+
+    largest_span = index.span_volume_sq.max().to(t_sq.dtype)
+
+    def widest(estimate: torch.Tensor) -> torch.Tensor:  # [Q, 1] from the scan, so the model of all the queries
+        return volume_error_bound(estimate, t_sq, largest_span, ErrorModel.of_index(index.basis, first, len(t_sq)))
+
+    return _bounded_candidates(chunk, bound, widest, len(index), min(k, len(index)), rows)
 
 
 def _exact_top(span_rows, anchor_rows, candidates: list[torch.Tensor], k: int, eps: float):
     """Each query's k best candidates by their exact volume: float64 Gram-Schmidt of the stored embeddings, as
-    gram_volume refines. span_rows(q, c) [Q', C, m, D] and anchor_rows(q, c) [Q', C, D] for queries q [Q'] and
-    their candidates c [Q', C]. Queries go together, their candidate lists padded to the longest (the padding
-    scored +inf), about _EXACT_ROWS tuples at a time."""
-    values, found = [], []
-    longest = max(len(c) for c in candidates)
-    step = max(1, _EXACT_ROWS // longest)
-    for start in range(0, len(candidates), step):
-        group = candidates[start : start + step]
-        width = max(len(c) for c in group)
-        padded = torch.stack([torch.cat([c, c[:1].expand(width - len(c))]) for c in group])
-        valid = torch.arange(width, device=padded.device)[None, :] < torch.tensor([len(c) for c in group])[:, None].to(
-            padded.device
-        )
-        q = torch.arange(start, start + len(group), device=padded.device)
-        exact = exact_squared_volumes(span_rows(q, padded), anchor_rows(q, padded), eps).clamp_min(0).sqrt()
-        order = exact.masked_fill(~valid, float("inf")).topk(k, dim=1, largest=False)
-        values.append(order.values)
-        found.append(padded.gather(1, order.indices))
-    return torch.cat(values), torch.cat(found)
+    gram_volume refines. span_rows(q, c) [P, m, D] and anchor_rows(q, c) [P, D] for P (query, candidate) pairs,
+    q and c [P]. Only real pairs are computed, _EXACT_ROWS at a time (a query's list padded to the longest would
+    cost as much as a query with a cluster of near-duplicates); the volumes are then laid out per query, padded
+    with +inf, for the top k."""
+    counts = torch.tensor([len(c) for c in candidates])
+    device = candidates[0].device
+    items = torch.cat(candidates)
+    queries = torch.repeat_interleave(torch.arange(len(candidates), device=device), counts.to(device))
+    exact = torch.empty(len(items), dtype=torch.float64, device=device)
+    for start in range(0, len(items), _EXACT_ROWS):
+        q, c = queries[start : start + _EXACT_ROWS], items[start : start + _EXACT_ROWS]
+        exact[start : start + len(c)] = exact_squared_volumes(span_rows(q, c), anchor_rows(q, c), eps)
+    width = int(counts.max())
+    slot = torch.arange(len(items), device=device) - torch.repeat_interleave(
+        (torch.cumsum(counts, 0) - counts).to(device), counts.to(device)
+    )  # each pair's place in its query's list
+    table = torch.full((len(candidates), width), float("inf"), dtype=torch.float64, device=device)
+    table[queries, slot] = exact.clamp_min(0).sqrt()
+    padded = torch.zeros((len(candidates), width), dtype=items.dtype, device=device)
+    padded[queries, slot] = items
+    order = table.topk(k, dim=1, largest=False)
+    return order.values, padded.gather(1, order.indices)
 
 
 def search_captions(
@@ -340,15 +386,21 @@ def search_captions(
         sources=0.0,  # the basis comes from the query clip's stored embeddings, which the exact pass reads too
     )
 
-    def chunk(start: int, end: int, q: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        b, v = (basis, span_volume_sq) if q is None else (basis[q], span_volume_sq[q])
-        vectors = captions[start:end]
-        estimate = squared_volumes(vectors, b, v).T  # [Q', captions]
-        t_sq = (vectors.to(estimate.dtype) ** 2).sum(-1)[None, :]
-        return estimate, volume_error_bound(estimate, t_sq, v.to(estimate.dtype)[:, None], model)
+    caption_sq = (captions.to(basis.dtype) ** 2).sum(-1)
 
-    candidates = _bounded_candidates(chunk, captions.shape[0], k, rows)
+    def chunk(start: int, end: int, q: torch.Tensor | None) -> torch.Tensor:
+        b, v = (basis, span_volume_sq) if q is None else (basis[q], span_volume_sq[q])
+        return squared_volumes(captions[start:end], b, v).T  # [Q', captions]
+
+    def bound(estimate: torch.Tensor, q: torch.Tensor | None, items: torch.Tensor) -> torch.Tensor:
+        v = span_volume_sq if q is None else span_volume_sq[q]
+        return volume_error_bound(estimate, caption_sq[items], v.to(estimate.dtype)[:, None], model)
+
+    largest_sq = caption_sq.max()
+
+    def widest(estimate: torch.Tensor) -> torch.Tensor:
+        return volume_error_bound(estimate, largest_sq, span_volume_sq.to(estimate.dtype)[:, None], model)
+
+    candidates = _bounded_candidates(chunk, bound, widest, captions.shape[0], k, rows)
     clips = torch.stack(others, 1)  # [Q, m, D]
-    return _exact_top(
-        lambda q, c: clips[q, None].expand(-1, c.shape[1], -1, -1), lambda q, c: captions[c], candidates, k, eps
-    )
+    return _exact_top(lambda q, c: clips[q], lambda q, c: captions[c], candidates, k, eps)
