@@ -166,3 +166,31 @@ def test_tiny_training_from_a_cache_of_each_new_modality_set(kind, overrides, sy
     assert np.isfinite(last["train/loss"]) and last["train/matching_loss"] > 0
     for key in (f"val/{name}/t2v/R@1", f"val/rerank/{name}/t2v/R@1", f"val/rerank_plus_volume/{name}/t2v/R@1"):
         assert 0 <= last[key] <= 100, key
+
+
+@pytest.mark.ray
+def test_the_rest_of_a_streamed_epoch_reads_no_file_trained_on_whole(synth_small, ray_session, tmp_path):
+    """A mid-epoch checkpoint of a cache streamed every epoch records the files trained on whole by name (its
+    report's file_rows count their rows); the rest of the epoch skips those files at the read, and leaves out the
+    ids trained on of the others: every other clip comes once."""
+    from gram_ray.data.epoch_progress import FILE, EpochProgress
+    from gram_ray.train.datasets import streamed
+
+    cfg = tiny_config("data.materialize=never", "train.shuffle=blocks")
+    report = preprocess(synth_small["train"], synth_small["videos"], tmp_path / "cache", cfg.data,
+                        audio_dir=synth_small["audios"])  # fmt: skip
+    file_rows = report["file_rows"]
+    names = sorted(file_rows)
+    assert len(names) > 2 and sum(file_rows.values()) == report["rows_written"] == 16
+    shards = str(tmp_path / "cache" / "shards")
+    rows = {r["id"]: r[FILE] for r in streamed(shards, cfg, 0).take_all()}
+    assert len(rows) == 16 and set(rows.values()) == set(names)  # every row says its file
+
+    progress = EpochProgress(file_rows)
+    whole = [i for i, name in rows.items() if name == names[0]]
+    partly = [i for i, name in rows.items() if name == names[1]][:1]
+    progress.add([names[0]] * len(whole) + [names[1]], whole + partly)
+    assert progress.done == {names[0]} and progress.ids() == partly
+    rest = streamed(shards, cfg, 0, progress)
+    assert not [f for f in rest.input_files() if f.endswith(names[0])]  # not read at all
+    assert sorted(r["id"] for r in rest.take_all()) == sorted(set(rows) - set(whole) - set(partly))

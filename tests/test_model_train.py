@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import batches, load_split, saved, tiny_config
+from tiny import batches, load_split, saved, tiny_config, trained_ids
 from wandb_records import history, read_records
 
 from gram_ray.config import EncoderConfig, TrainConfig, load_config, save_config
@@ -251,11 +251,11 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(setup):
     first_lrs, first_ckpts, first_seen, _ = _resume_run(cfg, train, vocab, stop_at=6)
     mid = first_ckpts[-1]
     assert (mid["step"], mid["epoch"], mid["epoch_complete"]) == (6, 1, False)
-    assert len(mid["consumed_ids"]) == 2 * cfg.train.batch_size  # steps 5 and 6 of epoch 1
+    assert len(trained_ids(mid)) == 2 * cfg.train.batch_size  # steps 5 and 6 of epoch 1
     rest_lrs, rest_ckpts, rest_seen, rest_ends = _resume_run(cfg, train, vocab, resume=mid)
 
     # No batch replayed or skipped: the resumed epoch trains on exactly the clips the full run had left.
-    assert first_seen[1] + rest_seen[1] == full_seen[1] and set(mid["consumed_ids"]) == set(first_seen[1])
+    assert first_seen[1] + rest_seen[1] == full_seen[1] and set(trained_ids(mid)) == set(first_seen[1])
     assert rest_seen[2] == full_seen[2] and full_seen[1] != full_seen[2]  # and a new order every epoch
     # The same step count, the same learning rate at every step, ending at 0 on the planned last step.
     assert [s for s, _ in first_lrs + rest_lrs] == [s for s, _ in full_lrs] == list(range(1, 13))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
+from gram_ray.data.epoch_progress import FILE, EpochProgress
 from gram_ray.data.schema import object_column
 from gram_ray.train.datasets import keep_in_memory, shuffled, shuffled_rest, train_iter_options
 
@@ -26,10 +27,15 @@ def cached_rows(ray_session):
         "frames": rng.integers(0, 255, (ROWS, 2, 3, 16, 16), dtype=np.uint8),
         "audio_fbank": rng.standard_normal((ROWS, 1, 64, 64)).astype(np.float32),
         "has_audio": np.ones(ROWS, dtype=bool),
+        FILE: np.array([_file(i) for i in range(ROWS)], dtype=object),  # as read_cache(with_files=True) gives
     }
     ds = keep_in_memory(ray.data.from_items([{k: v[i] for k, v in batch.items()} for i in range(ROWS)]), cfg)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "caption"] + [str(i) for i in range(ROWS)]
     return cfg, ds, vocab, ids
+
+
+def _file(row: int) -> str:
+    return f"shard-{row // 8:05d}.parquet"  # 8 files of 8 clips
 
 
 def _epochs(ds, cfg, vocab, epochs):
@@ -71,7 +77,12 @@ def test_the_rest_of_an_epoch_leaves_out_exactly_the_consumed_clips(cached_rows,
     cfg, ds, vocab, ids = cached_rows
     cfg = cfg.model_copy(deep=True)
     cfg.train.shuffle = mode
-    consumed = ids[::4]  # 16 clips: two global steps' worth
-    seen = _epochs(shuffled_rest(ds, cfg, 1, consumed), cfg, vocab, epochs=1)
+    # 16 clips, two global steps' worth: a file trained on whole (recorded by its name) and 8 clips of 4 others
+    # (by id), as a mid-epoch checkpoint records them.
+    consumed = [i for n, i in enumerate(ids) if _file(n) == _file(16) or n in (0, 1, 8, 9, 32, 33, 40, 41)]
+    progress = EpochProgress({_file(n): 8 for n in range(0, ROWS, 8)})
+    progress.add([_file(ids.index(i)) for i in consumed], consumed)
+    assert progress.done == {_file(16)} and len(progress.ids()) == 8
+    seen = _epochs(shuffled_rest(ds, cfg, 1, progress), cfg, vocab, epochs=1)
     rest = seen[0][0] + seen[0][1]
     assert sorted(rest) == sorted(set(ids) - set(consumed))

@@ -197,6 +197,12 @@ def gram_layout_checkpoint(cfg, path, seed: int = 7) -> dict:
     return source
 
 
+def trained_ids(state: dict) -> list[str]:
+    """The ids a mid-epoch checkpoint (or its position) lists as trained on in its epoch: all of them for rows read
+    without files (held in memory, as here), those of the files in progress for a cache's."""
+    return [i for ids in state["epoch_progress"]["ids"].values() for i in ids]
+
+
 def in_memory(cfg, rows: dict, vocab) -> dict:
     """run_training's data arguments for a train split held in memory (load_split), without Ray or a val split."""
     from gram_ray.data.collate import Collate, epoch_batches

@@ -16,12 +16,14 @@ import numpy as np
 import torch
 
 from gram_ray.config import GramConfig
+from gram_ray.data.epoch_progress import FILE, EpochProgress
 from gram_ray.data.fbank_codec import decode_fbank
 from gram_ray.data.frame_codec import decode_jpegs, frames_of_draw
 from gram_ray.data.schema import (
     AUDIO_FBANK_RANGE,
     AUDIO_FBANK_U8,
     CAPTIONS,
+    FILES,
     FRAMES_JPEG,
     HAS_AUDIO,
     ID,
@@ -118,6 +120,7 @@ class Collate:
             subs = tokenize(self.tokenizer, _strings(batch[m.cache_column]), self.cfg.model.max_subtitle_length)
             out[m.batch_keys[0]], out[m.batch_keys[1]] = subs["input_ids"], subs["attention_mask"]
         out[IDS] = ids
+        out[FILES] = _strings(batch[FILE]) if FILE in batch else [""] * len(ids)  # for the epoch's progress
         return out
 
     def frames(self, batch: dict, ids: list[str]) -> dict:
@@ -157,13 +160,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def epoch_batches(rows: dict, batch_size: int, collate: Collate, epoch: int, skip_ids: frozenset = frozenset()):
+def epoch_batches(rows: dict, batch_size: int, collate: Collate, epoch: int, skip: EpochProgress | None = None):
     """One epoch of model batches over rows held in memory (a numpy batch of cache rows), without Ray: shuffled
-    by (train.seed, epoch), the clips in skip_ids left out, the last partial batch dropped."""
-    ids = np.asarray([str(i) for i in rows[ID]])
+    by (train.seed, epoch), the clips `skip` holds (a resumed epoch's progress) left out, the last partial batch
+    dropped."""
+    ids = [str(i) for i in rows[ID]]
     order = epoch_order(len(ids), collate.cfg.train.seed, epoch)
     collate = collate.for_epoch(epoch)
-    order = order[~np.isin(ids[order], list(skip_ids))] if skip_ids else order
+    if skip:
+        files = _strings(rows[FILE]) if FILE in rows else [""] * len(ids)
+        order = order[~np.asarray(skip.contains([files[i] for i in order], [ids[i] for i in order]), dtype=bool)]
     for start in range(0, len(order) - batch_size + 1, batch_size):
         chosen = order[start : start + batch_size]
         yield collate({k: v[chosen] for k, v in rows.items()})

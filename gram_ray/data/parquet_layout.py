@@ -10,9 +10,11 @@ fixed-size binary value per row, with the shape and dtype in the field's metadat
 from __future__ import annotations
 
 import json
+import posixpath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from ray.data.extensions import ArrowTensorArray, ArrowTensorType, ArrowTensorTypeV2
 
 from gram_ray import storage
@@ -70,13 +72,21 @@ def numpy_rows(table: pa.Table) -> dict:
     return BlockAccessor.for_block(from_parquet_layout(table)).to_batch_format("numpy")
 
 
-def read_cache(shards: str, shuffle_seed: int | None = None, block_per_file: bool = False):
+def read_cache(
+    shards: str,
+    shuffle_seed: int | None = None,
+    block_per_file: bool = False,
+    with_files: bool = False,
+    files: list[str] | None = None,
+):
     """A Ray Dataset over a cache's Parquet shards, with its tensor columns restored. shuffle_seed: the files are
     read in a random order, a new one at every execution of the dataset (an epoch), derived from the seed: a
     shuffle that streams, for caches read from storage every epoch. block_per_file: one read task and one block
     a file, for a cache streamed every epoch; its files are already sized for it (data.shard_mb), where Ray Data
     would cut a cache of fewer than 200 files into smaller blocks, each a task of its own every epoch (measured:
-    2 MB blocks of 8 clips kept 2 training workers waiting on ~1 s of task overhead a block, on 2 cores)."""
+    2 MB blocks of 8 clips kept 2 training workers waiting on ~1 s of task overhead a block, on 2 cores).
+    with_files: each row carries the name of the file it was read from (epoch_progress.FILE), which a mid-epoch
+    checkpoint records the epoch's progress by. files: read only these files of the cache (names), not all."""
     import ray.data
     from ray.data import DataContext
     from ray.data.datasource import FileShuffleConfig
@@ -89,10 +99,25 @@ def read_cache(shards: str, shuffle_seed: int | None = None, block_per_file: boo
     context = DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        files = len(storage.list_files(shards, ".parquet")) if block_per_file else None
+        count = None
+        if block_per_file:
+            count = len(files) if files is not None else len(storage.list_files(shards, ".parquet"))
         # A URI's filesystem goes with the read: its read tasks then use the storage settings (retries, timeouts).
         fs, path = storage.resolve(shards) if storage.is_uri(shards) else (None, shards)
-        ds = ray.data.read_parquet(path, filesystem=fs, shuffle=shuffle, override_num_blocks=files or None)
+        paths = path if files is None else [posixpath.join(path, name) for name in files]
+        ds = ray.data.read_parquet(
+            paths, filesystem=fs, shuffle=shuffle, override_num_blocks=count or None, include_paths=with_files
+        )
     finally:
         context.use_datasource_v2 = previous
-    return ds.map_batches(from_parquet_layout, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    restore = _restored_with_files if with_files else from_parquet_layout
+    return ds.map_batches(restore, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+def _restored_with_files(table: pa.Table) -> pa.Table:
+    """from_parquet_layout, with Ray Data's path column (include_paths) as each row's file name (FILE)."""
+    from gram_ray.data.epoch_progress import FILE
+
+    table = from_parquet_layout(table)
+    names = pc.replace_substring_regex(table["path"], pattern=r"^.*/", replacement="")  # the file's name
+    return table.drop_columns(["path"]).append_column(FILE, names)

@@ -325,13 +325,13 @@ def write_piece(item: dict, data: DataConfig, mode: Mode, out: str, key: str, su
     rewrites the same files."""
     index, packed = int(item["shard"]), "uri" in item
     per_part = rows_per_shard(data, mode)
-    part, files, written, clips = ClipColumns(data, mode), [], 0, 0
+    part, files, rows, clips = ClipColumns(data, mode), [], [], 0
     failures: list[dict] = []
 
     def flush() -> None:
-        nonlocal part, written
+        nonlocal part
         name = _shard_name(index) + (f"-{len(files):04d}" if packed else "")
-        written += _write_part(part, out, name, subtitles)
+        rows.append(_write_part(part, out, name, subtitles))
         files.append(name + ".parquet")
         failures.extend(part.failures)
         part = ClipColumns(data, mode)
@@ -349,7 +349,7 @@ def write_piece(item: dict, data: DataConfig, mode: Mode, out: str, key: str, su
         flush()
     else:
         failures.extend(part.failures)
-    record = {"cache_key": key, "clips": clips, "written": written, "skipped": failures, "files": files}
+    record = {"cache_key": key, "clips": clips, "written": sum(rows), "skipped": failures, "files": files, "rows": rows}
     record_done(out, _shard_name(index), record)
     return record
 
@@ -597,6 +597,9 @@ def _report(job: _Job, wall: float, log) -> dict:
         "wall_seconds": round(wall, 3),
         "clips_per_second": round(decoded_now / wall, 3) if wall > 0 else None,
         "columns": _cache_columns(data, job.subtitles),
+        # {file: rows}: a mid-epoch checkpoint records the files trained on whole by name (data/epoch_progress.py).
+        # None when a piece was recorded by a version that did not count them.
+        "file_rows": _file_rows(records.values()),
     }
     storage.write_text(report_path, json.dumps(report, indent=2))
     _summarise(report, report_path, log)
@@ -611,6 +614,15 @@ def _report(job: _Job, wall: float, log) -> dict:
             "data.max_failure_share to accept them."
         )
     return report
+
+
+def _file_rows(records) -> dict[str, int] | None:
+    out: dict[str, int] = {}
+    for record in records:
+        if "rows" not in record:
+            return None
+        out.update(zip(record["files"], record["rows"], strict=True))
+    return out
 
 
 # What to do about a cache that expected absences left nearly empty, by the absence's kind (reason_kind).

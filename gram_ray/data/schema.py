@@ -20,6 +20,7 @@ __all__ = [
     "AUDIO_FBANK_RANGE",
     "TEXT_TO_VIDEO",
     "IDS",
+    "FILES",
     "CACHE_COLUMNS",
     "Modality",
     "MODALITIES",
@@ -42,6 +43,7 @@ AUDIO_FBANK_RANGE = "audio_fbank_range"
 # Model-batch keys that are not a modality's input.
 TEXT_TO_VIDEO = "text_to_video"  # long [n_captions]: row of the caption's clip in the batch
 IDS = "ids"  # list[str]: the clips of the batch, in row order
+FILES = "files"  # list[str]: the cache file each clip was read from ("" where none), as IDS
 
 
 @dataclass(frozen=True)

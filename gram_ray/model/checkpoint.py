@@ -5,8 +5,10 @@ training, the config as JSON-able values, the word vocabulary), so it loads with
 checkpoint from elsewhere cannot run code when it is opened.
 
 Position in training: `step` (optimizer steps taken), `epoch` (the epoch the checkpoint was taken in),
-`epoch_complete` (False for a checkpoint taken mid-epoch), and `consumed_ids` (mid-epoch: the clips every rank
-has already trained on in that epoch, so a resumed run trains on exactly the rest).
+`epoch_complete` (False for a checkpoint taken mid-epoch), and `epoch_progress` (mid-epoch: the clips every rank
+has already trained on in that epoch, as data/epoch_progress.py records them: a bit a cache file trained on whole,
+the ids of the files in progress; so a resumed run trains on exactly the rest). Checkpoints written before it
+listed every such clip's id as `consumed_ids`; they resume the same way.
 
 manifest.json, written (and uploaded) last, names every other file of the folder with its size: a folder whose
 manifest is missing, or whose files are not all there at their sizes, is not a whole checkpoint (a kill or a
@@ -79,7 +81,7 @@ def checkpoint_state(
     epoch: int = 0,
     epoch_complete: bool = True,
     evaluations: int = 0,
-    consumed_ids: list[str] | None = None,
+    epoch_progress: dict | None = None,
     rng_states: list[dict] | None = None,
     world_size: int = 1,
 ) -> dict:
@@ -94,7 +96,7 @@ def checkpoint_state(
         "epoch": epoch,
         "epoch_complete": epoch_complete,
         "evaluations": evaluations,  # reported so far in the run: a resumed sweep trial counts from here
-        "consumed_ids": list(consumed_ids or []),
+        "epoch_progress": epoch_progress,  # mid-epoch: the clips of the epoch trained on (data/epoch_progress.py)
         "rng_states": rng_states,  # mid-epoch: every rank's torch RNG state, so dropout draws continue exactly
         "world_size": world_size,  # the worker group's size: an elastic run may resume at another
         "config": cfg.model_dump(mode="json"),
@@ -120,7 +122,7 @@ def write_checkpoint(directory: str | Path, state: dict, cfg: GramConfig) -> Non
     try:
         torch.save(state, partial)
         save_config(cfg, directory / "config.yaml")
-        kept = ("step", "epoch", "epoch_complete", "evaluations", "consumed_ids", "world_size")
+        kept = ("step", "epoch", "epoch_complete", "evaluations", "epoch_progress", "world_size")
         position = {k: state.get(k) for k in kept}
         (directory / POSITION_FILE).write_text(json.dumps(position))
         partial.replace(directory / STATE_FILE)

@@ -186,7 +186,7 @@ def import_gram_checkpoint(
             "step": 0,
             "epoch": 0,
             "epoch_complete": True,
-            "consumed_ids": [],
+            "epoch_progress": None,
             "rng_states": None,
             "config": imported.model_dump(mode="json"),
             "vocab": None,

@@ -11,12 +11,14 @@ import json
 import zlib
 from dataclasses import dataclass
 
+import pyarrow as pa
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from gram_ray import storage
 from gram_ray.config import GramConfig
-from gram_ray.data.clip_ids import id_array, without_ids
+from gram_ray.data.clip_ids import id_array
 from gram_ray.data.collate import Collate
+from gram_ray.data.epoch_progress import EpochProgress, rest_of_epoch_filter
 from gram_ray.data.manifest import read_annotations, resolve_media
 from gram_ray.data.packed import PACKED
 from gram_ray.data.parquet_layout import read_cache
@@ -25,6 +27,7 @@ from gram_ray.data.schema import CAPTIONS
 from gram_ray.data.text import build_word_vocab
 from gram_ray.train.layout import RunLayout
 from gram_ray.train.resume import ResumePlan, latest_registered, position
+from gram_ray.train.state import resumed_progress
 
 __all__ = [
     "REST",
@@ -57,6 +60,9 @@ class TrainingData:
     # each epoch's order is then a shuffle of the files at read time, which streams, where a shuffle of the block
     # order would first read the whole split into the object store (and spill it, for a cache larger than it).
     train_shards: str | None = None
+    # The train cache's {file: rows} (its report's file_rows): a mid-epoch checkpoint records the files trained on
+    # whole by them (data/epoch_progress.py). None when decoded on the fly, or for a cache from before they were kept.
+    file_rows: dict[str, int] | None = None
 
 
 class RayCollate(Collate, NumpyBatchCollateFn):
@@ -94,16 +100,16 @@ def decode_split(cfg: GramConfig, split: str, out: str, log=print, force: bool =
     return preprocess(annotations, cfg.data.video_dir, out, data, mode=mode, force=force, **options)
 
 
-def decode_caches(cfg: GramConfig, layout: RunLayout, log=print) -> int | None:
-    """Decode (or reuse) the Parquet caches of the train and val splits; returns the train rows written
+def decode_caches(cfg: GramConfig, layout: RunLayout, log=print) -> dict | None:
+    """Decode (or reuse) the Parquet caches of the train and val splits; returns the train cache's report
     (None when the train split is decoded on the fly instead)."""
     d = cfg.data
-    train_rows = None
+    train = None
     if not d.decode_on_the_fly:
-        train_rows = decode_split(cfg, "train", layout.cache("train"), log)["rows_written"]
+        train = decode_split(cfg, "train", layout.cache("train"), log)
     if d.val_annotations:
         decode_split(cfg, "val", layout.cache("val"), log)
-    return train_rows
+    return train
 
 
 def _split_options(cfg: GramConfig, source, log) -> dict:
@@ -127,17 +133,18 @@ def prepare_data(cfg: GramConfig, layout: RunLayout, log=print) -> TrainingData:
     """The caches (decoded or reused), opened as Ray Datasets; the vocabulary if the text encoder needs one."""
     d = cfg.data
     train_ann = _require(d.train_annotations, "data.train_annotations")
-    train_rows = decode_caches(cfg, layout, log)
-    train_shards = None
-    if train_rows is None:
+    train_report = decode_caches(cfg, layout, log)
+    train_rows, train_shards, file_rows = None, None, None
+    if train_report is None:
         rows = read_annotations(train_ann, d.source.fields, d.max_failure_share)
         resolve_media(rows, d.video_dir, d.audio_dir, d.video.format)
         train = build_dataset(rows, d, mode="train")  # re-decoded, with new random frames, every epoch
         train_rows = len(rows)
     else:
         shards = storage.join(layout.cache("train"), SHARDS)
-        train, kept = _maybe_materialize(read_cache(shards), shards, cfg, log)
+        train, kept = _maybe_materialize(read_cache(shards, with_files=True), shards, cfg, log)
         train_shards = None if kept else shards
+        train_rows, file_rows = train_report["rows_written"], train_report.get("file_rows")
     val = None
     if d.val_annotations:
         shards = storage.join(layout.cache("val"), SHARDS)
@@ -145,7 +152,7 @@ def prepare_data(cfg: GramConfig, layout: RunLayout, log=print) -> TrainingData:
     vocab = None
     if not (cfg.model.tokenizer or cfg.model.text.pretrained):
         vocab = build_word_vocab(_train_captions(cfg, layout))
-    return TrainingData(train, val, train_rows, vocab, train_shards)
+    return TrainingData(train, val, train_rows, vocab, train_shards, file_rows)
 
 
 def _maybe_materialize(ds, shards: str, cfg: GramConfig, log):
@@ -188,34 +195,43 @@ def shuffled(ds, cfg: GramConfig, start_epoch: int):
     return ds
 
 
-def streamed(shards: str, cfg: GramConfig, start_epoch: int, consumed_ids: list[str] | None = None):
-    """The train split read from its files every epoch (a cache larger than the object store), the clips of
-    consumed_ids left out. shuffle: blocks shuffles the files' order at read time, anew every epoch (seeded as
-    shuffled() is), and each worker's local buffer mixes within them: both stream, where randomising the block
-    order would read the whole split into the object store first. full: Ray Data's random_shuffle, which moves
-    the whole split through the object store (spilling what does not fit) every epoch."""
+def streamed(shards: str, cfg: GramConfig, start_epoch: int, rest: EpochProgress | None = None):
+    """The train split read from its files every epoch (a cache larger than the object store); `rest`: only the
+    clips of a mid-epoch checkpoint's epoch not yet trained on (the files trained on whole are not even read).
+    shuffle: blocks shuffles the files' order at read time, anew every epoch (seeded as shuffled() is), and each
+    worker's local buffer mixes within them: both stream, where randomising the block order would read the whole
+    split into the object store first. full: Ray Data's random_shuffle, which moves the whole split through the
+    object store (spilling what does not fit) every epoch."""
     blocks = cfg.train.shuffle == "blocks"
-    ds = read_cache(shards, shuffle_seed=_seed(cfg.train.seed, start_epoch) if blocks else None, block_per_file=True)
-    if consumed_ids:
-        ds = rest_of_epoch(ds, consumed_ids)
+    seed = _seed(cfg.train.seed, start_epoch) if blocks else None
+    files = None
+    if rest is not None and rest.done and rest.file_rows is not None:
+        files = sorted(name for name in rest.file_rows if name not in rest.done)
+    ds = read_cache(shards, shuffle_seed=seed, block_per_file=True, with_files=True, files=files or None)
+    if files == []:  # every file trained on whole: nothing is left of the epoch
+        return ds.limit(0)
+    if rest:
+        ds = rest_of_epoch(ds, rest)
     return shuffled(ds, cfg, start_epoch) if cfg.train.shuffle == "full" else ds
 
 
-def rest_of_epoch(ds, consumed_ids: list[str]):
-    """The train split without the clips a mid-epoch checkpoint says were already trained on, block by block
-    (data/clip_ids.py: a function whose module a cold task worker imports in a fraction of a second)."""
-    ids = id_array(consumed_ids)
-    return ds.map_batches(without_ids, fn_kwargs={"ids": ids}, batch_format="pyarrow", zero_copy_batch=True)
+def rest_of_epoch(ds, rest: EpochProgress):
+    """The train split without the clips a mid-epoch checkpoint says were already trained on (the files trained on
+    whole, the ids of the others), block by block (data/epoch_progress.py: a function whose module a cold task
+    worker imports in a fraction of a second)."""
+    done = pa.array(sorted(rest.done), pa.string())
+    kwargs = {"done": done, "ids": id_array(rest.ids())}
+    return ds.map_batches(rest_of_epoch_filter, fn_kwargs=kwargs, batch_format="pyarrow", zero_copy_batch=True)
 
 
-def shuffled_rest(ds, cfg: GramConfig, epoch: int, consumed_ids: list[str]):
+def shuffled_rest(ds, cfg: GramConfig, epoch: int, rest: EpochProgress):
     """The rest of an epoch of a split kept in memory, in that epoch's new order. The block order is drawn first
     and the clips already trained on are left out behind it: behind the filter, the block shuffle (all-to-all)
     would hold the first batch until every block was filtered, and after a restart the filter's tasks run one or
     two at a time beside the training worker. A full shuffle takes only the clips left."""
     if cfg.train.shuffle == "full":
-        return shuffled(rest_of_epoch(ds, consumed_ids), cfg, epoch)
-    return rest_of_epoch(shuffled(ds, cfg, epoch), consumed_ids)
+        return shuffled(rest_of_epoch(ds, rest), cfg, epoch)
+    return rest_of_epoch(shuffled(ds, cfg, epoch), rest)
 
 
 class EpochSplits:
@@ -226,9 +242,12 @@ class EpochSplits:
     the one the run's ResumePlan names, as the workers' weights do. No clip of that epoch is trained on twice or
     left out."""
 
-    def __init__(self, base, cfg: GramConfig, plan: ResumePlan, shards: str | None = None) -> None:
+    def __init__(
+        self, base, cfg: GramConfig, plan: ResumePlan, shards: str | None = None, file_rows: dict | None = None
+    ) -> None:
         self.base, self.cfg, self.plan = base, cfg, plan
         self.shards = shards  # the split streams from these files every epoch (TrainingData.train_shards)
+        self.file_rows = file_rows  # TrainingData.file_rows
 
     def position(self) -> dict | None:
         folder, _ = self.plan.continues_from(latest_registered(self.plan.run_root))
@@ -245,9 +264,10 @@ class EpochSplits:
         p = self.position()
         if p is None or p.get("epoch_complete", True):
             return self.base.limit(0)
+        progress = resumed_progress(p, self.file_rows)
         if self.shards is not None:
-            return streamed(self.shards, self.cfg, p["epoch"], p["consumed_ids"])
-        return shuffled_rest(self.base, self.cfg, p["epoch"], p["consumed_ids"])
+            return streamed(self.shards, self.cfg, p["epoch"], progress)
+        return shuffled_rest(self.base, self.cfg, p["epoch"], progress)
 
 
 def train_iter_options(

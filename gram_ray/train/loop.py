@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from gram_ray.config import GramConfig
+from gram_ray.data.epoch_progress import EpochProgress
 from gram_ray.distributed import gather_objects, get_rank, get_world_size
 from gram_ray.model.checkpoint import checkpoint_state, init_weights
 from gram_ray.model.gram import GramModel, build_model
@@ -32,7 +33,7 @@ from gram_ray.train.checkpointing import TakenCheckpoint, stamped_failure
 from gram_ray.train.evaluation import evaluate_split, flatten_metrics
 from gram_ray.train.preemption import Notices
 from gram_ray.train.sharding import gathered_state, is_sharded, load_optimizer_state
-from gram_ray.train.state import TrainState, restore_rng, rng_state
+from gram_ray.train.state import FOLD_STEPS, TrainState, restore_rng, rng_state
 from gram_ray.train.step import Optimization, StepOutput, train_step
 from gram_ray.train.step_timer import StepTimer
 from gram_ray.train.watchdog import StepWatchdog
@@ -48,9 +49,9 @@ __all__ = [
     "warmup_steps",
 ]
 
-# train_batches(epoch, skip_ids): this rank's batches of an epoch, without the clips in skip_ids (the ones a
-# resumed epoch already trained on).
-TrainBatches = Callable[[int, frozenset], Iterable[dict]]
+# train_batches(epoch, resumed): this rank's batches of an epoch, without the clips `resumed` (an EpochProgress)
+# holds: the ones a resumed epoch already trained on (empty, and falsy, for an epoch started afresh).
+TrainBatches = Callable[[int, EpochProgress], Iterable[dict]]
 
 
 def main_metric_name(cfg: GramConfig) -> str:
@@ -313,7 +314,8 @@ class Training:
         previous, state.last_checkpoint_step = state.last_checkpoint_step, state.step
         metrics["train/skipped_steps"] = state.skipped_steps
         metrics["evaluations"] = state.evaluations
-        consumed = [i for part in gather_objects(state.consumed) for i in part] if mid_epoch else None
+        if mid_epoch:
+            state.fold()  # every rank's clips of the epoch so far
         rng_states = gather_objects(rng_state(self.opt.device)) if mid_epoch else None
         model_state, optimizer_state = gathered_state(self.opt.model, self.opt.optimizer)  # FSDP: shards to rank 0
         if not self.rank0:
@@ -324,7 +326,7 @@ class Training:
             taken = TakenCheckpoint.take(
                 checkpoint_state(
                     model_state, self.cfg, self.vocab, optimizer_state=optimizer_state, scheduler=self.opt.scheduler,
-                    scaler=self.opt.scaler, rng_states=rng_states, **state.fields(consumed),
+                    scaler=self.opt.scaler, rng_states=rng_states, **state.fields(mid_epoch),
                 ),
                 self.cfg, state.step, stopped, copy=self.copy_to_host,
             )  # fmt: skip
@@ -371,13 +373,12 @@ class Training:
         """Every rank's clips of the epoch (with those a resumed epoch had trained on before), each counted once: a
         reported check that the epoch trained every clip of the split once (drop_last leaves out the remainder).
         With them the epoch's throughput and the largest peak RSS of any rank (memory a worker needs)."""
-        parts = gather_objects((state.consumed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
-        everyone = [i for ids, _ in parts for i in ids]
-        distinct = set(everyone)
+        state.fold()
+        parts = gather_objects((state.samples, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
         return {
-            "train/epoch_clips": len(distinct | state.resumed_ids),
-            "train/epoch_repeats": len(everyone) - len(distinct) + len(distinct & state.resumed_ids),
-            "train/epoch_samples_per_s": len(everyone) / (time.perf_counter() - self.epoch_start),
+            "train/epoch_clips": state.progress.trained,
+            "train/epoch_repeats": state.progress.repeats,
+            "train/epoch_samples_per_s": sum(n for n, _ in parts) / (time.perf_counter() - self.epoch_start),
             "train/peak_rss_mb": max(rss for _, rss in parts),  # Linux reports ru_maxrss in KiB
         }
 
@@ -397,6 +398,7 @@ def run_training(
     grad_accum: int | None = None,
     notices: Notices | None = None,
     watchdog: StepWatchdog | None = None,
+    file_rows: dict[str, int] | None = None,
 ) -> dict:
     """Train for cfg.train.epochs; returns the last metrics.
 
@@ -409,14 +411,16 @@ def run_training(
     optimizer step at this world size (an elastic run's WorldPlan), default train.grad_accum. resume: a
     checkpoint's state to continue from.
     notices: preemption notices, heeded after every step mid-epoch (train/preemption.py); None: not asked.
-    watchdog: told of every step, read and pause (train/watchdog.py); the caller starts and stops it."""
+    watchdog: told of every step, read and pause (train/watchdog.py); the caller starts and stops it.
+    file_rows: the train cache's {file: rows} (its report's file_rows), by which the epoch's progress is recorded
+    (data/epoch_progress.py); None: by clip id."""
     device = device or torch.device("cpu")
     grad_accum = grad_accum or cfg.train.grad_accum
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     schedule = Schedule.of(cfg, steps_per_epoch, grad_accum)
     opt = build_optimization(cfg, vocab, resume, device, prepare_model, schedule.total_steps)
-    state = TrainState.load(resume)
+    state = TrainState.load(resume, file_rows)
     if resume is not None:
         restore_rng(resume, device, cfg.train.seed)
     run = Training(cfg, opt, vocab, report, log, val_batches, notices, watchdog)
@@ -427,12 +431,14 @@ def run_training(
     for epoch in range(state.epoch, schedule.epochs):
         state.start_epoch(epoch)
         run.start_epoch()
-        batches = run.watched(iter(train_batches(epoch, state.resumed_ids)))
+        batches = run.watched(iter(train_batches(epoch, state.resumed)))
         end = schedule.epoch_end(epoch)
         while state.step < end:
             started = time.perf_counter()
             done = train_step(opt, batches, state, cfg, grad_accum, steps_left=end - state.step)
             run.step_took(time.perf_counter() - started)
+            if state.step % FOLD_STEPS == 0:
+                state.fold()
             last = run.after_step(done, state, schedule, last)
             if schedule.evaluation_due(state.step, epoch):
                 last = run.evaluate_and_checkpoint(last, state, mid_epoch=True)

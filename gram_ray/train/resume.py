@@ -121,13 +121,14 @@ def latest_registered(run_root: str) -> str | None:
 
 
 def position(folder: str) -> dict:
-    """{"step", "epoch", "epoch_complete", "consumed_ids"} of a checkpoint, from its small position.json (read from
-    the full state for checkpoints written before it existed)."""
+    """{"step", "epoch", "epoch_complete", "epoch_progress"} of a checkpoint (or "consumed_ids", for one written
+    before epoch_progress), from its small position.json (read from the full state for checkpoints written before
+    it existed)."""
     path = storage.join(folder, POSITION_FILE)
     if storage.exists(path):
         return json.loads(storage.read_text(path))
     state = load_checkpoint(folder)
-    return {k: state.get(k) for k in ("step", "epoch", "epoch_complete", "consumed_ids")}
+    return {k: state.get(k) for k in ("step", "epoch", "epoch_complete", "epoch_progress", "consumed_ids")}
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,14 @@
 """Where a training run is, as a checkpoint records it and a resumed run starts from it.
 
 A checkpoint taken at an epoch's end resumes at the next epoch's start. One taken mid-epoch (train.evals_per_run,
-train.checkpoint_every_steps) records the clips every rank had trained on in that epoch and every rank's RNG
-state: the resumed run trains on the rest of that epoch (never a clip twice, never one skipped), and a group of
-the same size continues its random draws exactly.
+train.checkpoint_every_steps) records the epoch's progress (data/epoch_progress.py: the cache files trained on
+whole, as bits, and the ids trained on of the files in progress) and every rank's RNG state: the resumed run
+trains on the rest of that epoch (never a clip twice, never one skipped), and a group of the same size continues
+its random draws exactly.
+
+Each rank notes the clips it trains on; every rank folds all of them into the epoch's progress (a gather) at each
+checkpoint, at the epoch's end, and every FOLD_STEPS steps between, so what a rank holds is bounded by the steps
+since the last fold and the progress by the cache's files.
 """
 
 from __future__ import annotations
@@ -13,17 +18,24 @@ from dataclasses import dataclass, field
 import torch
 
 from gram_ray.config.world import derive_seed
-from gram_ray.distributed import get_rank, get_world_size
+from gram_ray.data.epoch_progress import EpochProgress
+from gram_ray.distributed import gather_objects, get_rank, get_world_size
 
-__all__ = ["TrainState", "restore_rng", "rng_state"]
+__all__ = ["TrainState", "restore_rng", "rng_state", "resumed_progress", "FOLD_STEPS"]
+
+FOLD_STEPS = 200  # steps between two folds of every rank's clips into the epoch's progress (a small all-gather)
 
 
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken, those before a resume included
     epoch: int = 0  # the epoch being trained, or the next one to train
-    resumed_ids: frozenset = frozenset()  # the clips of `epoch` trained on before the checkpoint resumed from
-    consumed: list[str] = field(default_factory=list)  # this rank's clips of `epoch`, trained on in this run
+    file_rows: dict[str, int] | None = None  # the train cache's {file: rows}; None: rows without files
+    resumed: EpochProgress = field(default_factory=EpochProgress)  # of `epoch`, as the checkpoint resumed had it
+    progress: EpochProgress = field(default_factory=EpochProgress)  # of `epoch`: resumed + every rank's folded
+    consumed: list[str] = field(default_factory=list)  # this rank's clips trained on since the last fold
+    consumed_files: list[str] = field(default_factory=list)  # their files (data/epoch_progress.FILE)
+    samples: int = 0  # this rank's clips of `epoch` trained on in this run
     # Evaluations this run has reported, those before a resume included: a sweep judges a trial by them (a resumed
     # trial's Tune iteration count starts again at 0 while its training continues from the checkpoint).
     evaluations: int = 0
@@ -32,36 +44,54 @@ class TrainState:
     last_checkpoint_step: int | None = None
 
     @classmethod
-    def load(cls, checkpoint: dict | None) -> TrainState:
+    def load(cls, checkpoint: dict | None, file_rows: dict[str, int] | None = None) -> TrainState:
         """The state a run starts in: afresh (None), or from a checkpoint's state (load_checkpoint)."""
         if checkpoint is None:
-            return cls()
+            return cls(file_rows=file_rows, resumed=EpochProgress(file_rows), progress=EpochProgress(file_rows))
         mid_epoch = not checkpoint.get("epoch_complete", True)
+        resumed = resumed_progress(checkpoint, file_rows) if mid_epoch else EpochProgress(file_rows)
         return cls(
             step=checkpoint["step"],
             epoch=checkpoint["epoch"] if mid_epoch else checkpoint["epoch"] + 1,
-            resumed_ids=frozenset(checkpoint["consumed_ids"]) if mid_epoch else frozenset(),
+            file_rows=file_rows,
+            resumed=resumed,
+            progress=resumed.copy(),
             evaluations=checkpoint.get("evaluations", 0),
             last_checkpoint_step=checkpoint["step"],
         )
 
     def start_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # a resumed mid-epoch keeps the clips it had trained on
-            self.resumed_ids = frozenset()
-        self.epoch, self.consumed = epoch, []
+            self.resumed = EpochProgress(self.file_rows)
+        self.epoch, self.progress = epoch, self.resumed.copy()
+        self.consumed, self.consumed_files, self.samples = [], [], 0
 
     def end_epoch(self) -> None:
-        self.resumed_ids, self.consumed = frozenset(), []
+        self.resumed = EpochProgress(self.file_rows)
+        self.progress = EpochProgress(self.file_rows)
+        self.consumed, self.consumed_files, self.samples = [], [], 0
 
-    def fields(self, everyone_consumed: list[str] | None) -> dict:
-        """save_checkpoint's keyword arguments for this state: mid-epoch with every rank's consumed clips of the
-        epoch (everyone_consumed), or at the epoch's end (None)."""
+    def trained_on(self, files: list[str], ids: list[str]) -> None:
+        """This rank trained on these clips (each row's file and id)."""
+        self.consumed.extend(ids)
+        self.consumed_files.extend(files)
+        self.samples += len(ids)
+
+    def fold(self) -> None:
+        """Every rank's clips since the last fold into the epoch's progress, on every rank (a collective)."""
+        for files, ids in gather_objects((self.consumed_files, self.consumed)):
+            self.progress.add(files, ids)
+        self.consumed, self.consumed_files = [], []
+
+    def fields(self, mid_epoch: bool) -> dict:
+        """save_checkpoint's keyword arguments for this state: mid-epoch with the epoch's progress (fold() first),
+        or at the epoch's end."""
         return {
             "step": self.step,
             "epoch": self.epoch,
-            "epoch_complete": everyone_consumed is None,
+            "epoch_complete": not mid_epoch,
             "evaluations": self.evaluations,
-            "consumed_ids": sorted(self.resumed_ids | set(everyone_consumed or [])),
+            "epoch_progress": self.progress.to_json() if mid_epoch else None,
             "world_size": get_world_size(),
         }
 
@@ -91,3 +121,11 @@ def restore_rng(checkpoint: dict, device: torch.device, seed: int) -> None:
             torch.cuda.set_rng_state(state["cuda"], device)
     else:
         torch.manual_seed(derive_seed(seed, checkpoint["step"], get_rank()))
+
+
+def resumed_progress(checkpoint: dict, file_rows: dict[str, int] | None) -> EpochProgress:
+    """A mid-epoch checkpoint's (or its position's) progress of its epoch: its epoch_progress, or the list of ids
+    a checkpoint written before it kept (consumed_ids)."""
+    if checkpoint.get("epoch_progress") is not None:
+        return EpochProgress.from_json(checkpoint["epoch_progress"], file_rows)
+    return EpochProgress.of_ids(checkpoint.get("consumed_ids") or [], file_rows)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from gram_ray.config import GramConfig
-from gram_ray.data.schema import IDS
+from gram_ray.data.schema import FILES, IDS
 from gram_ray.distributed import get_rank, max_over_ranks
 from gram_ray.model.device import autocast, to_device
 from gram_ray.storage import StorageError
@@ -89,7 +89,7 @@ def train_step(
             out = accumulate_gradients(
                 opt.model, batch, grad_accum, micro == grad_accum, opt.timer, opt.scaler, every_micro_batch
             )
-        state.consumed.extend(batch[IDS])
+        state.trained_on(batch[FILES], batch[IDS])
         samples += len(batch[IDS])
     with opt.timer.phase("optimizer"):
         grad_norm, finite = _update(opt, out.loss, cfg.train.grad_clip)

@@ -114,7 +114,7 @@ def build_trainer(
             "train.grad_accum or scaling.num_workers"
         )
     resume = resume or ResumePlan(layout.run_root)
-    splits = EpochSplits(data.train, cfg, resume, data.train_shards)
+    splits = EpochSplits(data.train, cfg, resume, data.train_shards, data.file_rows)
     datasets = {"train": splits.train, REST: splits.rest}  # called at every worker-group (re)start
     if data.val is not None:
         datasets["val"] = data.val
@@ -129,6 +129,7 @@ def build_trainer(
         cfg=cfg.model_dump(mode="json"),
         vocab=data.vocab,
         train_rows=data.train_rows,
+        file_rows=data.file_rows,
         output_dir=str(layout.output_dir),
         caches={split: layout.cache(split) for split in ("train", "val")},
         resume=resume,

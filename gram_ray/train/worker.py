@@ -37,6 +37,7 @@ class WorkerArgs:
     cfg: dict  # the GramConfig, as JSON (model_dump)
     vocab: list[str] | None  # the word vocabulary of a randomly initialised text encoder, else None
     train_rows: int  # clips of the train split
+    file_rows: dict[str, int] | None  # the train cache's {file: rows}, the epoch's progress is kept by (None: ids)
     output_dir: str  # the run's local output folder (metrics.jsonl, W&B's files)
     caches: dict[str, str]  # {split: its cache folder or URI}, named when a read of it fails
     resume: ResumePlan  # where each (re)started group continues from
@@ -98,6 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
             log=reports.log,
             notices=notices,
             watchdog=watchdog,
+            file_rows=args.file_rows,
         )
     finally:
         if watchdog is not None:
