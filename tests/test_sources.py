@@ -5,6 +5,7 @@ their reasons counted, and the rest of the set goes on."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from pathlib import Path
@@ -276,6 +277,21 @@ def shapes(s3, synth_small, tmp_path_factory):
     for entry in manifest:
         entry |= {f"caption_{k}": c for k, c in enumerate(captions[entry["clip"]])}
     storage.write_text(f"{bucket}/manifest.jsonl", "".join(json.dumps(e) + "\n" for e in manifest))
+    # The same manifest as CSV, a caption a line (a clip's captions on consecutive lines, merged into one clip), and
+    # as Parquet in row groups of 3: both read in pieces by the decode tasks when large (here: forced).
+    lines = [
+        {"clip": e["clip"], "video": e.get("video", ""), "audio": e.get("audio", ""), "caption": c}
+        for e in manifest
+        for c in captions[e["clip"]]
+    ]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ["clip", "video", "audio", "caption"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(lines)
+    storage.write_text(f"{bucket}/manifest.csv", text.getvalue())
+    table = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(manifest), table, row_group_size=3)
+    storage.write_bytes_with(f"{bucket}/manifest.parquet", lambda f: f.write(table.getvalue()))
 
     def media(i, kind):
         path = (videos / f"{i}.mp4") if kind == "mp4" else (audios / f"{i}.m4a")
@@ -309,6 +325,8 @@ def shapes(s3, synth_small, tmp_path_factory):
         "webdataset": f"{bucket}/v2d/{{00000..00001}}.tar",
         "webdataset-folder": f"{bucket}/v2d",
         "manifest": (f"{bucket}/manifest.jsonl", f"{bucket}/media/videos", f"{bucket}/media/audios"),
+        "manifest-csv": f"{bucket}/manifest.csv",
+        "manifest-parquet": f"{bucket}/manifest.parquet",
         "parquet": f"{bucket}/v2d-parquet",
         "bucket": bucket,
         "ids": ids,
@@ -339,10 +357,24 @@ def _same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.ray
-def test_every_shape_of_the_same_clips_gives_the_same_cache(shapes, ray_session, tmp_path):
+def test_every_shape_of_the_same_clips_gives_the_same_cache(shapes, ray_session, tmp_path, monkeypatch):
+    """Each shape gives the same rows; the manifests also read in pieces by the decode tasks, as a large one is
+    (JSONL, CSV with a caption a line, Parquet in row groups of 3), with pieces of a few entries."""
+    from gram_ray.data import manifest_stream
     from gram_ray.data.preprocess import preprocess
 
     bucket, reports, caches = shapes["bucket"], {}, {}
+
+    def in_pieces(path: str, **fields):
+        def run(out):
+            with monkeypatch.context() as patch:
+                patch.setattr(manifest_stream, "STREAM_BYTES", 0)  # every manifest is large enough
+                data = _small(**fields)
+                return preprocess(path, shapes["manifest"][1], out, data, audio_dir=shapes["manifest"][2], mode="train")
+
+        return run
+
+    fields = {"id": "clip", "video": "video", "audio": "audio"}
     runs = {
         "gram": lambda out: preprocess(*shapes["gram"][:2], out, _small(), audio_dir=shapes["gram"][2], mode="train"),
         "webdataset": lambda out: preprocess(
@@ -359,6 +391,9 @@ def test_every_shape_of_the_same_clips_gives_the_same_cache(shapes, ray_session,
         "parquet": lambda out: preprocess(
             shapes["parquet"], None, out, _small("parquet", id="videoid", captions=["caption_*"]), mode="train"
         ),
+        "manifest-jsonl-in-pieces": in_pieces(shapes["manifest"][0], **fields, captions=["caption_*"]),
+        "manifest-csv-in-pieces": in_pieces(shapes["manifest-csv"], **fields, captions=["caption"]),
+        "manifest-parquet-in-pieces": in_pieces(shapes["manifest-parquet"], **fields, captions=["caption_*"]),
     }
     for shape, run in runs.items():
         caches[shape] = f"{bucket}/cache/{shape}"
@@ -367,7 +402,7 @@ def test_every_shape_of_the_same_clips_gives_the_same_cache(shapes, ray_session,
     assert sorted(want) == sorted(shapes["ids"])  # the mute clip and the failed download are not in it
     for row in want.values():
         assert list(row["captions"]) == shapes["captions"][row["id"]] and row["has_audio"]
-    for shape in ("webdataset", "manifest", "parquet"):
+    for shape in (s for s in runs if s != "gram"):
         got = _rows(caches[shape])
         assert sorted(got) == sorted(want), shape
         assert all(_same(got[i], want[i]) for i in want), shape  # the same JPEG bytes and filterbanks
@@ -377,6 +412,8 @@ def test_every_shape_of_the_same_clips_gives_the_same_cache(shapes, ray_session,
         assert set(reasons) == {shapes["mute"], shapes["failed"]}, shape
         assert reasons[shapes["mute"]].startswith("no readable audio track"), shape
         assert sum(report["skipped_by_reason"].values()) == 2, shape
+    for shape in (s for s in runs if s.endswith("in-pieces")):  # pieces of a few entries: a clip never cut in two
+        assert reports[shape]["shards"] >= 4, (shape, reports[shape]["shards"])
     assert "download status failed_to_download" in reports["webdataset"]["skipped_by_reason"]
     assert "video file not found" in reports["gram"]["skipped_by_reason"]
     again = preprocess(

@@ -37,6 +37,8 @@ __all__ = [
     "ManifestError",
     "ManifestRow",
     "read_annotations",
+    "rows_of_entries",
+    "check_invalid_share",
     "resolve_media",
     "media_finder",
     "check_sources",
@@ -214,23 +216,13 @@ def _span_id(row: ManifestRow) -> str:
     return f"{row.id}_{row.start:g}-{row.end:g}"
 
 
-def read_annotations(
-    path: str | Path, fields: SourceFields | None = None, max_invalid_share: float = 0.1
-) -> list[ManifestRow]:
-    """Parse an annotation file or manifest (a local path or a storage URI). Entries of the same clip are merged
-    (captions concatenated, in order); with spans, one video gives a clip per span (its id suffixed with the span
-    where the video has several). Rows that cannot be used come back with .error set; ManifestError when more
-    than max_invalid_share of them cannot, or the file itself cannot be read."""
-    path, fields = str(path), fields or SourceFields()
-    _check_file(path, "annotation file")
-    try:
-        data = storage.read_bytes(path)
-    except OSError as e:
-        raise ManifestError(f"annotation file {path} cannot be read ({str(e).splitlines()[0][:200]})") from None
-    split = CSV_CAPTION_SEPARATOR if path.lower().endswith(".csv") else None
+def rows_of_entries(entries, fields: SourceFields, split: str | None) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """(rows, rows that cannot be used) of (entry, where) pairs: entries of the same clip (and span) merged,
+    captions concatenated in order; with spans, one video gives a clip per span, its id suffixed with the span
+    where the video has several."""
     rows: dict[tuple, ManifestRow] = {}
     invalid: list[ManifestRow] = []
-    for entry, where in _entries(path, data):
+    for entry, where in entries:
         row = _row(entry, where, fields, split)
         if row.error:
             invalid.append(row)
@@ -247,6 +239,12 @@ def read_annotations(
     for row in rows.values():
         if row.start is not None and spans_of[row.id] > 1:
             row.id = _span_id(row)
+    return list(rows.values()), invalid
+
+
+def check_invalid_share(path: str, rows: list, invalid: list[ManifestRow], max_invalid_share: float) -> None:
+    """ManifestError when more than max_invalid_share of the entries cannot be used (a wrong field name, most
+    likely), naming the first."""
     total = len(rows) + len(invalid)
     if not total:
         raise ManifestError(f"{path}: no entries")
@@ -256,7 +254,24 @@ def read_annotations(
             if total > 1
             else invalid[0].error
         )
-    return [*rows.values(), *invalid]
+
+
+def read_annotations(
+    path: str | Path, fields: SourceFields | None = None, max_invalid_share: float = 0.1
+) -> list[ManifestRow]:
+    """Parse an annotation file or manifest (a local path or a storage URI), whole (rows_of_entries). Rows that
+    cannot be used come back with .error set; ManifestError when more than max_invalid_share of them cannot, or
+    the file itself cannot be read."""
+    path, fields = str(path), fields or SourceFields()
+    _check_file(path, "annotation file")
+    try:
+        data = storage.read_bytes(path)
+    except OSError as e:
+        raise ManifestError(f"annotation file {path} cannot be read ({str(e).splitlines()[0][:200]})") from None
+    split = CSV_CAPTION_SEPARATOR if path.lower().endswith(".csv") else None
+    rows, invalid = rows_of_entries(_entries(path, data), fields, split)
+    check_invalid_share(path, rows, invalid, max_invalid_share)
+    return [*rows, *invalid]
 
 
 def _kind(path: str) -> pafs.FileType:
@@ -306,9 +321,10 @@ def _find(directory: Path, media_id: str, extensions: tuple[str, ...]) -> Path |
     return as_named if as_named.is_file() or as_named.is_symlink() else None
 
 
-def media_finder(directory: str, extensions: tuple[str, ...]):
+def media_finder(directory: str, extensions: tuple[str, ...], list_folder: bool = True):
     """media id -> its file's path or URI, or None. A storage folder is listed once (one LIST, not a request per
-    clip and extension)."""
+    clip and extension); list_folder False (a piece of a large manifest, in its decode task: a folder of millions
+    of objects is not listed by each piece) looks each candidate up (a request per extension tried, .mp4 first)."""
     if not storage.is_uri(directory):
 
         def find_local(media_id: str) -> str | None:
@@ -316,6 +332,15 @@ def media_finder(directory: str, extensions: tuple[str, ...]):
             return str(found) if found else None
 
         return find_local
+    if not list_folder:
+
+        def look_up(media_id: str) -> str | None:
+            for name in (*(f"{media_id}{ext}" for ext in extensions), media_id):
+                if storage.kind(storage.join(directory, name)) == pafs.FileType.File:
+                    return storage.join(directory, name)
+            return None
+
+        return look_up
     names = set(storage.list_names(directory))
 
     def find(media_id: str) -> str | None:
@@ -348,13 +373,14 @@ def resolve_media(
     video_dir: str | Path | None,
     audio_dir: str | Path | None = None,
     video_format: str = "video",
+    list_folders: bool = True,
 ) -> None:
     """Fill in video_path / audio_path (local paths, or URIs for folders in storage). A video (or an image, with
     video_format "image") that is not found keeps video_path None (reported as missing at decode time, so the
     other rows go on). Video: the manifest's video field (a path under video_dir, an absolute path or URI, or a
     media id), else the clip's id looked up in video_dir. Audio: the manifest's audio field, else
     <audio_dir>/<id>.<ext> if present, else the video's track. video_format "none" (text-audio sets): no
-    video_dir; every clip's audio from audio_dir."""
+    video_dir; every clip's audio from audio_dir. list_folders: see media_finder."""
     needs_folder = any(r.error is None and not (r.video_ref and _is_path(r.video_ref, ())) for r in rows)
     if video_format == "none":
         if not audio_dir:
@@ -365,8 +391,8 @@ def resolve_media(
     check_sources([], str(video_dir) if video_dir else None, str(audio_dir) if audio_dir else None)
     video_dir, audio_dir = (str(d) if d else None for d in (video_dir, audio_dir))
     extensions = IMAGE_EXTENSIONS if video_format == "image" else VIDEO_EXTENSIONS
-    find_video = media_finder(video_dir, extensions) if video_dir and video_format != "none" else None
-    find_audio = media_finder(audio_dir, AUDIO_EXTENSIONS) if audio_dir else None
+    find_video = media_finder(video_dir, extensions, list_folders) if video_dir and video_format != "none" else None
+    find_audio = media_finder(audio_dir, AUDIO_EXTENSIONS, list_folders) if audio_dir else None
     for row in rows:
         if row.error:
             continue

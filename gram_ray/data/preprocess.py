@@ -17,6 +17,7 @@ files' or shards' names, sizes and mtimes) and the data config. The same inputs 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -35,7 +36,22 @@ import pyarrow.parquet as pq
 from gram_ray import storage
 from gram_ray.config import DataConfig, SourceConfig
 from gram_ray.data.decode import ClipColumns, ClipInput, clip_rng, columns_to_arrow, frame_draws
-from gram_ray.data.manifest import ManifestRow, check_sources, read_annotations, resolve_media
+from gram_ray.data.manifest import (
+    ManifestRow,
+    check_invalid_share,
+    check_sources,
+    read_annotations,
+    resolve_media,
+    rows_of_entries,
+)
+from gram_ray.data.manifest_stream import (
+    ManifestScan,
+    caption_split,
+    cut_pieces,
+    read_in_pieces,
+    read_piece,
+    scan_manifest,
+)
 from gram_ray.data.packed import PACKED, ShardError, parquet_clips, shard_uris, tar_clips
 from gram_ray.data.parquet_layout import to_parquet_layout
 from gram_ray.data.pieces import DONE, drive, read_records, record_done
@@ -307,17 +323,51 @@ def _write_part(columns: ClipColumns, out: str, name: str, subtitles: bool) -> i
     return table.num_rows
 
 
-def _piece_clips(item: dict, data: DataConfig):
-    """The clips of one piece of work: a chunk of manifest rows, or one shard file of a packed source."""
+@dataclass
+class PiecedManifest:
+    """A large manifest planned in pieces (data/manifest_stream.py): what a decode task needs to read its piece and
+    make its clips. Pickled to every task: its pieces are 24 bytes each."""
+
+    scan: ManifestScan
+    pieces: np.ndarray  # [N, 3] (start, end, first line) per piece
+    video_dir: str | None
+    audio_dir: str | None
+
+    def __getstate__(self) -> dict:  # the scan's digest (a hash object) stays with the driver
+        return self.__dict__ | {"scan": dataclasses.replace(self.scan, digest=None)}
+
+    def clips(self, index: int, data: DataConfig):
+        start, end, line = (int(v) for v in self.pieces[index])
+        scan = self.scan
+        entries = read_piece(scan.path, scan.kind, start, end, line, scan.header)
+        rows, invalid = rows_of_entries(entries, data.source.fields, caption_split(scan.kind))
+        # Found here, by the piece's own task: a bucket folder of millions of media is not listed by every piece.
+        resolve_media(rows, self.video_dir, self.audio_dir, data.video.format, list_folders=False)
+        yield from map(_manifest_clip, _manifest_items([*rows, *invalid]))
+
+
+def _piece_clips(item: dict, data: DataConfig, manifest: PiecedManifest | None = None):
+    """The clips of one piece of work: a chunk of manifest rows, a piece of a large manifest (read here), or one
+    shard file of a packed source."""
     if "rows" in item:
         yield from map(_manifest_clip, json.loads(item["rows"]))
+    elif manifest is not None:
+        yield from manifest.clips(int(item["shard"]), data)
     elif data.source.kind == "webdataset":
         yield from tar_clips(item["uri"], data.source)
     else:
         yield from parquet_clips(item["uri"], data.source)
 
 
-def write_piece(item: dict, data: DataConfig, mode: Mode, out: str, key: str, subtitles: bool) -> dict:
+def write_piece(
+    item: dict,
+    data: DataConfig,
+    mode: Mode,
+    out: str,
+    key: str,
+    subtitles: bool,
+    manifest: PiecedManifest | None = None,
+) -> dict:
     """Decode one piece (a chunk of manifest rows, or a shard of a packed source) into
     <out>/shards/shard-NNNNN[-PPPP].parquet, then record it as done in <out>/_done/shard-NNNNN.json with its
     skipped clips. A packed shard is written in parts of about data.shard_mb, so a long tar never sits whole in
@@ -337,7 +387,7 @@ def write_piece(item: dict, data: DataConfig, mode: Mode, out: str, key: str, su
         part = ClipColumns(data, mode)
 
     try:
-        for clip in _piece_clips(item, data):
+        for clip in _piece_clips(item, data, manifest):
             clips += 1
             part.decode(clip, clip_rng(clip.id) if mode == "train" else None)
             if packed and len(part) >= per_part:  # a manifest chunk is one file, sized by the plan
@@ -354,14 +404,22 @@ def write_piece(item: dict, data: DataConfig, mode: Mode, out: str, key: str, su
     return record
 
 
-def write_shards(batch: dict, data: DataConfig, mode: Mode, out: str, key: str, subtitles: bool) -> dict:
+def write_shards(
+    batch: dict,
+    data: DataConfig,
+    mode: Mode,
+    out: str,
+    key: str,
+    subtitles: bool,
+    manifest: PiecedManifest | None = None,
+) -> dict:
     """The map_batches UDF of the cache writer: each input row is one piece (write_piece). Returns one small row
     per piece, with its done record (the decoded clips never pass through Ray's object store; the driver reads no
     record back)."""
     written, records = [], []
     for i, index in enumerate(batch["shard"]):
         item = {"shard": int(index)} | {k: str(batch[k][i]) for k in ("rows", "uri") if k in batch}
-        record = write_piece(item, data, mode, out, key, subtitles)
+        record = write_piece(item, data, mode, out, key, subtitles, manifest)
         written.append(record["written"])
         records.append(json.dumps(record))
     return {
@@ -406,14 +464,59 @@ def check_inputs(inputs: list[str | None], video_dir: str | None, audio_dir: str
     check_sources(inputs, video_dir, audio_dir)
 
 
-def _sources(annotations, video_dir, audio_dir, data: DataConfig, mode: Mode) -> tuple[list | None, list, str]:
-    """(manifest rows or None, the inputs: rows or shard URIs, the cache key) of a source."""
+@dataclass
+class _Inputs:
+    """What a source gives the plan: manifest rows read whole, or a large manifest's scan (read in pieces by the
+    decode tasks), or a packed source's shard URIs; the cache key; whether its clips have subtitles."""
+
+    key: str
+    rows: list[ManifestRow] | None = None
+    scan: ManifestScan | None = None
+    uris: list[str] = field(default_factory=list)
+    subtitles: bool = False
+
+
+def _sources(annotations, video_dir, audio_dir, data: DataConfig, mode: Mode) -> _Inputs:
     if data.source.kind in PACKED:
         uris = shard_uris(str(annotations), data.source.kind)
-        return None, uris, packed_cache_key(uris, data, mode)
+        return _Inputs(packed_cache_key(uris, data, mode), uris=uris)
+    check_sources([str(annotations)], None, None)
+    if read_in_pieces(str(annotations)):
+        scan = scan_manifest(str(annotations))
+        sample = _first_rows(scan, data, video_dir, audio_dir)
+        key = pieced_cache_key(scan, video_dir, audio_dir, data, mode)
+        return _Inputs(key, scan=scan, subtitles=any(r.subtitle for r in sample))
     rows = read_annotations(annotations, data.source.fields, data.max_failure_share)
     resolve_media(rows, video_dir, audio_dir, data.video.format)
-    return rows, rows, cache_key(annotations, rows, data, mode)
+    return _Inputs(cache_key(annotations, rows, data, mode), rows=rows, subtitles=any(r.subtitle for r in rows))
+
+
+_SAMPLE_BYTES = 256 * 2**10  # the first entries of a large manifest, checked before anything starts
+
+
+def _first_rows(scan: ManifestScan, data: DataConfig, video_dir, audio_dir) -> list[ManifestRow]:
+    """A large manifest's first entries, checked as a manifest read whole is, before Ray starts: too many entries
+    that cannot be used (a wrong field name, most likely) or a media folder that is not there stop here."""
+    if scan.kind == "parquet":
+        entries = read_piece(scan.path, scan.kind, 0, min(scan.entries, 1000), 0)
+    else:
+        head = storage.read_range(scan.path, scan.data_start, _SAMPLE_BYTES)
+        whole = head[: head.rfind(b"\n") + 1] or head  # whole entries only
+        first = 1 + (scan.kind == "csv")
+        entries = read_piece(scan.path, scan.kind, scan.data_start, scan.data_start + len(whole), first, scan.header)
+    rows, invalid = rows_of_entries(entries, data.source.fields, caption_split(scan.kind))
+    check_invalid_share(scan.path, rows, invalid, data.max_failure_share)
+    resolve_media(rows[:8], video_dir, audio_dir, data.video.format, list_folders=False)
+    return rows
+
+
+def pieced_cache_key(scan: ManifestScan, video_dir, audio_dir, data: DataConfig, mode: Mode) -> str:
+    """The cache key of a manifest read in pieces: its bytes, the media folders (by name: media are not stat'ed or
+    listed up front, see data/manifest_stream.py) and the config."""
+    h = scan.digest.copy()
+    h.update(json.dumps({"media": [storage.absolute(d) if d else None for d in (video_dir, audio_dir)]}).encode())
+    h.update(_config_content(data, mode))
+    return h.hexdigest()
 
 
 @dataclass
@@ -427,11 +530,26 @@ class _Job:
     data: DataConfig
     mode: Mode
     subtitles: bool
-    rows: list[ManifestRow] | None  # None for a packed source: its samples are read by the decode tasks only
-    key: str
+    inputs: _Inputs
     pieces: list[dict] = field(default_factory=list)
     done: dict[int, dict] = field(default_factory=dict)  # the records of pieces done before this run (its plan)
     done_now: dict[int, dict] = field(default_factory=dict)  # the records this run's tasks returned
+    manifest: PiecedManifest | None = None  # a large manifest's pieces, read by the decode tasks
+
+    @property
+    def rows(self) -> list[ManifestRow] | None:
+        return self.inputs.rows
+
+    @property
+    def key(self) -> str:
+        return self.inputs.key
+
+    @property
+    def entries(self) -> int | None:
+        """The manifest's entries (rows read whole, or a large manifest's scan), None for a packed source."""
+        if self.rows is not None:
+            return len(self.rows)
+        return self.inputs.scan.entries if self.inputs.scan is not None else None
 
     @property
     def todo(self) -> list[int]:
@@ -466,17 +584,17 @@ def preprocess(
     started = now()
     data = data or DataConfig()
     out = storage.absolute(out)
-    rows, inputs, key = _sources(annotations, video_dir, audio_dir, data, mode)
+    inputs = _sources(annotations, video_dir, audio_dir, data, mode)
     previous = _load_report(out)
-    if previous and previous.get("cache_key") == key and previous.get("status") == "complete" and not force:
+    if previous and previous.get("cache_key") == inputs.key and previous.get("status") == "complete" and not force:
         log(f"cache hit: {out} already holds these {previous['rows_written']} clips (use --force to decode again)")
         return previous | {"reused": True}
     if subtitles is None:
-        subtitles = rows is not None and any(r.subtitle for r in rows)
-    job = _Job(str(annotations), _text(video_dir), _text(audio_dir), out, data, mode, subtitles, rows, key)
+        subtitles = inputs.subtitles
+    job = _Job(str(annotations), _text(video_dir), _text(audio_dir), out, data, mode, subtitles, inputs)
     start = time.perf_counter()
     with _cache_write_errors(out):
-        _plan(job, inputs, force, started, log)
+        _plan(job, force, started, log)
         _run(job, log)
     return _report(job, time.perf_counter() - start, log)
 
@@ -503,7 +621,7 @@ def _cache_write_errors(out: str):
         ) from e
 
 
-def _plan(job: _Job, inputs: list, force: bool, started, log) -> None:
+def _plan(job: _Job, force: bool, started, log) -> None:
     """The job's pieces, and those an earlier run of the same inputs and config recorded as done (kept); what that
     run left unfinished is removed. A plan of other inputs (or force) starts the cache clean."""
     shards, plan_path = storage.join(job.out, SHARDS), storage.join(job.out, DONE, "plan.json")
@@ -512,11 +630,17 @@ def _plan(job: _Job, inputs: list, force: bool, started, log) -> None:
         for stale in (shards, storage.join(job.out, DONE), storage.join(job.out, _SKIPPED)):
             storage.delete_dir(stale)
         storage.delete_file(storage.join(job.out, REPORT))
-        size = _shard_rows(len(job.rows), job.data, job.mode) if job.rows is not None else None
+        size = _shard_rows(job.entries, job.data, job.mode) if job.entries is not None else None
         plan = {"cache_key": job.key, "rows_per_shard": size}
         storage.write_text(plan_path, json.dumps(plan))
-    if job.rows is None:
-        job.pieces = [{"uri": uri} for uri in inputs]
+    if job.inputs.scan is not None:  # cut again on a resume: the same file and size cut the same way
+        scan = job.inputs.scan
+        log(f"planning {scan.entries:,} entries of {scan.path} in pieces of {plan['rows_per_shard']:,} ...")
+        pieces = cut_pieces(scan, job.data.source.fields, plan["rows_per_shard"])
+        job.manifest = PiecedManifest(scan, pieces, job.video_dir, job.audio_dir)
+        job.pieces = [{}] * len(pieces)  # what each decode task needs of its piece is in job.manifest
+    elif job.rows is None:
+        job.pieces = [{"uri": uri} for uri in job.inputs.uris]
     else:
         size, rows = plan["rows_per_shard"], job.rows
         job.pieces = [{"rows": json.dumps(_manifest_items(rows[i : i + size]))} for i in range(0, len(rows), size)]
@@ -536,7 +660,9 @@ def _run(job: _Job, log) -> None:
     import ray.data
 
     todo, kind = job.todo, job.data.source.kind
-    what = f"{len(job.rows) - job.reused} clips" if job.rows is not None else f"the clips of {len(todo)} {kind} shards"
+    what = f"the clips of {len(todo)} {kind} shards"
+    if job.entries is not None:
+        what = f"{job.entries - job.reused:,} clips"
     log(f"decoding {what} from {job.annotations} into {storage.join(job.out, SHARDS)} with Ray Data ...")
     if not todo:
         return
@@ -545,7 +671,14 @@ def _run(job: _Job, log) -> None:
         write_shards,
         batch_size=1,
         batch_format="numpy",
-        fn_kwargs={"data": job.data, "mode": job.mode, "out": job.out, "key": job.key, "subtitles": job.subtitles},
+        fn_kwargs={
+            "data": job.data,
+            "mode": job.mode,
+            "out": job.out,
+            "key": job.key,
+            "subtitles": job.subtitles,
+            "manifest": job.manifest,
+        },  # fmt: skip
         num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=decode_concurrency(job.data)),
     )
@@ -555,7 +688,7 @@ def _run(job: _Job, log) -> None:
             job.done_now[int(row["shard"])] = json.loads(row["record"])
             yield row
 
-    clips = len(job.rows) - job.reused if job.rows is not None else None
+    clips = job.entries - job.reused if job.entries is not None else None
     drive(recorded(ds.iter_rows()), len(todo), "shards", log, clips=clips)
 
 

@@ -19,6 +19,9 @@ __all__ = [
     "exists",
     "kind",
     "read_bytes",
+    "read_range",
+    "iter_blocks",
+    "file_size",
     "read_text",
     "read_table",
     "read_json",
@@ -60,6 +63,36 @@ def read_bytes(path: str | Path) -> bytes:
             return f.read()
 
     return with_retries("reading", str(path), read)
+
+
+def file_size(path: str | Path) -> int:
+    def look():
+        fs, p = resolve(path)
+        info = fs.get_file_info(p)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{path} is not a file")
+        return info.size
+
+    return with_retries("looking up", str(path), look)
+
+
+def read_range(path: str | Path, offset: int, length: int) -> bytes:
+    """length bytes of a file from offset (fewer at its end): one ranged GET of an object."""
+
+    def read():
+        fs, p = resolve(path)
+        with fs.open_input_file(p) as f:
+            return f.read_at(length, offset)
+
+    return with_retries("reading", f"{path} [{offset}, {offset + length})", read)
+
+
+def iter_blocks(path: str | Path, block: int = 16 * 2**20, start: int = 0, end: int | None = None):
+    """A file's bytes [start, end) in blocks of `block`, each read (and retried) on its own: a failure part way
+    through a large manifest repeats one block, not the file."""
+    end = file_size(path) if end is None else end
+    for offset in range(start, end, block):
+        yield read_range(path, offset, min(block, end - offset))
 
 
 def read_text(path: str | Path) -> str:

@@ -20,6 +20,7 @@ from gram_ray.data.clip_ids import id_array
 from gram_ray.data.collate import Collate
 from gram_ray.data.epoch_progress import EpochProgress, rest_of_epoch_filter
 from gram_ray.data.manifest import read_annotations, resolve_media
+from gram_ray.data.manifest_stream import read_in_pieces
 from gram_ray.data.packed import PACKED
 from gram_ray.data.parquet_layout import read_cache
 from gram_ray.data.preprocess import SHARDS, build_dataset, preprocess
@@ -120,9 +121,9 @@ def _split_options(cfg: GramConfig, source, log) -> dict:
 
 def _train_captions(cfg: GramConfig, layout: RunLayout) -> list[str]:
     """Every caption of the train split, for a word vocabulary: from the manifest, or from the cache of a packed
-    source (whose captions only the decode tasks read)."""
+    source or a large manifest (whose captions only the decode tasks read)."""
     d = cfg.data
-    if d.source.kind not in PACKED:
+    if d.source.kind not in PACKED and not read_in_pieces(d.train_annotations):
         rows = read_annotations(d.train_annotations, d.source.fields, d.max_failure_share)
         return [c for r in rows for c in r.captions]
     table = storage.read_table(storage.join(layout.cache("train"), SHARDS), columns=[CAPTIONS])
