@@ -422,3 +422,39 @@ def bench_train_cmd(
         progress=click.echo,
     )
     _report(train_table(result), result, json_path)
+
+
+@bench.command("scale")
+@click.option(
+    "--clips",
+    "sizes",
+    multiple=True,
+    type=click.IntRange(min=1000),
+    help="manifest sizes to run, each on local disk with a kill and a resume (repeat; default 1 M, 4 M, 27 M)",
+)
+@click.option(
+    "--s3-clips",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="a run of this size with its cache in a bucket of a local S3 server, its requests counted (0: none)",
+)
+@click.option(
+    "--work",
+    default=Path("bench-scale"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="where the manifests (kept and reused: 27 M rows are 4 GB) and the caches go",
+)
+@JSON_OPTION
+def bench_scale_cmd(sizes, s3_clips, work, json_path) -> None:
+    """gram-ray's own bookkeeping at a user's size, by simulation: the planner, preprocess killed and resumed, the
+    cache listing, Ray Data's read planning, a mid-epoch checkpoint's data state and an index's ids, each phase's
+    driver peak memory and time. THE DECODE IS A STAND-IN (a tiny synthetic row a clip): bookkeeping, not
+    decoding. Starts its own Ray (and the S3 server)."""
+    from gram_ray.bench.common import cpu_model
+    from gram_ray.bench.scale import as_json, bench_scale, scale_table
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    results = bench_scale(tuple(sizes) or (1_000_000, 4_000_000, 27_000_000), work, s3_clips or None, click.echo)
+    _report(scale_table(results, cpu_model()), as_json(results, cpu_model()), json_path)

@@ -105,8 +105,9 @@ def decode_clip(clip: ClipInput, data: DataConfig, mode: Mode, rng=None) -> dict
 class ClipColumns:
     """The decoded clips of a batch or a shard, gathered into cache columns (and the clips that failed)."""
 
-    def __init__(self, data: DataConfig, mode: Mode) -> None:
+    def __init__(self, data: DataConfig, mode: Mode, decoder=None) -> None:
         self.data, self.mode = data, mode
+        self.decoder = decoder or decode_clip  # decode_clip; `gram-ray bench scale` passes a stand-in
         self.rows: dict[str, list] = {"id": [], "captions": [], "frames": [], "audio_fbank": [], "has_audio": []}
         self.rows["subtitle"] = []
         self.failures: list[dict] = []
@@ -120,7 +121,7 @@ class ClipColumns:
             self.fail(clip.id, clip.error, expected=clip.absent)
             return
         try:
-            decoded = decode_clip(clip, self.data, self.mode, rng)
+            decoded = self.decoder(clip, self.data, self.mode, rng)
         except DecodeError as e:
             self.fail(clip.id, str(e), expected=e.absent)
             return

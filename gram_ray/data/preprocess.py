@@ -367,6 +367,7 @@ def write_piece(
     key: str,
     subtitles: bool,
     manifest: PiecedManifest | None = None,
+    decoder=None,
 ) -> dict:
     """Decode one piece (a chunk of manifest rows, or a shard of a packed source) into
     <out>/shards/shard-NNNNN[-PPPP].parquet, then record it as done in <out>/_done/shard-NNNNN.json with its
@@ -375,7 +376,7 @@ def write_piece(
     rewrites the same files."""
     index, packed = int(item["shard"]), "uri" in item
     per_part = rows_per_shard(data, mode)
-    part, files, rows, clips = ClipColumns(data, mode), [], [], 0
+    part, files, rows, clips = ClipColumns(data, mode, decoder), [], [], 0
     failures: list[dict] = []
 
     def flush() -> None:
@@ -384,7 +385,7 @@ def write_piece(
         rows.append(_write_part(part, out, name, subtitles))
         files.append(name + ".parquet")
         failures.extend(part.failures)
-        part = ClipColumns(data, mode)
+        part = ClipColumns(data, mode, decoder)
 
     try:
         for clip in _piece_clips(item, data, manifest):
@@ -412,6 +413,7 @@ def write_shards(
     key: str,
     subtitles: bool,
     manifest: PiecedManifest | None = None,
+    decoder=None,
 ) -> dict:
     """The map_batches UDF of the cache writer: each input row is one piece (write_piece). Returns one small row
     per piece, with its done record (the decoded clips never pass through Ray's object store; the driver reads no
@@ -419,7 +421,7 @@ def write_shards(
     written, records = [], []
     for i, index in enumerate(batch["shard"]):
         item = {"shard": int(index)} | {k: str(batch[k][i]) for k in ("rows", "uri") if k in batch}
-        record = write_piece(item, data, mode, out, key, subtitles, manifest)
+        record = write_piece(item, data, mode, out, key, subtitles, manifest, decoder)
         written.append(record["written"])
         records.append(json.dumps(record))
     return {
@@ -531,6 +533,7 @@ class _Job:
     mode: Mode
     subtitles: bool
     inputs: _Inputs
+    decoder: object = None  # preprocess's decoder
     pieces: list[dict] = field(default_factory=list)
     done: dict[int, dict] = field(default_factory=dict)  # the records of pieces done before this run (its plan)
     done_now: dict[int, dict] = field(default_factory=dict)  # the records this run's tasks returned
@@ -570,6 +573,7 @@ def preprocess(
     force: bool = False,
     log=print,
     subtitles: bool | None = None,
+    decoder=None,
 ) -> dict:
     """Decode every clip of a source (data.source.kind: annotations or a manifest with media, or WebDataset or
     Parquet shards, named by `annotations`) into a Parquet cache under `out`; returns the report.
@@ -580,7 +584,8 @@ def preprocess(
     recorded (the report counts both). subtitles: keep a subtitle column; default: when a manifest has subtitles
     (never for packed sources, whose samples are only read by the decode tasks). Raises PreprocessError (after
     writing the report and keeping every shard written) when more than data.max_failure_share of the clips
-    failed."""
+    failed. decoder: what makes a clip's columns (data/decode.py's decode_clip); `gram-ray bench scale` passes a
+    stand-in that writes a tiny row, to measure the bookkeeping at 27 M clips without video."""
     started = now()
     data = data or DataConfig()
     out = storage.absolute(out)
@@ -591,7 +596,7 @@ def preprocess(
         return previous | {"reused": True}
     if subtitles is None:
         subtitles = inputs.subtitles
-    job = _Job(str(annotations), _text(video_dir), _text(audio_dir), out, data, mode, subtitles, inputs)
+    job = _Job(str(annotations), _text(video_dir), _text(audio_dir), out, data, mode, subtitles, inputs, decoder)
     start = time.perf_counter()
     with _cache_write_errors(out):
         _plan(job, force, started, log)
@@ -655,6 +660,20 @@ def _plan(job: _Job, force: bool, started, log) -> None:
         abort_orphans_of_a_dead_run(job.out, started, log=log)  # the parts of the shards the earlier run was writing
 
 
+# Pieces go to the decode tasks one a block up to this many blocks (or 16 a CPU of the cluster), several a block
+# past it: each block is an object the driver owns and a task Ray Data schedules and reports on, and at 130,000
+# blocks (VAST-27M's pieces) the driver grew past 1.4 GB and Ray Data's stats actor took a core before a tenth of
+# the pieces were done (`gram-ray bench scale`). A task then writes its pieces one after another; a retried task
+# writes them again, whole.
+_MAX_INPUT_BLOCKS = 4096
+
+
+def _input_blocks(pieces: int) -> int:
+    import ray
+
+    return min(pieces, max(_MAX_INPUT_BLOCKS, 16 * int(ray.cluster_resources().get("CPU", 1))))
+
+
 def _run(job: _Job, log) -> None:
     """Decode the pieces not done, in Ray Data tasks that write their shards and records themselves."""
     import ray.data
@@ -667,7 +686,7 @@ def _run(job: _Job, log) -> None:
     if not todo:
         return
     items = [{"shard": i} | job.pieces[i] for i in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    ds = ray.data.from_items(items, override_num_blocks=_input_blocks(len(items))).map_batches(
         write_shards,
         batch_size=1,
         batch_format="numpy",
@@ -678,6 +697,7 @@ def _run(job: _Job, log) -> None:
             "key": job.key,
             "subtitles": job.subtitles,
             "manifest": job.manifest,
+            "decoder": job.decoder,
         },  # fmt: skip
         num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=decode_concurrency(job.data)),
