@@ -13,6 +13,7 @@ from gram_ray.cli import main
 
 
 @pytest.mark.slow
+@pytest.mark.long  # about a minute: in `make test-cluster`, so that `make test` stays under 25 minutes on 2 cores
 def test_a_killed_preprocess_of_a_large_manifest_resumes_with_every_piece_written_once(tmp_path, monkeypatch):
     """docs/performance.md's command, as printed (its --work under this test's folder)."""
     page = (Path(__file__).parents[1] / "docs" / "performance.md").read_text()

@@ -105,12 +105,15 @@ def _phase_plan(args: dict) -> dict:
 
 
 def _connect(address: str) -> None:
-    """Join the bench's Ray as `gram-ray preprocess` joins a cluster (RAY_ADDRESS): the storage variables go to
-    its workers."""
-    from gram_ray.cli.common import init_ray
+    """Join the bench's Ray as `gram-ray preprocess` joins a cluster (cli/common.py's init_ray with RAY_ADDRESS):
+    the variables that say where storage is go to its workers."""
+    import ray
 
-    os.environ["RAY_ADDRESS"] = address
-    init_ray()
+    from gram_ray import storage
+
+    forwarded = storage.forwarded_env()
+    runtime_env = {"env_vars": forwarded} if forwarded else None
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
 
 
 def _phase_preprocess(args: dict) -> dict:

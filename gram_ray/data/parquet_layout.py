@@ -88,9 +88,10 @@ def read_cache(
     """A Ray Dataset over a cache's Parquet shards, with its tensor columns restored. shuffle_seed: the files are
     read in a random order, a new one at every execution of the dataset (an epoch), derived from the seed: a
     shuffle that streams, for caches read from storage every epoch. block_per_file: one read task and one block
-    a file (up to 4,096 tasks, several files each past that), for a cache streamed every epoch; its files are already sized for it (data.shard_mb), where Ray Data
-    would cut a cache of fewer than 200 files into smaller blocks, each a task of its own every epoch (measured:
-    2 MB blocks of 8 clips kept 2 training workers waiting on ~1 s of task overhead a block, on 2 cores).
+    a file (up to 4,096 tasks, several files each past that), for a cache streamed every epoch; its files are
+    already sized for it (data.shard_mb), where Ray Data would cut a cache of fewer than 200 files into smaller
+    blocks, each a task of its own every epoch (measured: 2 MB blocks of 8 clips kept 2 training workers waiting on
+    ~1 s of task overhead a block, on 2 cores).
     with_files: each row carries the name of the file it was read from (epoch_progress.FILE), which a mid-epoch
     checkpoint records the epoch's progress by. files: read only these files of the cache (names), not all."""
     import ray.data
