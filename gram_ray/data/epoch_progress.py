@@ -51,7 +51,7 @@ class EpochProgress:
     def add(self, files: Iterable[str], ids: Iterable[str]) -> None:
         """Clips trained on: each row's file (FILE) and id."""
         for name, clip in zip(files, ids, strict=True):
-            name = name if self.file_rows is not None and name in self.file_rows else _NO_FILE
+            name = self._file(name)
             if name in self.done:
                 self.repeats += 1
                 continue
@@ -85,9 +85,13 @@ class EpochProgress:
     def contains(self, files: Iterable[str], ids: Iterable[str]) -> list[bool]:
         """For each row (its file and id): already trained on in this epoch."""
         return [
-            name in self.done or clip in self.partial.get(name if name in (self.file_rows or {}) else _NO_FILE, ())
+            name in self.done or clip in self.partial.get(self._file(name), ())
             for name, clip in zip(files, ids, strict=True)
         ]
+
+    def _file(self, name: str) -> str:
+        """A row's file as the progress keeps it: a file of the cache, or "" (by id) for any other."""
+        return name if self.file_rows is not None and name in self.file_rows else _NO_FILE
 
     # ---- as a checkpoint records it (JSON) ----
 

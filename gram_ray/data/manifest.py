@@ -38,6 +38,7 @@ __all__ = [
     "ManifestRow",
     "read_annotations",
     "rows_of_entries",
+    "caption_split",
     "check_invalid_share",
     "resolve_media",
     "media_finder",
@@ -216,6 +217,11 @@ def _span_id(row: ManifestRow) -> str:
     return f"{row.id}_{row.start:g}-{row.end:g}"
 
 
+def caption_split(path: str) -> str | None:
+    """The separator of several captions in one cell: CSV's ` ||| `; None for the other formats."""
+    return CSV_CAPTION_SEPARATOR if posixpath.splitext(str(path))[1].lower() == ".csv" else None
+
+
 def rows_of_entries(entries, fields: SourceFields, split: str | None) -> tuple[list[ManifestRow], list[ManifestRow]]:
     """(rows, rows that cannot be used) of (entry, where) pairs: entries of the same clip (and span) merged,
     captions concatenated in order; with spans, one video gives a clip per span, its id suffixed with the span
@@ -268,8 +274,7 @@ def read_annotations(
         data = storage.read_bytes(path)
     except OSError as e:
         raise ManifestError(f"annotation file {path} cannot be read ({str(e).splitlines()[0][:200]})") from None
-    split = CSV_CAPTION_SEPARATOR if path.lower().endswith(".csv") else None
-    rows, invalid = rows_of_entries(_entries(path, data), fields, split)
+    rows, invalid = rows_of_entries(_entries(path, data), fields, caption_split(path))
     check_invalid_share(path, rows, invalid, max_invalid_share)
     return [*rows, *invalid]
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from gram_ray import storage
 from gram_ray.config import SourceFields
-from gram_ray.data.manifest import CSV_CAPTION_SEPARATOR, ID_FIELDS, ManifestError
+from gram_ray.data.manifest import ID_FIELDS, ManifestError
 
 __all__ = ["STREAM_BYTES", "ManifestScan", "scan_manifest", "cut_pieces", "read_piece", "read_in_pieces"]
 
@@ -235,8 +235,3 @@ def _parquet_rows(name: str, start: int, end: int) -> list[tuple[dict, str]]:
             offset += rows
         table = parquet.read_row_groups(groups).slice(start - (first or 0), end - start)
     return [(r, f"{name}[{start + i}]") for i, r in enumerate(table.to_pylist())]
-
-
-def caption_split(kind: str) -> str | None:
-    """The separator of several captions in one CSV cell (as manifest.read_annotations reads them)."""
-    return CSV_CAPTION_SEPARATOR if kind == "csv" else None

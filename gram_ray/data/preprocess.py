@@ -38,6 +38,7 @@ from gram_ray.config import DataConfig, SourceConfig
 from gram_ray.data.decode import ClipColumns, ClipInput, clip_rng, columns_to_arrow, frame_draws
 from gram_ray.data.manifest import (
     ManifestRow,
+    caption_split,
     check_invalid_share,
     check_sources,
     read_annotations,
@@ -46,7 +47,6 @@ from gram_ray.data.manifest import (
 )
 from gram_ray.data.manifest_stream import (
     ManifestScan,
-    caption_split,
     cut_pieces,
     read_in_pieces,
     read_piece,
@@ -340,7 +340,7 @@ class PiecedManifest:
         start, end, line = (int(v) for v in self.pieces[index])
         scan = self.scan
         entries = read_piece(scan.path, scan.kind, start, end, line, scan.header)
-        rows, invalid = rows_of_entries(entries, data.source.fields, caption_split(scan.kind))
+        rows, invalid = rows_of_entries(entries, data.source.fields, caption_split(scan.path))
         # Found here, by the piece's own task: a bucket folder of millions of media is not listed by every piece.
         resolve_media(rows, self.video_dir, self.audio_dir, data.video.format, list_folders=False)
         yield from map(_manifest_clip, _manifest_items([*rows, *invalid]))
@@ -359,69 +359,65 @@ def _piece_clips(item: dict, data: DataConfig, manifest: PiecedManifest | None =
         yield from parquet_clips(item["uri"], data.source)
 
 
-def write_piece(
-    item: dict,
-    data: DataConfig,
-    mode: Mode,
-    out: str,
-    key: str,
-    subtitles: bool,
-    manifest: PiecedManifest | None = None,
-    decoder=None,
-) -> dict:
-    """Decode one piece (a chunk of manifest rows, or a shard of a packed source) into
-    <out>/shards/shard-NNNNN[-PPPP].parquet, then record it as done in <out>/_done/shard-NNNNN.json with its
-    skipped clips. A packed shard is written in parts of about data.shard_mb, so a long tar never sits whole in
-    memory. The record is written after every part is whole, so a piece without one is redone; a retried task
-    rewrites the same files."""
-    index, packed = int(item["shard"]), "uri" in item
-    per_part = rows_per_shard(data, mode)
-    part, files, rows, clips = ClipColumns(data, mode, decoder), [], [], 0
-    failures: list[dict] = []
+@dataclass(frozen=True)
+class PieceWriter:
+    """What every decode task of one preprocess run writes its pieces with (pickled to each task once)."""
 
-    def flush() -> None:
-        nonlocal part
-        name = _shard_name(index) + (f"-{len(files):04d}" if packed else "")
-        rows.append(_write_part(part, out, name, subtitles))
-        files.append(name + ".parquet")
-        failures.extend(part.failures)
-        part = ClipColumns(data, mode, decoder)
+    data: DataConfig
+    mode: Mode
+    out: str
+    key: str  # the cache key each piece's record carries
+    subtitles: bool
+    manifest: PiecedManifest | None = None  # a large manifest's pieces, read by the tasks themselves
+    decoder: object = None  # preprocess's decoder (None: decode_clip)
 
-    try:
-        for clip in _piece_clips(item, data, manifest):
+    def write(self, item: dict) -> dict:
+        """Decode one piece (a chunk of manifest rows, a piece of a large manifest, or a shard of a packed source)
+        into <out>/shards/shard-NNNNN[-PPPP].parquet, then record it as done in <out>/_done/shard-NNNNN.json with
+        its skipped clips. A packed shard is written in parts of about data.shard_mb, so a long tar never sits
+        whole in memory. The record is written after every part is whole, so a piece without one is redone; a
+        retried task rewrites the same files."""
+        data, mode, out = self.data, self.mode, self.out
+        index, packed = int(item["shard"]), "uri" in item
+        per_part = rows_per_shard(data, mode)
+        part, files, rows, clips = ClipColumns(data, mode, self.decoder), [], [], 0
+        failures: list[dict] = []
+
+        def flush() -> None:
+            nonlocal part
+            name = _shard_name(index) + (f"-{len(files):04d}" if packed else "")
+            rows.append(_write_part(part, out, name, self.subtitles))
+            files.append(name + ".parquet")
+            failures.extend(part.failures)
+            part = ClipColumns(data, mode, self.decoder)
+
+        try:
+            for clip in _piece_clips(item, data, self.manifest):
+                clips += 1
+                part.decode(clip, clip_rng(clip.id) if mode == "train" else None)
+                if packed and len(part) >= per_part:  # a manifest chunk is one file, sized by the plan
+                    flush()
+        except ShardError as e:  # not a tar, cut off mid-member: the clips before it are kept, the shard counted once
             clips += 1
-            part.decode(clip, clip_rng(clip.id) if mode == "train" else None)
-            if packed and len(part) >= per_part:  # a manifest chunk is one file, sized by the plan
-                flush()
-    except ShardError as e:  # not a tar, cut off mid-member: the clips before it are kept, the shard counted once
-        clips += 1
-        part.fail(posixpath.basename(item["uri"]), str(e))
-    if len(part) or not packed:  # a manifest chunk gets its file even when no clip of it decodes
-        flush()
-    else:
-        failures.extend(part.failures)
-    record = {"cache_key": key, "clips": clips, "written": sum(rows), "skipped": failures, "files": files, "rows": rows}
-    record_done(out, _shard_name(index), record)
-    return record
+            part.fail(posixpath.basename(item["uri"]), str(e))
+        if len(part) or not packed:  # a manifest chunk gets its file even when no clip of it decodes
+            flush()
+        else:
+            failures.extend(part.failures)
+        record = {"cache_key": self.key, "clips": clips, "written": sum(rows), "skipped": failures,
+                  "files": files, "rows": rows}  # fmt: skip
+        record_done(out, _shard_name(index), record)
+        return record
 
 
-def write_shards(
-    batch: dict,
-    data: DataConfig,
-    mode: Mode,
-    out: str,
-    key: str,
-    subtitles: bool,
-    manifest: PiecedManifest | None = None,
-    decoder=None,
-) -> dict:
-    """The map_batches UDF of the cache writer: each input row is one piece (write_piece). Returns one small row
-    per piece, with its done record (the decoded clips never pass through Ray's object store; the driver reads no
-    record back)."""
+def write_shards(batch: dict, writer: PieceWriter) -> dict:
+    """The map_batches UDF of the cache writer: each input row is one piece (PieceWriter.write). Returns one small
+    row per piece, with its done record (the decoded clips never pass through Ray's object store; the driver reads
+    no record back)."""
     written, records = [], []
     for i, index in enumerate(batch["shard"]):
         item = {"shard": int(index)} | {k: str(batch[k][i]) for k in ("rows", "uri") if k in batch}
-        record = write_piece(item, data, mode, out, key, subtitles, manifest, decoder)
+        record = writer.write(item)
         written.append(record["written"])
         records.append(json.dumps(record))
     return {
@@ -506,7 +502,7 @@ def _first_rows(scan: ManifestScan, data: DataConfig, video_dir, audio_dir) -> l
         whole = head[: head.rfind(b"\n") + 1] or head  # whole entries only
         first = 1 + (scan.kind == "csv")
         entries = read_piece(scan.path, scan.kind, scan.data_start, scan.data_start + len(whole), first, scan.header)
-    rows, invalid = rows_of_entries(entries, data.source.fields, caption_split(scan.kind))
+    rows, invalid = rows_of_entries(entries, data.source.fields, caption_split(scan.path))
     check_invalid_share(scan.path, rows, invalid, data.max_failure_share)
     resolve_media(rows[:8], video_dir, audio_dir, data.video.format, list_folders=False)
     return rows
@@ -691,13 +687,7 @@ def _run(job: _Job, log) -> None:
         batch_size=1,
         batch_format="numpy",
         fn_kwargs={
-            "data": job.data,
-            "mode": job.mode,
-            "out": job.out,
-            "key": job.key,
-            "subtitles": job.subtitles,
-            "manifest": job.manifest,
-            "decoder": job.decoder,
+            "writer": PieceWriter(job.data, job.mode, job.out, job.key, job.subtitles, job.manifest, job.decoder)
         },  # fmt: skip
         num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=decode_concurrency(job.data)),
